@@ -1,0 +1,28 @@
+//! The gRPC contracts of surge, generated from `proto/*.proto`. No logic lives here.
+//!
+//! - [`raft`]: the Raft transport between scheduler replicas;
+//! - [`cluster`]: status, membership, and the replicas' internal forwarding calls;
+//! - [`jobs`]: the batch job API (submit, get, list, cancel, watch);
+//! - [`node`]: the node daemon's API (register, heartbeat, assignments, status reports).
+
+#![allow(clippy::all)]
+
+pub mod raft {
+    tonic::include_proto!("surge.raft");
+}
+
+pub mod cluster {
+    tonic::include_proto!("surge.cluster");
+}
+
+pub mod jobs {
+    tonic::include_proto!("surge.jobs");
+}
+
+pub mod node {
+    tonic::include_proto!("surge.node");
+}
+
+/// Largest gRPC message any surge service decodes or encodes (a 100k-sandbox plan is kilobytes;
+/// a snapshot is sent in chunks well below this).
+pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
