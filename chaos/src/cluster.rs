@@ -1,0 +1,421 @@
+//! A cluster of `surge server` processes on loopback.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use surge_proto::cluster::{StatusReply, StatusRequest};
+
+use crate::client;
+
+/// Most replicas one local cluster runs.
+pub const REPLICAS_MAX: u64 = 9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start replica {id}: {source}")]
+    Spawn { id: u64, source: std::io::Error },
+    #[error("no free loopback port: {0}")]
+    Port(std::io::Error),
+    #[error("replica {0} is not part of this local cluster")]
+    Unknown(u64),
+    #[error("{what} within {timeout:?}; last state: {last}")]
+    Timeout {
+        what: String,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Client(#[from] client::ConnectError),
+}
+
+/// How a replica process is started.
+#[derive(Clone, Debug)]
+pub enum StartMode {
+    /// `--bootstrap` with the cluster's initial replicas.
+    Bootstrap,
+    /// `--join ADDR`.
+    Join(String),
+    /// Neither: restart from the data dir.
+    Resume,
+}
+
+#[derive(Debug)]
+pub struct Replica {
+    pub id: u64,
+    pub grpc: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Replica {
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            None => false,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Replicas as child processes of this process.
+pub struct LocalCluster {
+    bin: PathBuf,
+    root: PathBuf,
+    replicas: BTreeMap<u64, Replica>,
+    /// The `--bootstrap` list: the replicas the cluster was formed with.
+    initial: Vec<u64>,
+    extra_args: Vec<String>,
+}
+
+/// A free port on 127.0.0.1 (bound and released: another process could take it meanwhile, which
+/// the replica then reports as "address in use").
+pub fn free_port() -> Result<u16, ClusterError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(ClusterError::Port)?;
+    Ok(l.local_addr().map_err(ClusterError::Port)?.port())
+}
+
+impl LocalCluster {
+    /// Plan `n` replicas with data under `root`. With `base_port`, replica i listens on
+    /// `base_port + i - 1` (gRPC) and `base_port + 10 + i - 1` (HTTP); otherwise on free ports.
+    pub fn new(
+        bin: &Path,
+        root: &Path,
+        n: u64,
+        base_port: Option<u16>,
+    ) -> Result<Self, ClusterError> {
+        let mut cluster = LocalCluster {
+            bin: bin.to_path_buf(),
+            root: root.to_path_buf(),
+            replicas: BTreeMap::new(),
+            initial: (1..=n).collect(),
+            extra_args: Vec::new(),
+        };
+        for id in 1..=n.min(REPLICAS_MAX) {
+            cluster.plan(id, base_port)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Extra flags for every `surge server` started from now on (e.g. snapshot tuning).
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Add a replica to the plan (not started) and return its id.
+    pub fn plan(&mut self, id: u64, base_port: Option<u16>) -> Result<u64, ClusterError> {
+        let (grpc, http) = match base_port {
+            Some(p) => {
+                let offset = u16::try_from(id - 1).unwrap_or(0);
+                (p + offset, p + 10 + offset)
+            }
+            None => (free_port()?, free_port()?),
+        };
+        let data_dir = self.root.join(format!("replica-{id}"));
+        let log = self.root.join(format!("replica-{id}.log"));
+        self.replicas.insert(
+            id,
+            Replica {
+                id,
+                grpc: format!("127.0.0.1:{grpc}"),
+                http: format!("127.0.0.1:{http}"),
+                data_dir,
+                log,
+                child: None,
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.replicas.keys().copied().collect()
+    }
+
+    pub fn replica(&self, id: u64) -> Result<&Replica, ClusterError> {
+        self.replicas.get(&id).ok_or(ClusterError::Unknown(id))
+    }
+
+    /// Whether replica `id`'s process is alive.
+    pub fn replica_running(&mut self, id: u64) -> bool {
+        self.replicas.get_mut(&id).is_some_and(Replica::is_running)
+    }
+
+    pub fn addr(&self, id: u64) -> Result<String, ClusterError> {
+        Ok(self.replica(id)?.grpc.clone())
+    }
+
+    pub fn bootstrap_spec(&self) -> String {
+        self.initial
+            .iter()
+            .filter_map(|id| self.replicas.get(id))
+            .map(|r| format!("{}={}", r.id, r.grpc))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Start every planned replica that is not running, as the initial cluster.
+    pub fn start_all(&mut self) -> Result<(), ClusterError> {
+        for id in self.ids() {
+            if !self.replicas.get_mut(&id).is_some_and(Replica::is_running) {
+                self.start(id, StartMode::Bootstrap)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn start(&mut self, id: u64, mode: StartMode) -> Result<(), ClusterError> {
+        let bootstrap = self.bootstrap_spec();
+        let extra = self.extra_args.clone();
+        let bin = self.bin.clone();
+        let r = self
+            .replicas
+            .get_mut(&id)
+            .ok_or(ClusterError::Unknown(id))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&r.log)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("server")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &r.grpc])
+            .args(["--metrics", &r.http])
+            .arg("--data-dir")
+            .arg(&r.data_dir);
+        match mode {
+            StartMode::Bootstrap => {
+                cmd.args(["--bootstrap", &bootstrap]);
+            }
+            StartMode::Join(seed) => {
+                cmd.args(["--join", &seed]);
+            }
+            StartMode::Resume => {}
+        }
+        cmd.args(&extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|source| ClusterError::Spawn { id, source })?;
+        r.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self, id: u64) -> Result<(), ClusterError> {
+        let r = self
+            .replicas
+            .get_mut(&id)
+            .ok_or(ClusterError::Unknown(id))?;
+        if let Some(mut c) = r.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
+        let r = self
+            .replicas
+            .get_mut(&id)
+            .ok_or(ClusterError::Unknown(id))?;
+        if let Some(mut c) = r.child.take() {
+            signal(&c, libc::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP (`resume == false`) or SIGCONT.
+    pub fn pause(&mut self, id: u64, resume: bool) -> Result<(), ClusterError> {
+        let r = self
+            .replicas
+            .get_mut(&id)
+            .ok_or(ClusterError::Unknown(id))?;
+        if let Some(c) = &r.child {
+            signal(c, if resume { libc::SIGCONT } else { libc::SIGSTOP });
+        }
+        Ok(())
+    }
+
+    /// Delete a (stopped) replica's data dir.
+    pub fn wipe(&mut self, id: u64) -> Result<(), ClusterError> {
+        let r = self.replicas.get(&id).ok_or(ClusterError::Unknown(id))?;
+        match std::fs::remove_dir_all(&r.data_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn stop_all(&mut self, grace: Duration) {
+        for id in self.ids() {
+            let _ = self.stop(id, grace);
+        }
+    }
+
+    pub async fn status(&self, id: u64) -> Result<StatusReply, String> {
+        let addr = self.addr(id).map_err(|e| e.to_string())?;
+        let mut c = client::cluster(&addr).map_err(|e| e.to_string())?;
+        let call = c.status(StatusRequest {});
+        match tokio::time::timeout(Duration::from_secs(3), call).await {
+            Err(_) => Err(format!("replica {id} did not answer status")),
+            Ok(Err(s)) => Err(format!("replica {id}: {}", s.message())),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+
+    /// Wait until every running replica agrees on one leader; return its id.
+    pub async fn wait_leader(&mut self, timeout: Duration) -> Result<u64, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no answer yet");
+        loop {
+            let running: Vec<u64> = self
+                .replicas
+                .iter_mut()
+                .filter_map(|(id, r)| r.is_running().then_some(*id))
+                .collect();
+            let mut leaders = Vec::new();
+            for id in &running {
+                match self.status(*id).await {
+                    Ok(s) => leaders.push(s.leader_id),
+                    Err(e) => {
+                        last = e;
+                        leaders.push(0);
+                    }
+                }
+            }
+            if let Some(&l) = leaders.first() {
+                if l != 0 && leaders.iter().all(|x| *x == l) && running.contains(&l) {
+                    return Ok(l);
+                }
+                last = format!("leaders seen by replicas {running:?}: {leaders:?}");
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: "no agreed leader".into(),
+                    timeout,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until the given replicas report the same applied index and state hash.
+    pub async fn wait_converged(
+        &self,
+        ids: &[u64],
+        timeout: Duration,
+    ) -> Result<StatusReply, ClusterError> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let mut seen = Vec::new();
+            for id in ids {
+                match self.status(*id).await {
+                    Ok(s) => seen.push(s),
+                    Err(e) => last = e,
+                }
+            }
+            if seen.len() == ids.len() {
+                let first = &seen[0];
+                if seen.iter().all(|s| {
+                    s.applied_index == first.applied_index && s.state_hash == first.state_hash
+                }) {
+                    return Ok(first.clone());
+                }
+                last = seen
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}: applied {} hash {:.12}",
+                            s.id, s.applied_index, s.state_hash
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: format!("replicas {ids:?} did not converge"),
+                    timeout,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last `lines` lines of a replica's log, for failure reports.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let Ok(r) = self.replica(id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for r in self.replicas.values_mut() {
+            if let Some(mut c) = r.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is touched.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Ask the kernel to SIGKILL the replica if its parent dies, so a crashed test or `surge dev`
+/// leaves no replica behind. Linux ties this to the *thread* that spawned the child: start
+/// replicas from a long-lived thread (the main thread, a test's thread, a runtime worker), never
+/// from `spawn_blocking`, whose threads exit when idle.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

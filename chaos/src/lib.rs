@@ -1,0 +1,8 @@
+//! Fault injection and invariant checking against real multi-process surge clusters.
+//!
+//! [`cluster::LocalCluster`] runs replicas as separate `surge server` processes on loopback, each
+//! with its own RocksDB data dir, and can kill (`SIGKILL`), pause (`SIGSTOP`), restart, wipe and
+//! re-add them. `surge dev`, `surge bench` and the cluster tests all drive real clusters through it.
+
+pub mod client;
+pub mod cluster;

@@ -1,0 +1,197 @@
+//! Conversions between the gRPC messages and the domain model. Requests are validated here,
+//! at the edge, so a bad request never reaches the log.
+
+use surge_proto::jobs as pb;
+use surge_proto::node as pn;
+
+use crate::model::{
+    Constraint, ConstraintOp, Counts, Job, JobSpec, Node, NodeSpec, Resources, RestartPolicy,
+    Strategy,
+};
+use crate::validate::{self, Invalid};
+
+pub const DEFAULT_TENANT: &str = "default";
+pub const DEFAULT_TEMPLATE: &str = "busybox";
+
+fn invalid(field: &str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
+    let strategy = match pb::Strategy::try_from(spec.strategy) {
+        Ok(pb::Strategy::Binpack) => Strategy::Binpack,
+        Ok(pb::Strategy::Spread) => Strategy::Spread,
+        Err(_) => {
+            return Err(invalid(
+                "strategy",
+                format!("unknown strategy {}", spec.strategy),
+            ))
+        }
+    };
+    let mut constraints = Vec::with_capacity(spec.constraints.len());
+    for c in spec.constraints {
+        let op = match c.op.as_str() {
+            "=" | "==" | "" => ConstraintOp::Eq,
+            "!=" => ConstraintOp::Ne,
+            other => {
+                return Err(invalid(
+                    "constraints",
+                    format!("unknown operator {other:?}; use = or !="),
+                ))
+            }
+        };
+        constraints.push(Constraint {
+            key: c.key,
+            op,
+            value: c.value,
+        });
+    }
+    let restart = match spec.restart {
+        None => RestartPolicy::Never,
+        Some(r) => match r.mode.as_str() {
+            "" | "never" => RestartPolicy::Never,
+            "on-failure" => RestartPolicy::OnFailure {
+                max_restarts: r.max_restarts,
+            },
+            other => {
+                return Err(invalid(
+                    "restart.mode",
+                    format!("unknown restart mode {other:?}; use never or on-failure"),
+                ))
+            }
+        },
+    };
+    let or_default = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };
+    let spec = JobSpec {
+        name: spec.name,
+        count: spec.count,
+        per_sandbox: Resources::new(spec.cpu_millis, spec.memory_mib),
+        template: or_default(spec.template, DEFAULT_TEMPLATE),
+        command: spec.command,
+        env: spec.env,
+        priority: spec.priority,
+        tenant: or_default(spec.tenant, DEFAULT_TENANT),
+        gang: spec.gang,
+        strategy,
+        constraints,
+        restart,
+    };
+    validate::job_spec(&spec)?;
+    Ok(spec)
+}
+
+pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
+    pb::JobSpec {
+        count: spec.count,
+        cpu_millis: spec.per_sandbox.cpu_millis,
+        memory_mib: spec.per_sandbox.memory_mib,
+        template: spec.template.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        priority: spec.priority,
+        tenant: spec.tenant.clone(),
+        gang: spec.gang,
+        strategy: match spec.strategy {
+            Strategy::Binpack => pb::Strategy::Binpack as i32,
+            Strategy::Spread => pb::Strategy::Spread as i32,
+        },
+        constraints: spec
+            .constraints
+            .iter()
+            .map(|c| pb::Constraint {
+                key: c.key.clone(),
+                op: match c.op {
+                    ConstraintOp::Eq => "=".into(),
+                    ConstraintOp::Ne => "!=".into(),
+                },
+                value: c.value.clone(),
+            })
+            .collect(),
+        restart: Some(match spec.restart {
+            RestartPolicy::Never => pb::RestartPolicy {
+                mode: "never".into(),
+                max_restarts: 0,
+            },
+            RestartPolicy::OnFailure { max_restarts } => pb::RestartPolicy {
+                mode: "on-failure".into(),
+                max_restarts,
+            },
+        }),
+        name: spec.name.clone(),
+    }
+}
+
+fn counts_to_pb(c: &Counts) -> pb::Counts {
+    pb::Counts {
+        pending: c.pending,
+        placed: c.placed,
+        running: c.running,
+        succeeded: c.succeeded,
+        failed: c.failed,
+        lost: c.lost,
+        preempted: c.preempted,
+        cancelled: c.cancelled,
+    }
+}
+
+pub fn job_to_pb(job: &Job) -> pb::Job {
+    pb::Job {
+        id: job.id,
+        spec: Some(job_spec_to_pb(&job.spec)),
+        idempotency_key: job.idempotency_key.clone(),
+        state: job.state.as_str().to_string(),
+        counts: Some(counts_to_pb(&job.counts)),
+        pending_reason: job.pending_reason.clone(),
+        submitted_at_ms: job.submitted_at_ms,
+        submitted_index: job.submitted_index,
+        finished_at_ms: job.finished_at_ms,
+    }
+}
+
+fn resources_from_pb(r: Option<pn::Resources>) -> Resources {
+    r.map(|r| Resources::new(r.cpu_millis, r.memory_mib))
+        .unwrap_or_default()
+}
+
+fn resources_to_pb(r: Resources) -> pn::Resources {
+    pn::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mib: r.memory_mib,
+    }
+}
+
+pub fn node_spec_from_pb(req: pn::RegisterNodeRequest) -> Result<NodeSpec, Invalid> {
+    let or_default = |s: String, d: &str| if s.is_empty() { d.to_string() } else { s };
+    let spec = NodeSpec {
+        id: req.node_id,
+        address: req.address,
+        allocatable: resources_from_pb(req.allocatable),
+        labels: req.labels,
+        os: or_default(req.os, "linux"),
+        arch: or_default(req.arch, std::env::consts::ARCH),
+        pool: or_default(req.pool, "default"),
+        templates: req.templates,
+        max_sandboxes: req.max_sandboxes,
+        runtime: req.runtime,
+    };
+    validate::node_spec(&spec)?;
+    Ok(spec)
+}
+
+pub fn node_to_pb(node: &Node) -> pn::NodeInfo {
+    pn::NodeInfo {
+        node_id: node.spec.id.clone(),
+        address: node.spec.address.clone(),
+        state: node.state.as_str().to_string(),
+        allocatable: Some(resources_to_pb(node.spec.allocatable)),
+        allocated: Some(resources_to_pb(node.allocated)),
+        used: Some(resources_to_pb(Resources::default())),
+        labels: node.spec.labels.clone(),
+        os: node.spec.os.clone(),
+        arch: node.spec.arch.clone(),
+        sandboxes: 0,
+    }
+}

@@ -1,0 +1,290 @@
+//! The domain: resources, nodes, jobs (arrays of identical sandboxes) and their states.
+//! Plain data; everything here is serialized into the replicated state and its snapshots.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub type JobId = u64;
+
+/// CPU in thousandths of a core and memory in MiB.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_mib: u64,
+}
+
+impl Resources {
+    pub fn new(cpu_millis: u64, memory_mib: u64) -> Self {
+        Resources {
+            cpu_millis,
+            memory_mib,
+        }
+    }
+
+    /// `self` repeated `n` times, saturating.
+    pub fn times(self, n: u64) -> Self {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_mul(n),
+            memory_mib: self.memory_mib.saturating_mul(n),
+        }
+    }
+
+    pub fn saturating_add(self, o: Self) -> Self {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
+        }
+    }
+
+    pub fn saturating_sub(self, o: Self) -> Self {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+        }
+    }
+
+    pub fn fits_in(self, o: Self) -> bool {
+        self.cpu_millis <= o.cpu_millis && self.memory_mib <= o.memory_mib
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} CPU, {} MiB",
+            format_cpu(self.cpu_millis),
+            self.memory_mib
+        )
+    }
+}
+
+/// `1500` -> `"1.5"`, `500` -> `"0.5"`, `2000` -> `"2"`.
+pub fn format_cpu(cpu_millis: u64) -> String {
+    let whole = cpu_millis / 1000;
+    let frac = cpu_millis % 1000;
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{frac:03}")
+            .trim_end_matches('0')
+            .to_string()
+    }
+}
+
+/// What a node daemon declares when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub id: String,
+    pub address: String,
+    pub allocatable: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub os: String,
+    pub arch: String,
+    pub pool: String,
+    pub templates: Vec<String>,
+    /// At most this many sandboxes at once (0: no cap); macOS hosts advertise 2.
+    pub max_sandboxes: u32,
+    pub runtime: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    Down,
+    Draining,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Down => "down",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub spec: NodeSpec,
+    pub state: NodeState,
+    pub allocated: Resources,
+    pub registered_at_ms: u64,
+    pub registered_index: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    #[default]
+    Binpack,
+    Spread,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConstraintOp {
+    Eq,
+    Ne,
+}
+
+/// `key=value` or `key!=value` over a node's os, arch, pool or labels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Constraint {
+    pub key: String,
+    pub op: ConstraintOp,
+    pub value: String,
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            ConstraintOp::Eq => "=",
+            ConstraintOp::Ne => "!=",
+        };
+        write!(f, "{}{}{}", self.key, op, self.value)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    OnFailure {
+        max_restarts: u32,
+    },
+}
+
+/// A job: `count` identical sandboxes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub count: u32,
+    pub per_sandbox: Resources,
+    pub template: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub priority: i32,
+    pub tenant: String,
+    pub gang: bool,
+    pub strategy: Strategy,
+    pub constraints: Vec<Constraint>,
+    pub restart: RestartPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Complete => "complete",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "complete" => JobState::Complete,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Complete | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// How many of a job's sandboxes are in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub pending: u32,
+    pub placed: u32,
+    pub running: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub lost: u32,
+    pub preempted: u32,
+    pub cancelled: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub idempotency_key: String,
+    pub state: JobState,
+    pub counts: Counts,
+    pub pending_reason: String,
+    pub submitted_at_ms: u64,
+    pub submitted_index: u64,
+    pub finished_at_ms: u64,
+}
+
+/// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).
+pub fn parse_cpu(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let bad = || format!("bad CPU amount {s:?}: use cores (2, 0.5) or millicores (500m)");
+    if let Some(m) = s.strip_suffix('m') {
+        return m.parse::<u64>().map_err(|_| bad());
+    }
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if frac.len() > 3 || (whole.is_empty() && frac.is_empty()) {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac_millis: u64 = if frac.is_empty() {
+        0
+    } else {
+        let digits: u64 = frac.parse().map_err(|_| bad())?;
+        digits * 10u64.pow(3 - frac.len() as u32)
+    };
+    whole
+        .checked_mul(1000)
+        .and_then(|w| w.checked_add(frac_millis))
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_amounts() {
+        assert_eq!(parse_cpu("1"), Ok(1000));
+        assert_eq!(parse_cpu("0.5"), Ok(500));
+        assert_eq!(parse_cpu(".25"), Ok(250));
+        assert_eq!(parse_cpu("500m"), Ok(500));
+        assert_eq!(parse_cpu("2.125"), Ok(2125));
+        assert!(parse_cpu("0.0001").is_err());
+        assert!(parse_cpu("abc").is_err());
+        assert!(parse_cpu("").is_err());
+        assert!(parse_cpu("99999999999999999999").is_err());
+        assert_eq!(format_cpu(1500), "1.5");
+        assert_eq!(format_cpu(2000), "2");
+        assert_eq!(format_cpu(250), "0.25");
+    }
+}

@@ -1,0 +1,141 @@
+//! `surge server`: one scheduler replica — Raft, the gRPC APIs and the HTTP port.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use surge_raft::{RaftConfig, RaftNode, Start, StartError};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::http;
+use crate::service::jobs::JobsService;
+use crate::service::nodes::NodesService;
+use crate::state::ClusterState;
+
+/// Concurrent requests one client connection may have in flight.
+pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub raft: RaftConfig,
+    /// gRPC listen address (`--listen`).
+    pub listen: String,
+    /// HTTP listen address for `/metrics` and `/healthz` (`--metrics`).
+    pub http_listen: Option<String>,
+    pub start: Start,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Run a replica until `shutdown` resolves.
+pub async fn run(
+    mut config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    // Bind first: a port in use is refused before the data dir is touched.
+    let grpc = bind("gRPC, --listen", &config.listen).await?;
+    let http_listener = match &config.http_listen {
+        Some(a) => Some(bind("HTTP, --metrics", a).await?),
+        None => None,
+    };
+    if config.raft.address.is_empty() {
+        config.raft.address = grpc
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| config.listen.clone());
+    }
+    let registry = Arc::new(prometheus::Registry::new());
+    let replica = RaftNode::open(
+        config.raft.clone(),
+        config.start.clone(),
+        ClusterState::default(),
+        &registry,
+    )
+    .await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let (transport, cluster) = surge_raft::service::services(replica.clone());
+    let grpc_server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(transport)
+        .add_service(cluster)
+        .add_service(JobsService::new(replica.clone()).into_server())
+        .add_service(NodesService::new(replica.clone()).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+    let grpc_task = tokio::spawn(grpc_server);
+
+    let http_task = http_listener.map(|listener| {
+        let app = http::router(http::HttpState {
+            replica: replica.clone(),
+            registry: registry.clone(),
+        });
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(ServerError::Http)
+        })
+    });
+
+    tracing::info!(
+        id = replica.id(),
+        address = replica.address(),
+        cluster = replica.cluster_id(),
+        "replica serving"
+    );
+    let joined = tokio::select! {
+        r = replica.join_cluster() => r.map_err(ServerError::from),
+        _ = stopped(stop_rx.clone()) => Ok(()),
+    };
+    if let Err(e) = joined {
+        replica.shutdown().await;
+        return Err(e);
+    }
+
+    let served = grpc_task
+        .await
+        .unwrap_or_else(|e| panic!("gRPC server task panicked: {e}"));
+    if let Some(t) = http_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %e, "HTTP server");
+        }
+    }
+    replica.shutdown().await;
+    served.map_err(ServerError::from)
+}

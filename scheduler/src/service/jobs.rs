@@ -1,0 +1,207 @@
+//! `surge.jobs.Jobs`: submit, get, list, cancel and watch jobs.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::Stream;
+use surge_proto::jobs as pb;
+use surge_proto::jobs::jobs_server::{Jobs, JobsServer};
+use tonic::{Request, Response, Status};
+
+use super::{invalid, now_ms, propose, Replica};
+use crate::command::{Command, Response as Reply};
+use crate::convert;
+use crate::model::{JobId, JobState};
+use crate::validate;
+
+/// Most jobs one `ListJobs` returns.
+pub const LIST_LIMIT_MAX: u32 = 10_000;
+pub const LIST_LIMIT_DEFAULT: u32 = 1_000;
+/// Job updates buffered per watcher before the watch waits for the client.
+pub const WATCH_BUFFER: usize = 16;
+
+pub struct JobsService {
+    replica: Replica,
+    /// Makes server-chosen idempotency keys unique within this replica's lifetime.
+    key_seq: AtomicU64,
+}
+
+impl JobsService {
+    pub fn new(replica: Replica) -> Self {
+        JobsService {
+            replica,
+            key_seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn into_server(self) -> JobsServer<Self> {
+        JobsServer::new(self)
+            .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
+    }
+
+    /// Submit, choosing a key when the client gave none: retries inside the cluster (leader
+    /// changes, forwarding) then still create one job, not several.
+    pub async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobReply, Status> {
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = convert::job_spec_from_pb(spec).map_err(invalid)?;
+        let key = if req.idempotency_key.is_empty() {
+            format!(
+                "auto:{}:{}:{}",
+                self.replica.id(),
+                now_ms(),
+                self.key_seq.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            validate::idempotency_key(&req.idempotency_key).map_err(invalid)?;
+            req.idempotency_key
+        };
+        let command = Command::SubmitJob {
+            spec,
+            idempotency_key: key,
+            at_ms: now_ms(),
+        };
+        match propose(&self.replica, command).await? {
+            (index, Reply::JobSubmitted { job_id, created }) => Ok(pb::SubmitJobReply {
+                job_id,
+                created,
+                index,
+            }),
+            (_, other) => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn get(&self, job_id: JobId) -> Result<pb::Job, Status> {
+        self.replica.linearizable_read().await?;
+        self.replica
+            .read(|s, _| s.jobs.get(&job_id).map(convert::job_to_pb))
+            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))
+    }
+
+    pub async fn list(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsReply, Status> {
+        let state = match req.state.as_str() {
+            "" => None,
+            s => Some(JobState::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "state: unknown {s:?}; use pending, running, complete, failed or cancelled"
+                ))
+            })?),
+        };
+        let limit = match req.limit {
+            0 => LIST_LIMIT_DEFAULT,
+            n if n > LIST_LIMIT_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "limit: at most {LIST_LIMIT_MAX}"
+                )))
+            }
+            n => n,
+        };
+        self.replica.linearizable_read().await?;
+        let jobs = self.replica.read(|s, _| {
+            s.jobs
+                .values()
+                .rev()
+                .filter(|j| req.tenant.is_empty() || j.spec.tenant == req.tenant)
+                .filter(|j| state.is_none_or(|st| j.state == st))
+                .take(limit as usize)
+                .map(convert::job_to_pb)
+                .collect()
+        });
+        Ok(pb::ListJobsReply { jobs })
+    }
+
+    pub async fn cancel(&self, job_id: JobId) -> Result<pb::Job, Status> {
+        match propose(
+            &self.replica,
+            Command::CancelJob {
+                job_id,
+                at_ms: now_ms(),
+            },
+        )
+        .await?
+        {
+            (_, Reply::JobCancelled { job }) => Ok(convert::job_to_pb(&job)),
+            (_, other) => Err(unexpected(other)),
+        }
+    }
+
+    /// The job now, then every change of it, until it ends or the client goes away.
+    pub async fn watch(
+        &self,
+        job_id: JobId,
+    ) -> Result<tokio::sync::mpsc::Receiver<pb::Job>, Status> {
+        let first = self.get(job_id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let replica = self.replica.clone();
+        let mut applied = replica.subscribe_applied();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(last.clone()).await.is_err() {
+                return;
+            }
+            while JobState::parse(&last.state).is_some_and(|s| !s.is_terminal()) {
+                if applied.changed().await.is_err() {
+                    return;
+                }
+                let Some(now) = replica.read(|s, _| s.jobs.get(&job_id).map(convert::job_to_pb))
+                else {
+                    return;
+                };
+                if now != last {
+                    if tx.send(now.clone()).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn unexpected(r: Reply) -> Status {
+    Status::internal(format!("unexpected reply from the state machine: {r:?}"))
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobReply>, Status> {
+        Ok(Response::new(self.submit(req.into_inner()).await?))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.get(req.into_inner().job_id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsReply>, Status> {
+        Ok(Response::new(self.list(req.into_inner()).await?))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.cancel(req.into_inner().job_id).await?))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let rx = self.watch(req.into_inner().job_id).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
+    }
+}

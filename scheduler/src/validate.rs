@@ -1,0 +1,246 @@
+//! Validation at the API edge: every request is checked and capped here, with an error a user
+//! can act on, before anything is proposed. The state machine re-checks the same rules on apply
+//! (a command from an older or buggy proposer must not corrupt the state).
+
+use std::collections::BTreeMap;
+
+use crate::model::{Constraint, ConstraintOp, JobSpec, NodeSpec, Resources, RestartPolicy};
+
+pub const SANDBOXES_PER_JOB_MAX: u32 = 1_000_000;
+/// 1,024 cores per sandbox.
+pub const CPU_MILLIS_MAX: u64 = 1_024_000;
+/// 4 TiB per sandbox.
+pub const MEMORY_MIB_MAX: u64 = 4 * 1024 * 1024;
+pub const COMMAND_ARGS_MAX: usize = 256;
+pub const ARG_BYTES_MAX: usize = 4096;
+pub const ENV_VARS_MAX: usize = 256;
+pub const CONSTRAINTS_MAX: usize = 32;
+pub const LABELS_MAX: usize = 64;
+pub const TEMPLATES_PER_NODE_MAX: usize = 1024;
+pub const NAME_BYTES_MAX: usize = 128;
+pub const RESTARTS_MAX: u32 = 1000;
+/// A node up to 64k cores and 64 TiB.
+pub const NODE_CPU_MILLIS_MAX: u64 = 65_536_000;
+pub const NODE_MEMORY_MIB_MAX: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Names (tenants, templates, node ids, label keys, idempotency keys): 1..=128 bytes of
+/// `[A-Za-z0-9._:/-]`, no `..`.
+pub fn name(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > NAME_BYTES_MAX {
+        return Err(invalid(
+            field,
+            format!("is {} bytes; at most {NAME_BYTES_MAX}", value.len()),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')))
+    {
+        return Err(invalid(
+            field,
+            format!("{value:?} contains {c:?}; use letters, digits and . _ - : /"),
+        ));
+    }
+    if value.contains("..") {
+        return Err(invalid(field, format!("{value:?} must not contain \"..\"")));
+    }
+    Ok(())
+}
+
+fn resources(field: &str, r: Resources, cpu_max: u64, mem_max: u64) -> Result<(), Invalid> {
+    if r.cpu_millis == 0 {
+        return Err(invalid(
+            format!("{field}.cpu"),
+            "must be more than 0 (e.g. 0.5 or 500m)",
+        ));
+    }
+    if r.cpu_millis > cpu_max {
+        return Err(invalid(
+            format!("{field}.cpu"),
+            format!(
+                "{} CPUs is more than the limit of {}",
+                r.cpu_millis / 1000,
+                cpu_max / 1000
+            ),
+        ));
+    }
+    if r.memory_mib == 0 {
+        return Err(invalid(
+            format!("{field}.memory_mib"),
+            "must be more than 0",
+        ));
+    }
+    if r.memory_mib > mem_max {
+        return Err(invalid(
+            format!("{field}.memory_mib"),
+            format!(
+                "{} MiB is more than the limit of {mem_max} MiB",
+                r.memory_mib
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn constraints(list: &[Constraint]) -> Result<(), Invalid> {
+    if list.len() > CONSTRAINTS_MAX {
+        return Err(invalid(
+            "constraints",
+            format!("{} given; at most {CONSTRAINTS_MAX}", list.len()),
+        ));
+    }
+    for (i, c) in list.iter().enumerate() {
+        name(&format!("constraints[{i}].key"), &c.key)?;
+        if c.value.len() > NAME_BYTES_MAX {
+            return Err(invalid(format!("constraints[{i}].value"), "too long"));
+        }
+        if c.op == ConstraintOp::Eq && c.value.is_empty() {
+            return Err(invalid(
+                format!("constraints[{i}].value"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn env(vars: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    if vars.len() > ENV_VARS_MAX {
+        return Err(invalid(
+            "env",
+            format!("{} variables; at most {ENV_VARS_MAX}", vars.len()),
+        ));
+    }
+    for (k, v) in vars {
+        let ok_key = !k.is_empty()
+            && k.len() <= NAME_BYTES_MAX
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !k.starts_with(|c: char| c.is_ascii_digit());
+        if !ok_key {
+            return Err(invalid(
+                format!("env.{k}"),
+                "names are letters, digits and _, not starting with a digit",
+            ));
+        }
+        if v.len() > ARG_BYTES_MAX || v.contains('\0') {
+            return Err(invalid(
+                format!("env.{k}"),
+                format!("value must be at most {ARG_BYTES_MAX} bytes, no NUL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn job_spec(spec: &JobSpec) -> Result<(), Invalid> {
+    if spec.count == 0 || spec.count > SANDBOXES_PER_JOB_MAX {
+        return Err(invalid(
+            "count",
+            format!(
+                "{} sandboxes; a job has 1 to {SANDBOXES_PER_JOB_MAX}",
+                spec.count
+            ),
+        ));
+    }
+    resources(
+        "per_sandbox",
+        spec.per_sandbox,
+        CPU_MILLIS_MAX,
+        MEMORY_MIB_MAX,
+    )?;
+    name("tenant", &spec.tenant)?;
+    name("template", &spec.template)?;
+    if !spec.name.is_empty() {
+        name("name", &spec.name)?;
+    }
+    if spec.command.len() > COMMAND_ARGS_MAX {
+        return Err(invalid(
+            "command",
+            format!(
+                "{} arguments; at most {COMMAND_ARGS_MAX}",
+                spec.command.len()
+            ),
+        ));
+    }
+    if let Some(a) = spec
+        .command
+        .iter()
+        .find(|a| a.len() > ARG_BYTES_MAX || a.contains('\0'))
+    {
+        return Err(invalid(
+            "command",
+            format!(
+                "argument of {} bytes; each at most {ARG_BYTES_MAX}, no NUL",
+                a.len()
+            ),
+        ));
+    }
+    env(&spec.env)?;
+    constraints(&spec.constraints)?;
+    if let RestartPolicy::OnFailure { max_restarts } = spec.restart {
+        if max_restarts > RESTARTS_MAX {
+            return Err(invalid(
+                "restart.max_restarts",
+                format!("at most {RESTARTS_MAX}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn node_spec(spec: &NodeSpec) -> Result<(), Invalid> {
+    name("node_id", &spec.id)?;
+    if spec.address.len() > 256 {
+        return Err(invalid("address", "too long"));
+    }
+    resources(
+        "allocatable",
+        spec.allocatable,
+        NODE_CPU_MILLIS_MAX,
+        NODE_MEMORY_MIB_MAX,
+    )?;
+    for (field, v) in [("os", &spec.os), ("arch", &spec.arch), ("pool", &spec.pool)] {
+        name(field, v)?;
+    }
+    if spec.labels.len() > LABELS_MAX {
+        return Err(invalid("labels", format!("at most {LABELS_MAX}")));
+    }
+    for (k, v) in &spec.labels {
+        name(&format!("labels.{k}"), k)?;
+        if v.len() > NAME_BYTES_MAX {
+            return Err(invalid(format!("labels.{k}"), "value too long"));
+        }
+    }
+    if spec.templates.len() > TEMPLATES_PER_NODE_MAX {
+        return Err(invalid(
+            "templates",
+            format!("at most {TEMPLATES_PER_NODE_MAX}"),
+        ));
+    }
+    for t in &spec.templates {
+        name("templates", t)?;
+    }
+    Ok(())
+}
+
+/// Idempotency keys: the same rules as names, 1..=128 bytes.
+pub fn idempotency_key(key: &str) -> Result<(), Invalid> {
+    name("idempotency_key", key)
+}

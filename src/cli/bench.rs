@@ -1,0 +1,397 @@
+//! `surge bench`: benchmarks of the real system — replica processes, RocksDB with fsync, gRPC.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use surge_chaos::client;
+use surge_chaos::cluster::{LocalCluster, StartMode};
+use surge_proto::jobs as pb;
+use tokio::sync::Mutex;
+
+use super::output::{json as print_json, table, Output};
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// Commit throughput and latency of submissions through a 3-replica cluster (fsync on).
+    Raft(RaftArgs),
+    /// Kill -9 the leader under load, repeatedly: time to the first accepted write, and no loss.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RaftArgs {
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Submissions per run.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Clients submitting at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: u64,
+    /// Runs (a fresh cluster each); the report gives the median.
+    #[arg(long, default_value_t = 3)]
+    runs: u64,
+    /// Submit through a follower instead of the leader (adds the forwarding hop).
+    #[arg(long)]
+    via_follower: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub struct FailoverArgs {
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Leader kills.
+    #[arg(long, default_value_t = 5)]
+    runs: u64,
+    /// Writers submitting during the kills.
+    #[arg(long, default_value_t = 4)]
+    writers: u64,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+pub async fn run(cmd: BenchCmd, bin: PathBuf) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Raft(a) => raft(a, &bin).await,
+        BenchCmd::Failover(a) => failover(a, &bin).await,
+    }
+}
+
+/// A minimal job: the benchmark measures the log, not the scheduler.
+pub fn small_job(key: String) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            count: 1,
+            cpu_millis: 500,
+            memory_mib: 256,
+            template: "busybox".into(),
+            command: vec!["true".into()],
+            tenant: "bench".into(),
+            ..Default::default()
+        }),
+        idempotency_key: key,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+async fn start_cluster(
+    bin: &Path,
+    root: &Path,
+    replicas: u64,
+) -> anyhow::Result<(LocalCluster, u64)> {
+    let mut cluster = LocalCluster::new(bin, root, replicas, None)?;
+    cluster.start_all()?;
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .await
+        .context("cluster did not elect a leader")?;
+    Ok((cluster, leader))
+}
+
+struct RaftRun {
+    ops_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn raft_run(args: &RaftArgs, bin: &Path, run: u64) -> anyhow::Result<RaftRun> {
+    let dir = tempfile::Builder::new().prefix("surge-bench-").tempdir()?;
+    let (cluster, leader) = start_cluster(bin, dir.path(), args.replicas).await?;
+    let target = if args.via_follower {
+        let f = cluster
+            .ids()
+            .into_iter()
+            .find(|id| *id != leader)
+            .context("no follower")?;
+        cluster.addr(f)?
+    } else {
+        cluster.addr(leader)?
+    };
+    // Warm up connections and the leader's first entries.
+    let mut c = client::jobs(&target)?;
+    for i in 0..100 {
+        c.submit_job(small_job(format!("warm-{run}-{i}"))).await?;
+    }
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let next = next.clone();
+        let total = args.requests;
+        let mut c = client::jobs(&target)?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                match c.submit_job(small_job(format!("bench-{run}-{i}"))).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    drop(cluster);
+    Ok(RaftRun {
+        ops_per_s: lat.len() as f64 / elapsed,
+        p50_ms: percentile(&lat, 50.0),
+        p99_ms: percentile(&lat, 99.0),
+        errors,
+    })
+}
+
+async fn raft(args: RaftArgs, bin: &Path) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let r = raft_run(&args, bin, run).await?;
+        if args.output == Output::Table {
+            eprintln!(
+                "run {}: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                run + 1,
+                r.ops_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.errors
+            );
+        }
+        runs.push(r);
+    }
+    let ops = median(&runs.iter().map(|r| r.ops_per_s).collect::<Vec<_>>());
+    let p50 = median(&runs.iter().map(|r| r.p50_ms).collect::<Vec<_>>());
+    let p99 = median(&runs.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
+    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    match args.output {
+        Output::Json => print_json(&json!({
+            "bench": "raft",
+            "replicas": args.replicas,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "via_follower": args.via_follower,
+            "runs": args.runs,
+            "ops_per_s": ops,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "errors": errors,
+        })),
+        Output::Table => table(
+            &[
+                "REPLICAS",
+                "REQUESTS",
+                "CONCURRENCY",
+                "COMMITS/S",
+                "P50_MS",
+                "P99_MS",
+                "ERRORS",
+            ],
+            &[vec![
+                args.replicas.to_string(),
+                args.requests.to_string(),
+                args.concurrency.to_string(),
+                format!("{ops:.0}"),
+                format!("{p50:.2}"),
+                format!("{p99:.2}"),
+                errors.to_string(),
+            ]],
+        ),
+    }
+    if errors > 0 {
+        bail!("{errors} submissions failed");
+    }
+    Ok(())
+}
+
+/// Writers submit unique keys through every replica, retrying a key until it is acknowledged
+/// (as a real client would). Returns acknowledged key -> job id.
+async fn writer(
+    addrs: Vec<String>,
+    prefix: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<BTreeMap<String, u64>>>,
+) {
+    let mut i = 0u64;
+    let mut turn = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("{prefix}-{i}");
+        loop {
+            turn = (turn + 1) % addrs.len();
+            let Ok(mut c) = client::jobs(&addrs[turn]) else {
+                break;
+            };
+            let call = c.submit_job(small_job(key.clone()));
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), call).await {
+                acked
+                    .lock()
+                    .await
+                    .insert(key.clone(), r.into_inner().job_id);
+                break;
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        i += 1;
+    }
+}
+
+async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("surge-failover-")
+        .tempdir()?;
+    let (mut cluster, _) = start_cluster(bin, dir.path(), args.replicas).await?;
+    let addrs: Vec<String> = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.addr(id))
+        .collect::<Result<_, _>>()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let writers: Vec<_> = (0..args.writers)
+        .map(|w| {
+            tokio::spawn(writer(
+                addrs.clone(),
+                format!("w{w}"),
+                stop.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+
+    let mut times_ms = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let survivor = cluster
+            .ids()
+            .into_iter()
+            .find(|id| *id != leader)
+            .context("no survivor")?;
+        let mut c = client::jobs(&cluster.addr(survivor)?)?;
+        cluster.kill(leader)?;
+        let killed = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let call = c.submit_job(small_job(format!("probe-{run}-{attempt}")));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), call).await {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("no write accepted within 30 s of killing the leader");
+            }
+        }
+        let ms = killed.elapsed().as_secs_f64() * 1000.0;
+        if args.output == Output::Table {
+            eprintln!(
+                "kill {}: leader {leader} killed, first write accepted after {ms:.0} ms",
+                run + 1
+            );
+        }
+        times_ms.push(ms);
+        cluster.start(leader, StartMode::Resume)?;
+        cluster
+            .wait_converged(&cluster.ids(), Duration::from_secs(60))
+            .await
+            .ok();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+    let mut c = client::jobs(&cluster.addr(leader)?)?;
+    let listed = c
+        .list_jobs(pb::ListJobsRequest {
+            tenant: "bench".into(),
+            state: String::new(),
+            limit: 10_000,
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for j in &listed {
+        by_key
+            .entry(j.idempotency_key.clone())
+            .or_default()
+            .push(j.id);
+    }
+    let acked = acked.lock().await.clone();
+    let lost = acked
+        .iter()
+        .filter(|(k, id)| by_key.get(*k).is_none_or(|ids| !ids.contains(id)))
+        .count();
+    let duplicated = by_key.values().filter(|ids| ids.len() > 1).count();
+    let mut sorted = times_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p50 = percentile(&sorted, 50.0);
+    let max = sorted.last().copied().unwrap_or(0.0);
+    match args.output {
+        Output::Json => print_json(&json!({
+            "bench": "failover",
+            "kills": times_ms.len(),
+            "first_write_ms": times_ms,
+            "p50_ms": p50,
+            "max_ms": max,
+            "acked_writes": acked.len(),
+            "lost": lost,
+            "duplicated": duplicated,
+        })),
+        Output::Table => table(
+            &[
+                "KILLS",
+                "P50_MS",
+                "MAX_MS",
+                "ACKED_WRITES",
+                "LOST",
+                "DUPLICATED",
+            ],
+            &[vec![
+                times_ms.len().to_string(),
+                format!("{p50:.0}"),
+                format!("{max:.0}"),
+                acked.len().to_string(),
+                lost.to_string(),
+                duplicated.to_string(),
+            ]],
+        ),
+    }
+    if lost > 0 || duplicated > 0 {
+        bail!("{lost} acknowledged writes lost, {duplicated} keys applied twice");
+    }
+    Ok(())
+}

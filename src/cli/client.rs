@@ -1,0 +1,519 @@
+//! Client commands: status, members, submit, jobs, job, cancel, nodes.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+use surge_chaos::client;
+use surge_proto::cluster::{
+    AddMemberRequest, Member, RemoveMemberRequest, StatusReply, StatusRequest,
+};
+use surge_proto::jobs as pb;
+use surge_proto::node::ListNodesRequest;
+use surge_scheduler::model::{format_cpu, parse_cpu};
+
+use super::output::{json as print_json, table, Output};
+
+/// Turn a gRPC failure into one line a person can act on.
+pub fn rpc_error(server: &str, status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unavailable
+            if status.message().contains("connect") || status.message().contains("transport") =>
+        {
+            anyhow!(
+            "cannot reach a surge replica at {server} (is it running? set --server or SURGE_SERVER)"
+        )
+        }
+        tonic::Code::Unavailable => {
+            anyhow!("replica at {server} is unavailable: {}", status.message())
+        }
+        _ => anyhow!("{}", status.message()),
+    }
+}
+
+fn members_json(members: &[Member]) -> Value {
+    members
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "address": m.address,
+                "voter": m.voter,
+                "reachable": m.reachable,
+            })
+        })
+        .collect()
+}
+
+pub fn status_json(s: &StatusReply) -> Value {
+    let leader = if s.leader_id == 0 {
+        Value::Null
+    } else {
+        json!({"id": s.leader_id, "address": s.leader_address})
+    };
+    json!({
+        "id": s.id,
+        "address": s.address,
+        "cluster_id": s.cluster_id,
+        "role": s.role,
+        "leader": leader,
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "last_log_index": s.last_log_index,
+        "purged_index": s.purged_index,
+        "snapshot_index": s.snapshot_index,
+        "state_hash": s.state_hash,
+        "members": members_json(&s.members),
+    })
+}
+
+fn print_members(members: &[Member]) {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.address.clone(),
+                if m.voter { "voter" } else { "learner" }.to_string(),
+                if m.reachable { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "ADDRESS", "KIND", "REACHABLE"], &rows);
+}
+
+pub async fn status(server: &str, output: Output) -> anyhow::Result<()> {
+    let mut c = client::cluster(server)?;
+    let s = c
+        .status(StatusRequest {})
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&status_json(&s)),
+        Output::Table => {
+            let leader = if s.leader_id == 0 {
+                "none".to_string()
+            } else {
+                format!("{} ({})", s.leader_id, s.leader_address)
+            };
+            println!("cluster   {}", s.cluster_id);
+            println!("replica   {} at {} ({})", s.id, s.address, s.role);
+            println!("leader    {leader}");
+            println!("term      {}", s.term);
+            println!(
+                "log       commit {}  applied {}  last {}  snapshot {}  purged {}",
+                s.commit_index, s.applied_index, s.last_log_index, s.snapshot_index, s.purged_index
+            );
+            println!();
+            print_members(&s.members);
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum MembersCmd {
+    /// List the replicas.
+    List,
+    /// Add a replica (it must be running, started with --join or without a cluster).
+    Add {
+        id: u64,
+        address: String,
+        /// Keep it a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a replica.
+    Remove { id: u64 },
+}
+
+pub async fn members(server: &str, output: Output, action: MembersCmd) -> anyhow::Result<()> {
+    let mut c = client::cluster(server)?;
+    let members = match action {
+        MembersCmd::List => {
+            c.status(StatusRequest {})
+                .await
+                .map_err(|e| rpc_error(server, e))?
+                .into_inner()
+                .members
+        }
+        MembersCmd::Add {
+            id,
+            address,
+            learner,
+        } => {
+            c.add_member(AddMemberRequest {
+                id,
+                address,
+                voter: !learner,
+            })
+            .await
+            .map_err(|e| rpc_error(server, e))?
+            .into_inner()
+            .members
+        }
+        MembersCmd::Remove { id } => {
+            c.remove_member(RemoveMemberRequest { id })
+                .await
+                .map_err(|e| rpc_error(server, e))?
+                .into_inner()
+                .members
+        }
+    };
+    match output {
+        Output::Json => print_json(&members_json(&members)),
+        Output::Table => print_members(&members),
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// Number of identical sandboxes.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// CPUs per sandbox: cores (1, 0.5) or millicores (500m).
+    #[arg(long, default_value = "1")]
+    cpu: String,
+    /// Memory per sandbox in MiB.
+    #[arg(long = "mem", default_value_t = 1024)]
+    memory_mib: u64,
+    /// All sandboxes placed together or none.
+    #[arg(long)]
+    gang: bool,
+    /// Higher wins; may preempt lower priority work.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// KEY=VALUE or KEY!=VALUE over os, arch, pool and node labels (repeatable).
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
+    /// The same key twice (within a tenant) returns the first job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Root filesystem the sandboxes boot from.
+    #[arg(long, default_value = "busybox")]
+    template: String,
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Spread sandboxes across nodes instead of bin-packing them.
+    #[arg(long)]
+    spread: bool,
+    /// KEY=VALUE environment variables (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// never, or on-failure[:MAX_RESTARTS]
+    #[arg(long, default_value = "never")]
+    restart: String,
+    /// The command each sandbox runs.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn parse_constraint(s: &str) -> anyhow::Result<pb::Constraint> {
+    let (key, op, value) = if let Some((k, v)) = s.split_once("!=") {
+        (k, "!=", v)
+    } else if let Some((k, v)) = s.split_once('=') {
+        (k, "=", v)
+    } else {
+        bail!("--constraint {s:?}: expected KEY=VALUE or KEY!=VALUE");
+    };
+    Ok(pb::Constraint {
+        key: key.trim().to_string(),
+        op: op.to_string(),
+        value: value.trim().to_string(),
+    })
+}
+
+fn parse_restart(s: &str) -> anyhow::Result<pb::RestartPolicy> {
+    match s.split_once(':') {
+        None if s == "never" || s == "on-failure" => Ok(pb::RestartPolicy {
+            mode: s.to_string(),
+            max_restarts: if s == "never" { 0 } else { 3 },
+        }),
+        Some(("on-failure", n)) => Ok(pb::RestartPolicy {
+            mode: "on-failure".into(),
+            max_restarts: n
+                .parse()
+                .with_context(|| format!("--restart: {n:?} is not a number"))?,
+        }),
+        _ => bail!("--restart {s:?}: use never or on-failure[:MAX_RESTARTS]"),
+    }
+}
+
+pub fn build_submit(args: SubmitArgs) -> anyhow::Result<pb::SubmitJobRequest> {
+    let cpu_millis = parse_cpu(&args.cpu).map_err(|e| anyhow!("--cpu: {e}"))?;
+    let constraints = args
+        .constraints
+        .iter()
+        .map(|c| parse_constraint(c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut env = std::collections::BTreeMap::new();
+    for e in &args.env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("--env {e:?}: expected KEY=VALUE"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    Ok(pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            count: args.count,
+            cpu_millis,
+            memory_mib: args.memory_mib,
+            template: args.template,
+            command: args.command,
+            env,
+            priority: args.priority,
+            tenant: args.tenant,
+            gang: args.gang,
+            strategy: if args.spread {
+                pb::Strategy::Spread as i32
+            } else {
+                pb::Strategy::Binpack as i32
+            },
+            constraints,
+            restart: Some(parse_restart(&args.restart)?),
+            name: args.name,
+        }),
+        idempotency_key: args.idempotency_key.unwrap_or_default(),
+    })
+}
+
+pub async fn submit(server: &str, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
+    let req = build_submit(args)?;
+    let mut c = client::jobs(server)?;
+    let r = c
+        .submit_job(req)
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => {
+            print_json(&json!({"job_id": r.job_id, "created": r.created, "index": r.index}))
+        }
+        Output::Table if r.created => println!("job {} submitted", r.job_id),
+        Output::Table => println!(
+            "job {} (already submitted with this idempotency key)",
+            r.job_id
+        ),
+    }
+    Ok(())
+}
+
+pub fn job_json(j: &pb::Job) -> Value {
+    let spec = j.spec.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
+    json!({
+        "id": j.id,
+        "name": spec.name,
+        "state": j.state,
+        "tenant": spec.tenant,
+        "count": spec.count,
+        "cpu_millis": spec.cpu_millis,
+        "memory_mib": spec.memory_mib,
+        "template": spec.template,
+        "command": spec.command,
+        "priority": spec.priority,
+        "gang": spec.gang,
+        "idempotency_key": j.idempotency_key,
+        "counts": {
+            "pending": c.pending, "placed": c.placed, "running": c.running,
+            "succeeded": c.succeeded, "failed": c.failed, "lost": c.lost,
+            "preempted": c.preempted, "cancelled": c.cancelled,
+        },
+        "pending_reason": j.pending_reason,
+        "submitted_at_ms": j.submitted_at_ms,
+        "submitted_index": j.submitted_index,
+        "finished_at_ms": j.finished_at_ms,
+    })
+}
+
+fn job_row(j: &pb::Job) -> Vec<String> {
+    let spec = j.spec.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
+    vec![
+        j.id.to_string(),
+        spec.tenant,
+        j.state.clone(),
+        spec.count.to_string(),
+        format_cpu(spec.cpu_millis),
+        spec.memory_mib.to_string(),
+        format!(
+            "{}/{}/{}/{}",
+            c.pending,
+            c.running,
+            c.succeeded,
+            c.failed + c.lost
+        ),
+        j.pending_reason.clone(),
+    ]
+}
+
+const JOB_HEADER: [&str; 8] = [
+    "ID",
+    "TENANT",
+    "STATE",
+    "COUNT",
+    "CPU",
+    "MEM_MIB",
+    "PEND/RUN/OK/FAIL",
+    "REASON",
+];
+
+pub async fn jobs(
+    server: &str,
+    output: Output,
+    tenant: Option<String>,
+    state: Option<String>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut c = client::jobs(server)?;
+    let r = c
+        .list_jobs(pb::ListJobsRequest {
+            tenant: tenant.unwrap_or_default(),
+            state: state.unwrap_or_default(),
+            limit,
+        })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&Value::Array(r.jobs.iter().map(job_json).collect())),
+        Output::Table => table(&JOB_HEADER, &r.jobs.iter().map(job_row).collect::<Vec<_>>()),
+    }
+    Ok(())
+}
+
+fn progress_line(j: &pb::Job) -> String {
+    let c = j.counts.unwrap_or_default();
+    let total = j.spec.as_ref().map(|s| s.count).unwrap_or(0).max(1);
+    let done = c.succeeded + c.failed + c.lost + c.cancelled;
+    let width = 30u32;
+    let filled = (u64::from(done) * u64::from(width) / u64::from(total)) as usize;
+    format!(
+        "job {} [{}{}] {}  pending {} placed {} running {} done {}/{}",
+        j.id,
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled.min(width as usize)),
+        j.state,
+        c.pending,
+        c.placed,
+        c.running,
+        done,
+        total
+    )
+}
+
+pub async fn job(server: &str, output: Output, id: u64, watch: bool) -> anyhow::Result<()> {
+    let mut c = client::jobs(server)?;
+    if !watch {
+        let j = c
+            .get_job(pb::GetJobRequest { job_id: id })
+            .await
+            .map_err(|e| rpc_error(server, e))?
+            .into_inner();
+        match output {
+            Output::Json => print_json(&job_json(&j)),
+            Output::Table => table(&JOB_HEADER, &[job_row(&j)]),
+        }
+        return Ok(());
+    }
+    let mut stream = c
+        .watch_job(pb::GetJobRequest { job_id: id })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    let tty = std::io::stdout().is_terminal() && output == Output::Table;
+    while let Some(j) = stream.message().await.map_err(|e| rpc_error(server, e))? {
+        match output {
+            Output::Json => println!("{}", job_json(&j)),
+            Output::Table if tty => {
+                print!("\r\x1b[2K{}", progress_line(&j));
+                let _ = std::io::stdout().flush();
+            }
+            Output::Table => println!("{}", progress_line(&j)),
+        }
+    }
+    if tty {
+        println!();
+    }
+    Ok(())
+}
+
+pub async fn cancel(server: &str, output: Output, id: u64) -> anyhow::Result<()> {
+    let mut c = client::jobs(server)?;
+    let j = c
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&job_json(&j)),
+        Output::Table => println!("job {} {}", j.id, j.state),
+    }
+    Ok(())
+}
+
+pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
+    let mut c = client::nodes(server)?;
+    let r = c
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    let res = |r: Option<surge_proto::node::Resources>| r.unwrap_or_default();
+    match output {
+        Output::Json => print_json(&Value::Array(
+            r.nodes
+                .iter()
+                .map(|n| {
+                    let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
+                    json!({
+                        "node_id": n.node_id, "address": n.address, "state": n.state,
+                        "os": n.os, "arch": n.arch, "labels": n.labels, "sandboxes": n.sandboxes,
+                        "allocatable": {"cpu_millis": a.cpu_millis, "memory_mib": a.memory_mib},
+                        "allocated": {"cpu_millis": b.cpu_millis, "memory_mib": b.memory_mib},
+                        "used": {"cpu_millis": u.cpu_millis, "memory_mib": u.memory_mib},
+                    })
+                })
+                .collect(),
+        )),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
+                    vec![
+                        n.node_id.clone(),
+                        n.state.clone(),
+                        format!(
+                            "{}/{}/{}",
+                            format_cpu(a.cpu_millis),
+                            format_cpu(b.cpu_millis),
+                            format_cpu(u.cpu_millis)
+                        ),
+                        format!("{}/{}/{}", a.memory_mib, b.memory_mib, u.memory_mib),
+                        n.sandboxes.to_string(),
+                        format!("{}/{}", n.os, n.arch),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NODE",
+                    "STATE",
+                    "CPU ALLOCATABLE/ALLOCATED/USED",
+                    "MEM_MIB (SAME)",
+                    "SANDBOXES",
+                    "OS/ARCH",
+                ],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! The subcommands' implementations.
+
+pub mod bench;
+pub mod client;
+pub mod dev;
+pub mod output;
+pub mod server;

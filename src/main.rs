@@ -1,0 +1,150 @@
+//! `surge`: one binary for the scheduler replicas, the node daemon, the client and the tools.
+//! This file only parses the command line and dispatches; the work is in `cli/` and the crates.
+
+mod cli;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use cli::output::Output;
+
+#[derive(Parser)]
+#[command(
+    name = "surge",
+    version,
+    about = "A scheduler for AI-agent sandboxes on bare metal"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Where a client command sends its request.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Any replica's gRPC address (writes are forwarded to the leader).
+    #[arg(
+        long,
+        global = true,
+        env = "SURGE_SERVER",
+        default_value = "127.0.0.1:7070"
+    )]
+    server: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one scheduler replica.
+    Server(cli::server::ServerArgs),
+    /// Run a whole local cluster (3 replicas) in the foreground.
+    Dev(cli::dev::DevArgs),
+    /// Show the cluster as the replica at --server sees it.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List, add or remove scheduler replicas.
+    Members {
+        #[command(subcommand)]
+        action: cli::client::MembersCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Submit a job: COUNT identical sandboxes.
+    Submit {
+        #[command(flatten)]
+        args: cli::client::SubmitArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// pending, running, complete, failed or cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one job; --watch follows its progress.
+    Job {
+        id: u64,
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cancel a job.
+    Cancel {
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List registered nodes.
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Benchmarks of the real system.
+    Bench {
+        #[command(subcommand)]
+        which: cli::bench::BenchCmd,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Server(args) => cli::server::run(args).await,
+        Cmd::Dev(args) => cli::dev::run(args, surge_binary()?).await,
+        Cmd::Status { target } => cli::client::status(&target.server, target.output).await,
+        Cmd::Members { action, target } => {
+            cli::client::members(&target.server, target.output, action).await
+        }
+        Cmd::Submit { args, target } => {
+            cli::client::submit(&target.server, target.output, args).await
+        }
+        Cmd::Jobs {
+            tenant,
+            state,
+            limit,
+            target,
+        } => cli::client::jobs(&target.server, target.output, tenant, state, limit).await,
+        Cmd::Job { id, watch, target } => {
+            cli::client::job(&target.server, target.output, id, watch).await
+        }
+        Cmd::Cancel { id, target } => cli::client::cancel(&target.server, target.output, id).await,
+        Cmd::Nodes { target } => cli::client::nodes(&target.server, target.output).await,
+        Cmd::Bench { which } => cli::bench::run(which, surge_binary()?).await,
+    }
+}
+
+/// This executable, to start replicas as child processes.
+fn surge_binary() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?)
+}

@@ -1,0 +1,148 @@
+//! Shared helpers of the cluster tests: real `surge server` processes on loopback.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use surge_chaos::client;
+use surge_chaos::cluster::LocalCluster;
+use surge_proto::jobs as pb;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_surge"))
+}
+
+/// A started cluster of `n` replicas with a leader, plus the temp dir that holds its data.
+/// `SURGE_TEST_KEEP=1` keeps the replicas' data dirs and logs for a post-mortem.
+pub async fn cluster(n: u64, args: &[&str]) -> (LocalCluster, tempfile::TempDir, u64) {
+    let mut dir = tempfile::tempdir().expect("temp dir");
+    if std::env::var_os("SURGE_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping cluster data in {}", dir.path().display());
+    }
+    let mut c = LocalCluster::new(&bin(), dir.path(), n, None)
+        .expect("plan cluster")
+        .with_args(args);
+    c.start_all().expect("start replicas");
+    let leader = wait_leader(&mut c).await;
+    (c, dir, leader)
+}
+
+pub async fn wait_leader(c: &mut LocalCluster) -> u64 {
+    match c.wait_leader(Duration::from_secs(30)).await {
+        Ok(l) => l,
+        Err(e) => {
+            dump_logs(c);
+            panic!("no leader: {e}");
+        }
+    }
+}
+
+pub fn dump_logs(c: &LocalCluster) {
+    for id in c.ids() {
+        eprintln!("--- replica {id} ---\n{}", c.log_tail(id, 30));
+    }
+}
+
+pub fn job(key: &str, count: u32) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            count,
+            cpu_millis: 1000,
+            memory_mib: 512,
+            template: "busybox".into(),
+            command: vec!["true".into()],
+            tenant: "test".into(),
+            ..Default::default()
+        }),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Submit `keys` through `addr` with `concurrency` clients; each key is retried (as a real
+/// client would) until acknowledged or `deadline` passes. Returns key -> job id of the acks.
+pub async fn submit_all(
+    addr: &str,
+    keys: Vec<String>,
+    concurrency: usize,
+    deadline: Duration,
+) -> BTreeMap<String, u64> {
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(keys));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let queue = queue.clone();
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            let started = std::time::Instant::now();
+            let mut c = client::jobs(&addr).expect("client");
+            loop {
+                let Some(key) = queue.lock().await.pop() else {
+                    break;
+                };
+                loop {
+                    match c.submit_job(job(&key, 1)).await {
+                        Ok(r) => {
+                            acked.insert(key.clone(), r.into_inner().job_id);
+                            break;
+                        }
+                        Err(e) if started.elapsed() < deadline => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("submission {key} never acknowledged: {e}"),
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    let mut all = BTreeMap::new();
+    for t in tasks {
+        all.extend(t.await.expect("submitter"));
+    }
+    all
+}
+
+/// Every job of tenant `test` on replica `addr` (after a linearizable read there).
+pub async fn jobs_on(addr: &str) -> Vec<pb::Job> {
+    let mut c = client::jobs(addr).expect("client");
+    c.list_jobs(pb::ListJobsRequest {
+        tenant: "test".into(),
+        state: String::new(),
+        limit: 10_000,
+    })
+    .await
+    .expect("list jobs")
+    .into_inner()
+    .jobs
+}
+
+/// Assert that every acknowledged key is on the replica exactly once, with the acknowledged id.
+pub async fn assert_all_present_once(addr: &str, acked: &BTreeMap<String, u64>) {
+    let jobs = jobs_on(addr).await;
+    let mut by_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for j in &jobs {
+        by_key
+            .entry(j.idempotency_key.as_str())
+            .or_default()
+            .push(j.id);
+    }
+    for (key, ids) in &by_key {
+        assert_eq!(
+            ids.len(),
+            1,
+            "key {key} applied {} times: {ids:?}",
+            ids.len()
+        );
+    }
+    for (key, id) in acked {
+        assert_eq!(
+            by_key.get(key.as_str()),
+            Some(&vec![*id]),
+            "acknowledged submission {key} (job {id}) missing on {addr}"
+        );
+    }
+}
