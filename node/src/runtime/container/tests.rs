@@ -1,0 +1,628 @@
+//! Pure parts first; then real containers (root + crun + busybox-static), skipped with a message
+//! when those are missing.
+
+use super::*;
+use crate::runtime::{guard_memory, MemoryGrowthPolicy, MemoryHeadroom};
+use std::time::Instant;
+
+#[test]
+fn cgroup_mounts_and_layouts() {
+    let hybrid = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+34 30 0:30 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+";
+    let mounts = parse_cgroup_mounts(hybrid);
+    assert_eq!(mounts.len(), 4);
+    assert_eq!(mounts[2].controllers, vec!["cpu", "cpuacct"]);
+    assert!(
+        mounts[3].controllers.is_empty(),
+        "name=systemd is not a controller"
+    );
+    let with_hugetlb = CgroupLayout::from_mounts(&mounts, |_| "hugetlb\n".into()).expect("layout");
+    assert_eq!(
+        with_hugetlb,
+        CgroupLayout::V1 {
+            memory: "/sys/fs/cgroup/memory".into(),
+            cpu: "/sys/fs/cgroup/cpu,cpuacct".into(),
+            cpuacct: "/sys/fs/cgroup/cpu,cpuacct".into(),
+            hide_unified: Some("/sys/fs/cgroup/unified".into()),
+        }
+    );
+    let empty_unified = CgroupLayout::from_mounts(&mounts, |_| "\n".into()).expect("layout");
+    assert!(matches!(
+        empty_unified,
+        CgroupLayout::V1 {
+            hide_unified: None,
+            ..
+        }
+    ));
+
+    let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+    let layout = CgroupLayout::from_mounts(&parse_cgroup_mounts(v2), |_| "cpu memory pids".into())
+        .expect("v2");
+    assert_eq!(
+        layout,
+        CgroupLayout::V2 {
+            root: "/sys/fs/cgroup".into()
+        }
+    );
+    let cg = SandboxCgroup::new(&layout, "/surge", "surge-42-7");
+    assert_eq!(cg.crun_path, "/surge/surge-42-7/ctr");
+    assert_eq!(cg.memory, Path::new("/sys/fs/cgroup/surge/surge-42-7/ctr"));
+    assert_eq!(
+        cg.owned.as_deref(),
+        Some(Path::new("/sys/fs/cgroup/surge/surge-42-7"))
+    );
+    let cg1 = SandboxCgroup::new(&with_hugetlb, "/surge/", "surge-42-7");
+    assert_eq!(cg1.crun_path, "/surge/surge-42-7");
+    assert_eq!(
+        cg1.memory,
+        Path::new("/sys/fs/cgroup/memory/surge/surge-42-7")
+    );
+    assert!(CgroupLayout::from_mounts(&[], |_| String::new()).is_err());
+}
+
+#[test]
+fn cgroup_file_parsing() {
+    assert_eq!(
+        parse_keyed("low 0\nhigh 2\nmax 5\noom 1\noom_kill 1\n", "oom_kill"),
+        Some(1)
+    );
+    assert_eq!(
+        parse_keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"),
+        Some(3)
+    );
+    assert_eq!(
+        parse_keyed("total_inactive_file 4096\n", "inactive_file"),
+        None
+    );
+    assert_eq!(parse_limit("max\n"), None);
+    assert_eq!(
+        parse_limit("9223372036854771712\n"),
+        None,
+        "v1's 'unlimited'"
+    );
+    assert_eq!(parse_limit("67108864\n"), Some(64 * MIB));
+    let stat =
+        "1234 (sh (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 100";
+    assert_eq!(parse_start_ticks(stat), Some(987_654));
+    assert_eq!(parse_start_ticks(&stat.replace(") S ", ") Z ")), None);
+    assert_eq!((cpu_quota_us(1500), cpu_shares(1500)), (150_000, 1536));
+    assert_eq!((cpu_quota_us(1), cpu_shares(1)), (1000, 2));
+    assert_eq!(container_id(SandboxId::new(42, 7)), "surge-42-7");
+}
+
+#[test]
+fn oci_spec_has_isolation_and_limits() {
+    let spec = SandboxSpec {
+        template: "busybox".into(),
+        command: vec!["sh".into(), "-c".into(), "echo hi".into()],
+        env: vec![("A".into(), "b=c".into())],
+        cpu_millis: 500,
+        memory_mib: 64,
+    };
+    let p = OciParams {
+        id: SandboxId::new(42, 7),
+        spec: &spec,
+        resources: Resources {
+            cpu_millis: 250,
+            memory_mib: 128,
+        },
+        cgroups_path: "/surge/surge-42-7",
+        uid: 1000,
+        gid: 1000,
+        tmp_size_mib: 64,
+    };
+    let c = oci_config(&p).expect("config");
+    let ns: Vec<&str> = c["linux"]["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .filter_map(|n| n["type"].as_str())
+        .collect();
+    for want in ["pid", "network", "ipc", "uts", "mount"] {
+        assert!(ns.contains(&want), "{want} namespace");
+    }
+    assert_eq!(c["linux"]["resources"]["memory"]["limit"], 128 * MIB);
+    assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 25_000);
+    assert_eq!(c["process"]["user"]["uid"], 1000);
+    assert!(c["process"]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .any(|e| e == "A=b=c"));
+    assert!(
+        c["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .all(|m| m["type"] != "bind"),
+        "no host paths"
+    );
+    let bad = SandboxSpec {
+        env: vec![("A=B".into(), "x".into())],
+        ..spec.clone()
+    };
+    assert!(oci_config(&OciParams {
+        spec: &bad,
+        ..p.clone()
+    })
+    .is_err());
+    let shell = SandboxSpec {
+        command: vec![],
+        ..spec.clone()
+    };
+    assert_eq!(
+        oci_config(&OciParams { spec: &shell, ..p }).expect("config")["process"]["args"][0],
+        "/bin/sh"
+    );
+}
+
+// ---- real containers ----
+
+/// A runtime on a fresh data dir, or `None` (with a printed reason) when this host cannot run one.
+fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root (namespaces, cgroups, overlay mounts)");
+        return None;
+    }
+    if !Path::new(crate::template::HOST_BUSYBOX).is_file() {
+        eprintln!("SKIP {test}: /bin/busybox missing; apt-get install -y busybox-static");
+        return None;
+    }
+    let data = std::env::temp_dir().join(format!("surge-ct-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    match ContainerRuntime::new(ContainerConfig::new(&data)) {
+        Ok(rt) => Some((rt, data)),
+        Err(RuntimeError::Command { stderr, .. }) => {
+            eprintln!("SKIP {test}: {stderr}");
+            None
+        }
+        Err(e) => panic!("container runtime unusable on this host: {e}"),
+    }
+}
+
+fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
+    StartRequest {
+        id: SandboxId::new(job, index),
+        generation: 1,
+        revision: 1,
+        spec: SandboxSpec {
+            template: "busybox".into(),
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec![("GREETING".into(), "hi".into())],
+            cpu_millis: 500,
+            memory_mib,
+        },
+        resources: Resources {
+            cpu_millis: 500,
+            memory_mib,
+        },
+    }
+}
+
+async fn cleanup(rt: &ContainerRuntime, data: &Path, ids: &[SandboxId]) {
+    for id in ids {
+        let _ = rt.stop(*id, Duration::from_millis(100)).await;
+        rt.remove(*id).await.expect("forget");
+        assert!(!data.join("sandboxes").join(id.to_string()).exists());
+    }
+    let _ = std::fs::remove_dir_all(data);
+}
+
+fn counter(data: &Path, id: SandboxId) -> u64 {
+    let path = data
+        .join("sandboxes")
+        .join(id.to_string())
+        .join("upper/work/counter");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn runs_in_its_own_namespaces_and_reports_exit_code_and_output() {
+    let Some((rt, data)) = runtime("exit") else {
+        return;
+    };
+    let id = SandboxId::new(1, 0);
+    let script = "echo $GREETING; echo pid=$$; echo uid=$(id -u); hostname; ls /sys/class/net; \
+                  echo oops >&2; touch /work/file; exit 3";
+    let handle = rt.start(req(1, 0, script, 64)).await.expect("start");
+    assert!(handle.pid.is_some());
+    let report = rt.wait(id).await.expect("wait");
+    assert_eq!(
+        report.state,
+        ObservedState::Exited { code: 3 },
+        "{report:?}"
+    );
+    assert_eq!(report.code, Some(3));
+    assert_eq!(
+        report.stdout_tail, "hi\npid=1\nuid=1000\nsb-1-0\nlo\n",
+        "pid ns, user, uts, netns with only lo"
+    );
+    assert!(report.stderr_tail.contains("oops"));
+    assert!(
+        data.join("sandboxes/1.0/upper/work/file").exists(),
+        "writes land in the overlay upper"
+    );
+    assert!(
+        !data.join("templates/busybox/work/file").exists(),
+        "the template is untouched"
+    );
+    assert_eq!(
+        rt.status(id).await.expect("status").state,
+        ObservedState::Exited { code: 3 }
+    );
+    assert!(matches!(
+        rt.start(req(1, 0, "true", 64)).await,
+        Err(RuntimeError::AlreadyExists { .. })
+    ));
+    cleanup(&rt, &data, &[id]).await;
+}
+
+#[tokio::test]
+async fn missing_template_and_bad_command_fail_with_reasons() {
+    let Some((rt, data)) = runtime("fail") else {
+        return;
+    };
+    let mut r = req(2, 0, "true", 64);
+    r.spec.template = "nope".into();
+    let err = rt.start(r).await.expect_err("missing template");
+    assert!(matches!(err, RuntimeError::TemplateMissing { .. }), "{err}");
+    let mut r = req(2, 1, "", 64);
+    r.spec.command = vec!["/bin/does-not-exist".into()];
+    let err = rt.start(r).await;
+    // crun reports exec failures either at start or as the container's exit status.
+    let state = rt.wait(SandboxId::new(2, 1)).await.expect("wait").state;
+    assert!(
+        err.is_err() || state != ObservedState::Exited { code: 0 },
+        "{err:?} {state:?}"
+    );
+    assert!(state.is_terminal());
+    cleanup(&rt, &data, &[SandboxId::new(2, 1)]).await;
+}
+
+#[tokio::test]
+async fn oom_kill_is_reported_when_memory_cannot_grow() {
+    let Some((rt, data)) = runtime("oom") else {
+        return;
+    };
+    let id = SandboxId::new(3, 0);
+    // dd allocates its 64 MiB block; the limit is 32 MiB.
+    rt.start(req(3, 0, "dd if=/dev/zero of=/dev/null bs=64M count=1", 32))
+        .await
+        .expect("start");
+    let (tx, _rx) = tokio::sync::mpsc::channel(4);
+    let no_headroom = MemoryHeadroom::new(0);
+    let policy = MemoryGrowthPolicy {
+        step_min_mib: 32,
+        poll_interval_ms: 20,
+        ..Default::default()
+    };
+    let guard = guard_memory(&rt, id, 1024, &no_headroom, policy, tx);
+    let (report, guarded) = tokio::join!(rt.wait(id), guard);
+    guarded.expect("guard");
+    let report = report.expect("wait");
+    assert_eq!(report.state, ObservedState::OomKilled, "{report:?}");
+    assert_eq!(report.code, Some(137));
+    cleanup(&rt, &data, &[id]).await;
+}
+
+#[tokio::test]
+async fn memory_grown_in_time_keeps_the_sandbox_alive() {
+    let Some((rt, data)) = runtime("grow") else {
+        return;
+    };
+    let id = SandboxId::new(4, 0);
+    // Ten 8 MiB allocations, one every 0.3 s, each held for 4 s: peaks near 85 MiB.
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do \
+                    (dd if=/dev/zero bs=8M count=1 2>/dev/null | sleep 4) & sleep 0.3; \
+                  done; wait; echo done";
+    rt.start(req(4, 0, script, 64)).await.expect("start");
+    let (tx, mut growths) = tokio::sync::mpsc::channel(16);
+    let headroom = MemoryHeadroom::new(1024);
+    let policy = MemoryGrowthPolicy {
+        step_min_mib: 32,
+        poll_interval_ms: 20,
+        ..Default::default()
+    };
+    let peak = async {
+        let mut peak = 0;
+        while let Ok(u) = rt.usage(id).await {
+            peak = peak.max(u.memory_bytes);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        peak
+    };
+    let (report, guarded, peak) = tokio::join!(
+        rt.wait(id),
+        guard_memory(&rt, id, 1024, &headroom, policy, tx),
+        peak
+    );
+    guarded.expect("guard");
+    let report = report.expect("wait");
+    assert_eq!(
+        report.state,
+        ObservedState::Exited { code: 0 },
+        "{report:?}"
+    );
+    assert!(report.stdout_tail.contains("done"));
+    assert!(
+        peak > 64 * MIB,
+        "the sandbox used {} MiB: more than its first limit",
+        peak / MIB
+    );
+    let first = growths.recv().await.expect("a growth was reported");
+    assert_eq!(first.resources.memory_mib, 96);
+    let status = rt.status(id).await.expect("status");
+    assert!(status.resources.memory_mib >= 96);
+    assert_eq!(
+        status.revision, 1,
+        "a local growth keeps the scheduler's revision"
+    );
+    assert_eq!(
+        headroom.available_mib(),
+        1024 - (status.resources.memory_mib - 64)
+    );
+    cleanup(&rt, &data, &[id]).await;
+}
+
+#[tokio::test]
+async fn pause_stops_progress_and_resume_continues() {
+    let Some((rt, data)) = runtime("pause") else {
+        return;
+    };
+    let id = SandboxId::new(5, 0);
+    let script = "i=0; while true; do i=$((i+1)); echo $i > /work/counter; sleep 0.05; done";
+    rt.start(req(5, 0, script, 64)).await.expect("start");
+    let t0 = Instant::now();
+    while counter(&data, id) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "counter never advanced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.pause(id).await.expect("pause");
+    assert_eq!(
+        rt.status(id).await.expect("status").state,
+        ObservedState::Paused
+    );
+    let frozen = counter(&data, id);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(counter(&data, id), frozen, "progress while paused");
+    rt.resume(id).await.expect("resume");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(counter(&data, id) > frozen + 2, "no progress after resume");
+    assert_eq!(
+        rt.status(id).await.expect("status").state,
+        ObservedState::Running
+    );
+    // Stopping a paused sandbox thaws it first.
+    rt.pause(id).await.expect("pause again");
+    let report = rt.stop(id, Duration::from_millis(300)).await.expect("stop");
+    assert_eq!(
+        report.code,
+        Some(137),
+        "sh as pid 1 ignores SIGTERM: killed after the grace"
+    );
+    cleanup(&rt, &data, &[id]).await;
+}
+
+#[tokio::test]
+async fn resize_changes_the_cgroup_limits() {
+    let Some((rt, data)) = runtime("resize") else {
+        return;
+    };
+    let id = SandboxId::new(6, 0);
+    rt.start(req(6, 0, "sleep 60", 64)).await.expect("start");
+    let sb = rt.get(id).expect("record");
+    let read = |dir: &Path, v1: &str, v2: &str| {
+        std::fs::read_to_string(dir.join(if sb.cgroup.v2 { v2 } else { v1 })).expect("cgroup file")
+    };
+    assert_eq!(
+        parse_limit(&read(
+            &sb.cgroup.memory,
+            "memory.limit_in_bytes",
+            "memory.max"
+        )),
+        Some(64 * MIB)
+    );
+    let bigger = Resources {
+        cpu_millis: 1500,
+        memory_mib: 200,
+    };
+    rt.resize(id, bigger, 2).await.expect("resize");
+    assert_eq!(
+        parse_limit(&read(
+            &sb.cgroup.memory,
+            "memory.limit_in_bytes",
+            "memory.max"
+        )),
+        Some(200 * MIB)
+    );
+    let cpu = read(&sb.cgroup.cpu, "cpu.cfs_quota_us", "cpu.max");
+    assert_eq!(cpu.split_whitespace().next(), Some("150000"), "{cpu}");
+    let status = rt.status(id).await.expect("status");
+    assert_eq!((status.resources, status.revision), (bigger, 2));
+    let usage = rt.usage(id).await.expect("usage");
+    assert_eq!(usage.memory_limit_bytes, 200 * MIB);
+    assert!(usage.memory_bytes > 0 && usage.memory_bytes < 200 * MIB);
+    cleanup(&rt, &data, &[id]).await;
+}
+
+#[tokio::test]
+async fn stop_is_graceful_then_forced() {
+    let Some((rt, data)) = runtime("stop") else {
+        return;
+    };
+    let polite = SandboxId::new(7, 0);
+    let stubborn = SandboxId::new(7, 1);
+    rt.start(req(
+        7,
+        0,
+        "trap 'echo bye; exit 7' TERM; while true; do sleep 0.05; done",
+        64,
+    ))
+    .await
+    .expect("start");
+    rt.start(req(
+        7,
+        1,
+        "trap '' TERM; while true; do sleep 0.05; done",
+        64,
+    ))
+    .await
+    .expect("start");
+    let grace = Duration::from_millis(1500);
+    let t0 = Instant::now();
+    let report = rt.stop(polite, grace).await.expect("stop");
+    assert_eq!(report.state, ObservedState::Exited { code: 7 });
+    assert!(report.stdout_tail.contains("bye"));
+    assert!(
+        t0.elapsed() < grace,
+        "graceful stop took {:?}",
+        t0.elapsed()
+    );
+    let t1 = Instant::now();
+    let report = rt.stop(stubborn, grace).await.expect("stop");
+    assert_eq!(report.state, ObservedState::Exited { code: 137 });
+    assert!(
+        t1.elapsed() >= grace,
+        "killed before the grace ended: {:?}",
+        t1.elapsed()
+    );
+    cleanup(&rt, &data, &[polite, stubborn]).await;
+}
+
+#[tokio::test]
+async fn a_new_runtime_instance_readopts_running_and_exited_sandboxes() {
+    let Some((first, data)) = runtime("adopt") else {
+        return;
+    };
+    let running = SandboxId::new(8, 0);
+    let exited = SandboxId::new(8, 1);
+    first.start(req(8, 0, "sleep 60", 64)).await.expect("start");
+    first
+        .start(req(8, 1, "echo bye; exit 5", 64))
+        .await
+        .expect("start");
+    first.wait(exited).await.expect("wait");
+    drop(first); // the daemon restarts; the shims keep running
+
+    let second = ContainerRuntime::new(ContainerConfig::new(&data)).expect("second instance");
+    let listed = second.list().await.expect("list");
+    let states: Vec<_> = listed
+        .iter()
+        .map(|o| (o.id, o.state.clone(), o.generation, o.owned))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (running, ObservedState::Running, 1, false),
+            (exited, ObservedState::Exited { code: 5 }, 1, false)
+        ]
+    );
+    assert!(second
+        .wait(exited)
+        .await
+        .expect("report")
+        .stdout_tail
+        .contains("bye"));
+    let waiter = second.wait(running);
+    let stopper = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        second.stop(running, Duration::from_millis(200)).await
+    };
+    let (waited, stopped) = tokio::join!(waiter, stopper);
+    assert_eq!(
+        waited.expect("wait").code,
+        Some(137),
+        "an adopted sandbox's exit is observed"
+    );
+    assert_eq!(stopped.expect("stop").code, Some(137));
+    cleanup(&second, &data, &[running, exited]).await;
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// `cargo test -- --ignored --nocapture start_latency`: start latency of this runtime vs. plain
+/// `crun run` of the same root filesystem.
+#[tokio::test]
+#[ignore = "benchmark: prints start latencies"]
+async fn start_latency() {
+    const STARTS: u32 = 50;
+    let Some((rt, data)) = runtime("latency") else {
+        return;
+    };
+    let (mut start, mut to_exit) = (Vec::new(), Vec::new());
+    for i in 0..STARTS {
+        let id = SandboxId::new(9, i);
+        let t0 = Instant::now();
+        rt.start(req(9, i, "true", 64)).await.expect("start");
+        start.push(t0.elapsed());
+        rt.wait(id).await.expect("wait");
+        to_exit.push(t0.elapsed());
+        rt.remove(id).await.expect("forget");
+    }
+    // The same rootfs, bundle prepared once, straight `crun run`.
+    let bundle = data.join("direct");
+    std::fs::create_dir_all(bundle.join("rootfs")).expect("bundle");
+    let template = rt.templates().path("busybox").expect("template");
+    let spec = SandboxSpec {
+        command: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let mut config = oci_config(&OciParams {
+        id: SandboxId::new(9, 999),
+        spec: &spec,
+        resources: Resources {
+            cpu_millis: 500,
+            memory_mib: 64,
+        },
+        cgroups_path: "/surge/direct",
+        uid: 1000,
+        gid: 1000,
+        tmp_size_mib: 64,
+    })
+    .expect("config");
+    config["root"] = json!({ "path": template, "readonly": true });
+    config["process"]["cwd"] = json!("/");
+    write_json_atomic(&bundle.join("config.json"), &config).expect("config.json");
+    let mut direct = Vec::new();
+    for i in 0..STARTS {
+        let mut cmd = rt.command(rt.config.crun.as_os_str(), false);
+        cmd.arg("--root")
+            .arg(rt.crun_root())
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("direct-{i}"));
+        let t0 = Instant::now();
+        let status = cmd.stdout(Stdio::null()).status().await.expect("crun run");
+        direct.push(t0.elapsed());
+        assert!(status.success());
+    }
+    for v in [&mut start, &mut to_exit, &mut direct] {
+        v.sort();
+    }
+    let line = |name: &str, v: &[Duration]| {
+        eprintln!(
+            "{name:<44} p50 {:>7.2} ms   p99 {:>7.2} ms",
+            percentile(v, 50).as_secs_f64() * 1e3,
+            percentile(v, 99).as_secs_f64() * 1e3
+        );
+    };
+    eprintln!("start latency over {STARTS} starts ({:?})", rt.layout());
+    line("surge container: start() returns (running)", &start);
+    line("surge container: start() to exit of `true`", &to_exit);
+    line("crun run of the same rootfs to exit", &direct);
+    let _ = std::fs::remove_dir_all(&data);
+}
