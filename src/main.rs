@@ -40,6 +40,8 @@ pub struct Target {
 enum Cmd {
     /// Run one scheduler replica.
     Server(cli::server::ServerArgs),
+    /// Run the node daemon: register this host and run the sandboxes assigned to it.
+    Node(cli::node::NodeArgs),
     /// Run a whole local cluster (3 replicas) in the foreground.
     Dev(cli::dev::DevArgs),
     /// Show the cluster as the replica at --server sees it.
@@ -92,6 +94,48 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Pause sandboxes (JOB or JOB.INDEX): they keep memory and disk ("close the lid").
+    Pause {
+        sandbox: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Resume paused sandboxes (JOB or JOB.INDEX).
+    Resume {
+        sandbox: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change the CPU and memory of running sandboxes (JOB or JOB.INDEX).
+    Resize {
+        sandbox: String,
+        /// New CPUs per sandbox: cores (2, 0.5) or millicores (500m).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// New memory per sandbox in MiB.
+        #[arg(long = "mem")]
+        memory_mib: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop new placements on a node and move its work elsewhere.
+    Drain {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set a tenant's quota (no --cpu and no --mem: remove it).
+    Quota {
+        tenant: String,
+        /// CPUs the tenant's sandboxes may hold at once.
+        #[arg(long)]
+        cpu: Option<String>,
+        /// Memory in MiB the tenant's sandboxes may hold at once.
+        #[arg(long = "mem")]
+        memory_mib: Option<u64>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Benchmarks of the real system.
     Bench {
         #[command(subcommand)]
@@ -100,6 +144,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    // SAFETY: called before any thread exists; SIG_DFL for SIGPIPE only changes what a write
+    // to a closed pipe does.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -121,6 +171,7 @@ fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Server(args) => cli::server::run(args).await,
+        Cmd::Node(args) => cli::node::run(args).await,
         Cmd::Dev(args) => cli::dev::run(args, surge_binary()?).await,
         Cmd::Status { target } => cli::client::status(&target.server, target.output).await,
         Cmd::Members { action, target } => {
@@ -140,6 +191,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Cancel { id, target } => cli::client::cancel(&target.server, target.output, id).await,
         Cmd::Nodes { target } => cli::client::nodes(&target.server, target.output).await,
+        Cmd::Pause { sandbox, target } => {
+            cli::client::update_sandboxes(
+                &target.server,
+                target.output,
+                &sandbox,
+                "pause",
+                None,
+                None,
+            )
+            .await
+        }
+        Cmd::Resume { sandbox, target } => {
+            cli::client::update_sandboxes(
+                &target.server,
+                target.output,
+                &sandbox,
+                "resume",
+                None,
+                None,
+            )
+            .await
+        }
+        Cmd::Resize {
+            sandbox,
+            cpu,
+            memory_mib,
+            target,
+        } => {
+            cli::client::update_sandboxes(
+                &target.server,
+                target.output,
+                &sandbox,
+                "",
+                cpu,
+                memory_mib,
+            )
+            .await
+        }
+        Cmd::Drain { node, target } => {
+            cli::client::drain(&target.server, target.output, node).await
+        }
+        Cmd::Quota {
+            tenant,
+            cpu,
+            memory_mib,
+            target,
+        } => cli::client::quota(&target.server, tenant, cpu, memory_mib).await,
         Cmd::Bench { which } => cli::bench::run(which, surge_binary()?).await,
     }
 }

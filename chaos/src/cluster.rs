@@ -67,11 +67,13 @@ impl Replica {
     }
 }
 
-/// Replicas as child processes of this process.
+/// Replicas (and node daemons) as child processes of this process.
 pub struct LocalCluster {
     bin: PathBuf,
     root: PathBuf,
     replicas: BTreeMap<u64, Replica>,
+    /// `surge node` processes by group name.
+    node_groups: BTreeMap<String, Child>,
     /// The `--bootstrap` list: the replicas the cluster was formed with.
     initial: Vec<u64>,
     extra_args: Vec<String>,
@@ -97,6 +99,7 @@ impl LocalCluster {
             bin: bin.to_path_buf(),
             root: root.to_path_buf(),
             replicas: BTreeMap::new(),
+            node_groups: BTreeMap::new(),
             initial: (1..=n).collect(),
             extra_args: Vec::new(),
         };
@@ -371,6 +374,60 @@ impl LocalCluster {
         }
     }
 
+    /// Start a `surge node` process hosting `count` simulated nodes named `GROUP-0..`, talking to
+    /// every replica; `args` are extra `surge node` flags (e.g. `--cpus 64`).
+    pub fn start_sim_nodes(
+        &mut self,
+        group: &str,
+        count: u32,
+        args: &[&str],
+    ) -> Result<(), ClusterError> {
+        let servers = self
+            .replicas
+            .values()
+            .map(|r| r.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let data_dir = self.root.join(format!("nodes-{group}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("nodes-{group}.log")))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .args(["--server", &servers])
+            .args(["--node-id", group])
+            .args(["--runtime", "sim"])
+            .args(["--simulate", &count.to_string()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|source| ClusterError::Spawn { id: 0, source })?;
+        if let Some(mut old) = self.node_groups.insert(group.to_string(), child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        Ok(())
+    }
+
+    /// `kill -9` a group of simulated nodes: they stop heartbeating at once.
+    pub fn kill_nodes(&mut self, group: &str) {
+        if let Some(mut c) = self.node_groups.remove(group) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The last `lines` lines of a replica's log, for failure reports.
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
         let Ok(r) = self.replica(id) else {
@@ -384,6 +441,10 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        for c in self.node_groups.values_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for r in self.replicas.values_mut() {
             if let Some(mut c) = r.child.take() {
                 let _ = c.kill();

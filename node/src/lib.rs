@@ -12,8 +12,11 @@
 //!   cgroups v1/v2, freezer pause, live resize, OOM prevention) and `sim` (no process; for scale
 //!   tests and benchmarks).
 //! - [`template`]: root filesystems sandboxes boot from (a default busybox one out of the box).
+//! - [`agent`]: the `surge node` daemon: session with the scheduler, one owner task per sandbox,
+//!   batched status reports, metrics.
 //! - [`detect`]: host CPUs, memory, and whether hardware virtualization is really there.
 
+pub mod agent;
 pub mod detect;
 pub mod reconcile;
 pub mod runtime;

@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -13,7 +14,6 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use surge_proto::raft::raft_transport_client::RaftTransportClient;
 use surge_proto::raft::RaftRequest;
 use tonic::transport::{Channel, Endpoint};
@@ -23,6 +23,8 @@ use crate::types::{Node, NodeId, TypeConfig};
 
 /// How many distinct peer addresses the pool keeps channels for.
 pub const PEERS_MAX: usize = 1024;
+/// Largest AppendEntries payload sent in one message (headroom below the gRPC limit).
+pub const APPEND_BYTES_MAX: usize = surge_proto::MESSAGE_BYTES_MAX / 2;
 /// Time to establish a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -106,14 +108,13 @@ enum Rpc {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &self,
         rpc: Rpc,
-        req: &Req,
+        payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -130,7 +131,7 @@ impl PeerClient {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
-            payload: codec::to_bytes(req),
+            payload,
         };
         let fut = async {
             match rpc {
@@ -163,7 +164,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::AppendEntries, &rpc, option.hard_ttl()).await
+        let payload = codec::to_bytes(&rpc);
+        // A batch larger than a gRPC message would be refused by the transport forever (the
+        // follower could never catch up): ask openraft to resend it in smaller pieces instead.
+        if payload.len() > APPEND_BYTES_MAX && rpc.entries.len() > 1 {
+            let entries = rpc.entries.len() as u64;
+            let fit =
+                (entries * APPEND_BYTES_MAX as u64 / payload.len() as u64).clamp(1, entries - 1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(fit),
+            ));
+        }
+        self.call(Rpc::AppendEntries, payload, option.hard_ttl())
+            .await
     }
 
     async fn install_snapshot(
@@ -174,8 +187,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(Rpc::InstallSnapshot, &rpc, option.hard_ttl())
-            .await
+        self.call(
+            Rpc::InstallSnapshot,
+            codec::to_bytes(&rpc),
+            option.hard_ttl(),
+        )
+        .await
     }
 
     async fn vote(
@@ -183,6 +200,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+        self.call(Rpc::Vote, codec::to_bytes(&rpc), option.hard_ttl())
+            .await
     }
 }

@@ -7,7 +7,24 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Job, JobId, JobSpec, NodeSpec};
+use crate::model::{Job, JobId, JobSpec, NodeSpec, NodeState, Resources};
+use crate::placement::Plan;
+use crate::runs::SandboxState;
+
+/// A node's report about a range of one job's sandboxes (the leader coalesces per-sandbox
+/// reports into ranges before proposing them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRange {
+    pub node: String,
+    pub job: JobId,
+    pub first: u32,
+    pub count: u32,
+    pub generation: u64,
+    pub state: SandboxState,
+    pub exit_code: i32,
+    /// A new reservation per sandbox (the node grew it to prevent an OOM).
+    pub resources: Option<Resources>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -26,6 +43,38 @@ pub enum Command {
         job_id: JobId,
         at_ms: u64,
     },
+    /// A plan the leader computed at `plan.at_index`; apply re-checks it against the state at
+    /// its own index and commits only what still fits. `reasons` are the pending reasons of jobs
+    /// the plan could not (fully) place.
+    ApplyPlan {
+        plan: Plan,
+        reasons: Vec<(JobId, String)>,
+        at_ms: u64,
+    },
+    /// Batched sandbox state changes from nodes.
+    ReportStatus {
+        reports: Vec<StatusRange>,
+        at_ms: u64,
+    },
+    /// A liveness transition (the leader's TTL) or an operator's drain.
+    SetNodeState {
+        node: String,
+        state: NodeState,
+        at_ms: u64,
+    },
+    /// Set (`Some`) or clear (`None`) a tenant's quota.
+    SetQuota {
+        tenant: String,
+        max: Option<Resources>,
+    },
+    /// Pause/resume or resize sandboxes `first..first+count` of a job.
+    SetSandboxes {
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        paused: Option<bool>,
+        resources: Option<Resources>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +88,16 @@ pub enum Response {
     JobCancelled {
         job: Box<Job>,
     },
+    PlanApplied {
+        placed: u64,
+        preempted: u64,
+        rejected: u64,
+    },
+    StatusApplied {
+        applied: u64,
+        ignored: u64,
+    },
+    Done,
     /// The command was refused; the state is unchanged.
     Rejected(Rejection),
 }
@@ -47,6 +106,8 @@ pub enum Response {
 pub enum Rejection {
     #[error("no job {0}")]
     NoSuchJob(JobId),
+    #[error("no node {0}")]
+    NoSuchNode(String),
     #[error("invalid command: {0}")]
     Invalid(String),
     #[error("this replica cannot decode the command (written by a newer surge?): {0}")]

@@ -5,9 +5,10 @@ use surge_proto::jobs as pb;
 use surge_proto::node as pn;
 
 use crate::model::{
-    Constraint, ConstraintOp, Counts, Job, JobSpec, Node, NodeSpec, Resources, RestartPolicy,
-    Strategy,
+    constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
+    RestartPolicy, Strategy,
 };
+use crate::state::NodeUsage;
 use crate::validate::{self, Invalid};
 
 pub const DEFAULT_TENANT: &str = "default";
@@ -33,9 +34,9 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
     };
     let mut constraints = Vec::with_capacity(spec.constraints.len());
     for c in spec.constraints {
-        let op = match c.op.as_str() {
-            "=" | "==" | "" => ConstraintOp::Eq,
-            "!=" => ConstraintOp::Ne,
+        let not_equal = match c.op.as_str() {
+            "=" | "==" | "" => false,
+            "!=" => true,
             other => {
                 return Err(invalid(
                     "constraints",
@@ -43,11 +44,7 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
                 ))
             }
         };
-        constraints.push(Constraint {
-            key: c.key,
-            op,
-            value: c.value,
-        });
+        constraints.push(constraint(&c.key, not_equal, &c.value));
     }
     let restart = match spec.restart {
         None => RestartPolicy::Never,
@@ -102,10 +99,10 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             .constraints
             .iter()
             .map(|c| pb::Constraint {
-                key: c.key.clone(),
-                op: match c.op {
-                    ConstraintOp::Eq => "=".into(),
-                    ConstraintOp::Ne => "!=".into(),
+                key: constraint_key(c).to_string(),
+                op: match c.operator {
+                    Operator::Equal => "=".into(),
+                    Operator::NotEqual => "!=".into(),
                 },
                 value: c.value.clone(),
             })
@@ -134,6 +131,8 @@ fn counts_to_pb(c: &Counts) -> pb::Counts {
         lost: c.lost,
         preempted: c.preempted,
         cancelled: c.cancelled,
+        paused: c.paused,
+        oom_killed: c.oom_killed,
     }
 }
 
@@ -181,17 +180,49 @@ pub fn node_spec_from_pb(req: pn::RegisterNodeRequest) -> Result<NodeSpec, Inval
     Ok(spec)
 }
 
-pub fn node_to_pb(node: &Node) -> pn::NodeInfo {
+pub fn node_to_pb(node: &Node, usage: NodeUsage, used: Resources) -> pn::NodeInfo {
     pn::NodeInfo {
         node_id: node.spec.id.clone(),
         address: node.spec.address.clone(),
         state: node.state.as_str().to_string(),
         allocatable: Some(resources_to_pb(node.spec.allocatable)),
-        allocated: Some(resources_to_pb(node.allocated)),
-        used: Some(resources_to_pb(Resources::default())),
+        allocated: Some(resources_to_pb(usage.allocated)),
+        used: Some(resources_to_pb(used)),
         labels: node.spec.labels.clone(),
         os: node.spec.os.clone(),
         arch: node.spec.arch.clone(),
-        sandboxes: 0,
+        sandboxes: usage.sandboxes,
+    }
+}
+
+/// A node's complete desired set at `revision`, as the watch stream sends it.
+pub fn assignments_to_pb(
+    state: &crate::state::ClusterState,
+    node: &str,
+    revision: u64,
+) -> pn::Assignments {
+    let sandboxes = state
+        .assignments_of(node)
+        .into_iter()
+        .filter_map(|a| {
+            let job = state.jobs.get(&a.job)?;
+            Some(pn::Sandbox {
+                job_id: a.job,
+                index: a.index,
+                desired_state: if a.paused { "paused" } else { "running" }.to_string(),
+                resources: Some(resources_to_pb(a.resources)),
+                template: job.spec.template.clone(),
+                command: job.spec.command.clone(),
+                env: job.spec.env.clone(),
+                generation: a.generation,
+                revision: a.revision,
+            })
+        })
+        .collect();
+    pn::Assignments {
+        revision,
+        full: true,
+        sandboxes,
+        removed: Vec::new(),
     }
 }

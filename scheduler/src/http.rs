@@ -1,27 +1,163 @@
-//! The replica's HTTP port: Prometheus `/metrics` and `/healthz`.
+//! The replica's HTTP port: Prometheus `/metrics`, `/healthz`, and the job API as JSON
+//! (`/v1/jobs`), so an RL script can submit with `curl` or Python `requests` without gRPC stubs.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Deserialize;
+use surge_proto::jobs as pb;
 
+use crate::api_json::{JobJson, SubmitJson};
+use crate::service::jobs::JobsService;
 use crate::service::Replica;
+
+/// Largest JSON request body.
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub replica: Replica,
     pub registry: Arc<Registry>,
+    pub jobs: Arc<JobsService>,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/watch", get(watch_job))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// A gRPC status as an HTTP error with a JSON body `{"error": "..."}`.
+fn error(status: tonic::Status) -> Response {
+    use tonic::Code;
+    let code = match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, Json(serde_json::json!({"error": status.message()}))).into_response()
+}
+
+fn bad_request(msg: String) -> Response {
+    error(tonic::Status::invalid_argument(msg))
+}
+
+async fn submit_job(State(state): State<HttpState>, body: axum::body::Bytes) -> Response {
+    let parsed: SubmitJson = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad_request(format!("request body: {e}")),
+    };
+    let req = match parsed.into_request() {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    match state.jobs.submit(req).await {
+        Ok(r) => {
+            let code = if r.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let body =
+                serde_json::json!({"job_id": r.job_id, "created": r.created, "index": r.index});
+            (code, Json(body)).into_response()
+        }
+        Err(s) => error(s),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    limit: u32,
+    #[serde(default)]
+    before_id: u64,
+}
+
+async fn list_jobs(State(state): State<HttpState>, Query(q): Query<ListQuery>) -> Response {
+    let req = pb::ListJobsRequest {
+        tenant: q.tenant,
+        state: q.state,
+        limit: q.limit,
+        before_id: q.before_id,
+    };
+    match state.jobs.list(req).await {
+        Ok(r) => Json(r.jobs.iter().map(JobJson::from).collect::<Vec<_>>()).into_response(),
+        Err(s) => error(s),
+    }
+}
+
+fn job_id(raw: &str) -> Result<u64, Box<Response>> {
+    raw.parse()
+        .map_err(|_| Box::new(bad_request(format!("job id {raw:?} is not a number"))))
+}
+
+async fn get_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let id = match job_id(&id) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    match state.jobs.get(id).await {
+        Ok(j) => Json(JobJson::from(&j)).into_response(),
+        Err(s) => error(s),
+    }
+}
+
+async fn cancel_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let id = match job_id(&id) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    match state.jobs.cancel(id).await {
+        Ok(j) => Json(JobJson::from(&j)).into_response(),
+        Err(s) => error(s),
+    }
+}
+
+/// Newline-delimited JSON: the job now, then every change, until it ends.
+async fn watch_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let id = match job_id(&id) {
+        Ok(i) => i,
+        Err(r) => return *r,
+    };
+    let rx = match state.jobs.watch(id).await {
+        Ok(rx) => rx,
+        Err(s) => return error(s),
+    };
+    let lines = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |job| {
+        let mut line = serde_json::to_vec(&JobJson::from(&job)).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -13,11 +13,14 @@
 //! take their ids from the log index, so every replica computes the same state, and the state
 //! hash proves it. `server.rs` wires one replica: Raft, the gRPC services, `/metrics`.
 
+pub mod api_json;
 pub mod command;
 pub mod convert;
 pub mod http;
+pub mod leader;
 pub mod model;
 pub mod placement;
+pub mod runs;
 pub mod server;
 pub mod service;
 pub mod state;

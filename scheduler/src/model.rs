@@ -2,66 +2,12 @@
 //! Plain data; everything here is serialized into the replicated state and its snapshots.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 pub type JobId = u64;
 
-/// CPU in thousandths of a core and memory in MiB.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Resources {
-    pub cpu_millis: u64,
-    pub memory_mib: u64,
-}
-
-impl Resources {
-    pub fn new(cpu_millis: u64, memory_mib: u64) -> Self {
-        Resources {
-            cpu_millis,
-            memory_mib,
-        }
-    }
-
-    /// `self` repeated `n` times, saturating.
-    pub fn times(self, n: u64) -> Self {
-        Resources {
-            cpu_millis: self.cpu_millis.saturating_mul(n),
-            memory_mib: self.memory_mib.saturating_mul(n),
-        }
-    }
-
-    pub fn saturating_add(self, o: Self) -> Self {
-        Resources {
-            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
-            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
-        }
-    }
-
-    pub fn saturating_sub(self, o: Self) -> Self {
-        Resources {
-            cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
-            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
-        }
-    }
-
-    pub fn fits_in(self, o: Self) -> bool {
-        self.cpu_millis <= o.cpu_millis && self.memory_mib <= o.memory_mib
-    }
-}
-
-impl fmt::Display for Resources {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} CPU, {} MiB",
-            format_cpu(self.cpu_millis),
-            self.memory_mib
-        )
-    }
-}
+pub use crate::placement::{Attribute, Constraint, Operator, Resources, Strategy};
 
 /// `1500` -> `"1.5"`, `500` -> `"0.5"`, `2000` -> `"2"`.
 pub fn format_cpu(cpu_millis: u64) -> String {
@@ -113,39 +59,34 @@ impl NodeState {
 pub struct Node {
     pub spec: NodeSpec,
     pub state: NodeState,
-    pub allocated: Resources,
     pub registered_at_ms: u64,
     pub registered_index: u64,
+    /// Raft index of the last change to this node's desired set of sandboxes.
+    pub revision: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Strategy {
-    #[default]
-    Binpack,
-    Spread,
+/// A constraint from its user-facing parts: `os`, `arch`, `pool` or a label key; `=` or `!=`.
+pub fn constraint(key: &str, not_equal: bool, value: &str) -> Constraint {
+    let attribute = match key {
+        "os" => Attribute::Os,
+        "arch" => Attribute::Arch,
+        "pool" => Attribute::Pool,
+        other => Attribute::Label(other.to_string()),
+    };
+    if not_equal {
+        Constraint::not_equal(attribute, value)
+    } else {
+        Constraint::equal(attribute, value)
+    }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConstraintOp {
-    Eq,
-    Ne,
-}
-
-/// `key=value` or `key!=value` over a node's os, arch, pool or labels.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Constraint {
-    pub key: String,
-    pub op: ConstraintOp,
-    pub value: String,
-}
-
-impl fmt::Display for Constraint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let op = match self.op {
-            ConstraintOp::Eq => "=",
-            ConstraintOp::Ne => "!=",
-        };
-        write!(f, "{}{}{}", self.key, op, self.value)
+/// The key a constraint is written with.
+pub fn constraint_key(c: &Constraint) -> &str {
+    match &c.attribute {
+        Attribute::Os => "os",
+        Attribute::Arch => "arch",
+        Attribute::Pool => "pool",
+        Attribute::Label(k) => k,
     }
 }
 
@@ -223,8 +164,11 @@ pub struct Counts {
     pub succeeded: u32,
     pub failed: u32,
     pub lost: u32,
+    /// Cumulative: sandboxes preempted so far (each went back to pending).
     pub preempted: u32,
     pub cancelled: u32,
+    pub paused: u32,
+    pub oom_killed: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +182,9 @@ pub struct Job {
     pub submitted_at_ms: u64,
     pub submitted_index: u64,
     pub finished_at_ms: u64,
+    /// Where every sandbox is and in what state, run-length encoded.
+    pub runs: crate::runs::Runs,
+    pub cancelled: bool,
 }
 
 /// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).

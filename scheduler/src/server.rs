@@ -12,6 +12,7 @@ use crate::http;
 use crate::service::jobs::JobsService;
 use crate::service::nodes::NodesService;
 use crate::state::ClusterState;
+use surge_proto::jobs::jobs_server::JobsServer;
 
 /// Concurrent requests one client connection may have in flight.
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
@@ -24,6 +25,8 @@ pub struct ServerConfig {
     /// HTTP listen address for `/metrics` and `/healthz` (`--metrics`).
     pub http_listen: Option<String>,
     pub start: Start,
+    /// Nodes silent this long are marked down.
+    pub node_ttl_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,15 +90,21 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let leader = crate::leader::Leader::start(replica.clone(), config.node_ttl_ms, &registry)
+        .map_err(|e| ServerError::Start(StartError::Metrics(e)))?;
     let (transport, cluster) = surge_raft::service::services(replica.clone());
+    let jobs = Arc::new(JobsService::new(replica.clone()));
     let grpc_server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(transport)
         .add_service(cluster)
-        .add_service(JobsService::new(replica.clone()).into_server())
-        .add_service(NodesService::new(replica.clone()).into_server())
+        .add_service(
+            JobsServer::from_arc(jobs.clone())
+                .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX),
+        )
+        .add_service(NodesService::new(replica.clone(), leader.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
 
@@ -103,6 +112,7 @@ pub async fn run(
         let app = http::router(http::HttpState {
             replica: replica.clone(),
             registry: registry.clone(),
+            jobs: jobs.clone(),
         });
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {

@@ -5,9 +5,21 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::command::{Command, Rejection, Response};
-use crate::model::{Counts, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState};
+use crate::command::{Command, Rejection, Response, StatusRange};
+use crate::model::{
+    Counts, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState, Resources, RestartPolicy,
+};
+use crate::placement::{
+    self, Allocation, IndexRun, JobRequest, NodeView, PlacementInput, PlacementParams, Plan,
+    TenantQuota,
+};
+use crate::runs::{Run, Runs, SandboxState};
 use crate::validate;
+
+/// A sandbox is rescheduled after node loss, drain or preemption at most this many times.
+pub const RESCHEDULES_MAX: u32 = 10;
+/// Status ranges one `ReportStatus` command may carry.
+pub const STATUS_RANGES_MAX: usize = 100_000;
 
 /// Everything the scheduler replicates. Maps are ordered so the encoding — and so the state
 /// hash — is canonical: two replicas that applied the same log prefix encode to the same bytes.
@@ -17,6 +29,94 @@ pub struct ClusterState {
     pub jobs: BTreeMap<JobId, Job>,
     /// `(tenant, idempotency key)` -> the job it created.
     pub idempotency: BTreeMap<(String, String), JobId>,
+    pub quotas: BTreeMap<String, Resources>,
+    /// Job -> Raft index of its last preemption (the cool-down that prevents preemption storms).
+    pub preempted_at: BTreeMap<JobId, u64>,
+}
+
+/// What a node holds: reservations and sandbox count of its active (placed, running, paused)
+/// sandboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeUsage {
+    pub allocated: Resources,
+    pub sandboxes: u32,
+}
+
+/// One sandbox a node should run (its desired set is what the node reconciles against).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub job: JobId,
+    pub index: u32,
+    pub generation: u64,
+    pub revision: u64,
+    pub paused: bool,
+    pub resources: Resources,
+}
+
+fn is_restartable(policy: RestartPolicy, restarts: u32) -> bool {
+    matches!(policy, RestartPolicy::OnFailure { max_restarts } if restarts < max_restarts)
+}
+
+/// Send a sandbox back to the queue as a new generation (or give up after too many reschedules).
+fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
+    if run.reschedules >= RESCHEDULES_MAX {
+        run.state = SandboxState::Lost;
+    } else {
+        run.state = SandboxState::Pending;
+        run.node = None;
+        run.generation += 1;
+        run.reschedules += 1;
+        run.resources = per_sandbox;
+        run.paused = false;
+    }
+    run.revision = index;
+}
+
+impl Job {
+    /// Recompute counts and the job state from the runs.
+    fn refresh(&mut self, at_ms: u64) {
+        let mut c = Counts {
+            preempted: self.counts.preempted,
+            ..Counts::default()
+        };
+        for (_, run) in self.runs.iter() {
+            let slot = match run.state {
+                SandboxState::Pending => &mut c.pending,
+                SandboxState::Placed => &mut c.placed,
+                SandboxState::Running => &mut c.running,
+                SandboxState::Paused => &mut c.paused,
+                SandboxState::Succeeded => &mut c.succeeded,
+                SandboxState::Failed => &mut c.failed,
+                SandboxState::OomKilled => &mut c.oom_killed,
+                SandboxState::Lost => &mut c.lost,
+                SandboxState::Cancelled => &mut c.cancelled,
+            };
+            *slot += run.count;
+        }
+        let active = c.placed + c.running + c.paused;
+        let state = if self.cancelled {
+            JobState::Cancelled
+        } else if c.pending == 0 && active == 0 {
+            if c.failed + c.oom_killed + c.lost == 0 {
+                JobState::Complete
+            } else {
+                JobState::Failed
+            }
+        } else if active > 0 {
+            JobState::Running
+        } else {
+            JobState::Pending
+        };
+        if state.is_terminal() && !self.state.is_terminal() {
+            self.finished_at_ms = at_ms;
+            self.pending_reason.clear();
+        }
+        if c.pending == 0 {
+            self.pending_reason.clear();
+        }
+        self.counts = c;
+        self.state = state;
+    }
 }
 
 impl ClusterState {
@@ -29,7 +129,24 @@ impl ClusterState {
                 idempotency_key,
                 at_ms,
             } => self.submit_job(index, spec, idempotency_key, at_ms),
-            Command::CancelJob { job_id, at_ms } => self.cancel_job(job_id, at_ms),
+            Command::CancelJob { job_id, at_ms } => self.cancel_job(index, job_id, at_ms),
+            Command::ApplyPlan {
+                plan,
+                reasons,
+                at_ms,
+            } => self.apply_plan(index, plan, reasons, at_ms),
+            Command::ReportStatus { reports, at_ms } => self.report_status(index, reports, at_ms),
+            Command::SetNodeState { node, state, at_ms } => {
+                self.set_node_state(index, &node, state, at_ms)
+            }
+            Command::SetQuota { tenant, max } => self.set_quota(tenant, max),
+            Command::SetSandboxes {
+                job_id,
+                first,
+                count,
+                paused,
+                resources,
+            } => self.set_sandboxes(index, job_id, first, count, paused, resources),
         }
     }
 
@@ -43,6 +160,7 @@ impl ClusterState {
                 if node.state == NodeState::Down {
                     node.state = NodeState::Ready;
                 }
+                node.revision = index;
             }
             None => {
                 self.nodes.insert(
@@ -50,9 +168,9 @@ impl ClusterState {
                     Node {
                         spec,
                         state: NodeState::Ready,
-                        allocated: Default::default(),
                         registered_at_ms: at_ms,
                         registered_index: index,
+                        revision: index,
                     },
                 );
             }
@@ -73,24 +191,21 @@ impl ClusterState {
         }
         // The log index is unique and increasing: a deterministic id every replica agrees on.
         let job_id = index;
-        let counts = Counts {
-            pending: spec.count,
-            ..Counts::default()
+        let mut job = Job {
+            id: job_id,
+            runs: Runs::new(spec.count, spec.per_sandbox),
+            spec,
+            idempotency_key: dedup_key.1.clone(),
+            state: JobState::Pending,
+            counts: Counts::default(),
+            pending_reason: "waiting for the scheduler".to_string(),
+            submitted_at_ms: at_ms,
+            submitted_index: index,
+            finished_at_ms: 0,
+            cancelled: false,
         };
-        self.jobs.insert(
-            job_id,
-            Job {
-                id: job_id,
-                spec,
-                idempotency_key: dedup_key.1.clone(),
-                state: JobState::Pending,
-                counts,
-                pending_reason: "waiting for the scheduler".to_string(),
-                submitted_at_ms: at_ms,
-                submitted_index: index,
-                finished_at_ms: 0,
-            },
-        );
+        job.refresh(at_ms);
+        self.jobs.insert(job_id, job);
         self.idempotency.insert(dedup_key, job_id);
         Response::JobSubmitted {
             job_id,
@@ -98,24 +213,471 @@ impl ClusterState {
         }
     }
 
-    fn cancel_job(&mut self, job_id: JobId, at_ms: u64) -> Response {
+    /// Mark the desired sets of the nodes holding `job`'s sandboxes as changed.
+    fn touch_nodes_of(&mut self, job_id: JobId, index: u64) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let nodes: std::collections::BTreeSet<&String> = job
+            .runs
+            .iter()
+            .filter_map(|(_, r)| r.node.as_ref())
+            .collect();
+        for n in nodes {
+            if let Some(node) = self.nodes.get_mut(n) {
+                node.revision = index;
+            }
+        }
+    }
+
+    fn cancel_job(&mut self, index: u64, job_id: JobId, at_ms: u64) -> Response {
+        self.touch_nodes_of(job_id, index);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return Response::Rejected(Rejection::NoSuchJob(job_id));
         };
         if !job.state.is_terminal() {
-            let c = &mut job.counts;
-            // Sandboxes not yet finished are cancelled; finished ones keep their outcome.
-            c.cancelled += c.pending + c.placed + c.running;
-            c.pending = 0;
-            c.placed = 0;
-            c.running = 0;
-            job.state = JobState::Cancelled;
-            job.pending_reason.clear();
-            job.finished_at_ms = at_ms;
+            let total = job.spec.count;
+            job.runs.update(0, total, |run| {
+                if !run.state.is_terminal() {
+                    run.state = SandboxState::Cancelled;
+                    run.revision = index;
+                }
+            });
+            job.cancelled = true;
+            job.refresh(at_ms);
         }
         Response::JobCancelled {
             job: Box::new(job.clone()),
         }
+    }
+
+    fn apply_plan(
+        &mut self,
+        index: u64,
+        plan: Plan,
+        reasons: Vec<(JobId, String)>,
+        at_ms: u64,
+    ) -> Response {
+        // A plan that only updates pending reasons needs no fit check.
+        let (accepted, rejected) = if plan.placements.is_empty() && plan.preemptions.is_empty() {
+            (plan, 0)
+        } else {
+            let current = self.placement_input(index, PlacementParams::default());
+            let verified = placement::verify(&plan, &current);
+            (verified.accepted, verified.rejected.len() as u64)
+        };
+        let mut preempted = 0u64;
+        for p in &accepted.preemptions {
+            let Some(job) = self.jobs.get_mut(&p.job) else {
+                continue;
+            };
+            let per = job.spec.per_sandbox;
+            let mut n = 0u32;
+            job.runs.update(p.first_index, p.count, |run| {
+                if run.state.is_active() && run.node.as_deref() == Some(p.node.as_str()) {
+                    n += run.count;
+                    reschedule(run, per, index);
+                }
+            });
+            job.counts.preempted = job.counts.preempted.saturating_add(n);
+            preempted += u64::from(n);
+            job.refresh(at_ms);
+            self.preempted_at.insert(p.job, index);
+            if let Some(node) = self.nodes.get_mut(&p.node) {
+                node.revision = index;
+            }
+        }
+        let mut placed = 0u64;
+        for p in &accepted.placements {
+            let Some(job) = self.jobs.get_mut(&p.job) else {
+                continue;
+            };
+            job.runs.update(p.first_index, p.count, |run| {
+                if run.state == SandboxState::Pending {
+                    run.state = SandboxState::Placed;
+                    run.node = Some(p.node.clone());
+                    run.revision = index;
+                    placed += u64::from(run.count);
+                }
+            });
+            job.refresh(at_ms);
+            if let Some(node) = self.nodes.get_mut(&p.node) {
+                node.revision = index;
+            }
+        }
+        for (job_id, reason) in reasons {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                if job.counts.pending > 0 {
+                    job.pending_reason = reason;
+                }
+            }
+        }
+        debug_assert!(self.overcommitted().is_none(), "{:?}", self.overcommitted());
+        Response::PlanApplied {
+            placed,
+            preempted,
+            rejected,
+        }
+    }
+
+    fn report_status(&mut self, index: u64, reports: Vec<StatusRange>, at_ms: u64) -> Response {
+        if reports.len() > STATUS_RANGES_MAX {
+            return Response::Rejected(Rejection::Invalid(format!(
+                "{} status ranges in one command; at most {STATUS_RANGES_MAX}",
+                reports.len()
+            )));
+        }
+        let mut applied = 0u64;
+        let mut ignored = 0u64;
+        let mut touched = std::collections::BTreeSet::new();
+        for r in reports {
+            let Some(job) = self.jobs.get_mut(&r.job) else {
+                ignored += u64::from(r.count);
+                continue;
+            };
+            let policy = job.spec.restart;
+            let per = job.spec.per_sandbox;
+            let mut node_changed = false;
+            job.runs.update(r.first, r.count, |run| {
+                // Only the current run of a sandbox on the node it was placed on may report;
+                // reports about earlier generations or from elsewhere are stale.
+                let current = run.generation == r.generation
+                    && run.node.as_deref() == Some(r.node.as_str())
+                    && run.state.is_active();
+                if !current {
+                    ignored += u64::from(run.count);
+                    return;
+                }
+                applied += u64::from(run.count);
+                match r.state {
+                    SandboxState::Running | SandboxState::Paused => {
+                        run.state = r.state;
+                        if let Some(res) = r.resources {
+                            if res != run.resources {
+                                run.resources = res;
+                                run.revision = index;
+                                node_changed = true;
+                            }
+                        }
+                    }
+                    SandboxState::Succeeded => {
+                        run.state = SandboxState::Succeeded;
+                        run.exit_code = r.exit_code;
+                        node_changed = true;
+                    }
+                    SandboxState::Failed | SandboxState::OomKilled => {
+                        run.exit_code = r.exit_code;
+                        if is_restartable(policy, run.restarts) {
+                            run.state = SandboxState::Pending;
+                            run.node = None;
+                            run.generation += 1;
+                            run.restarts += 1;
+                            run.resources = per;
+                            run.paused = false;
+                            run.revision = index;
+                        } else {
+                            run.state = r.state;
+                        }
+                        node_changed = true;
+                    }
+                    SandboxState::Lost => {
+                        reschedule(run, per, index);
+                        node_changed = true;
+                    }
+                    SandboxState::Pending | SandboxState::Placed | SandboxState::Cancelled => {
+                        applied -= u64::from(run.count);
+                        ignored += u64::from(run.count);
+                    }
+                }
+            });
+            job.refresh(at_ms);
+            if node_changed {
+                touched.insert(r.node);
+            }
+        }
+        for n in touched {
+            if let Some(node) = self.nodes.get_mut(&n) {
+                node.revision = index;
+            }
+        }
+        Response::StatusApplied { applied, ignored }
+    }
+
+    fn set_node_state(
+        &mut self,
+        index: u64,
+        node_id: &str,
+        state: NodeState,
+        at_ms: u64,
+    ) -> Response {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Response::Rejected(Rejection::NoSuchNode(node_id.to_string()));
+        };
+        node.state = state;
+        node.revision = index;
+        if state != NodeState::Ready {
+            // Down: its sandboxes are lost and go back to the queue. Draining: they are moved.
+            for job in self.jobs.values_mut() {
+                let per = job.spec.per_sandbox;
+                let total = job.spec.count;
+                let mut moved = false;
+                job.runs.update(0, total, |run| {
+                    if run.state.is_active() && run.node.as_deref() == Some(node_id) {
+                        reschedule(run, per, index);
+                        moved = true;
+                    }
+                });
+                if moved {
+                    job.refresh(at_ms);
+                }
+            }
+        }
+        Response::Done
+    }
+
+    fn set_quota(&mut self, tenant: String, max: Option<Resources>) -> Response {
+        if let Err(e) = validate::name("tenant", &tenant) {
+            return Response::Rejected(Rejection::Invalid(e.to_string()));
+        }
+        match max {
+            Some(m) => {
+                self.quotas.insert(tenant, m);
+            }
+            None => {
+                self.quotas.remove(&tenant);
+            }
+        }
+        Response::Done
+    }
+
+    fn set_sandboxes(
+        &mut self,
+        index: u64,
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        paused: Option<bool>,
+        resources: Option<Resources>,
+    ) -> Response {
+        let usage = self.node_usage();
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Response::Rejected(Rejection::NoSuchJob(job_id));
+        };
+        if u64::from(first) + u64::from(count) > u64::from(job.spec.count) || count == 0 {
+            return Response::Rejected(Rejection::Invalid(format!(
+                "job {job_id} has sandboxes 0..{}; {first}..{} is out of range",
+                job.spec.count,
+                u64::from(first) + u64::from(count)
+            )));
+        }
+        if let Some(new) = resources {
+            // Growing must fit on each node: never overcommit, even for a resize.
+            let mut extra: BTreeMap<String, Resources> = BTreeMap::new();
+            for (f, run) in job.runs.iter() {
+                let lo = f.max(first);
+                let hi =
+                    (u64::from(f) + u64::from(run.count)).min(u64::from(first) + u64::from(count));
+                if u64::from(lo) >= hi || !run.state.is_active() {
+                    continue;
+                }
+                if let Some(n) = &run.node {
+                    let delta = new
+                        .saturating_sub(run.resources)
+                        .saturating_mul(hi - u64::from(lo));
+                    let e = extra.entry(n.clone()).or_default();
+                    *e = e.saturating_add(delta);
+                }
+            }
+            for (n, delta) in &extra {
+                let alloc = usage.get(n).map(|u| u.allocated).unwrap_or_default();
+                let cap = self
+                    .nodes
+                    .get(n)
+                    .map(|x| x.spec.allocatable)
+                    .unwrap_or_default();
+                if !alloc.saturating_add(*delta).fits_in(&cap) {
+                    return Response::Rejected(Rejection::Invalid(format!(
+                        "node {n} has {} free; the resize needs {delta} more",
+                        cap.saturating_sub(alloc)
+                    )));
+                }
+            }
+        }
+        let mut nodes = std::collections::BTreeSet::new();
+        job.runs.update(first, count, |run| {
+            if run.state.is_terminal() {
+                return;
+            }
+            if let Some(p) = paused {
+                run.paused = p;
+            }
+            if let Some(r) = resources {
+                run.resources = r;
+            }
+            run.revision = index;
+            if let Some(n) = &run.node {
+                nodes.insert(n.clone());
+            }
+        });
+        for n in nodes {
+            if let Some(node) = self.nodes.get_mut(&n) {
+                node.revision = index;
+            }
+        }
+        Response::Done
+    }
+
+    /// Reservations and sandbox counts per node, from the active runs.
+    pub fn node_usage(&self) -> BTreeMap<String, NodeUsage> {
+        let mut usage: BTreeMap<String, NodeUsage> = BTreeMap::new();
+        for job in self.jobs.values() {
+            if job.state.is_terminal() {
+                continue;
+            }
+            for (_, run) in job.runs.iter() {
+                if let (true, Some(n)) = (run.state.is_active(), &run.node) {
+                    let u = usage.entry(n.clone()).or_default();
+                    u.allocated = u
+                        .allocated
+                        .saturating_add(run.resources.saturating_mul(u64::from(run.count)));
+                    u.sandboxes = u.sandboxes.saturating_add(run.count);
+                }
+            }
+        }
+        usage
+    }
+
+    /// The first node whose reservations exceed what it offers, if any (must never happen).
+    pub fn overcommitted(&self) -> Option<(String, Resources, Resources)> {
+        self.node_usage().into_iter().find_map(|(n, u)| {
+            let cap = self
+                .nodes
+                .get(&n)
+                .map(|x| x.spec.allocatable)
+                .unwrap_or_default();
+            (!u.allocated.fits_in(&cap)).then_some((n, u.allocated, cap))
+        })
+    }
+
+    /// The snapshot the placement function works on.
+    pub fn placement_input(&self, at_index: u64, params: PlacementParams) -> PlacementInput {
+        let usage = self.node_usage();
+        let nodes = self
+            .nodes
+            .values()
+            .map(|n| {
+                let u = usage.get(&n.spec.id).copied().unwrap_or_default();
+                NodeView {
+                    id: n.spec.id.clone(),
+                    allocatable: n.spec.allocatable,
+                    allocated: u.allocated,
+                    os: n.spec.os.clone(),
+                    arch: n.spec.arch.clone(),
+                    pool: n.spec.pool.clone(),
+                    labels: n.spec.labels.clone(),
+                    templates: n.spec.templates.iter().cloned().collect(),
+                    schedulable: n.state == NodeState::Ready,
+                    max_sandboxes: (n.spec.max_sandboxes > 0).then_some(n.spec.max_sandboxes),
+                    sandbox_count: u.sandboxes,
+                }
+            })
+            .collect();
+        let mut allocations = Vec::new();
+        let mut pending = Vec::new();
+        for job in self.jobs.values() {
+            if job.state.is_terminal() {
+                continue;
+            }
+            let mut runs = Vec::new();
+            for (first, run) in job.runs.iter() {
+                if run.state == SandboxState::Pending {
+                    runs.push(IndexRun::new(first, run.count));
+                } else if let (true, Some(n)) = (run.state.is_active(), &run.node) {
+                    allocations.push(Allocation {
+                        job: job.id,
+                        node: n.clone(),
+                        first_index: first,
+                        count: run.count,
+                        per_sandbox: run.resources,
+                        priority: job.spec.priority,
+                        tenant: job.spec.tenant.clone(),
+                        gang: job.spec.gang,
+                        preemptible: true,
+                    });
+                }
+            }
+            if !runs.is_empty() {
+                pending.push(JobRequest {
+                    id: job.id,
+                    tenant: job.spec.tenant.clone(),
+                    priority: job.spec.priority,
+                    pending: runs,
+                    per_sandbox: job.spec.per_sandbox,
+                    template: job.spec.template.clone(),
+                    gang: job.spec.gang,
+                    strategy: job.spec.strategy,
+                    constraints: job.spec.constraints.clone(),
+                    submitted_index: job.submitted_index,
+                });
+            }
+        }
+        PlacementInput {
+            at_index,
+            nodes,
+            allocations,
+            pending,
+            quotas: self
+                .quotas
+                .iter()
+                .map(|(t, m)| (t.clone(), TenantQuota { max: *m }))
+                .collect(),
+            preempted_at: self.preempted_at.clone(),
+            params,
+        }
+    }
+
+    /// Call `f(node, assignment)` for every sandbox a node should run (`only`: one node's).
+    fn each_assignment(&self, only: Option<&str>, mut f: impl FnMut(&str, Assignment)) {
+        for job in self.jobs.values() {
+            if job.state.is_terminal() {
+                continue;
+            }
+            for (first, run) in job.runs.iter() {
+                let Some(node) = run.node.as_deref().filter(|_| run.state.is_active()) else {
+                    continue;
+                };
+                if only.is_some_and(|o| o != node) {
+                    continue;
+                }
+                for index in first..first + run.count {
+                    let a = Assignment {
+                        job: job.id,
+                        index,
+                        generation: run.generation,
+                        revision: run.revision,
+                        paused: run.paused,
+                        resources: run.resources,
+                    };
+                    f(node, a);
+                }
+            }
+        }
+    }
+
+    /// The desired sandboxes of every node, grouped by node.
+    pub fn assignments(&self) -> BTreeMap<String, Vec<Assignment>> {
+        let mut out: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
+        self.each_assignment(None, |node, a| {
+            out.entry(node.to_string()).or_default().push(a)
+        });
+        out
+    }
+
+    /// The desired sandboxes of one node.
+    pub fn assignments_of(&self, node: &str) -> Vec<Assignment> {
+        let mut list = Vec::new();
+        self.each_assignment(Some(node), |_, a| list.push(a));
+        list
     }
 
     /// Canonical encoding of the whole state (snapshot payload).
@@ -157,6 +719,7 @@ impl surge_raft::StateMachine for ClusterState {
 mod tests {
     use super::*;
     use crate::model::{Resources, RestartPolicy, Strategy};
+    use crate::placement::{self, PlacementParams, Plan};
     use proptest::prelude::*;
     use proptest::strategy::Strategy as _;
     use surge_raft::StateMachine;
@@ -300,6 +863,332 @@ mod tests {
         assert_eq!(t, s);
         assert_eq!(t.hash(), s.hash());
         assert!(t.restore(&[1, 2, 3]).is_err());
+    }
+
+    fn node(id: &str, cpus: u64) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            address: String::new(),
+            allocatable: Resources::new(cpus * 1000, cpus * 4096),
+            labels: Default::default(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            pool: "default".into(),
+            templates: vec![],
+            max_sandboxes: 0,
+            runtime: "sim".into(),
+        }
+    }
+
+    fn plan_for(s: &ClusterState, index: u64) -> Plan {
+        placement::place(&s.placement_input(index, PlacementParams::default()))
+    }
+
+    fn apply(s: &mut ClusterState, index: u64, c: Command) -> Response {
+        s.apply_command(index, c)
+    }
+
+    #[test]
+    fn plan_places_and_status_runs_to_completion() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 8),
+                at_ms: 0,
+            },
+        );
+        apply(
+            &mut s,
+            2,
+            Command::RegisterNode {
+                node: node("b", 8),
+                at_ms: 0,
+            },
+        );
+        submit(&mut s, 3, "k"); // 10 sandboxes of 1 CPU
+        let plan = plan_for(&s, 3);
+        let r = apply(
+            &mut s,
+            4,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 5,
+            },
+        );
+        assert_eq!(
+            r,
+            Response::PlanApplied {
+                placed: 10,
+                preempted: 0,
+                rejected: 0
+            }
+        );
+        assert_eq!(s.jobs[&3].counts.placed, 10);
+        assert_eq!(s.jobs[&3].state, JobState::Running);
+        assert!(s.overcommitted().is_none());
+        let usage = s.node_usage();
+        assert_eq!(usage["a"].sandboxes + usage["b"].sandboxes, 10);
+        // every node reports its sandboxes running, then succeeded
+        for (n, list) in s.assignments() {
+            let reports = list
+                .iter()
+                .map(|a| StatusRange {
+                    node: n.clone(),
+                    job: a.job,
+                    first: a.index,
+                    count: 1,
+                    generation: a.generation,
+                    state: SandboxState::Succeeded,
+                    exit_code: 0,
+                    resources: None,
+                })
+                .collect();
+            apply(&mut s, 5, Command::ReportStatus { reports, at_ms: 9 });
+        }
+        let job = &s.jobs[&3];
+        assert_eq!(job.counts.succeeded, 10);
+        assert_eq!(job.state, JobState::Complete);
+        assert_eq!(job.finished_at_ms, 9);
+        assert!(s.assignments().is_empty());
+    }
+
+    #[test]
+    fn stale_plan_is_partly_rejected_never_overcommits() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        submit(&mut s, 2, "k1"); // 10 x 1 CPU: fills node a exactly
+        let plan1 = plan_for(&s, 2);
+        submit(&mut s, 3, "k2");
+        let plan2 = plan_for(&s, 3); // computed on the same old state: places k1's job again + k2
+        apply(
+            &mut s,
+            4,
+            Command::ApplyPlan {
+                plan: plan1,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        let r = apply(
+            &mut s,
+            5,
+            Command::ApplyPlan {
+                plan: plan2,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        let Response::PlanApplied {
+            placed, rejected, ..
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(placed, 0, "the stale plan placed on a full node");
+        assert!(rejected > 0);
+        assert!(s.overcommitted().is_none());
+        assert_eq!(s.jobs[&3].counts.pending, 10);
+    }
+
+    #[test]
+    fn node_down_reschedules_and_stale_reports_are_ignored() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        apply(
+            &mut s,
+            2,
+            Command::RegisterNode {
+                node: node("b", 10),
+                at_ms: 0,
+            },
+        );
+        submit(&mut s, 3, "k");
+        let plan = plan_for(&s, 3);
+        apply(
+            &mut s,
+            4,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        let (victim, list) = s.assignments().into_iter().next().expect("placed");
+        let before = list.len() as u32;
+        apply(
+            &mut s,
+            5,
+            Command::SetNodeState {
+                node: victim.clone(),
+                state: NodeState::Down,
+                at_ms: 0,
+            },
+        );
+        let job = &s.jobs[&3];
+        assert_eq!(
+            job.counts.pending, before,
+            "lost sandboxes go back to the queue"
+        );
+        assert!(s.assignments_of(&victim).is_empty());
+        // the old node's late report about generation 0 changes nothing
+        let stale = StatusRange {
+            node: victim.clone(),
+            job: 3,
+            first: list[0].index,
+            count: 1,
+            generation: 0,
+            state: SandboxState::Running,
+            exit_code: 0,
+            resources: None,
+        };
+        let r = apply(
+            &mut s,
+            6,
+            Command::ReportStatus {
+                reports: vec![stale],
+                at_ms: 0,
+            },
+        );
+        assert_eq!(
+            r,
+            Response::StatusApplied {
+                applied: 0,
+                ignored: 1
+            }
+        );
+        // rescheduled onto the other node with a new generation
+        let plan = plan_for(&s, 6);
+        apply(
+            &mut s,
+            7,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        assert_eq!(s.jobs[&3].counts.placed, 10);
+        assert!(s.assignments_of(&victim).is_empty());
+        assert!(s
+            .assignments()
+            .values()
+            .flatten()
+            .all(|a| a.generation <= 1));
+    }
+
+    #[test]
+    fn failure_restarts_by_policy() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        let mut sp = spec(1, "t");
+        sp.restart = RestartPolicy::OnFailure { max_restarts: 1 };
+        apply(
+            &mut s,
+            2,
+            Command::SubmitJob {
+                spec: sp,
+                idempotency_key: "r".into(),
+                at_ms: 0,
+            },
+        );
+        for (index, generation, expect) in [(3, 0, JobState::Pending), (5, 1, JobState::Failed)] {
+            let plan = plan_for(&s, index);
+            apply(
+                &mut s,
+                index,
+                Command::ApplyPlan {
+                    plan,
+                    reasons: vec![],
+                    at_ms: 0,
+                },
+            );
+            let fail = StatusRange {
+                node: "a".into(),
+                job: 2,
+                first: 0,
+                count: 1,
+                generation,
+                state: SandboxState::Failed,
+                exit_code: 3,
+                resources: None,
+            };
+            apply(
+                &mut s,
+                index + 1,
+                Command::ReportStatus {
+                    reports: vec![fail],
+                    at_ms: 0,
+                },
+            );
+            assert_eq!(s.jobs[&2].state, expect);
+        }
+        assert_eq!(s.jobs[&2].counts.failed, 1);
+    }
+
+    #[test]
+    fn resize_never_overcommits() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        submit(&mut s, 2, "k"); // 10 x 1 CPU on a 10-CPU node
+        let plan = plan_for(&s, 2);
+        apply(
+            &mut s,
+            3,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        let grow = Command::SetSandboxes {
+            job_id: 2,
+            first: 0,
+            count: 1,
+            paused: None,
+            resources: Some(Resources::new(2000, 2048)),
+        };
+        assert!(matches!(apply(&mut s, 4, grow), Response::Rejected(_)));
+        let pause = Command::SetSandboxes {
+            job_id: 2,
+            first: 0,
+            count: 3,
+            paused: Some(true),
+            resources: None,
+        };
+        assert_eq!(apply(&mut s, 5, pause), Response::Done);
+        assert_eq!(s.assignments_of("a").iter().filter(|a| a.paused).count(), 3);
+        assert!(s.nodes["a"].revision == 5);
     }
 
     fn arb_command() -> impl proptest::strategy::Strategy<Value = Command> {

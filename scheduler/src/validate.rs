@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Constraint, ConstraintOp, JobSpec, NodeSpec, Resources, RestartPolicy};
+use crate::model::{
+    constraint_key, Constraint, JobSpec, NodeSpec, Operator, Resources, RestartPolicy,
+};
 
 pub const SANDBOXES_PER_JOB_MAX: u32 = 1_000_000;
 /// 1,024 cores per sandbox.
@@ -107,11 +109,11 @@ fn constraints(list: &[Constraint]) -> Result<(), Invalid> {
         ));
     }
     for (i, c) in list.iter().enumerate() {
-        name(&format!("constraints[{i}].key"), &c.key)?;
+        name(&format!("constraints[{i}].key"), constraint_key(c))?;
         if c.value.len() > NAME_BYTES_MAX {
             return Err(invalid(format!("constraints[{i}].value"), "too long"));
         }
-        if c.op == ConstraintOp::Eq && c.value.is_empty() {
+        if c.operator == Operator::Equal && c.value.is_empty() {
             return Err(invalid(
                 format!("constraints[{i}].value"),
                 "must not be empty",

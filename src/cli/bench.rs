@@ -268,10 +268,39 @@ async fn writer(
     }
 }
 
+/// Every job of `tenant`, page by page.
+pub async fn list_all(
+    c: &mut surge_proto::jobs::jobs_client::JobsClient<tonic::transport::Channel>,
+    tenant: &str,
+) -> anyhow::Result<Vec<pb::Job>> {
+    let mut all = Vec::new();
+    let mut before_id = 0;
+    loop {
+        let page = c
+            .list_jobs(pb::ListJobsRequest {
+                tenant: tenant.into(),
+                state: String::new(),
+                limit: 10_000,
+                before_id,
+            })
+            .await?
+            .into_inner()
+            .jobs;
+        let Some(last) = page.last() else { break };
+        before_id = last.id;
+        all.extend(page);
+    }
+    Ok(all)
+}
+
 async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix("surge-failover-")
         .tempdir()?;
+    if std::env::var_os("SURGE_BENCH_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping replica data and logs in {}", dir.path().display());
+    }
     let (mut cluster, _) = start_cluster(bin, dir.path(), args.replicas).await?;
     let addrs: Vec<String> = cluster
         .ids()
@@ -334,15 +363,7 @@ async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
     }
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
     let mut c = client::jobs(&cluster.addr(leader)?)?;
-    let listed = c
-        .list_jobs(pb::ListJobsRequest {
-            tenant: "bench".into(),
-            state: String::new(),
-            limit: 10_000,
-        })
-        .await?
-        .into_inner()
-        .jobs;
+    let listed = list_all(&mut c, "bench").await?;
     let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for j in &listed {
         by_key

@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 use surge_chaos::client;
 use surge_proto::cluster::{
@@ -10,6 +10,7 @@ use surge_proto::cluster::{
 };
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
+use surge_scheduler::api_json;
 use surge_scheduler::model::{format_cpu, parse_cpu};
 
 use super::output::{json as print_json, table, Output};
@@ -213,43 +214,12 @@ pub struct SubmitArgs {
     command: Vec<String>,
 }
 
-fn parse_constraint(s: &str) -> anyhow::Result<pb::Constraint> {
-    let (key, op, value) = if let Some((k, v)) = s.split_once("!=") {
-        (k, "!=", v)
-    } else if let Some((k, v)) = s.split_once('=') {
-        (k, "=", v)
-    } else {
-        bail!("--constraint {s:?}: expected KEY=VALUE or KEY!=VALUE");
-    };
-    Ok(pb::Constraint {
-        key: key.trim().to_string(),
-        op: op.to_string(),
-        value: value.trim().to_string(),
-    })
-}
-
-fn parse_restart(s: &str) -> anyhow::Result<pb::RestartPolicy> {
-    match s.split_once(':') {
-        None if s == "never" || s == "on-failure" => Ok(pb::RestartPolicy {
-            mode: s.to_string(),
-            max_restarts: if s == "never" { 0 } else { 3 },
-        }),
-        Some(("on-failure", n)) => Ok(pb::RestartPolicy {
-            mode: "on-failure".into(),
-            max_restarts: n
-                .parse()
-                .with_context(|| format!("--restart: {n:?} is not a number"))?,
-        }),
-        _ => bail!("--restart {s:?}: use never or on-failure[:MAX_RESTARTS]"),
-    }
-}
-
 pub fn build_submit(args: SubmitArgs) -> anyhow::Result<pb::SubmitJobRequest> {
     let cpu_millis = parse_cpu(&args.cpu).map_err(|e| anyhow!("--cpu: {e}"))?;
     let constraints = args
         .constraints
         .iter()
-        .map(|c| parse_constraint(c))
+        .map(|c| api_json::parse_constraint(c).map_err(|e| anyhow!("--{e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut env = std::collections::BTreeMap::new();
     for e in &args.env {
@@ -275,7 +245,7 @@ pub fn build_submit(args: SubmitArgs) -> anyhow::Result<pb::SubmitJobRequest> {
                 pb::Strategy::Binpack as i32
             },
             constraints,
-            restart: Some(parse_restart(&args.restart)?),
+            restart: Some(api_json::parse_restart(&args.restart).map_err(|e| anyhow!("--{e}"))?),
             name: args.name,
         }),
         idempotency_key: args.idempotency_key.unwrap_or_default(),
@@ -304,31 +274,7 @@ pub async fn submit(server: &str, output: Output, args: SubmitArgs) -> anyhow::R
 }
 
 pub fn job_json(j: &pb::Job) -> Value {
-    let spec = j.spec.clone().unwrap_or_default();
-    let c = j.counts.unwrap_or_default();
-    json!({
-        "id": j.id,
-        "name": spec.name,
-        "state": j.state,
-        "tenant": spec.tenant,
-        "count": spec.count,
-        "cpu_millis": spec.cpu_millis,
-        "memory_mib": spec.memory_mib,
-        "template": spec.template,
-        "command": spec.command,
-        "priority": spec.priority,
-        "gang": spec.gang,
-        "idempotency_key": j.idempotency_key,
-        "counts": {
-            "pending": c.pending, "placed": c.placed, "running": c.running,
-            "succeeded": c.succeeded, "failed": c.failed, "lost": c.lost,
-            "preempted": c.preempted, "cancelled": c.cancelled,
-        },
-        "pending_reason": j.pending_reason,
-        "submitted_at_ms": j.submitted_at_ms,
-        "submitted_index": j.submitted_index,
-        "finished_at_ms": j.finished_at_ms,
-    })
+    serde_json::to_value(api_json::JobJson::from(j)).unwrap_or(Value::Null)
 }
 
 fn job_row(j: &pb::Job) -> Vec<String> {
@@ -376,6 +322,7 @@ pub async fn jobs(
             tenant: tenant.unwrap_or_default(),
             state: state.unwrap_or_default(),
             limit,
+            before_id: 0,
         })
         .await
         .map_err(|e| rpc_error(server, e))?
@@ -514,6 +461,99 @@ pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
                 &rows,
             );
         }
+    }
+    Ok(())
+}
+
+/// `JOB` (every sandbox of the job) or `JOB.INDEX` (one sandbox).
+pub fn parse_sandbox(s: &str) -> anyhow::Result<(u64, u32, u32)> {
+    match s.split_once('.') {
+        None => Ok((
+            s.parse()
+                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
+            0,
+            0,
+        )),
+        Some((j, i)) => Ok((
+            j.parse()
+                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
+            i.parse()
+                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
+            1,
+        )),
+    }
+}
+
+/// pause, resume or resize sandboxes.
+pub async fn update_sandboxes(
+    server: &str,
+    output: Output,
+    sandbox: &str,
+    action: &str,
+    cpu: Option<String>,
+    memory_mib: Option<u64>,
+) -> anyhow::Result<()> {
+    let (job_id, first_index, count) = parse_sandbox(sandbox)?;
+    let cpu_millis = match cpu {
+        Some(c) => parse_cpu(&c).map_err(|e| anyhow!("--cpu: {e}"))?,
+        None => 0,
+    };
+    let mut c = client::jobs(server)?;
+    let j = c
+        .update_sandboxes(pb::UpdateSandboxesRequest {
+            job_id,
+            first_index,
+            count,
+            action: action.to_string(),
+            cpu_millis,
+            memory_mib: memory_mib.unwrap_or(0),
+        })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&job_json(&j)),
+        Output::Table => table(&JOB_HEADER, &[job_row(&j)]),
+    }
+    Ok(())
+}
+
+pub async fn drain(server: &str, output: Output, node: String) -> anyhow::Result<()> {
+    let mut c = client::nodes(server)?;
+    let n = c
+        .drain_node(surge_proto::node::DrainNodeRequest { node_id: node })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner();
+    match output {
+        Output::Json => print_json(&json!({"node_id": n.node_id, "state": n.state})),
+        Output::Table => println!("node {} {}", n.node_id, n.state),
+    }
+    Ok(())
+}
+
+pub async fn quota(
+    server: &str,
+    tenant: String,
+    cpu: Option<String>,
+    memory_mib: Option<u64>,
+) -> anyhow::Result<()> {
+    let cpu_millis = match cpu {
+        Some(c) => parse_cpu(&c).map_err(|e| anyhow!("--cpu: {e}"))?,
+        None => 0,
+    };
+    let mut c = client::jobs(server)?;
+    c.set_quota(pb::SetQuotaRequest {
+        tenant: tenant.clone(),
+        cpu_millis,
+        memory_mib: memory_mib.unwrap_or(0),
+    })
+    .await
+    .map_err(|e| rpc_error(server, e))?;
+    if cpu_millis == 0 && memory_mib.unwrap_or(0) == 0 {
+        println!("tenant {tenant}: no quota");
+    } else {
+        println!("tenant {tenant}: quota set");
     }
     Ok(())
 }

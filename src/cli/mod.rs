@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod node;
 pub mod output;
 pub mod server;

@@ -37,11 +37,14 @@ pub struct ServerArgs {
     /// Entries kept behind a snapshot for slow followers.
     #[arg(long, default_value_t = 1_000)]
     logs_to_keep: u64,
-    #[arg(long, default_value_t = 100)]
+    /// A node silent this long is marked down and its sandboxes rescheduled.
+    #[arg(long, default_value_t = surge_scheduler::leader::NODE_TTL_MS)]
+    node_ttl_ms: u64,
+    #[arg(long, default_value_t = 50)]
     heartbeat_interval_ms: u64,
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 200)]
     election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 400)]
     election_timeout_max_ms: u64,
 }
 
@@ -115,6 +118,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         listen: args.listen,
         http_listen: args.metrics,
         start,
+        node_ttl_ms: args.node_ttl_ms.max(1_000),
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())

@@ -113,6 +113,7 @@ pub async fn jobs_on(addr: &str) -> Vec<pb::Job> {
         tenant: "test".into(),
         state: String::new(),
         limit: 10_000,
+        before_id: 0,
     })
     .await
     .expect("list jobs")

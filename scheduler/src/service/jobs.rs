@@ -100,8 +100,14 @@ impl JobsService {
         };
         self.replica.linearizable_read().await?;
         let jobs = self.replica.read(|s, _| {
+            let upper = if req.before_id == 0 {
+                u64::MAX
+            } else {
+                req.before_id
+            };
             s.jobs
-                .values()
+                .range(..upper)
+                .map(|(_, j)| j)
                 .rev()
                 .filter(|j| req.tenant.is_empty() || j.spec.tenant == req.tenant)
                 .filter(|j| state.is_none_or(|st| j.state == st))
@@ -125,6 +131,91 @@ impl JobsService {
             (_, Reply::JobCancelled { job }) => Ok(convert::job_to_pb(&job)),
             (_, other) => Err(unexpected(other)),
         }
+    }
+
+    pub async fn update_sandboxes(
+        &self,
+        req: pb::UpdateSandboxesRequest,
+    ) -> Result<pb::Job, Status> {
+        let total = self
+            .replica
+            .read(|s, _| s.jobs.get(&req.job_id).map(|j| j.spec.count))
+            .ok_or_else(|| Status::not_found(format!("no job {}", req.job_id)))?;
+        let count = if req.count == 0 {
+            total.saturating_sub(req.first_index)
+        } else {
+            req.count
+        };
+        let paused = match req.action.as_str() {
+            "" => None,
+            "pause" => Some(true),
+            "resume" => Some(false),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "action: unknown {other:?}; use pause or resume"
+                )))
+            }
+        };
+        let resources = match (req.cpu_millis, req.memory_mib) {
+            (0, 0) => None,
+            (c, m) => {
+                let (cur_c, cur_m) = self
+                    .replica
+                    .read(|s, _| {
+                        s.jobs
+                            .get(&req.job_id)
+                            .map(|j| (j.spec.per_sandbox.cpu_millis, j.spec.per_sandbox.memory_mib))
+                    })
+                    .unwrap_or((c, m));
+                let r = crate::model::Resources::new(
+                    if c == 0 { cur_c } else { c },
+                    if m == 0 { cur_m } else { m },
+                );
+                if r.cpu_millis > validate::CPU_MILLIS_MAX
+                    || r.memory_mib > validate::MEMORY_MIB_MAX
+                {
+                    return Err(Status::invalid_argument(
+                        "resize: more than one sandbox may have",
+                    ));
+                }
+                Some(r)
+            }
+        };
+        if paused.is_none() && resources.is_none() {
+            return Err(Status::invalid_argument(
+                "nothing to change: give an action or new resources",
+            ));
+        }
+        let command = Command::SetSandboxes {
+            job_id: req.job_id,
+            first: req.first_index,
+            count,
+            paused,
+            resources,
+        };
+        propose(&self.replica, command).await?;
+        self.get(req.job_id).await
+    }
+
+    pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), Status> {
+        validate::name("tenant", &req.tenant).map_err(invalid)?;
+        let max = match (req.cpu_millis, req.memory_mib) {
+            (0, 0) => None,
+            // One dimension left at 0 is unlimited.
+            (c, m) => Some(crate::model::Resources::new(
+                if c == 0 { u64::MAX } else { c },
+                if m == 0 { u64::MAX } else { m },
+            )),
+        };
+        propose(
+            &self.replica,
+            Command::SetQuota {
+                tenant: req.tenant,
+                max,
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// The job now, then every change of it, until it ends or the client goes away.
@@ -192,6 +283,23 @@ impl Jobs for JobsService {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         Ok(Response::new(self.cancel(req.into_inner().job_id).await?))
+    }
+
+    async fn update_sandboxes(
+        &self,
+        req: Request<pb::UpdateSandboxesRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(
+            self.update_sandboxes(req.into_inner()).await?,
+        ))
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::SetQuotaReply>, Status> {
+        self.set_quota(req.into_inner()).await?;
+        Ok(Response::new(pb::SetQuotaReply {}))
     }
 
     type WatchJobStream = JobStream;

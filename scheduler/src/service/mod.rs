@@ -30,7 +30,7 @@ pub fn invalid(e: Invalid) -> Status {
 
 pub fn rejection(r: Rejection) -> Status {
     match r {
-        Rejection::NoSuchJob(_) => Status::not_found(r.to_string()),
+        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => Status::not_found(r.to_string()),
         Rejection::Invalid(_) => Status::invalid_argument(r.to_string()),
         Rejection::Undecodable(_) => Status::failed_precondition(r.to_string()),
     }

@@ -1,26 +1,43 @@
-//! `surge.node.NodeApi`: node registration and listing.
+//! `surge.node.NodeApi`: how node daemons register, stay alive, learn their sandboxes and
+//! report them; plus listing and draining nodes.
 //!
-//! Heartbeats, assignment watches, status reports and drain belong to the scheduling loop and the
-//! node daemon (their own issues); until those land these calls answer `Unimplemented` and say so.
+//! Any replica serves any call. Watches are served from the replica's own applied state;
+//! heartbeats and status reports belong to the leader's memory and batcher, so a follower
+//! forwards them to the leader.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use surge_proto::node as pn;
+use surge_proto::node::node_api_client::NodeApiClient;
 use surge_proto::node::node_api_server::{NodeApi, NodeApiServer};
 use tonic::{Request, Response, Status};
 
 use super::{invalid, now_ms, propose, Replica};
 use crate::command::Command;
 use crate::convert;
+use crate::leader::{self, Leader};
+use crate::model::{NodeState, Resources};
+use crate::runs::SandboxState;
+use crate::validate;
+
+/// Sandbox updates one ReportStatus may carry.
+pub const REPORT_UPDATES_MAX: usize = 100_000;
+/// Assignment messages buffered per watching node.
+pub const WATCH_BUFFER: usize = 4;
+/// Longest a forwarded call to the leader may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct NodesService {
     replica: Replica,
+    leader: Arc<Leader>,
 }
 
 impl NodesService {
-    pub fn new(replica: Replica) -> Self {
-        NodesService { replica }
+    pub fn new(replica: Replica, leader: Arc<Leader>) -> Self {
+        NodesService { replica, leader }
     }
 
     pub fn into_server(self) -> NodeApiServer<Self> {
@@ -28,10 +45,46 @@ impl NodesService {
             .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
             .max_encoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
     }
+
+    /// A client of the leader's NodeApi, for forwarding.
+    async fn to_leader(&self) -> Result<NodeApiClient<tonic::transport::Channel>, Status> {
+        let (_, addr) = self.replica.wait_leader().await?;
+        let channel = self
+            .replica
+            .peers()
+            .channel(&addr)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(NodeApiClient::new(channel)
+            .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+    }
 }
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not available in this version of surge"))
+async fn forwarded<T>(
+    fut: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    match tokio::time::timeout(FORWARD_TIMEOUT, fut).await {
+        Err(_) => Err(Status::unavailable("the leader did not answer; retry")),
+        Ok(r) => r,
+    }
+}
+
+fn resources(r: Option<pn::Resources>) -> Option<Resources> {
+    r.map(|r| Resources::new(r.cpu_millis, r.memory_mib))
+}
+
+fn state_of(s: &str) -> Result<SandboxState, Status> {
+    match SandboxState::parse(s) {
+        Some(st @ (SandboxState::Running
+        | SandboxState::Paused
+        | SandboxState::Succeeded
+        | SandboxState::Failed
+        | SandboxState::OomKilled
+        | SandboxState::Lost)) => Ok(st),
+        _ => Err(Status::invalid_argument(format!(
+            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed or lost"
+        ))),
+    }
 }
 
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<pn::Assignments, Status>> + Send>>;
@@ -43,6 +96,7 @@ impl NodeApi for NodesService {
         req: Request<pn::RegisterNodeRequest>,
     ) -> Result<Response<pn::RegisterNodeReply>, Status> {
         let node = convert::node_spec_from_pb(req.into_inner()).map_err(invalid)?;
+        let id = node.id.clone();
         let (index, _) = propose(
             &self.replica,
             Command::RegisterNode {
@@ -51,51 +105,180 @@ impl NodeApi for NodesService {
             },
         )
         .await?;
+        self.leader.heartbeat(&id, Resources::default(), 0);
         Ok(Response::new(pn::RegisterNodeReply {
             index,
-            heartbeat_interval_ms: 1_000,
-            ttl_ms: 10_000,
+            heartbeat_interval_ms: leader::HEARTBEAT_INTERVAL_MS,
+            ttl_ms: self.leader.node_ttl_ms,
         }))
     }
 
     async fn heartbeat(
         &self,
-        _req: Request<pn::HeartbeatRequest>,
+        req: Request<pn::HeartbeatRequest>,
     ) -> Result<Response<pn::HeartbeatReply>, Status> {
-        Err(not_yet("Heartbeat"))
+        if !self.replica.is_leader() {
+            let mut c = self.to_leader().await?;
+            return forwarded(c.heartbeat(req.into_inner())).await;
+        }
+        let req = req.into_inner();
+        validate::name("node_id", &req.node_id).map_err(invalid)?;
+        let state = self
+            .replica
+            .read(|s, _| s.nodes.get(&req.node_id).map(|n| n.state));
+        let known = matches!(state, Some(NodeState::Ready | NodeState::Draining));
+        if known {
+            self.leader.heartbeat(
+                &req.node_id,
+                resources(req.used).unwrap_or_default(),
+                req.sandboxes_running,
+            );
+        }
+        Ok(Response::new(pn::HeartbeatReply { known }))
     }
 
     type WatchAssignmentsStream = AssignmentStream;
 
     async fn watch_assignments(
         &self,
-        _req: Request<pn::WatchAssignmentsRequest>,
+        req: Request<pn::WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        Err(not_yet("WatchAssignments"))
+        let req = req.into_inner();
+        validate::name("node_id", &req.node_id).map_err(invalid)?;
+        let node = req.node_id;
+        if !self.replica.read(|s, _| s.nodes.contains_key(&node)) {
+            return Err(Status::not_found(format!(
+                "node {node} is not registered; register first"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let replica = self.replica.clone();
+        let mut applied = replica.subscribe_applied();
+        let mut sent_revision = req.from_revision;
+        let mut first = true;
+        tokio::spawn(async move {
+            loop {
+                let message = replica.read(|s, _| {
+                    let revision = s.nodes.get(&node).map(|n| n.revision)?;
+                    if !first && revision == sent_revision {
+                        return Some(None);
+                    }
+                    Some(Some(convert::assignments_to_pb(s, &node, revision)))
+                });
+                match message {
+                    None => return, // the node was removed
+                    Some(None) => {}
+                    Some(Some(m)) => {
+                        sent_revision = m.revision;
+                        first = false;
+                        if tx.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_status(
         &self,
-        _req: Request<pn::ReportStatusRequest>,
+        req: Request<pn::ReportStatusRequest>,
     ) -> Result<Response<pn::ReportStatusReply>, Status> {
-        Err(not_yet("ReportStatus"))
+        if !self.replica.is_leader() {
+            let mut c = self.to_leader().await?;
+            return forwarded(c.report_status(req.into_inner())).await;
+        }
+        let req = req.into_inner();
+        validate::name("node_id", &req.node_id).map_err(invalid)?;
+        if req.updates.len() > REPORT_UPDATES_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} updates in one report; at most {REPORT_UPDATES_MAX}",
+                req.updates.len()
+            )));
+        }
+        let mut updates = Vec::with_capacity(req.updates.len());
+        for u in &req.updates {
+            updates.push((
+                u.job_id,
+                u.index,
+                u.generation,
+                state_of(&u.state)?,
+                u.exit_code,
+                resources(u.resources),
+            ));
+        }
+        let accepted = updates.len() as u32;
+        let ranges = leader::coalesce(&req.node_id, updates);
+        if !ranges.is_empty() {
+            self.leader
+                .report(ranges)
+                .await
+                .map_err(Status::unavailable)?;
+        }
+        Ok(Response::new(pn::ReportStatusReply { accepted }))
     }
 
     async fn list_nodes(
         &self,
-        _req: Request<pn::ListNodesRequest>,
+        req: Request<pn::ListNodesRequest>,
     ) -> Result<Response<pn::ListNodesReply>, Status> {
+        if !self.replica.is_leader() {
+            // Usage lives in the leader's memory.
+            if let Ok(mut c) = self.to_leader().await {
+                if let Ok(r) = forwarded(c.list_nodes(req.into_inner())).await {
+                    return Ok(r);
+                }
+            }
+        }
         self.replica.linearizable_read().await?;
-        let nodes = self
-            .replica
-            .read(|s, _| s.nodes.values().map(convert::node_to_pb).collect());
+        let nodes = self.replica.read(|s, _| {
+            let usage = s.node_usage();
+            s.nodes
+                .values()
+                .map(|n| {
+                    convert::node_to_pb(
+                        n,
+                        usage.get(&n.spec.id).copied().unwrap_or_default(),
+                        self.leader.used(&n.spec.id),
+                    )
+                })
+                .collect()
+        });
         Ok(Response::new(pn::ListNodesReply { nodes }))
     }
 
     async fn drain_node(
         &self,
-        _req: Request<pn::DrainNodeRequest>,
+        req: Request<pn::DrainNodeRequest>,
     ) -> Result<Response<pn::NodeInfo>, Status> {
-        Err(not_yet("DrainNode"))
+        let node = req.into_inner().node_id;
+        validate::name("node_id", &node).map_err(invalid)?;
+        propose(
+            &self.replica,
+            Command::SetNodeState {
+                node: node.clone(),
+                state: NodeState::Draining,
+                at_ms: now_ms(),
+            },
+        )
+        .await?;
+        self.replica
+            .read(|s, _| {
+                s.nodes.get(&node).map(|n| {
+                    convert::node_to_pb(
+                        n,
+                        s.node_usage().get(&node).copied().unwrap_or_default(),
+                        Resources::default(),
+                    )
+                })
+            })
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no node {node}")))
     }
 }

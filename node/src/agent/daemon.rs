@@ -1,0 +1,177 @@
+//! `surge node` as a whole: pick the runtime, prepare the host, serve metrics, run the node (or,
+//! with `--simulate N`, N simulated nodes sharing one channel per replica).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::config::{allocatable, choose_runtime, find_guest_kernel, DaemonConfig, RuntimeChoice};
+use super::connection::Replicas;
+use super::metrics::{self, NodeMetrics};
+use super::{AgentError, NodeAgent, NodeConfig};
+use crate::detect::detect_host;
+use crate::runtime::container::{ContainerConfig, ContainerRuntime};
+use crate::runtime::sim::{SimProfile, SimRuntime};
+use crate::runtime::Runtime;
+use crate::template::{Templates, DEFAULT_TEMPLATE};
+
+/// Run `surge node` until `stop` turns true.
+pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Result<(), AgentError> {
+    cfg.check()?;
+    let metrics = Arc::new(NodeMetrics::new()?);
+    let _metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
+    let replicas = Arc::new(Replicas::new(&cfg.servers)?);
+    let host = detect_host();
+
+    if let Some(n) = cfg.simulate {
+        let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, true)?;
+        tracing::info!(
+            nodes = n,
+            cpu_millis = allocatable.cpu_millis,
+            memory_mib = allocatable.memory_mib,
+            sandbox_ms = cfg.sim_duration_ms,
+            "simulating nodes"
+        );
+        let profile = SimProfile {
+            run_for: Duration::from_millis(cfg.sim_duration_ms),
+            exit_code: cfg.sim_exit_code,
+            ..SimProfile::default()
+        };
+        let mut nodes = JoinSet::new();
+        for i in 0..n {
+            let mut node = node_config(&cfg, format!("{}-{i}", cfg.node_id), allocatable);
+            // At scale the simulated sandboxes use no memory: no guard polling per sandbox.
+            node.memory_guard = None;
+            node.first_replica = usize::try_from(i).unwrap_or(0);
+            let agent = NodeAgent::new(
+                node,
+                Arc::new(SimRuntime::new(profile)),
+                replicas.clone(),
+                metrics.clone(),
+            );
+            nodes.spawn(agent.run(stop.clone()));
+        }
+        return wait_all(nodes).await;
+    }
+
+    let data_dir = absolute(&cfg.data_dir)?;
+    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    let kernel = find_guest_kernel(&data_dir);
+    let (choice, why) = choose_runtime(cfg.runtime, &host.virtualization, kernel.as_deref())?;
+    if let Some(why) = why {
+        tracing::info!("{why}");
+    }
+    match choice {
+        RuntimeChoice::Sim => {
+            let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, true)?;
+            let profile = SimProfile {
+                run_for: Duration::from_millis(cfg.sim_duration_ms),
+                exit_code: cfg.sim_exit_code,
+                ..SimProfile::default()
+            };
+            let node = node_config(&cfg, cfg.node_id.clone(), allocatable);
+            run_one(node, SimRuntime::new(profile), replicas, metrics, stop).await
+        }
+        RuntimeChoice::Container => {
+            let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
+            let dir = data_dir.clone();
+            let (runtime, templates) = tokio::task::spawn_blocking(move || {
+                let runtime = ContainerRuntime::new(ContainerConfig::new(&dir))?;
+                let t = Templates::new(&dir);
+                t.ensure_busybox()?;
+                let held = t.list()?;
+                Ok::<_, AgentError>((runtime, held))
+            })
+            .await
+            .map_err(|e| AgentError::NodeFailed {
+                node: cfg.node_id.clone(),
+                reason: format!("preparing the container runtime panicked: {e}"),
+            })??;
+            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
+            node.templates = templates;
+            run_one(node, runtime, replicas, metrics, stop).await
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<std::path::PathBuf, AgentError> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(p))
+        .map_err(|source| AgentError::DataDir {
+            path: p.display().to_string(),
+            source,
+        })
+}
+
+fn node_config(
+    cfg: &DaemonConfig,
+    node_id: String,
+    allocatable: crate::reconcile::Resources,
+) -> NodeConfig {
+    let mut node = NodeConfig::new(node_id, allocatable);
+    node.address = cfg.metrics.map(|a| a.to_string()).unwrap_or_default();
+    node.labels = cfg.labels.clone();
+    node.pool = cfg.pool.clone();
+    node.max_sandboxes = cfg.max_sandboxes;
+    node.start_concurrency = cfg.start_concurrency;
+    node.templates = vec![DEFAULT_TEMPLATE.to_owned()];
+    node
+}
+
+async fn run_one<R: Runtime>(
+    node: NodeConfig,
+    runtime: R,
+    replicas: Arc<Replicas>,
+    metrics: Arc<NodeMetrics>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    tracing::info!(node = %node.node_id, runtime = runtime.name(),
+        cpu_millis = node.allocatable.cpu_millis, memory_mib = node.allocatable.memory_mib, "node starting");
+    NodeAgent::new(node, Arc::new(runtime), replicas, metrics)
+        .run(stop)
+        .await
+}
+
+async fn wait_all(mut nodes: JoinSet<Result<(), AgentError>>) -> Result<(), AgentError> {
+    while let Some(r) = nodes.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                return Err(AgentError::NodeFailed {
+                    node: "simulated".into(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

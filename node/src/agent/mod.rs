@@ -1,0 +1,592 @@
+//! The `surge node` daemon: keeps the sandboxes the scheduler assigns to this node running, and
+//! tells the scheduler how they are doing.
+//!
+//! ```text
+//!            ┌──────────── session (connection.rs) ─────────────┐
+//!  scheduler ─┤ RegisterNode · Heartbeat · WatchAssignments(from 0) ├─ Assignments ─┐
+//!  replicas   └──────────────────────────────────────────────────┘                │
+//!      ▲                                                                           ▼
+//!      │ ReportStatus (batched,           agent loop (this file): DesiredSet + View ─► reconcile()
+//!      │ full after each connect)                │ actions, as typed messages            (pure)
+//!   reporter (report.rs) ◄── status ── owner task per sandbox (owner.rs) ──► Runtime
+//!                                               └─ writes what the runtime said into the View
+//! ```
+//!
+//! How to drive it: build a [`NodeConfig`], a runtime (`Arc<R: Runtime>`), shared [`Replicas`]
+//! and [`NodeMetrics`], then `NodeAgent::new(..).run(stop)`. `surge node` does this through
+//! [`run_daemon`], once per node (`--simulate N` runs N of them in one process).
+//!
+//! The rules that keep it safe:
+//! * **Restart-proof.** On start the agent lists the runtime and re-adopts what still runs. It
+//!   changes nothing until the first *full* desired set arrives; then the reconciler stops what
+//!   is not assigned.
+//! * **Scheduler-loss-proof.** Sandboxes keep running without a session. Each new session
+//!   re-registers, sends a full report and watches from revision 0, so the agent reconciles against
+//!   the complete set whatever it missed.
+//! * **One owner per sandbox.** Only its owner task calls the runtime for a sandbox; the agent
+//!   loop sends it commands over a bounded inbox and never waits on it.
+//! * **Level-triggered.** A pass runs on every assignment, on every change an owner records, and
+//!   every `resync_interval` anyway; a command dropped because an inbox was full is simply
+//!   decided again on the next pass.
+
+pub mod config;
+pub mod connection;
+pub mod convert;
+pub mod daemon;
+pub mod metrics;
+pub mod owner;
+pub mod report;
+pub mod view;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use surge_proto::node as pn;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use config::{DaemonConfig, RuntimeChoice, RuntimeFlag};
+pub use connection::Replicas;
+pub use daemon::run_daemon;
+pub use metrics::NodeMetrics;
+
+use crate::reconcile::{
+    reconcile, Action, ObservedSandbox, ObservedState, ReconcilePolicy, Resources, SandboxId,
+};
+use crate::runtime::{MemoryGrowthPolicy, MemoryHeadroom, Runtime, RuntimeError, StartRequest};
+use crate::template::TemplateError;
+use connection::{Session, ASSIGNMENTS_QUEUE_MAX, CALL_TIMEOUT_MS};
+use convert::{resources_to_pb, status_from_observed, DesiredSet};
+use metrics::{GaugeValues, NodeGauges};
+use owner::{own, OwnerCommand, OwnerContext, OWNER_INBOX_MAX, STOP_SLACK_MS};
+use report::{ReportEvent, Reporter, REPORT_QUEUE_MAX};
+use view::View;
+
+/// Reconcile passes run at least this often, changes or not.
+pub const RESYNC_INTERVAL_MS: u64 = 1_000;
+/// ... and at most once per this interval, however many changes arrive (coalescing).
+pub const PASS_INTERVAL_MIN_MS: u64 = 10;
+/// Exit code a stopping sandbox is assumed to end with until its owner reports (SIGTERM).
+const STOPPING_EXIT_CODE: i32 = 128 + 15;
+/// Control messages queued for the reporter (connect, disconnect).
+const REPORTER_CONTROL_MAX: usize = 4;
+
+/// Errors of the node daemon, each saying what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--runtime krun is not available in this build of surge (the libkrun microVM runtime is not implemented yet); use --runtime container, or --runtime auto to pick the best available")]
+    KrunUnavailable,
+    #[error(
+        "no scheduler address given: pass --server HOST:PORT[,HOST:PORT...] or set SURGE_SERVER"
+    )]
+    NoServers,
+    #[error("bad --server address {0:?}: expected HOST:PORT (several separated by commas)")]
+    BadServer(String),
+    #[error("bad --label {0:?}: expected KEY=VALUE, the key made of letters, digits, `-_./`, at most 63 bytes")]
+    BadLabel(String),
+    #[error("{flag} {asked} is more than this host has ({host}); give at most what the host has, or leave the flag out")]
+    MoreThanHost {
+        flag: &'static str,
+        asked: String,
+        host: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("data dir {path}: {source}; pass a writable --data-dir")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[source] prometheus::Error),
+    #[error("cannot serve /metrics on {addr}: {source}; pick another --metrics address")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node {node} stopped unexpectedly: {reason}")]
+    NodeFailed { node: String, reason: String },
+}
+
+/// One node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: String,
+    /// Where the node can be reached (informational for the scheduler).
+    pub address: String,
+    pub allocatable: Resources,
+    pub labels: BTreeMap<String, String>,
+    pub os: String,
+    pub arch: String,
+    pub pool: String,
+    pub templates: Vec<String>,
+    pub max_sandboxes: u32,
+    /// Sandboxes starting at once.
+    pub start_concurrency: usize,
+    pub policy: ReconcilePolicy,
+    /// OOM prevention; `None` turns it off (simulated nodes at scale).
+    pub memory_guard: Option<MemoryGrowthPolicy>,
+    pub call_timeout: Duration,
+    pub resync_interval: Duration,
+    /// Replica to try first: nodes of one process spread their sessions over the replicas.
+    pub first_replica: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for everything but identity and size.
+    pub fn new(node_id: impl Into<String>, allocatable: Resources) -> Self {
+        Self {
+            node_id: node_id.into(),
+            address: String::new(),
+            allocatable,
+            labels: BTreeMap::new(),
+            os: std::env::consts::OS.to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            pool: String::new(),
+            templates: vec![crate::template::DEFAULT_TEMPLATE.to_owned()],
+            max_sandboxes: 0,
+            start_concurrency: config::START_CONCURRENCY_DEFAULT,
+            policy: ReconcilePolicy::default(),
+            memory_guard: Some(MemoryGrowthPolicy::default()),
+            call_timeout: Duration::from_millis(CALL_TIMEOUT_MS),
+            resync_interval: Duration::from_millis(RESYNC_INTERVAL_MS),
+            first_replica: 0,
+        }
+    }
+
+    fn registration(&self, runtime: &str) -> pn::RegisterNodeRequest {
+        pn::RegisterNodeRequest {
+            node_id: self.node_id.clone(),
+            address: self.address.clone(),
+            allocatable: Some(resources_to_pb(self.allocatable)),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            os: self.os.clone(),
+            arch: self.arch.clone(),
+            pool: self.pool.clone(),
+            templates: self.templates.clone(),
+            max_sandboxes: self.max_sandboxes,
+            runtime: runtime.to_owned(),
+        }
+    }
+}
+
+struct OwnerHandle {
+    inbox: mpsc::Sender<OwnerCommand>,
+    task: JoinHandle<()>,
+}
+
+/// One node: see the module docs.
+pub struct NodeAgent<R> {
+    config: NodeConfig,
+    runtime: Arc<R>,
+    replicas: Arc<Replicas>,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// The agent loop's state.
+struct Agent<R> {
+    config: NodeConfig,
+    ctx: Arc<OwnerContext<R>>,
+    view: Arc<View>,
+    desired: DesiredSet,
+    owners: HashMap<SandboxId, OwnerHandle>,
+    /// Owners told to finish (after a final `Forget`); a successor for the id waits for them.
+    retiring: HashMap<SandboxId, JoinHandle<()>>,
+    /// Stops handed to owners: `(generation, until)`. Until then the reconciler sees the
+    /// sandbox as already ended, so it does not ask again while the grace period runs.
+    stopping: HashMap<SandboxId, (u64, Instant)>,
+    gauges: Arc<Mutex<NodeGauges>>,
+}
+
+impl<R: Runtime> NodeAgent<R> {
+    pub fn new(
+        config: NodeConfig,
+        runtime: Arc<R>,
+        replicas: Arc<Replicas>,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
+        Self {
+            config,
+            runtime,
+            replicas,
+            metrics,
+        }
+    }
+
+    /// Run until `stop` turns true. Sandboxes are left running (a new agent re-adopts them).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let Self {
+            config,
+            runtime,
+            replicas,
+            metrics,
+        } = self;
+        let node_id = config.node_id.clone();
+
+        // What survived a previous daemon: adopted once the desired set says it is wanted.
+        let found = tokio::time::timeout(config.call_timeout, runtime.list())
+            .await
+            .map_err(|_| {
+                AgentError::Runtime(RuntimeError::Timeout {
+                    what: format!("listing the {} runtime's sandboxes", runtime.name()),
+                    after_ms: u64::try_from(config.call_timeout.as_millis()).unwrap_or(u64::MAX),
+                })
+            })??;
+        if !found.is_empty() {
+            tracing::info!(node = %node_id, sandboxes = found.len(),
+                "found sandboxes from a previous run; they are kept until the scheduler's desired set arrives");
+        }
+        let view = Arc::new(View::new(found.clone()));
+        let gauges = Arc::new(Mutex::new(NodeGauges::default()));
+
+        let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE_MAX);
+        let (control_tx, control_rx) = mpsc::channel(REPORTER_CONTROL_MAX);
+        let (assign_tx, mut assign_rx) = mpsc::channel(ASSIGNMENTS_QUEUE_MAX);
+
+        let reporter = tokio::spawn(
+            Reporter {
+                node_id: node_id.clone(),
+                events: report_rx,
+                control: control_rx,
+                metrics: metrics.clone(),
+                call_timeout: config.call_timeout,
+            }
+            .run(stop.clone()),
+        );
+        for o in &found {
+            let _ = report_tx
+                .send(ReportEvent::Status(status_from_observed(o)))
+                .await;
+        }
+        let session = tokio::spawn(
+            Session {
+                registration: config.registration(runtime.name()),
+                replicas,
+                first_replica: config.first_replica,
+                runtime: runtime.clone(),
+                view: view.clone(),
+                assignments: assign_tx,
+                reporter: control_tx,
+                metrics: metrics.clone(),
+                gauges: gauges.clone(),
+                call_timeout: config.call_timeout,
+            }
+            .run(stop.clone()),
+        );
+
+        let ctx = Arc::new(OwnerContext {
+            node_id: Arc::from(node_id.as_str()),
+            runtime,
+            view: view.clone(),
+            reports: report_tx,
+            start_permits: Arc::new(Semaphore::new(config.start_concurrency.max(1))),
+            metrics: metrics.clone(),
+            headroom: Arc::new(MemoryHeadroom::new(config.allocatable.memory_mib)),
+            memory_guard: config.memory_guard,
+            memory_allocatable_mib: config.allocatable.memory_mib,
+        });
+        let resync_interval = config.resync_interval;
+        let mut agent = Agent {
+            config,
+            ctx,
+            view: view.clone(),
+            desired: DesiredSet::default(),
+            owners: HashMap::new(),
+            retiring: HashMap::new(),
+            stopping: HashMap::new(),
+            gauges,
+        };
+
+        let mut resync = tokio::time::interval(resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stopping = stop.clone();
+        let mut dirty = false;
+        let mut next_pass_at = Instant::now();
+        let result = loop {
+            let ready = dirty && agent.desired.is_complete();
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break Ok(()),
+                a = assign_rx.recv() => {
+                    let Some(a) = a else {
+                        if *stopping.borrow() {
+                            break Ok(()); // the session saw the stop first
+                        }
+                        break Err(AgentError::NodeFailed {
+                            node: node_id.clone(),
+                            reason: "the scheduler session task ended".into(),
+                        });
+                    };
+                    let applied = agent.desired.apply(&a);
+                    for e in &applied.rejected {
+                        tracing::error!(node = %node_id, error = %e, "assignment ignored");
+                    }
+                    tracing::debug!(node = %node_id, revision = a.revision, full = a.full,
+                        upserted = applied.upserted, removed = applied.removed, "assignments");
+                    dirty = true;
+                }
+                () = view.changed.notified() => dirty = true,
+                _ = resync.tick() => dirty = true,
+                () = tokio::time::sleep_until(next_pass_at), if ready => {
+                    dirty = agent.pass();
+                    next_pass_at = Instant::now() + Duration::from_millis(PASS_INTERVAL_MIN_MS);
+                }
+            }
+        };
+
+        // Leave the sandboxes running; a new agent re-adopts them. Owners are cut off mid-call,
+        // as a crash would, which the runtimes tolerate (their state is on disk or in memory).
+        for (_, h) in agent.owners.drain() {
+            h.task.abort();
+        }
+        for (_, t) in agent.retiring.drain() {
+            t.abort();
+        }
+        session.abort();
+        reporter.abort();
+        if let Ok(mut g) = agent.gauges.lock() {
+            g.clear(&metrics);
+        }
+        result
+    }
+}
+
+impl<R: Runtime> Agent<R> {
+    /// One reconcile pass; returns whether another is needed right away (starts were capped).
+    fn pass(&mut self) -> bool {
+        let now = Instant::now();
+        let mut observed = self.view.snapshot();
+        self.stopping.retain(|id, (generation, until)| {
+            *until > now
+                && observed
+                    .iter()
+                    .any(|o| o.id == *id && o.generation == *generation && !o.state.is_terminal())
+        });
+        for o in &mut observed {
+            o.owned = self.owners.contains_key(&o.id);
+            if self
+                .stopping
+                .get(&o.id)
+                .is_some_and(|(g, _)| *g == o.generation)
+            {
+                o.state = ObservedState::Exited {
+                    code: STOPPING_EXIT_CODE,
+                };
+            }
+        }
+        let actions = reconcile(&self.desired.to_vec(), &observed, &self.config.policy);
+        let starts = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Start { .. }))
+            .count();
+        let mut forgotten = HashSet::new();
+        for action in actions {
+            let id = action.id();
+            if matches!(action, Action::Start { .. }) {
+                forgotten.remove(&id);
+            }
+            if self.dispatch(action) == Dispatched::Forget {
+                forgotten.insert(id);
+            }
+        }
+        for id in forgotten {
+            if let Some(h) = self.owners.remove(&id) {
+                drop(h.inbox); // the owner finishes its queue, then ends
+                self.retiring.insert(id, h.task);
+            }
+        }
+        self.retiring.retain(|_, t| !t.is_finished());
+        self.update_gauges();
+        starts >= self.config.policy.starts_max_per_pass
+    }
+
+    fn dispatch(&mut self, action: Action) -> Dispatched {
+        let view = self.view.clone();
+        match action {
+            Action::Start {
+                id,
+                generation,
+                revision,
+                spec,
+                resources,
+            } => {
+                view.upsert(ObservedSandbox {
+                    id,
+                    generation,
+                    revision,
+                    state: ObservedState::Starting,
+                    resources,
+                    owned: true,
+                });
+                let req = StartRequest {
+                    id,
+                    generation,
+                    revision,
+                    spec,
+                    resources,
+                };
+                let cmd = OwnerCommand::Start {
+                    req,
+                    decided_at: Instant::now(),
+                };
+                if !self.send(id, cmd) {
+                    // Not handed over: let the next pass decide again.
+                    view.remove(id, generation);
+                }
+                Dispatched::Other
+            }
+            Action::Adopt { id } => {
+                if !self.owners.contains_key(&id) {
+                    self.send(id, OwnerCommand::Adopt);
+                }
+                Dispatched::Other
+            }
+            Action::Forget { id } => {
+                let Some(o) = view.get(id) else {
+                    return Dispatched::Other;
+                };
+                if self.send(
+                    id,
+                    OwnerCommand::Forget {
+                        generation: o.generation,
+                    },
+                ) {
+                    view.remove(id, o.generation);
+                    Dispatched::Forget
+                } else {
+                    Dispatched::Other
+                }
+            }
+            Action::Stop {
+                id,
+                grace_ms,
+                reason,
+            } => {
+                let generation = view.get(id).map(|o| o.generation);
+                if self.send(id, OwnerCommand::Stop { grace_ms, reason }) {
+                    if let Some(g) = generation {
+                        let until = Instant::now()
+                            + Duration::from_millis(grace_ms.saturating_add(STOP_SLACK_MS));
+                        self.stopping.insert(id, (g, until));
+                    }
+                }
+                Dispatched::Other
+            }
+            Action::Pause { id } | Action::Resume { id } => {
+                let pause = matches!(action, Action::Pause { .. });
+                let cmd = if pause {
+                    OwnerCommand::Pause
+                } else {
+                    OwnerCommand::Resume
+                };
+                if self.send(id, cmd) {
+                    if let Some(o) = view.get(id) {
+                        view.update(id, o.generation, |o| {
+                            o.state = if pause {
+                                ObservedState::Paused
+                            } else {
+                                ObservedState::Running
+                            }
+                        });
+                    }
+                }
+                Dispatched::Other
+            }
+            Action::Resize {
+                id,
+                resources,
+                revision,
+            } => {
+                if self.send(
+                    id,
+                    OwnerCommand::Resize {
+                        resources,
+                        revision,
+                    },
+                ) {
+                    if let Some(o) = view.get(id) {
+                        view.update(id, o.generation, |o| {
+                            o.resources = resources;
+                            o.revision = revision;
+                        });
+                    }
+                }
+                Dispatched::Other
+            }
+        }
+    }
+
+    /// Hand `cmd` to the sandbox's owner, starting one if there is none. `false`: not handed over
+    /// (the owner's inbox is full; the next pass decides again).
+    fn send(&mut self, id: SandboxId, cmd: OwnerCommand) -> bool {
+        let cmd = match self.owners.get(&id) {
+            Some(h) => match h.inbox.try_send(cmd) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    tracing::debug!(node = %self.config.node_id, sandbox = %id, command = ?cmd,
+                        "owner busy; deciding again on the next pass");
+                    return false;
+                }
+                // The owner ended (it panicked): replace it.
+                Err(mpsc::error::TrySendError::Closed(cmd)) => {
+                    self.owners.remove(&id);
+                    cmd
+                }
+            },
+            None => cmd,
+        };
+        let (tx, rx) = mpsc::channel(OWNER_INBOX_MAX);
+        let predecessor = self.retiring.remove(&id);
+        let task = tokio::spawn(own(self.ctx.clone(), id, predecessor, cmd, rx));
+        self.owners.insert(id, OwnerHandle { inbox: tx, task });
+        true
+    }
+
+    fn update_gauges(&self) {
+        let mut v = GaugeValues {
+            cpu_allocatable_millis: i64::try_from(self.config.allocatable.cpu_millis)
+                .unwrap_or(i64::MAX),
+            memory_allocatable_mib: i64::try_from(self.config.allocatable.memory_mib)
+                .unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        for o in self.view.snapshot() {
+            let state = match &o.state {
+                ObservedState::Starting => "starting",
+                _ => match status_from_observed(&o).state.as_str() {
+                    convert::STATE_RUNNING => "running",
+                    convert::STATE_PAUSED => "paused",
+                    convert::STATE_SUCCEEDED => "succeeded",
+                    convert::STATE_OOM_KILLED => "oom-killed",
+                    _ => "failed",
+                },
+            };
+            *v.sandboxes.entry(state).or_default() += 1;
+            if !o.state.is_terminal() {
+                v.cpu_allocated_millis += i64::try_from(o.resources.cpu_millis).unwrap_or(0);
+                v.memory_allocated_mib += i64::try_from(o.resources.memory_mib).unwrap_or(0);
+            }
+        }
+        if let Ok(mut g) = self.gauges.lock() {
+            g.set_allocation(&self.ctx.metrics, v);
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Dispatched {
+    Forget,
+    Other,
+}

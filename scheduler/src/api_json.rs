@@ -1,0 +1,256 @@
+//! The job API as JSON: request and response shapes shared by the HTTP API (`/v1/jobs`) and the
+//! CLI's `-o json`, so a script sees the same fields either way.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use surge_proto::jobs as pb;
+
+use crate::model::parse_cpu;
+
+/// CPUs as a number of cores (`0.5`) or a string (`"0.5"`, `"500m"`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Cpu {
+    Cores(f64),
+    Text(String),
+}
+
+impl Cpu {
+    pub fn millis(&self) -> Result<u64, String> {
+        match self {
+            Cpu::Text(s) => parse_cpu(s),
+            Cpu::Cores(c) if c.is_finite() && *c > 0.0 && *c <= 1_000_000.0 => {
+                let millis = (c * 1000.0).round();
+                if (millis / 1000.0 - c).abs() > 1e-9 {
+                    return Err(format!("cpu {c}: at most three decimals (millicores)"));
+                }
+                Ok(millis as u64)
+            }
+            Cpu::Cores(c) => Err(format!("cpu {c}: must be more than 0")),
+        }
+    }
+}
+
+fn default_count() -> u32 {
+    1
+}
+
+fn default_cpu() -> Cpu {
+    Cpu::Cores(1.0)
+}
+
+fn default_memory() -> u64 {
+    1024
+}
+
+/// `POST /v1/jobs` body. Unknown fields are refused, so a typo is an error, not a default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJson {
+    #[serde(default = "default_count")]
+    pub count: u32,
+    #[serde(default = "default_cpu")]
+    pub cpu: Cpu,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub template: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub gang: bool,
+    /// `binpack` (default) or `spread`.
+    #[serde(default)]
+    pub strategy: String,
+    /// `KEY=VALUE` or `KEY!=VALUE`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// `never` (default) or `on-failure[:MAX_RESTARTS]`.
+    #[serde(default)]
+    pub restart: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub idempotency_key: String,
+}
+
+pub fn parse_constraint(s: &str) -> Result<pb::Constraint, String> {
+    let (key, op, value) = if let Some((k, v)) = s.split_once("!=") {
+        (k, "!=", v)
+    } else if let Some((k, v)) = s.split_once('=') {
+        (k, "=", v)
+    } else {
+        return Err(format!(
+            "constraint {s:?}: expected KEY=VALUE or KEY!=VALUE"
+        ));
+    };
+    Ok(pb::Constraint {
+        key: key.trim().to_string(),
+        op: op.to_string(),
+        value: value.trim().to_string(),
+    })
+}
+
+pub fn parse_restart(s: &str) -> Result<pb::RestartPolicy, String> {
+    match s.split_once(':') {
+        None if s.is_empty() || s == "never" => Ok(pb::RestartPolicy {
+            mode: "never".into(),
+            max_restarts: 0,
+        }),
+        None if s == "on-failure" => Ok(pb::RestartPolicy {
+            mode: "on-failure".into(),
+            max_restarts: 3,
+        }),
+        Some(("on-failure", n)) => Ok(pb::RestartPolicy {
+            mode: "on-failure".into(),
+            max_restarts: n
+                .parse()
+                .map_err(|_| format!("restart: {n:?} is not a number"))?,
+        }),
+        _ => Err(format!(
+            "restart {s:?}: use never or on-failure[:MAX_RESTARTS]"
+        )),
+    }
+}
+
+pub fn parse_strategy(s: &str) -> Result<pb::Strategy, String> {
+    match s {
+        "" | "binpack" => Ok(pb::Strategy::Binpack),
+        "spread" => Ok(pb::Strategy::Spread),
+        other => Err(format!("strategy {other:?}: use binpack or spread")),
+    }
+}
+
+impl SubmitJson {
+    pub fn into_request(self) -> Result<pb::SubmitJobRequest, String> {
+        Ok(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                count: self.count,
+                cpu_millis: self.cpu.millis()?,
+                memory_mib: self.memory_mib,
+                template: self.template,
+                command: self.command,
+                env: self.env,
+                priority: self.priority,
+                tenant: self.tenant,
+                gang: self.gang,
+                strategy: parse_strategy(&self.strategy)? as i32,
+                constraints: self
+                    .constraints
+                    .iter()
+                    .map(|c| parse_constraint(c))
+                    .collect::<Result<_, _>>()?,
+                restart: Some(parse_restart(&self.restart)?),
+                name: self.name,
+            }),
+            idempotency_key: self.idempotency_key,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CountsJson {
+    pub pending: u32,
+    pub placed: u32,
+    pub running: u32,
+    pub paused: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub oom_killed: u32,
+    pub lost: u32,
+    pub cancelled: u32,
+    pub preempted: u32,
+}
+
+/// A job as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JobJson {
+    pub id: u64,
+    pub name: String,
+    pub state: String,
+    pub tenant: String,
+    pub count: u32,
+    pub cpu_millis: u64,
+    pub memory_mib: u64,
+    pub template: String,
+    pub command: Vec<String>,
+    pub priority: i32,
+    pub gang: bool,
+    pub idempotency_key: String,
+    pub counts: CountsJson,
+    pub pending_reason: String,
+    pub submitted_at_ms: u64,
+    pub submitted_index: u64,
+    pub finished_at_ms: u64,
+}
+
+impl From<&pb::Job> for JobJson {
+    fn from(j: &pb::Job) -> Self {
+        let spec = j.spec.clone().unwrap_or_default();
+        let c = j.counts.unwrap_or_default();
+        JobJson {
+            id: j.id,
+            name: spec.name,
+            state: j.state.clone(),
+            tenant: spec.tenant,
+            count: spec.count,
+            cpu_millis: spec.cpu_millis,
+            memory_mib: spec.memory_mib,
+            template: spec.template,
+            command: spec.command,
+            priority: spec.priority,
+            gang: spec.gang,
+            idempotency_key: j.idempotency_key.clone(),
+            counts: CountsJson {
+                pending: c.pending,
+                placed: c.placed,
+                running: c.running,
+                paused: c.paused,
+                succeeded: c.succeeded,
+                failed: c.failed,
+                oom_killed: c.oom_killed,
+                lost: c.lost,
+                cancelled: c.cancelled,
+                preempted: c.preempted,
+            },
+            pending_reason: j.pending_reason.clone(),
+            submitted_at_ms: j.submitted_at_ms,
+            submitted_index: j.submitted_index,
+            finished_at_ms: j.finished_at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submit_json_parses_and_refuses_unknown_fields() {
+        let ok: SubmitJson = serde_json::from_str(
+            r#"{"count": 3, "cpu": "500m", "memory_mib": 256, "constraints": ["os=linux", "gpu!=none"],
+                "restart": "on-failure:2", "strategy": "spread", "command": ["echo", "hi"]}"#,
+        )
+        .expect("parses");
+        let req = ok.into_request().expect("valid");
+        let spec = req.spec.expect("spec");
+        assert_eq!(spec.cpu_millis, 500);
+        assert_eq!(spec.constraints[1].op, "!=");
+        assert_eq!(spec.restart.map(|r| r.max_restarts), Some(2));
+        assert_eq!(spec.strategy, pb::Strategy::Spread as i32);
+        let half: SubmitJson = serde_json::from_str(r#"{"cpu": 0.5}"#).expect("parses");
+        assert_eq!(half.cpu.millis(), Ok(500));
+        assert!(serde_json::from_str::<SubmitJson>(r#"{"cpus": 2}"#).is_err());
+        let bad: SubmitJson = serde_json::from_str(r#"{"cpu": -1}"#).expect("parses");
+        assert!(bad.into_request().is_err());
+        let bad: SubmitJson = serde_json::from_str(r#"{"strategy": "random"}"#).expect("parses");
+        assert!(bad.into_request().is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! `surge node`: the node daemon (agent). The work is in `surge_node::agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use surge_node::agent::config::{self, cpus_to_millis, parse_labels, START_CONCURRENCY_DEFAULT};
+use surge_node::agent::connection::parse_servers;
+use surge_node::agent::{run_daemon, DaemonConfig, RuntimeFlag};
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// Scheduler replicas to connect to, comma separated; the node moves to the next one when
+    /// one is unreachable or not the leader.
+    #[arg(long, env = "SURGE_SERVER", value_name = "ADDR[,ADDR...]")]
+    server: String,
+    /// This node's id (default: the host name). With --simulate, the prefix of the nodes' ids.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Where sandboxes, templates and the runtime's state live.
+    #[arg(long, default_value = "/var/lib/surge/node")]
+    data_dir: PathBuf,
+    /// auto (krun when the host has hardware virtualization and a guest kernel, else
+    /// container), container, krun, or sim (simulated sandboxes, no processes).
+    #[arg(long, default_value_t = RuntimeFlag::Auto)]
+    runtime: RuntimeFlag,
+    /// CPUs to offer to sandboxes (default: all of the host's; 128 for simulated nodes).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory to offer to sandboxes, in MiB (default: all of the host's; 512 GiB for simulated
+    /// nodes).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// A label the scheduler can match jobs against, KEY=VALUE; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Node pool this node belongs to.
+    #[arg(long, default_value = "")]
+    pool: String,
+    /// Most sandboxes this node runs at once (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    max_sandboxes: u32,
+    /// HTTP address for Prometheus /metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Sandboxes starting at once (per node).
+    #[arg(long, default_value_t = START_CONCURRENCY_DEFAULT)]
+    start_concurrency: usize,
+    /// Host N simulated nodes in this process (ids NODE-ID-0 .. NODE-ID-(N-1)), each with its own
+    /// simulated runtime.
+    #[arg(long, value_name = "N")]
+    simulate: Option<u32>,
+    /// How long a simulated sandbox runs.
+    #[arg(long, default_value_t = 60_000)]
+    sim_duration_ms: u64,
+    /// Exit code of a simulated sandbox.
+    #[arg(long, default_value_t = 0)]
+    sim_exit_code: i32,
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let cfg = DaemonConfig {
+        servers: parse_servers(&args.server)?,
+        node_id: args.node_id.unwrap_or_else(config::hostname),
+        data_dir: args.data_dir,
+        runtime: args.runtime,
+        cpu_millis: args.cpus.map(cpus_to_millis).transpose()?,
+        memory_mib: args.memory_mib,
+        labels: parse_labels(&args.labels)?,
+        pool: args.pool,
+        max_sandboxes: args.max_sandboxes,
+        metrics: args.metrics,
+        start_concurrency: args.start_concurrency,
+        simulate: args.simulate,
+        sim_duration_ms: args.sim_duration_ms,
+        sim_exit_code: args.sim_exit_code,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut daemon = tokio::spawn(run_daemon(cfg, stop_rx));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        r = &mut daemon => return Ok(r.context("the node daemon panicked")??),
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
+        _ = sigterm.recv() => {}
+    }
+    tracing::info!("stopping; sandboxes keep running and are re-adopted on the next start");
+    let _ = stop_tx.send(true);
+    daemon.await.context("the node daemon panicked")??;
+    Ok(())
+}
