@@ -242,6 +242,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Milliseconds since the Unix epoch (for unique keys in benchmarks).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// This executable, to start replicas as child processes.
 fn surge_binary() -> anyhow::Result<PathBuf> {
     Ok(std::env::current_exe()?)

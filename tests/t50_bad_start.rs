@@ -206,3 +206,71 @@ fn corrupt_data_dir_is_refused() {
     assert!(!ok, "data dir without CURRENT accepted:\n{err}");
     assert!(error_line(&err).contains("data dir"), "{err}");
 }
+
+#[test]
+fn bad_addresses_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().to_str().expect("utf8");
+    for (args, expect) in [
+        (
+            vec![
+                "--id",
+                "1",
+                "--listen",
+                "nohost",
+                "--data-dir",
+                d,
+                "--bootstrap",
+                "1=nohost",
+            ],
+            "--listen",
+        ),
+        (
+            vec![
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:7",
+                "--data-dir",
+                d,
+                "--bootstrap",
+                "1=127.0.0.1:7,2=x",
+            ],
+            "--bootstrap",
+        ),
+        (
+            vec![
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:7",
+                "--data-dir",
+                d,
+                "--join",
+                "127.0.0.1:0",
+            ],
+            "--join",
+        ),
+        (
+            vec![
+                "--id",
+                "0",
+                "--listen",
+                "127.0.0.1:7",
+                "--data-dir",
+                d,
+                "--bootstrap",
+                "0=127.0.0.1:7",
+            ],
+            "--id",
+        ),
+    ] {
+        let (ok, err) = server(&args);
+        assert!(!ok, "{args:?} accepted");
+        let line = error_line(&err);
+        assert!(line.contains(expect), "{args:?}: {line}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Nothing was written for a refused start.
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}

@@ -20,6 +20,38 @@ pub enum BenchCmd {
     Raft(RaftArgs),
     /// Kill -9 the leader under load, repeatedly: time to the first accepted write, and no loss.
     Failover(FailoverArgs),
+    /// The 100k-CPU burst: submit -> all placed -> all running; cancel -> all capacity free.
+    Burst(BurstArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BurstArgs {
+    #[arg(long, default_value_t = 1000)]
+    nodes: u32,
+    #[arg(long, default_value_t = 128)]
+    node_cpus: u32,
+    #[arg(long, default_value_t = 512)]
+    node_memory_gib: u64,
+    #[arg(long, default_value_t = 100_000)]
+    sandboxes: u32,
+    /// CPUs per sandbox: cores (1, 0.5) or millicores (500m).
+    #[arg(long, default_value = "1")]
+    cpu: String,
+    #[arg(long, default_value_t = 2048)]
+    memory_mib: u64,
+    /// Bursts (submit, run, cancel) on the same cluster.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Simulated nodes per `surge node` process.
+    #[arg(long, default_value_t = 500)]
+    nodes_per_process: u32,
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -60,6 +92,7 @@ pub async fn run(cmd: BenchCmd, bin: PathBuf) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Raft(a) => raft(a, &bin).await,
         BenchCmd::Failover(a) => failover(a, &bin).await,
+        BenchCmd::Burst(a) => burst(a, &bin).await,
     }
 }
 
@@ -414,5 +447,217 @@ async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
     if lost > 0 || duplicated > 0 {
         bail!("{lost} acknowledged writes lost, {duplicated} keys applied twice");
     }
+    Ok(())
+}
+
+/// Peak resident memory (VmHWM) of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Nodes ready and sandboxes held, from any replica.
+async fn node_totals(addr: &str) -> anyhow::Result<(usize, u64)> {
+    let nodes = client::nodes(addr)?
+        .list_nodes(surge_proto::node::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    let ready = nodes.iter().filter(|n| n.state == "ready").count();
+    let held = nodes.iter().map(|n| u64::from(n.sandboxes)).sum();
+    Ok((ready, held))
+}
+
+struct BurstRun {
+    placed_s: f64,
+    running_s: f64,
+    released_s: f64,
+}
+
+async fn burst_run(
+    args: &BurstArgs,
+    addr: &str,
+    run: u32,
+    cpu_millis: u64,
+) -> anyhow::Result<BurstRun> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut jobs = client::jobs(addr)?;
+    let started = Instant::now();
+    let job_id = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                count: args.sandboxes,
+                cpu_millis,
+                memory_mib: args.memory_mib,
+                template: "busybox".into(),
+                command: vec!["rl-episode".into()],
+                tenant: "bench".into(),
+                ..Default::default()
+            }),
+            idempotency_key: format!("burst-{run}-{}", super::super::now_ms()),
+        })
+        .await?
+        .into_inner()
+        .job_id;
+    let mut placed_s = None;
+    let running_s;
+    loop {
+        let Ok(j) = jobs.get_job(pb::GetJobRequest { job_id }).await else {
+            if started.elapsed() > timeout {
+                bail!("burst {run}: the cluster stopped answering");
+            }
+            continue;
+        };
+        let j = j.into_inner();
+        let c = j.counts.unwrap_or_default();
+        if placed_s.is_none() && c.pending == 0 {
+            placed_s = Some(started.elapsed().as_secs_f64());
+        }
+        if c.running == args.sandboxes {
+            running_s = started.elapsed().as_secs_f64();
+            break;
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "burst {run}: after {timeout:?} {} pending, {} placed, {} running ({})",
+                c.pending,
+                c.placed,
+                c.running,
+                j.pending_reason
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cancelled = Instant::now();
+    jobs.cancel_job(pb::CancelJobRequest { job_id }).await?;
+    loop {
+        // A poll may time out while the cluster is busy; only the deadline below is fatal.
+        if let Ok((_, 0)) = node_totals(addr).await {
+            break;
+        }
+        if cancelled.elapsed() > timeout {
+            bail!("burst {run}: sandboxes still held {timeout:?} after cancel");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(BurstRun {
+        placed_s: placed_s.unwrap_or(running_s),
+        running_s,
+        released_s: cancelled.elapsed().as_secs_f64(),
+    })
+}
+
+async fn burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
+    let cpu_millis =
+        surge_scheduler::model::parse_cpu(&args.cpu).map_err(|e| anyhow::anyhow!("--cpu: {e}"))?;
+    let dir = tempfile::Builder::new().prefix("surge-burst-").tempdir()?;
+    let (mut cluster, leader) = start_cluster(bin, dir.path(), args.replicas).await?;
+    let addr = cluster.addr(leader)?;
+    let per = args.nodes_per_process.max(1);
+    let groups = args.nodes.div_ceil(per);
+    let cpus = args.node_cpus.to_string();
+    let mem = (args.node_memory_gib * 1024).to_string();
+    for g in 0..groups {
+        let n = per.min(args.nodes - g * per);
+        cluster.start_sim_nodes(
+            &format!("g{g}"),
+            n,
+            &[
+                "--cpus",
+                &cpus,
+                "--memory-mib",
+                &mem,
+                "--sim-duration-ms",
+                "86400000",
+            ],
+        )?;
+    }
+    let waiting = Instant::now();
+    loop {
+        let ready = node_totals(&addr).await.map(|t| t.0).unwrap_or(0);
+        if ready >= args.nodes as usize {
+            break;
+        }
+        if waiting.elapsed() > Duration::from_secs(args.timeout_s) {
+            bail!("only {ready} of {} nodes registered", args.nodes);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if args.output == Output::Table {
+        eprintln!(
+            "{} nodes ready in {:.1} s; bursting {} sandboxes x {} CPU",
+            args.nodes,
+            waiting.elapsed().as_secs_f64(),
+            args.sandboxes,
+            args.cpu
+        );
+    }
+    let mut runs = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let r = burst_run(&args, &addr, run, cpu_millis).await?;
+        if args.output == Output::Table {
+            eprintln!(
+                "run {}: placed {:.3} s, running {:.3} s, released {:.3} s",
+                run + 1,
+                r.placed_s,
+                r.running_s,
+                r.released_s
+            );
+        }
+        runs.push(r);
+    }
+    let rss = cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| cluster.replica(id).ok().and_then(|r| r.pid()))
+        .filter_map(peak_rss_mib)
+        .fold(0.0, f64::max);
+    let stat = |f: fn(&BurstRun) -> f64| {
+        let v: Vec<f64> = runs.iter().map(f).collect();
+        (median(&v), v.iter().copied().fold(0.0, f64::max))
+    };
+    let (placed_p50, placed_max) = stat(|r| r.placed_s);
+    let (running_p50, running_max) = stat(|r| r.running_s);
+    let (released_p50, released_max) = stat(|r| r.released_s);
+    match args.output {
+        Output::Json => print_json(&json!({
+            "bench": "burst",
+            "nodes": args.nodes,
+            "sandboxes": args.sandboxes,
+            "cpu_millis": cpu_millis,
+            "runs": runs.len(),
+            "placed_s": {"p50": placed_p50, "max": placed_max},
+            "running_s": {"p50": running_p50, "max": running_max},
+            "released_s": {"p50": released_p50, "max": released_max},
+            "scheduler_rss_mib": rss,
+        })),
+        Output::Table => table(
+            &[
+                "NODES",
+                "SANDBOXES",
+                "PLACED_S p50/max",
+                "RUNNING_S p50/max",
+                "RELEASED_S p50/max",
+                "SCHEDULER_RSS_MIB",
+            ],
+            &[vec![
+                args.nodes.to_string(),
+                args.sandboxes.to_string(),
+                format!("{placed_p50:.3}/{placed_max:.3}"),
+                format!("{running_p50:.3}/{running_max:.3}"),
+                format!("{released_p50:.3}/{released_max:.3}"),
+                format!("{rss:.0}"),
+            ]],
+        ),
+    }
+    cluster.stop_all(Duration::from_secs(5));
     Ok(())
 }

@@ -154,8 +154,9 @@ impl NodeApi for NodesService {
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let replica = self.replica.clone();
         let mut applied = replica.subscribe_applied();
+        // Resuming from the revision the node already has: nothing to send until it changes.
         let mut sent_revision = req.from_revision;
-        let mut first = true;
+        let mut first = req.from_revision == 0;
         tokio::spawn(async move {
             loop {
                 let message = replica.read(|s, _| {
