@@ -272,13 +272,17 @@ async fn watch_liveness(leader: std::sync::Arc<Leader>) {
             continue;
         }
         let silent: Vec<String> = {
-            let l = leader.liveness();
+            let mut l = leader.liveness();
             nodes
                 .iter()
                 .filter(|(_, st)| *st != NodeState::Down)
+                // A node registered through another replica has no entry yet: its TTL starts now.
                 .filter(|(id, _)| {
-                    l.get(id)
-                        .is_none_or(|x| now.saturating_sub(x.last_seen_ms) > leader.node_ttl_ms)
+                    let seen = l.entry(id.clone()).or_insert(Liveness {
+                        last_seen_ms: now,
+                        ..Liveness::default()
+                    });
+                    now.saturating_sub(seen.last_seen_ms) > leader.node_ttl_ms
                 })
                 .map(|(id, _)| id.clone())
                 .collect()
