@@ -136,6 +136,9 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// (internal) The process one microVM lives in; started by the node daemon's krun runtime.
+    #[command(hide = true)]
+    VmExec(cli::vm::VmArgs),
     /// Benchmarks of the real system.
     Bench {
         #[command(subcommand)]
@@ -151,6 +154,14 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // libkrun takes over the process it starts a VM in: run it before any runtime thread exists.
+    if let Cmd::VmExec(args) = cli.command {
+        if let Err(e) = cli::vm::run(args) {
+            eprintln!("error: {e:#}");
+            std::process::exit(125);
+        }
+        return;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -238,6 +249,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             memory_mib,
             target,
         } => cli::client::quota(&target.server, tenant, cpu, memory_mib).await,
+        // Handled in main() before the runtime starts; kept for completeness.
+        Cmd::VmExec(args) => cli::vm::run(args),
         Cmd::Bench { which } => cli::bench::run(which, surge_binary()?).await,
     }
 }

@@ -7,3 +7,4 @@ pub mod dev;
 pub mod node;
 pub mod output;
 pub mod server;
+pub mod vm;

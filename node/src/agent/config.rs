@@ -9,6 +9,7 @@ use std::str::FromStr;
 use super::AgentError;
 use crate::detect::{HostInfo, Virtualization};
 use crate::reconcile::Resources;
+use crate::runtime::krun::{self, KrunHost};
 
 /// Default and upper bound of `--start-concurrency`.
 pub const START_CONCURRENCY_DEFAULT: usize = 16;
@@ -77,39 +78,53 @@ impl fmt::Display for RuntimeFlag {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuntimeChoice {
     Container,
+    Krun,
     Sim,
 }
 
 /// Decide the runtime. Returns the choice and, for `auto`, why (to log).
 ///
-/// `krun` is not in this build: asking for it is an error, and `auto` on a host that could run
-/// microVMs says so and uses containers.
+/// `krun` needs hardware virtualization, the guest kernel (libkrunfw) and libkrun
+/// ([`krun::unavailable_reason`]): asking for it on a host without them is an error that says
+/// which is missing; `auto` falls back to containers and says why.
 pub fn choose_runtime(
     flag: RuntimeFlag,
     virtualization: &Virtualization,
-    guest_kernel: Option<&Path>,
+    krun_host: &KrunHost,
 ) -> Result<(RuntimeChoice, Option<String>), AgentError> {
+    let unavailable = krun::unavailable_reason(virtualization, krun_host);
     match flag {
-        RuntimeFlag::Krun => Err(AgentError::KrunUnavailable),
+        RuntimeFlag::Krun => match unavailable {
+            None => Ok((RuntimeChoice::Krun, None)),
+            Some(why) => Err(AgentError::Invalid(format!(
+                "--runtime krun cannot run microVMs on this host: {why}; use --runtime container, \
+                 or --runtime auto to fall back to containers"
+            ))),
+        },
         RuntimeFlag::Container => Ok((RuntimeChoice::Container, None)),
         RuntimeFlag::Sim => Ok((RuntimeChoice::Sim, None)),
-        RuntimeFlag::Auto => {
-            let why = match (virtualization, guest_kernel) {
-                (Virtualization::Hardware { flag }, Some(kernel)) => format!(
-                    "hardware virtualization ({flag}) and a guest kernel ({}) are present, but the krun \
-                     runtime is not available in this build; using the container runtime",
-                    kernel.display()
-                ),
-                (Virtualization::Hardware { flag }, None) => format!(
-                    "hardware virtualization ({flag}) is present but no guest kernel is installed \
-                     (looked for <data-dir>/kernel/vmlinux and {}); using the container runtime",
-                    GUEST_KERNEL_PATHS.join(", ")
-                ),
-                // detect's own explanation ("no hardware virtualization (...); using the container runtime").
-                (unavailable, _) => unavailable.to_string(),
-            };
-            Ok((RuntimeChoice::Container, Some(why)))
-        }
+        RuntimeFlag::Auto => Ok(match (unavailable, virtualization) {
+            (None, _) => (
+                RuntimeChoice::Krun,
+                Some(format!(
+                    "{virtualization}; guest kernel {}",
+                    krun_host
+                        .krunfw
+                        .as_deref()
+                        .map_or_else(String::new, |p| p.display().to_string())
+                )),
+            ),
+            // detect's own explanation ("no hardware virtualization (...); using the container runtime").
+            (Some(_), unavailable @ Virtualization::Unavailable { .. }) => {
+                (RuntimeChoice::Container, Some(unavailable.to_string()))
+            }
+            (Some(why), Virtualization::Hardware { flag }) => (
+                RuntimeChoice::Container,
+                Some(format!(
+                    "hardware virtualization ({flag}) is present but {why}; using the container runtime"
+                )),
+            ),
+        }),
     }
 }
 
@@ -270,36 +285,80 @@ mod tests {
         }
     }
 
+    fn krun_ready() -> KrunHost {
+        KrunHost {
+            krunfw: Some(PathBuf::from("/k/libkrunfw.so.5")),
+            libkrun: Ok(None),
+        }
+    }
+
     #[test]
     fn runtime_choice() {
-        assert!(matches!(
-            choose_runtime(RuntimeFlag::Krun, &hw(), Some(Path::new("/k"))),
-            Err(AgentError::KrunUnavailable)
-        ));
-        assert!(AgentError::KrunUnavailable
-            .to_string()
-            .contains("not available in this build"));
+        // This machine's shape: /dev/kvm from a software hypervisor, no vmx/svm.
+        let pvm = Virtualization::Unavailable {
+            reason: "no hardware virtualization (no vmx/svm in /proc/cpuinfo)".into(),
+            note: Some("/dev/kvm is present but backed by a software hypervisor such as kvm_pvm, which libkrun cannot use".into()),
+        };
+        let err = choose_runtime(RuntimeFlag::Krun, &pvm, &krun_ready())
+            .expect_err("no microVMs without hardware virtualization");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--runtime krun cannot run microVMs on this host"),
+            "{msg}"
+        );
+        assert!(msg.contains("no hardware virtualization"), "{msg}");
+        assert!(msg.contains("kvm_pvm"), "{msg}");
         assert_eq!(
-            choose_runtime(RuntimeFlag::Sim, &none(), None)
+            choose_runtime(RuntimeFlag::Krun, &hw(), &krun_ready())
+                .expect("krun")
+                .0,
+            RuntimeChoice::Krun
+        );
+        let no_fw = KrunHost {
+            krunfw: None,
+            ..krun_ready()
+        };
+        let msg = choose_runtime(RuntimeFlag::Krun, &hw(), &no_fw)
+            .expect_err("no guest kernel")
+            .to_string();
+        assert!(
+            msg.contains("libkrunfw.so.5 is not installed (run scripts/setup-krun)"),
+            "{msg}"
+        );
+        let no_vmm = KrunHost {
+            libkrun: Err("libkrun is not installed".into()),
+            ..krun_ready()
+        };
+        assert!(choose_runtime(RuntimeFlag::Krun, &hw(), &no_vmm)
+            .expect_err("no libkrun")
+            .to_string()
+            .contains("libkrun is not installed"));
+        assert_eq!(
+            choose_runtime(RuntimeFlag::Sim, &none(), &no_fw)
                 .expect("sim")
                 .0,
             RuntimeChoice::Sim
         );
-        let (c, why) = choose_runtime(RuntimeFlag::Auto, &none(), None).expect("auto");
+        let (c, why) = choose_runtime(RuntimeFlag::Auto, &none(), &krun_ready()).expect("auto");
         assert_eq!(c, RuntimeChoice::Container);
         assert_eq!(
             why.as_deref(),
             Some("no hardware virtualization (no vmx/svm in /proc/cpuinfo); using the container runtime")
         );
-        let (c, why) = choose_runtime(RuntimeFlag::Auto, &hw(), None).expect("auto");
+        let (c, why) = choose_runtime(RuntimeFlag::Auto, &hw(), &no_fw).expect("auto");
         assert_eq!(c, RuntimeChoice::Container);
-        assert!(why.unwrap_or_default().contains("no guest kernel"));
-        let (c, why) =
-            choose_runtime(RuntimeFlag::Auto, &hw(), Some(Path::new("/k/vmlinux"))).expect("auto");
+        let why = why.unwrap_or_default();
+        assert!(
+            why.contains("hardware virtualization (vmx) is present but the guest kernel"),
+            "{why}"
+        );
+        assert!(why.ends_with("using the container runtime"), "{why}");
+        let (c, why) = choose_runtime(RuntimeFlag::Auto, &hw(), &no_vmm).expect("auto");
         assert_eq!(c, RuntimeChoice::Container);
-        assert!(why
-            .unwrap_or_default()
-            .contains("not available in this build"));
+        assert!(why.unwrap_or_default().contains("libkrun is not installed"));
+        let (c, why) = choose_runtime(RuntimeFlag::Auto, &hw(), &krun_ready()).expect("auto");
+        assert_eq!(c, RuntimeChoice::Krun);
+        assert!(why.unwrap_or_default().contains("using the krun runtime"));
         assert_eq!("krun".parse::<RuntimeFlag>().ok(), Some(RuntimeFlag::Krun));
         assert!("kvm".parse::<RuntimeFlag>().is_err());
     }

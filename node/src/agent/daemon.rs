@@ -8,12 +8,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::config::{allocatable, choose_runtime, find_guest_kernel, DaemonConfig, RuntimeChoice};
+use super::config::{allocatable, choose_runtime, DaemonConfig, RuntimeChoice};
 use super::connection::Replicas;
 use super::metrics::{self, NodeMetrics};
 use super::{AgentError, NodeAgent, NodeConfig};
 use crate::detect::detect_host;
 use crate::runtime::container::{ContainerConfig, ContainerRuntime};
+use crate::runtime::krun::{KrunConfig, KrunHost, KrunRuntime};
 use crate::runtime::sim::{SimProfile, SimRuntime};
 use crate::runtime::Runtime;
 use crate::template::{Templates, DEFAULT_TEMPLATE};
@@ -73,8 +74,8 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
         path: data_dir.display().to_string(),
         source,
     })?;
-    let kernel = find_guest_kernel(&data_dir);
-    let (choice, why) = choose_runtime(cfg.runtime, &host.virtualization, kernel.as_deref())?;
+    let krun_host = KrunHost::probe(&data_dir);
+    let (choice, why) = choose_runtime(cfg.runtime, &host.virtualization, &krun_host)?;
     if let Some(why) = why {
         tracing::info!("{why}");
     }
@@ -103,6 +104,25 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             .map_err(|e| AgentError::NodeFailed {
                 node: cfg.node_id.clone(),
                 reason: format!("preparing the container runtime panicked: {e}"),
+            })??;
+            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
+            node.templates = templates;
+            run_one(node, runtime, replicas, metrics, stop).await
+        }
+        RuntimeChoice::Krun => {
+            let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
+            let dir = data_dir.clone();
+            let (runtime, templates) = tokio::task::spawn_blocking(move || {
+                let runtime = KrunRuntime::new(KrunConfig::new(&dir, &krun_host)?)?;
+                let t = Templates::new(&dir);
+                t.ensure_busybox()?;
+                let held = t.list()?;
+                Ok::<_, AgentError>((runtime, held))
+            })
+            .await
+            .map_err(|e| AgentError::NodeFailed {
+                node: cfg.node_id.clone(),
+                reason: format!("preparing the krun runtime panicked: {e}"),
             })??;
             let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
             node.templates = templates;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 pub use crate::reconcile::{ObservedSandbox, ObservedState, Resources, SandboxId, SandboxSpec};
 
 pub mod container;
+pub mod krun;
 pub mod sim;
 
 /// Bytes of stdout and of stderr kept for an exit report.
