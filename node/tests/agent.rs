@@ -348,11 +348,14 @@ async fn registers_then_reports_twenty_sandboxes_running_then_succeeded() {
     let calls = fake.with(|r| r.reports.len());
     assert!(calls < 40, "{calls} ReportStatus calls for 40 updates");
     until("heartbeats", || fake.with(|r| r.heartbeats.len() >= 2)).await;
+    // The gauges follow the owner tasks asynchronously: wait for them to settle.
+    let metrics = agent.metrics.clone();
+    let encode = move || String::from_utf8(metrics.encode().expect("metrics")).expect("utf8");
+    until("the succeeded gauge reaches 20", || {
+        encode().contains("surge_node_sandboxes{state=\"succeeded\"} 20")
+    })
+    .await;
     let text = String::from_utf8(agent.metrics.encode().expect("metrics")).expect("utf8");
-    assert!(
-        text.contains("surge_node_sandboxes{state=\"succeeded\"} 20"),
-        "{text}"
-    );
     assert!(
         text.contains("surge_node_sandbox_start_seconds_count 20"),
         "{text}"

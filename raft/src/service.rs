@@ -90,6 +90,21 @@ pub struct ClusterService<S: StateMachine> {
     node: Arc<RaftNode<S>>,
 }
 
+impl<S: StateMachine> ClusterService<S> {
+    /// An empty replica waiting to be (re-)added knows no leader and no state: calls that need
+    /// the cluster are refused at once, so a peer that still takes it for the leader (it may be
+    /// a wiped leader restarted at the same address) retries elsewhere instead of waiting here.
+    fn check_serving(&self) -> Result<(), Status> {
+        if self.node.accepts_raft_traffic() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this replica is empty and waiting to be added to the cluster",
+            ))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl<S: StateMachine> Cluster for ClusterService<S> {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
@@ -108,6 +123,7 @@ impl<S: StateMachine> Cluster for ClusterService<S> {
         &self,
         req: Request<AddMemberRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
+        self.check_serving()?;
         let req = req.into_inner();
         if req.id == 0 {
             return Err(Status::invalid_argument("replica ids start at 1"));
@@ -122,6 +138,7 @@ impl<S: StateMachine> Cluster for ClusterService<S> {
         &self,
         req: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipReply>, Status> {
+        self.check_serving()?;
         Ok(Response::new(
             self.node.remove_member(req.into_inner().id).await?,
         ))
@@ -131,6 +148,7 @@ impl<S: StateMachine> Cluster for ClusterService<S> {
         &self,
         req: Request<ProposeRequest>,
     ) -> Result<Response<ProposeReply>, Status> {
+        self.check_serving()?;
         let req = req.into_inner();
         self.node.check_cluster(&req.cluster_id)?;
         let p = self.node.propose_with_hops(req.command, req.hops).await?;
@@ -144,6 +162,7 @@ impl<S: StateMachine> Cluster for ClusterService<S> {
         &self,
         req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
+        self.check_serving()?;
         self.node.check_cluster(&req.into_inner().cluster_id)?;
         Ok(Response::new(ReadIndexReply {
             index: self.node.leader_read_index().await?,

@@ -73,8 +73,30 @@ fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
 }
 
 impl Job {
+    /// Keep a gang whole: once any of its sandboxes is waiting again (its node died, it failed
+    /// and restarts, ...), the ones still holding nodes go back to the queue too, and the gang
+    /// is placed again all together. A partly running gang is never left behind.
+    fn keep_gang_whole(&mut self, index: u64) {
+        if !self.spec.gang || self.cancelled {
+            return;
+        }
+        let runs = || self.runs.iter().map(|(_, r)| r);
+        let waiting = runs().any(|r| r.state == SandboxState::Pending);
+        let holding = runs().any(|r| r.state.is_active());
+        if waiting && holding {
+            let per = self.spec.per_sandbox;
+            let total = self.spec.count;
+            self.runs.update(0, total, |run| {
+                if run.state.is_active() {
+                    reschedule(run, per, index);
+                }
+            });
+        }
+    }
+
     /// Recompute counts and the job state from the runs.
-    fn refresh(&mut self, at_ms: u64) {
+    fn refresh(&mut self, index: u64, at_ms: u64) {
+        self.keep_gang_whole(index);
         let mut c = Counts {
             preempted: self.counts.preempted,
             ..Counts::default()
@@ -204,7 +226,7 @@ impl ClusterState {
             finished_at_ms: 0,
             cancelled: false,
         };
-        job.refresh(at_ms);
+        job.refresh(index, at_ms);
         self.jobs.insert(job_id, job);
         self.idempotency.insert(dedup_key, job_id);
         Response::JobSubmitted {
@@ -244,7 +266,7 @@ impl ClusterState {
                 }
             });
             job.cancelled = true;
-            job.refresh(at_ms);
+            job.refresh(index, at_ms);
         }
         Response::JobCancelled {
             job: Box::new(job.clone()),
@@ -266,6 +288,9 @@ impl ClusterState {
             let verified = placement::verify(&plan, &current);
             (verified.accepted, verified.rejected.len() as u64)
         };
+        // Jobs are refreshed once, after the whole plan: a gang placed across several nodes is
+        // complete only when all its rows are in.
+        let mut touched = std::collections::BTreeSet::new();
         let mut preempted = 0u64;
         for p in &accepted.preemptions {
             let Some(job) = self.jobs.get_mut(&p.job) else {
@@ -281,7 +306,7 @@ impl ClusterState {
             });
             job.counts.preempted = job.counts.preempted.saturating_add(n);
             preempted += u64::from(n);
-            job.refresh(at_ms);
+            touched.insert(job.id);
             self.preempted_at.insert(p.job, index);
             if let Some(node) = self.nodes.get_mut(&p.node) {
                 node.revision = index;
@@ -300,9 +325,14 @@ impl ClusterState {
                     placed += u64::from(run.count);
                 }
             });
-            job.refresh(at_ms);
+            touched.insert(job.id);
             if let Some(node) = self.nodes.get_mut(&p.node) {
                 node.revision = index;
+            }
+        }
+        for job_id in touched {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.refresh(index, at_ms);
             }
         }
         for (job_id, reason) in reasons {
@@ -390,7 +420,7 @@ impl ClusterState {
                     }
                 }
             });
-            job.refresh(at_ms);
+            job.refresh(index, at_ms);
             if node_changed {
                 touched.insert(r.node);
             }
@@ -428,7 +458,7 @@ impl ClusterState {
                     }
                 });
                 if moved {
-                    job.refresh(at_ms);
+                    job.refresh(index, at_ms);
                 }
             }
         }
@@ -1189,6 +1219,66 @@ mod tests {
         assert_eq!(apply(&mut s, 5, pause), Response::Done);
         assert_eq!(s.assignments_of("a").iter().filter(|a| a.paused).count(), 3);
         assert!(s.nodes["a"].revision == 5);
+    }
+
+    #[test]
+    fn gang_losing_a_node_is_requeued_whole() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 4),
+                at_ms: 0,
+            },
+        );
+        apply(
+            &mut s,
+            2,
+            Command::RegisterNode {
+                node: node("b", 4),
+                at_ms: 0,
+            },
+        );
+        let mut sp = spec(8, "t");
+        sp.gang = true;
+        apply(
+            &mut s,
+            3,
+            Command::SubmitJob {
+                spec: sp,
+                idempotency_key: "g".into(),
+                at_ms: 0,
+            },
+        );
+        let plan = plan_for(&s, 3);
+        let shown = format!("{plan:?}");
+        apply(
+            &mut s,
+            4,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        assert_eq!(s.jobs[&3].counts.placed, 8, "{shown}");
+        apply(
+            &mut s,
+            5,
+            Command::SetNodeState {
+                node: "a".into(),
+                state: NodeState::Down,
+                at_ms: 0,
+            },
+        );
+        let c = s.jobs[&3].counts;
+        assert_eq!(
+            (c.pending, c.placed, c.running),
+            (8, 0, 0),
+            "a partial gang was left: {c:?}"
+        );
+        assert!(s.assignments_of("b").is_empty());
     }
 
     fn arb_command() -> impl proptest::strategy::Strategy<Value = Command> {

@@ -44,7 +44,14 @@ impl RealNodes {
                 .args(["--server", servers])
                 .args(["--node-id", &format!("real-{i}")])
                 .args(["--runtime", "container"])
-                .args(["--cpus", "1", "--memory-mib", "4096", "--label", "kind=real"])
+                .args([
+                    "--cpus",
+                    "1",
+                    "--memory-mib",
+                    "4096",
+                    "--label",
+                    "kind=real",
+                ])
                 .arg("--data-dir")
                 .arg(&dir)
                 .stdin(Stdio::null())
@@ -165,24 +172,27 @@ fn secs(v: Option<f64>) -> String {
 pub async fn run(addr: &str, sim_sandboxes: u32, real_sandboxes: u32) -> anyhow::Result<()> {
     let mut jobs = client::jobs(addr)?;
     let mut nodes = client::nodes(addr)?;
-    let submit = |count: u32, cpu_millis: u64, memory_mib: u64, kind: &str, command: Vec<String>| pb::SubmitJobRequest {
-        spec: Some(pb::JobSpec {
-            count,
-            cpu_millis,
-            memory_mib,
-            template: "busybox".into(),
-            command,
-            tenant: "rl".into(),
-            constraints: vec![pb::Constraint {
-                key: "kind".into(),
-                op: "=".into(),
-                value: kind.into(),
-            }],
-            name: format!("demo-{kind}"),
-            ..Default::default()
-        }),
-        idempotency_key: format!("demo-{kind}-{}", super::super::now_ms()),
-    };
+    let submit =
+        |count: u32, cpu_millis: u64, memory_mib: u64, kind: &str, command: Vec<String>| {
+            pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    count,
+                    cpu_millis,
+                    memory_mib,
+                    template: "busybox".into(),
+                    command,
+                    tenant: "rl".into(),
+                    constraints: vec![pb::Constraint {
+                        key: "kind".into(),
+                        op: "=".into(),
+                        value: kind.into(),
+                    }],
+                    name: format!("demo-{kind}"),
+                    ..Default::default()
+                }),
+                idempotency_key: format!("demo-{kind}-{}", super::super::now_ms()),
+            }
+        };
     let mut tracked = Vec::new();
     if real_sandboxes > 0 {
         let req = submit(
@@ -193,12 +203,30 @@ pub async fn run(addr: &str, sim_sandboxes: u32, real_sandboxes: u32) -> anyhow:
             vec!["sh".into(), "-c".into(), "echo episode; sleep 0.2".into()],
         );
         let id = jobs.submit_job(req).await?.into_inner().job_id;
-        tracked.push(Tracked { label: "real", id, count: real_sandboxes, submitted: Instant::now(), placed: None, running: None, done: None, last: Default::default() });
+        tracked.push(Tracked {
+            label: "real",
+            id,
+            count: real_sandboxes,
+            submitted: Instant::now(),
+            placed: None,
+            running: None,
+            done: None,
+            last: Default::default(),
+        });
     }
     if sim_sandboxes > 0 {
         let req = submit(sim_sandboxes, 1000, 2048, "sim", vec!["rl-episode".into()]);
         let id = jobs.submit_job(req).await?.into_inner().job_id;
-        tracked.push(Tracked { label: "sim", id, count: sim_sandboxes, submitted: Instant::now(), placed: None, running: None, done: None, last: Default::default() });
+        tracked.push(Tracked {
+            label: "sim",
+            id,
+            count: sim_sandboxes,
+            submitted: Instant::now(),
+            placed: None,
+            running: None,
+            done: None,
+            last: Default::default(),
+        });
     }
     let tty = std::io::stdout().is_terminal();
     let started = Instant::now();
@@ -213,8 +241,14 @@ pub async fn run(addr: &str, sim_sandboxes: u32, real_sandboxes: u32) -> anyhow:
         }
         if let Ok(r) = nodes.list_nodes(ListNodesRequest {}).await {
             let list = r.into_inner().nodes;
-            let cap: u64 = list.iter().map(|n| n.allocatable.unwrap_or_default().cpu_millis).sum();
-            let used: u64 = list.iter().map(|n| n.allocated.unwrap_or_default().cpu_millis).sum();
+            let cap: u64 = list
+                .iter()
+                .map(|n| n.allocatable.unwrap_or_default().cpu_millis)
+                .sum();
+            let used: u64 = list
+                .iter()
+                .map(|n| n.allocated.unwrap_or_default().cpu_millis)
+                .sum();
             let held: u64 = list.iter().map(|n| u64::from(n.sandboxes)).sum();
             if cap > 0 {
                 peak_util = peak_util.max(used as f64 / cap as f64);
@@ -263,7 +297,10 @@ pub async fn run(addr: &str, sim_sandboxes: u32, real_sandboxes: u32) -> anyhow:
             ]
         })
         .collect();
-    table(&["JOB", "SANDBOXES", "ALL PLACED", "ALL STARTED", "ALL DONE"], &rows);
+    table(
+        &["JOB", "SANDBOXES", "ALL PLACED", "ALL STARTED", "ALL DONE"],
+        &rows,
+    );
     println!();
     println!(
         "capacity released {} after submit; CPU utilisation at peak {:.0}%",

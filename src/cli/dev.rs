@@ -107,8 +107,16 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
     println!();
     println!("Ctrl-C stops the cluster.");
     if args.demo {
-        wait_for_nodes(&cluster.addr(leader)?, (args.sim_nodes + real_nodes) as usize).await?;
-        let real_sandboxes = if real_nodes > 0 { args.real_sandboxes } else { 0 };
+        wait_for_nodes(
+            &cluster.addr(leader)?,
+            (args.sim_nodes + real_nodes) as usize,
+        )
+        .await?;
+        let real_sandboxes = if real_nodes > 0 {
+            args.real_sandboxes
+        } else {
+            0
+        };
         println!();
         println!(
             "demo: a burst of {} simulated 1-CPU sandboxes and {real_sandboxes} real container sandboxes",
@@ -158,7 +166,12 @@ async fn wait_for_nodes(addr: &str, n: usize) -> anyhow::Result<()> {
             .list_nodes(surge_proto::node::ListNodesRequest {})
             .await
         {
-            Ok(r) => r.into_inner().nodes.iter().filter(|x| x.state == "ready").count(),
+            Ok(r) => r
+                .into_inner()
+                .nodes
+                .iter()
+                .filter(|x| x.state == "ready")
+                .count(),
             Err(_) => 0,
         };
         if ready >= n {
