@@ -144,6 +144,8 @@ enum Cmd {
         #[command(subcommand)]
         which: cli::bench::BenchCmd,
     },
+    /// Chaos run: a real cluster, a workload, faults on a seeded schedule, and checkers.
+    Chaos(cli::chaos::ChaosArgs),
 }
 
 fn main() {
@@ -252,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // Handled in main() before the runtime starts; kept for completeness.
         Cmd::VmExec(args) => cli::vm::run(args),
         Cmd::Bench { which } => cli::bench::run(which, surge_binary()?).await,
+        Cmd::Chaos(args) => cli::chaos::run(args, surge_binary()?).await,
     }
 }
 

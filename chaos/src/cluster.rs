@@ -428,6 +428,18 @@ impl LocalCluster {
         }
     }
 
+    /// Whether the `surge node` process of `group` is alive.
+    pub fn node_group_running(&mut self, group: &str) -> bool {
+        self.node_groups
+            .get_mut(group)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The root directory holding the replicas' data dirs and logs.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The last `lines` lines of a replica's log, for failure reports.
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
         let Ok(r) = self.replica(id) else {

@@ -4,5 +4,10 @@
 //! with its own RocksDB data dir, and can kill (`SIGKILL`), pause (`SIGSTOP`), restart, wipe and
 //! re-add them. `surge dev`, `surge bench` and the cluster tests all drive real clusters through it.
 
+pub mod checker;
 pub mod client;
 pub mod cluster;
+pub mod faults;
+pub mod history;
+pub mod run;
+pub mod workload;

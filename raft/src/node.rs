@@ -252,7 +252,7 @@ impl<S: StateMachine> RaftNode<S> {
                 derived
             }
             (Start::Join(seed), stored) => {
-                let remote = ping(&peers, seed)
+                let remote = ping_seed(&peers, seed)
                     .await
                     .map_err(|reason| StartError::Seed {
                         seed: seed.clone(),
@@ -980,6 +980,26 @@ fn check_bootstrap(
         }
     }
     Ok(())
+}
+
+/// Longest a joining replica keeps trying to reach its seed (it may be restarting).
+pub const SEED_WAIT: Duration = Duration::from_secs(60);
+
+/// Ping the seed until it answers or [`SEED_WAIT`] passes.
+async fn ping_seed(peers: &Peers, seed: &str) -> Result<surge_proto::cluster::PingReply, String> {
+    let deadline = Instant::now() + SEED_WAIT;
+    loop {
+        match ping(peers, seed).await {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("{e} (tried for {SEED_WAIT:?})"))
+            }
+            Err(e) => {
+                tracing::info!(seed, error = %e, "seed not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
 }
 
 /// Identity and progress of the replica at `addr`, or why it cannot be reached.

@@ -342,7 +342,11 @@ impl ClusterState {
                 }
             }
         }
-        debug_assert!(self.overcommitted().is_none(), "{:?}", self.overcommitted());
+        // verify() makes this impossible; if it ever happens, say so loudly but never panic
+        // inside apply (every replica would crash on the same entry).
+        if let Some((node, held, offers)) = self.overcommitted() {
+            tracing::error!(%node, %held, %offers, index, "BUG: node overcommitted after a plan");
+        }
         Response::PlanApplied {
             placed,
             preempted,

@@ -1,6 +1,7 @@
 //! The subcommands' implementations.
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod dev;

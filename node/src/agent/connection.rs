@@ -333,6 +333,18 @@ impl<R: Runtime> Session<R> {
             .heartbeat_interval_ms
             .clamp(HEARTBEAT_INTERVAL_MIN_MS, HEARTBEAT_INTERVAL_MAX_MS);
         tracing::info!(node = %node_id, index = reply.index, heartbeat_interval_ms = interval_ms, "registered");
+        // A hung replica must not keep this node past its TTL: heartbeats time out after a
+        // quarter of the TTL, and the session moves to another replica once failed heartbeats
+        // have used up half of it.
+        let ttl_ms = if reply.ttl_ms == 0 {
+            10_000
+        } else {
+            reply.ttl_ms
+        };
+        let hb_timeout = Duration::from_millis((ttl_ms / 4).max(200)).min(t);
+        let hb_failures_max = u32::try_from((ttl_ms / 2) / (interval_ms + ttl_ms / 4).max(1))
+            .unwrap_or(u32::MAX)
+            .clamp(1, HEARTBEAT_FAILURES_MAX);
 
         // The full report goes first, so the scheduler knows what survived before it hears of
         // anything new.
@@ -390,7 +402,7 @@ impl<R: Runtime> Session<R> {
                         used: Some(resources_to_pb(Resources { cpu_millis, memory_mib })),
                         sandboxes_running: usage.running,
                     };
-                    match call_timeout("Heartbeat", t, client.heartbeat(request(hb, t))).await {
+                    match call_timeout("Heartbeat", hb_timeout, client.heartbeat(request(hb, hb_timeout))).await {
                         Ok(r) if !r.known => {
                             return end("the scheduler does not know this node (re-registering)".into(), established);
                         }
@@ -398,7 +410,7 @@ impl<R: Runtime> Session<R> {
                         Err(e) => {
                             failures += 1;
                             tracing::warn!(node = %node_id, error = %e, failures, "heartbeat failed");
-                            if failures >= HEARTBEAT_FAILURES_MAX {
+                            if failures >= hb_failures_max {
                                 return end(format!("{failures} heartbeats in a row failed: {e}"), established);
                             }
                         }

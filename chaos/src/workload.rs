@@ -1,0 +1,487 @@
+//! The workload: concurrent clients that submit jobs (plain and gang) under idempotency keys and
+//! cancel some of them, retrying as a real client does, and a sampler that reads every node and
+//! job while the faults go on. Everything they send and receive goes into the history.
+//!
+//! A client keeps at most `live_jobs_max` of its jobs uncancelled, so the cluster's capacity is
+//! busy but not exhausted: pending jobs are then a sign of a fault, not of a full cluster.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use surge_proto::jobs as pb;
+use surge_proto::node::ListNodesRequest;
+
+use crate::client;
+use crate::faults::Rng;
+use crate::history::{EventType, JobSample, NodeSample, Op, Process, Recorder};
+
+/// Longest one attempt waits for its reply; then it counts as indeterminate and is retried.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client keeps retrying one operation before it gives up on it.
+pub const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Most jobs one read of the sampler pages through.
+pub const SAMPLE_JOBS_MAX: usize = 100_000;
+
+#[derive(Clone, Debug)]
+pub struct WorkloadConfig {
+    pub seed: u64,
+    pub clients: u32,
+    /// Replica id and gRPC address of every replica: each attempt picks one.
+    pub replicas: Vec<(u64, String)>,
+    pub tenant: String,
+    /// Operations started after this are not started.
+    pub deadline: Instant,
+    /// Most operations one client starts.
+    pub ops_max: u64,
+    /// Most uncancelled jobs a client keeps.
+    pub live_jobs_max: usize,
+    /// Set when the gang watchers should stop.
+    pub stop_watches: Arc<AtomicBool>,
+}
+
+/// What a client asks for in one submission.
+#[derive(Clone, Debug)]
+struct Ask {
+    gang: bool,
+    count: u32,
+    cpu_millis: u64,
+    memory_mib: u64,
+}
+
+fn ask(rng: &mut Rng) -> Ask {
+    if rng.chance(25) {
+        Ask {
+            gang: true,
+            count: rng.range(2, 6) as u32,
+            cpu_millis: 1000,
+            memory_mib: 512,
+        }
+    } else {
+        Ask {
+            gang: false,
+            count: rng.range(1, 8) as u32,
+            cpu_millis: [250, 500, 1000][rng.below(3) as usize],
+            memory_mib: [256, 512, 1024][rng.below(3) as usize],
+        }
+    }
+}
+
+/// An error is definite (the request was refused before it could take effect) only for a
+/// rejection of the request itself; a timeout, a lost leader or a dropped connection leave the
+/// outcome unknown.
+fn completion_of(status: &tonic::Status) -> EventType {
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound => EventType::Fail,
+        _ => EventType::Info,
+    }
+}
+
+/// Run the clients until the deadline (or `ops_max`); returns when all are done.
+pub async fn run(cfg: WorkloadConfig, recorder: Recorder) {
+    let cfg = Arc::new(cfg);
+    let mut tasks = Vec::new();
+    for c in 0..cfg.clients {
+        let cfg = cfg.clone();
+        let recorder = recorder.clone();
+        tasks.push(tokio::spawn(async move {
+            client_loop(&cfg, c, &recorder).await
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            recorder.record(
+                Process::Final,
+                EventType::Info,
+                Op::Note {
+                    text: format!("a client task ended abnormally: {e}"),
+                },
+            );
+        }
+    }
+}
+
+async fn client_loop(cfg: &WorkloadConfig, me: u32, recorder: &Recorder) {
+    let mut rng = Rng::fork(cfg.seed, 0xC11E_0000 + u64::from(me));
+    // This client's jobs that are not cancelled yet, oldest first.
+    let mut live: Vec<u64> = Vec::new();
+    let mut n = 0u64;
+    while Instant::now() < cfg.deadline && n < cfg.ops_max {
+        n += 1;
+        let cancel = !live.is_empty() && (live.len() >= cfg.live_jobs_max || rng.chance(15));
+        if cancel {
+            let job = live.remove(rng.below(live.len() as u64) as usize);
+            cancel_job(cfg, me, &mut rng, recorder, job).await;
+        } else {
+            let key = format!("c{me}-{n}");
+            let a = ask(&mut rng);
+            if let Some(id) = submit(cfg, me, &mut rng, recorder, &key, &a).await {
+                live.push(id);
+                if a.gang {
+                    let replicas = cfg.replicas.clone();
+                    let stop = cfg.stop_watches.clone();
+                    let recorder = recorder.clone();
+                    let first = rng.next_u64();
+                    tokio::spawn(
+                        async move { watch_gang(id, first, replicas, stop, recorder).await },
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.range(20, 200))).await;
+    }
+}
+
+fn pick(cfg: &WorkloadConfig, rng: &mut Rng) -> (u64, String) {
+    cfg.replicas[rng.below(cfg.replicas.len() as u64) as usize].clone()
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((100 * u64::from(attempt)).min(1000))
+}
+
+/// Submit under `key` until acknowledged, refused, or `RETRY_FOR` passes.
+async fn submit(
+    cfg: &WorkloadConfig,
+    me: u32,
+    rng: &mut Rng,
+    recorder: &Recorder,
+    key: &str,
+    a: &Ask,
+) -> Option<u64> {
+    let process = Process::Client(me);
+    let started = Instant::now();
+    let mut attempt = 0;
+    while started.elapsed() < RETRY_FOR {
+        attempt += 1;
+        let (replica, addr) = pick(cfg, rng);
+        recorder.record(
+            process,
+            EventType::Invoke,
+            Op::Submit {
+                key: key.to_string(),
+                replica,
+                gang: a.gang,
+                count: a.count,
+                cpu_millis: a.cpu_millis,
+                memory_mib: a.memory_mib,
+            },
+        );
+        let req = pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                count: a.count,
+                cpu_millis: a.cpu_millis,
+                memory_mib: a.memory_mib,
+                template: "busybox".into(),
+                command: vec!["true".into()],
+                tenant: cfg.tenant.clone(),
+                gang: a.gang,
+                name: key.to_string(),
+                ..Default::default()
+            }),
+            idempotency_key: key.to_string(),
+        };
+        let reply = match client::jobs(&addr) {
+            Ok(mut c) => tokio::time::timeout(ATTEMPT_TIMEOUT, c.submit_job(req))
+                .await
+                .map_err(|_| {
+                    tonic::Status::deadline_exceeded("no reply within the attempt timeout")
+                })
+                .and_then(|r| r),
+            Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
+        };
+        match reply {
+            Ok(r) => {
+                let r = r.into_inner();
+                recorder.record(
+                    process,
+                    EventType::Ok,
+                    Op::Submitted {
+                        key: key.to_string(),
+                        job_id: r.job_id,
+                        created: r.created,
+                    },
+                );
+                return Some(r.job_id);
+            }
+            Err(s) => {
+                let kind = completion_of(&s);
+                recorder.record(
+                    process,
+                    kind,
+                    Op::Error {
+                        about: key.to_string(),
+                        error: format!("{:?}: {}", s.code(), s.message()),
+                    },
+                );
+                if kind == EventType::Fail {
+                    return None;
+                }
+            }
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+    None
+}
+
+/// Cancel `job` until acknowledged, refused, or `RETRY_FOR` passes.
+async fn cancel_job(cfg: &WorkloadConfig, me: u32, rng: &mut Rng, recorder: &Recorder, job: u64) {
+    let process = Process::Client(me);
+    let started = Instant::now();
+    let mut attempt = 0;
+    while started.elapsed() < RETRY_FOR {
+        attempt += 1;
+        let (replica, addr) = pick(cfg, rng);
+        recorder.record(
+            process,
+            EventType::Invoke,
+            Op::Cancel {
+                job_id: job,
+                replica,
+            },
+        );
+        let reply = match client::jobs(&addr) {
+            Ok(mut c) => tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                c.cancel_job(pb::CancelJobRequest { job_id: job }),
+            )
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no reply within the attempt timeout"))
+            .and_then(|r| r),
+            Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
+        };
+        match reply {
+            Ok(r) => {
+                recorder.record(
+                    process,
+                    EventType::Ok,
+                    Op::Cancelled {
+                        job_id: job,
+                        state: r.into_inner().state,
+                    },
+                );
+                return;
+            }
+            Err(s) => {
+                let kind = completion_of(&s);
+                recorder.record(
+                    process,
+                    kind,
+                    Op::Error {
+                        about: format!("job {job}"),
+                        error: format!("{:?}: {}", s.code(), s.message()),
+                    },
+                );
+                if kind == EventType::Fail {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+}
+
+/// Follow every committed change of gang job `job` (`WatchJob`), reconnecting to the next replica
+/// when a stream breaks, until the job ends or `stop` is set. Each change is recorded as a read of
+/// that one job, which the gang checker judges like any sample.
+async fn watch_gang(
+    job: u64,
+    first: u64,
+    replicas: Vec<(u64, String)>,
+    stop: Arc<AtomicBool>,
+    recorder: Recorder,
+) {
+    let mut turn = first as usize;
+    while !stop.load(Ordering::Relaxed) && !replicas.is_empty() {
+        let (replica, addr) = &replicas[turn % replicas.len()];
+        turn += 1;
+        let Ok(mut c) = client::jobs(addr) else {
+            return;
+        };
+        let opened = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            c.watch_job(pb::GetJobRequest { job_id: job }),
+        )
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(s)) => s.into_inner(),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                // Quiet: check the stop flag and keep waiting.
+                Err(_) => continue,
+                Ok(Ok(Some(j))) => {
+                    let sample = job_sample(&j);
+                    let done = matches!(sample.state.as_str(), "cancelled" | "complete" | "failed");
+                    recorder.record(
+                        Process::Watch,
+                        EventType::Ok,
+                        Op::ReadJobs {
+                            replica: *replica,
+                            jobs: vec![sample],
+                        },
+                    );
+                    if done {
+                        return;
+                    }
+                }
+                // The stream broke (replica killed or paused): watch from the next one.
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+            }
+        }
+    }
+}
+
+pub fn job_sample(j: &pb::Job) -> JobSample {
+    let spec = j.spec.clone().unwrap_or_default();
+    let c = j.counts.unwrap_or_default();
+    JobSample {
+        id: j.id,
+        key: j.idempotency_key.clone(),
+        gang: spec.gang,
+        count: spec.count,
+        cpu_millis: spec.cpu_millis,
+        memory_mib: spec.memory_mib,
+        state: j.state.clone(),
+        pending: c.pending,
+        placed: c.placed,
+        running: c.running,
+        paused: c.paused,
+        succeeded: c.succeeded,
+        failed: c.failed,
+        lost: c.lost,
+        cancelled: c.cancelled,
+        preempted: c.preempted,
+        submitted_index: j.submitted_index,
+        pending_reason: j.pending_reason.clone(),
+    }
+}
+
+/// Every job of `tenant` as replica `addr` sees it (a linearizable read there), page by page.
+pub async fn read_jobs(addr: &str, tenant: &str) -> Result<Vec<JobSample>, String> {
+    let mut c = client::jobs(addr).map_err(|e| e.to_string())?;
+    let mut all = Vec::new();
+    let mut before_id = 0;
+    while all.len() < SAMPLE_JOBS_MAX {
+        let req = pb::ListJobsRequest {
+            tenant: tenant.to_string(),
+            state: String::new(),
+            limit: 10_000,
+            before_id,
+        };
+        let page = match tokio::time::timeout(ATTEMPT_TIMEOUT, c.list_jobs(req)).await {
+            Err(_) => return Err("no reply to ListJobs within the attempt timeout".into()),
+            Ok(Err(s)) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            Ok(Ok(r)) => r.into_inner().jobs,
+        };
+        let Some(last) = page.last() else { break };
+        before_id = last.id;
+        all.extend(page.iter().map(job_sample));
+    }
+    Ok(all)
+}
+
+/// Every node as replica `addr` sees it.
+pub async fn read_nodes(addr: &str) -> Result<Vec<NodeSample>, String> {
+    let mut c = client::nodes(addr).map_err(|e| e.to_string())?;
+    let nodes = match tokio::time::timeout(ATTEMPT_TIMEOUT, c.list_nodes(ListNodesRequest {})).await
+    {
+        Err(_) => return Err("no reply to ListNodes within the attempt timeout".into()),
+        Ok(Err(s)) => return Err(format!("{:?}: {}", s.code(), s.message())),
+        Ok(Ok(r)) => r.into_inner().nodes,
+    };
+    Ok(nodes
+        .into_iter()
+        .map(|n| {
+            let a = n.allocatable.unwrap_or_default();
+            let b = n.allocated.unwrap_or_default();
+            NodeSample {
+                id: n.node_id,
+                state: n.state,
+                allocatable_cpu_millis: a.cpu_millis,
+                allocatable_memory_mib: a.memory_mib,
+                allocated_cpu_millis: b.cpu_millis,
+                allocated_memory_mib: b.memory_mib,
+                sandboxes: n.sandboxes,
+            }
+        })
+        .collect())
+}
+
+/// One read of jobs and one of nodes from `replica`, recorded as `process`'s operations. Returns
+/// whether both succeeded.
+pub async fn observe(
+    recorder: &Recorder,
+    process: Process,
+    replica: u64,
+    addr: &str,
+    tenant: &str,
+) -> Option<(Vec<JobSample>, Vec<NodeSample>)> {
+    let jobs = match read_jobs(addr, tenant).await {
+        Ok(j) => j,
+        Err(e) => {
+            recorder.record(
+                process,
+                EventType::Info,
+                Op::Note {
+                    text: format!("read of replica {replica}'s jobs failed: {e}"),
+                },
+            );
+            return None;
+        }
+    };
+    recorder.record(
+        process,
+        EventType::Ok,
+        Op::ReadJobs {
+            replica,
+            jobs: jobs.clone(),
+        },
+    );
+    let nodes = match read_nodes(addr).await {
+        Ok(n) => n,
+        Err(e) => {
+            recorder.record(
+                process,
+                EventType::Info,
+                Op::Note {
+                    text: format!("read of replica {replica}'s nodes failed: {e}"),
+                },
+            );
+            return None;
+        }
+    };
+    recorder.record(
+        process,
+        EventType::Ok,
+        Op::ReadNodes {
+            replica,
+            nodes: nodes.clone(),
+        },
+    );
+    Some((jobs, nodes))
+}
+
+/// Sample nodes and jobs from the replicas in turn every `every` until `stop` is set.
+pub async fn sample(
+    replicas: Vec<(u64, String)>,
+    tenant: String,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    recorder: Recorder,
+) {
+    let mut turn = 0usize;
+    while !stop.load(Ordering::Relaxed) && !replicas.is_empty() {
+        let (id, addr) = &replicas[turn % replicas.len()];
+        turn += 1;
+        observe(&recorder, Process::Sampler, *id, addr, &tenant).await;
+        tokio::time::sleep(every).await;
+    }
+}

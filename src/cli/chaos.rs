@@ -1,0 +1,256 @@
+//! `surge chaos`: a real cluster, a workload, faults on a seeded schedule, and checkers. The work
+//! is in `surge_chaos::run`; this file parses flags, prints the replay command and the report.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use surge_chaos::faults::{self, FaultKind};
+use surge_chaos::run::{self, ChaosConfig, Report};
+
+use crate::cli::output::{self, Output};
+
+#[derive(clap::Args)]
+pub struct ChaosArgs {
+    /// Seed of the fault schedule and the workload (default: from the clock; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long faults and workload go on: 90s, 2m, 1500ms (a bare number is seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Fault kinds, comma separated: kill, pause, restart, wipe, nodes, or all (none: "").
+    /// Network partitions are not implemented.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Scheduler replicas.
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 20)]
+    nodes: u32,
+    /// Node daemon processes the nodes are split over (the `nodes` fault kills one).
+    #[arg(long, default_value_t = 4)]
+    node_groups: u32,
+    /// CPUs of each simulated node.
+    #[arg(long, default_value_t = 16)]
+    node_cpus: u32,
+    /// Concurrent workload clients.
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Most uncancelled jobs one client keeps.
+    #[arg(long, default_value_t = 20)]
+    live_jobs: usize,
+    /// Node TTL of the replicas (a silent node is marked down after this); the `nodes` fault
+    /// holds a group down for 1/4 to 3/2 of it.
+    #[arg(long, default_value_t = surge_scheduler::leader::NODE_TTL_MS)]
+    node_ttl_ms: u64,
+    /// After the faults heal, every placeable pending job must be placed within this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    liveness_bound: Duration,
+    /// Keep the cluster's data dirs and logs here (default: a temp dir, removed at the end).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the temp dir with the data dirs and logs.
+    #[arg(long)]
+    keep: bool,
+    /// Write the whole history here as JSON lines, one event a line.
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 60s, 2m, 500ms)"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
+fn kinds_spec(kinds: &[FaultKind]) -> String {
+    if kinds.is_empty() {
+        return "''".into();
+    }
+    kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+}
+
+fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn replay(args: &ChaosArgs, seed: u64, kinds: &[FaultKind]) -> String {
+    format!(
+        "surge chaos --seed {seed} --duration {} --faults {} --replicas {} --nodes {} --node-groups {} --node-cpus {} --clients {} --live-jobs {} --node-ttl-ms {} --liveness-bound {}",
+        format_duration(args.duration),
+        kinds_spec(kinds),
+        args.replicas,
+        args.nodes,
+        args.node_groups,
+        args.node_cpus,
+        args.clients,
+        args.live_jobs,
+        args.node_ttl_ms,
+        format_duration(args.liveness_bound),
+    )
+}
+
+pub async fn run(args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
+    let kinds = faults::parse_kinds(&args.faults)?;
+    if args.replicas == 0 || args.replicas > surge_chaos::cluster::REPLICAS_MAX {
+        bail!(
+            "--replicas {}: between 1 and {}",
+            args.replicas,
+            surge_chaos::cluster::REPLICAS_MAX
+        );
+    }
+    if args.nodes == 0 || args.clients == 0 {
+        bail!("--nodes and --clients must be at least 1");
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    // Progress goes to stderr; stdout carries the report only.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "surge_chaos=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let replay = replay(&args, seed, &kinds);
+    eprintln!("replay: {replay}");
+
+    let mut cfg = ChaosConfig::new(bin, seed);
+    cfg.duration = args.duration;
+    cfg.faults = kinds;
+    cfg.replicas = args.replicas;
+    cfg.nodes = args.nodes;
+    cfg.node_groups = args.node_groups;
+    cfg.node_cpus = args.node_cpus;
+    cfg.clients = args.clients;
+    cfg.live_jobs_max_per_client = args.live_jobs;
+    cfg.node_ttl_ms = args.node_ttl_ms;
+    cfg.liveness_bound = args.liveness_bound;
+    cfg.dir = args.dir.clone();
+    cfg.keep = args.keep;
+
+    let (report, history) = run::run(&cfg).await.context("chaos run")?;
+    if let Some(path) = &args.history {
+        write_history(path, &history)
+            .with_context(|| format!("writing the history to {}", path.display()))?;
+    }
+    match args.output {
+        Output::Json => {
+            let mut v = serde_json::to_value(&report)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("replay".into(), serde_json::Value::String(replay.clone()));
+            }
+            output::json(&v);
+        }
+        Output::Table => print_table(&report, &replay),
+    }
+    eprintln!("replay: {replay}");
+    if !report.violations.is_empty() {
+        bail!(
+            "{} violation(s): {}; replay with: {replay}",
+            report.violations.len(),
+            report
+                .violations
+                .iter()
+                .map(|v| v.checker.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn write_history(path: &std::path::Path, h: &surge_chaos::history::History) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for e in &h.events {
+        serde_json::to_writer(&mut f, e)?;
+        f.write_all(b"\n")?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn print_table(r: &Report, replay: &str) {
+    println!("replay:      {replay}");
+    println!(
+        "verdict:     {} ({} ms run, {} ms with set-up and checks)",
+        r.verdict, r.duration_ms, r.elapsed_ms
+    );
+    let faults: Vec<String> = r.faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("faults:      {} ({})", r.faults_total, faults.join(", "));
+    let o = &r.operations;
+    println!(
+        "operations:  {} ok, {} fail, {} info; {} of {} keys acknowledged, {} cancels, {} samples",
+        o.ok,
+        o.fail,
+        o.info,
+        o.submissions_acknowledged,
+        o.keys_submitted,
+        o.cancels_acknowledged,
+        o.samples
+    );
+    if let Some(d) = &r.data_dir {
+        println!("data:        {}", d.display());
+    }
+    println!();
+    let rows: Vec<Vec<String>> = r
+        .checkers
+        .iter()
+        .map(|c| match r.violations.iter().find(|v| &v.checker == c) {
+            None => vec![c.clone(), "ok".into(), String::new()],
+            Some(v) => vec![
+                c.clone(),
+                format!("{} violation(s)", v.count),
+                v.message.clone(),
+            ],
+        })
+        .collect();
+    output::table(&["CHECKER", "RESULT", "FIRST COUNTER-EXAMPLE"], &rows);
+    for v in &r.violations {
+        println!(
+            "\n{}: {}\n{}",
+            v.checker,
+            v.message,
+            serde_json::to_string_pretty(&v.counterexample).unwrap_or_default()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("7 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}
