@@ -14,6 +14,8 @@ use crate::service::nodes::NodesService;
 use crate::state::ClusterState;
 use surge_proto::jobs::jobs_server::JobsServer;
 
+/// How long shutdown waits for open gRPC streams to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Concurrent requests one client connection may have in flight.
 pub const REQUESTS_PER_CONNECTION_MAX: usize = 1024;
 
@@ -138,12 +140,28 @@ pub async fn run(
         return Err(e);
     }
 
-    let served = grpc_task
-        .await
-        .unwrap_or_else(|e| panic!("gRPC server task panicked: {e}"));
-    if let Some(t) = http_task {
-        if let Ok(Err(e)) = t.await {
-            tracing::warn!(error = %e, "HTTP server");
+    // Graceful shutdown waits for open streams (job and assignment watches) that would never
+    // end on their own: give them a moment, then stop regardless.
+    let mut grpc_task = grpc_task;
+    let finished = tokio::select! {
+        joined = &mut grpc_task => Some(joined),
+        _ = stopped(stop_rx.clone()) => {
+            tokio::time::timeout(SHUTDOWN_GRACE, &mut grpc_task).await.ok()
+        }
+    };
+    let served = match finished {
+        Some(joined) => joined.unwrap_or_else(|e| panic!("gRPC server task panicked: {e}")),
+        None => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "open streams still served at shutdown; closing them");
+            grpc_task.abort();
+            Ok(())
+        }
+    };
+    if let Some(mut t) = http_task {
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server"),
+            Ok(_) => {}
+            Err(_) => t.abort(),
         }
     }
     replica.shutdown().await;
