@@ -30,7 +30,12 @@ fn replay(cfg: &ChaosConfig) -> String {
     )
 }
 
+/// One chaos run at a time: each is a whole cluster with its own faults, and two sharing a
+/// 2-core machine would mostly measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn run_and_check(cfg: ChaosConfig) -> Report {
+    let _turn = ONE_AT_A_TIME.lock().await;
     eprintln!("replay: {}", replay(&cfg));
     let (report, _history) = run::run(&cfg).await.expect("chaos run");
     eprintln!(

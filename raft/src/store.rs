@@ -158,19 +158,15 @@ impl Storage {
             source,
         };
         let meta = self.cf(CF_META);
+        if let Some(v) = self.db.get_cf(meta, KEY_VOTE).map_err(rocks)? {
+            codec::decode::<Vote<NodeId>>(&v).map_err(|e| corrupt("the saved vote", e))?;
+        }
         for (key, what) in [
-            (KEY_VOTE, "the saved vote"),
             (KEY_COMMITTED, "the committed index"),
             (KEY_LAST_PURGED, "the purge marker"),
         ] {
             if let Some(v) = self.db.get_cf(meta, key).map_err(rocks)? {
-                codec::decode::<Option<LogId>>(&v)
-                    .map(|_| ())
-                    .or_else(|e| {
-                        // the vote has its own type; try it before calling the value corrupt
-                        codec::decode::<Vote<NodeId>>(&v).map(|_| ()).map_err(|_| e)
-                    })
-                    .map_err(|e| corrupt(what, e))?;
+                codec::decode::<Option<LogId>>(&v).map_err(|e| corrupt(what, e))?;
             }
         }
         if let Some(v) = self.db.get_cf(meta, KEY_IDENTITY).map_err(rocks)? {
