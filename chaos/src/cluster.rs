@@ -79,9 +79,35 @@ pub struct LocalCluster {
     extra_args: Vec<String>,
 }
 
-/// A free port on 127.0.0.1 (bound and released: another process could take it meanwhile, which
-/// the replica then reports as "address in use").
+/// Lowest port handed out by [`free_port`].
+const PORTS_FROM: u32 = 20_000;
+
+/// A free port on 127.0.0.1, below the kernel's ephemeral range. Ports from that range
+/// (what binding port 0 returns) are also what outgoing connections use: a replica stopped and
+/// restarted on its port could find it taken by some client's connection in between.
 pub fn free_port() -> Result<u16, ClusterError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u32>().ok())
+        })
+        .unwrap_or(32_768);
+    let span = ephemeral_from.saturating_sub(PORTS_FROM).max(1);
+    // Spread processes apart; a counter keeps one process's clusters apart.
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span.min(4_096) {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = PORTS_FROM + (offset + n) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").map_err(ClusterError::Port)?;
     Ok(l.local_addr().map_err(ClusterError::Port)?.port())
 }
