@@ -170,6 +170,10 @@ impl LocalCluster {
         self.replicas.keys().copied().collect()
     }
 
+    fn replica_mut(&mut self, id: u64) -> Result<&mut Replica, ClusterError> {
+        self.replicas.get_mut(&id).ok_or(ClusterError::Unknown(id))
+    }
+
     pub fn replica(&self, id: u64) -> Result<&Replica, ClusterError> {
         self.replicas.get(&id).ok_or(ClusterError::Unknown(id))
     }
@@ -206,10 +210,7 @@ impl LocalCluster {
         let bootstrap = self.bootstrap_spec();
         let extra = self.extra_args.clone();
         let bin = self.bin.clone();
-        let r = self
-            .replicas
-            .get_mut(&id)
-            .ok_or(ClusterError::Unknown(id))?;
+        let r = self.replica_mut(id)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -248,23 +249,16 @@ impl LocalCluster {
 
     /// `kill -9`.
     pub fn kill(&mut self, id: u64) -> Result<(), ClusterError> {
-        let r = self
-            .replicas
-            .get_mut(&id)
-            .ok_or(ClusterError::Unknown(id))?;
+        let r = self.replica_mut(id)?;
         if let Some(mut c) = r.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(&mut c);
         }
         Ok(())
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
-        let r = self
-            .replicas
-            .get_mut(&id)
-            .ok_or(ClusterError::Unknown(id))?;
+        let r = self.replica_mut(id)?;
         if let Some(mut c) = r.child.take() {
             signal(&c, libc::SIGTERM);
             let deadline = Instant::now() + grace;
@@ -274,18 +268,14 @@ impl LocalCluster {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(&mut c);
         }
         Ok(())
     }
 
     /// SIGSTOP (`resume == false`) or SIGCONT.
     pub fn pause(&mut self, id: u64, resume: bool) -> Result<(), ClusterError> {
-        let r = self
-            .replicas
-            .get_mut(&id)
-            .ok_or(ClusterError::Unknown(id))?;
+        let r = self.replica_mut(id)?;
         if let Some(c) = &r.child {
             signal(c, if resume { libc::SIGCONT } else { libc::SIGSTOP });
         }
@@ -440,8 +430,7 @@ impl LocalCluster {
             .spawn()
             .map_err(|source| ClusterError::Spawn { id: 0, source })?;
         if let Some(mut old) = self.node_groups.insert(group.to_string(), child) {
-            let _ = old.kill();
-            let _ = old.wait();
+            reap(&mut old);
         }
         Ok(())
     }
@@ -449,8 +438,7 @@ impl LocalCluster {
     /// `kill -9` a group of simulated nodes: they stop heartbeating at once.
     pub fn kill_nodes(&mut self, group: &str) {
         if let Some(mut c) = self.node_groups.remove(group) {
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(&mut c);
         }
     }
 
@@ -480,16 +468,20 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         for c in self.node_groups.values_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(c);
         }
         for r in self.replicas.values_mut() {
             if let Some(mut c) = r.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
+                reap(&mut c);
             }
         }
     }
+}
+
+/// `kill -9` a child and reap it.
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn signal(child: &Child, sig: libc::c_int) {
