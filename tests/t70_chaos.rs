@@ -97,6 +97,40 @@ async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
     );
 }
 
+/// Partitions between replicas — the leader isolated, a minority cut off, a bridge replica that
+/// alone sees both halves — mixed with leader kills, each replica on its own network namespace.
+/// A deposed leader cut off from its peers must not acknowledge a write; every checker must pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_lose_no_acknowledged_job() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: partitions need network namespaces, which need root");
+        return;
+    }
+    let seed = std::env::var("SURGE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(71);
+    let cfg = config(seed, "partition,kill", Duration::from_secs(45));
+    let replay = replay(&cfg);
+    let report = run_and_check(cfg).await;
+    assert!(
+        report.faults.get("partition").copied().unwrap_or(0) >= 4,
+        "only {:?} faults injected",
+        report.faults
+    );
+    assert!(
+        report.violations.is_empty(),
+        "{} violation(s): {:?}\nreplay: {replay}",
+        report.violations.len(),
+        report
+            .violations
+            .iter()
+            .map(|v| &v.message)
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Regression, found by `surge chaos --seed 3 --duration 30s --faults wipe` (fixed: an empty
 /// replica now refuses cluster calls at once, see raft/src/service.rs): the leader is wiped and restarted
 /// with `--join`. The joining replica asks the seed to remove its old id; the seed forwards the

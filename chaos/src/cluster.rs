@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use surge_proto::cluster::{StatusReply, StatusRequest};
 
 use crate::client;
+use crate::netns::{Net, NetError};
 
 /// Most replicas one local cluster runs.
 pub const REPLICAS_MAX: u64 = 9;
@@ -31,6 +32,8 @@ pub enum ClusterError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Client(#[from] client::ConnectError),
+    #[error("{0}")]
+    Net(#[from] NetError),
 }
 
 /// How a replica process is started.
@@ -77,6 +80,8 @@ pub struct LocalCluster {
     /// The `--bootstrap` list: the replicas the cluster was formed with.
     initial: Vec<u64>,
     extra_args: Vec<String>,
+    /// With [`LocalCluster::with_netns`]: each replica on its own network host.
+    net: Option<Net>,
 }
 
 /// Lowest port handed out by [`free_port`].
@@ -128,6 +133,7 @@ impl LocalCluster {
             node_groups: BTreeMap::new(),
             initial: (1..=n).collect(),
             extra_args: Vec::new(),
+            net: None,
         };
         for id in 1..=n.min(REPLICAS_MAX) {
             cluster.plan(id, base_port)?;
@@ -141,6 +147,25 @@ impl LocalCluster {
         self
     }
 
+    /// Runs every replica in its own network namespace on `net` (created with the replicas'
+    /// ids), so that faults can partition them; addresses move from loopback to `net`'s hosts.
+    /// Call before starting any replica.
+    pub fn with_netns(mut self, net: Net) -> Result<Self, ClusterError> {
+        for r in self.replicas.values_mut() {
+            let ip = net.addr(r.id)?;
+            let port = |a: &str| a.rsplit(':').next().unwrap_or_default().to_string();
+            r.grpc = format!("{ip}:{}", port(&r.grpc));
+            r.http = format!("{ip}:{}", port(&r.http));
+        }
+        self.net = Some(net);
+        Ok(self)
+    }
+
+    /// The replicas' network, when they run on one.
+    pub fn net_mut(&mut self) -> Option<&mut Net> {
+        self.net.as_mut()
+    }
+
     /// Add a replica to the plan (not started) and return its id.
     pub fn plan(&mut self, id: u64, base_port: Option<u16>) -> Result<u64, ClusterError> {
         let (grpc, http) = match base_port {
@@ -152,12 +177,16 @@ impl LocalCluster {
         };
         let data_dir = self.root.join(format!("replica-{id}"));
         let log = self.root.join(format!("replica-{id}.log"));
+        let host = match &mut self.net {
+            Some(net) => net.host(id)?.to_string(),
+            None => "127.0.0.1".to_string(),
+        };
         self.replicas.insert(
             id,
             Replica {
                 id,
-                grpc: format!("127.0.0.1:{grpc}"),
-                http: format!("127.0.0.1:{http}"),
+                grpc: format!("{host}:{grpc}"),
+                http: format!("{host}:{http}"),
                 data_dir,
                 log,
                 child: None,
@@ -210,12 +239,21 @@ impl LocalCluster {
         let bootstrap = self.bootstrap_spec();
         let extra = self.extra_args.clone();
         let bin = self.bin.clone();
+        let namespace = self.net.as_ref().map(|n| n.namespace(id));
         let r = self.replica_mut(id)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&r.log)?;
-        let mut cmd = Command::new(&bin);
+        // `ip netns exec` enters the namespace and execs the server: the child is the server.
+        let mut cmd = match &namespace {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("server")
             .args(["--id", &id.to_string()])
             .args(["--listen", &r.grpc])

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{LocalCluster, StartMode};
 use crate::history::{EventType, Op, Process, Recorder};
+use crate::netns::Topology;
 
 /// A small deterministic PRNG (splitmix64, Steele et al. 2014): no global RNG anywhere, so a seed
 /// names one schedule and one workload.
@@ -69,6 +70,9 @@ pub enum FaultKind {
     Wipe,
     /// `kill -9` of a group of node daemons; restarted after the hold.
     Nodes,
+    /// Replica-to-replica links cut (leader isolated, majority/minority, bridge); healed after
+    /// the hold. Needs the replicas on network namespaces ([`crate::netns`]).
+    Partition,
 }
 
 pub const FAULT_KINDS: &[FaultKind] = &[
@@ -77,6 +81,7 @@ pub const FAULT_KINDS: &[FaultKind] = &[
     FaultKind::Restart,
     FaultKind::Wipe,
     FaultKind::Nodes,
+    FaultKind::Partition,
 ];
 
 impl FaultKind {
@@ -87,17 +92,18 @@ impl FaultKind {
             FaultKind::Restart => "restart",
             FaultKind::Wipe => "wipe",
             FaultKind::Nodes => "nodes",
+            FaultKind::Partition => "partition",
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultsError {
-    #[error("unknown fault kind {0:?}: expected kill, pause, restart, wipe or nodes (partitions are not implemented)")]
+    #[error("unknown fault kind {0:?}: expected kill, pause, restart, wipe, nodes or partition")]
     UnknownKind(String),
 }
 
-/// Parse `kill,pause,restart,wipe,nodes` (any subset; `all` for every kind; empty for none).
+/// Parse `kill,pause,restart,wipe,nodes,partition` (any subset; `all` for every kind; empty for none).
 pub fn parse_kinds(spec: &str) -> Result<Vec<FaultKind>, FaultsError> {
     let mut kinds = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -125,6 +131,30 @@ pub enum Target {
     Follower(u64),
     /// The `k mod n`-th node group.
     NodeGroup(u64),
+    /// A partition of `shape` around the leader or the `k mod n`-th follower.
+    Cut {
+        shape: Shape,
+        leader: bool,
+        k: u64,
+    },
+}
+
+/// The shape of a partition, around the replica a fault targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    Isolate,
+    Minority,
+    Bridge,
+}
+
+impl Shape {
+    pub fn around(self, id: u64) -> Topology {
+        match self {
+            Shape::Isolate => Topology::Isolate(id),
+            Shape::Minority => Topology::MajorityMinority { minority_of: id },
+            Shape::Bridge => Topology::Bridge { bridge: id },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,9 +194,15 @@ pub fn schedule(
             FaultKind::Restart => 0,
             FaultKind::Wipe => rng.range(0, 1000),
             FaultKind::Nodes => rng.range(node_ttl_ms / 4, node_ttl_ms * 3 / 2),
+            FaultKind::Partition => rng.range(300, 4000),
         };
         let target = match kind {
             FaultKind::Nodes => Target::NodeGroup(rng.next_u64()),
+            FaultKind::Partition => Target::Cut {
+                shape: [Shape::Isolate, Shape::Minority, Shape::Bridge][rng.below(3) as usize],
+                leader: rng.chance(50),
+                k: rng.next_u64(),
+            },
             _ if rng.chance(50) => Target::Leader,
             _ => Target::Follower(rng.next_u64()),
         };
@@ -240,8 +276,11 @@ impl Injector<'_> {
     async fn resolve(&mut self, target: Target) -> Option<(u64, &'static str)> {
         let leader = self.leader().await?;
         match target {
-            Target::Leader => Some((leader, "leader")),
-            Target::Follower(k) => {
+            Target::Leader | Target::Cut { leader: true, .. } => Some((leader, "leader")),
+            Target::Follower(k)
+            | Target::Cut {
+                leader: false, k, ..
+            } => {
                 let followers: Vec<u64> = self
                     .running()
                     .into_iter()
@@ -316,6 +355,32 @@ impl Injector<'_> {
         };
         let target = format!("replica {id} ({role})");
         match f.kind {
+            FaultKind::Partition => {
+                let Target::Cut { shape, .. } = f.target else {
+                    return;
+                };
+                let topology = shape.around(id);
+                let Some(net) = self.cluster.net_mut() else {
+                    self.note(
+                        EventType::Info,
+                        "partition skipped: the replicas are not on network namespaces".into(),
+                    );
+                    return;
+                };
+                let cut = net.partition(topology);
+                self.fault(
+                    EventType::Invoke,
+                    f.kind,
+                    &target,
+                    format!(
+                        "{} around it for {} ms: cut {cut:?}",
+                        topology.name(),
+                        hold.as_millis()
+                    ),
+                );
+                tokio::time::sleep(hold).await;
+                self.heal_net();
+            }
             FaultKind::Kill => {
                 self.fault(
                     EventType::Invoke,
@@ -405,6 +470,22 @@ impl Injector<'_> {
         }
     }
 
+    fn heal_net(&mut self) {
+        let Some(net) = self.cluster.net_mut() else {
+            return;
+        };
+        if net.cuts().is_empty() {
+            return;
+        }
+        let r = net.heal();
+        self.fault(
+            EventType::Info,
+            FaultKind::Partition,
+            "network",
+            format!("healed: {r:?}"),
+        );
+    }
+
     /// Whether replica `id` has applied everything the leader had committed a moment ago.
     async fn caught_up(&mut self, id: u64) -> bool {
         let Some(leader) = self.leader().await else {
@@ -460,6 +541,7 @@ impl Injector<'_> {
 
     /// Every replica running and resumed, every node group running, a leader agreed.
     pub async fn heal_all(&mut self) {
+        self.heal_net();
         for id in self.cluster.ids() {
             let _ = self.cluster.pause(id, true);
             if !self.cluster.replica_running(id) {
@@ -508,6 +590,15 @@ mod tests {
         assert!(plan
             .iter()
             .all(|f| (f.kind == FaultKind::Nodes) == matches!(f.target, Target::NodeGroup(_))));
+        let cuts = schedule(7, &[FaultKind::Partition], 60_000, 2000);
+        assert!(cuts.iter().all(|f| matches!(f.target, Target::Cut { .. })));
+        for shape in [Shape::Isolate, Shape::Minority, Shape::Bridge] {
+            assert!(
+                cuts.iter()
+                    .any(|f| matches!(f.target, Target::Cut { shape: s, .. } if s == shape)),
+                "no {shape:?} in {cuts:?}"
+            );
+        }
         assert!(schedule(7, &[], 60_000, 2000).is_empty());
     }
 
@@ -519,7 +610,11 @@ mod tests {
             vec![FaultKind::Kill, FaultKind::Wipe]
         );
         assert!(parse_kinds("").expect("none").is_empty());
-        assert!(parse_kinds("partition").is_err());
+        assert_eq!(
+            parse_kinds("partition").expect("partition"),
+            vec![FaultKind::Partition]
+        );
+        assert!(parse_kinds("flood").is_err());
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod client;
 pub mod cluster;
 pub mod faults;
 pub mod history;
+pub mod netns;
 pub mod run;
 pub mod workload;

@@ -22,6 +22,7 @@ use crate::checker::{self, Violation};
 use crate::cluster::{ClusterError, LocalCluster};
 use crate::faults::{self, FaultKind, Injector, NodeGroup};
 use crate::history::{EventType, History, Op, Process, Recorder};
+use crate::netns::Net;
 use crate::workload::{self, WorkloadConfig};
 
 /// The tenant every job of a run belongs to.
@@ -67,7 +68,7 @@ impl ChaosConfig {
             bin,
             seed,
             duration: Duration::from_secs(60),
-            faults: faults::FAULT_KINDS.to_vec(),
+            faults: default_faults(),
             replicas: 3,
             nodes: 20,
             node_groups: 4,
@@ -83,6 +84,17 @@ impl ChaosConfig {
             keep: false,
         }
     }
+}
+
+/// Every fault kind; partitions only where the harness can create network namespaces (root).
+pub fn default_faults() -> Vec<FaultKind> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    faults::FAULT_KINDS
+        .iter()
+        .copied()
+        .filter(|k| root || *k != FaultKind::Partition)
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +241,15 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     let ttl = cfg.node_ttl_ms.to_string();
     let mut cluster =
         LocalCluster::new(&cfg.bin, &root, cfg.replicas, None)?.with_args(&["--node-ttl-ms", &ttl]);
+    if cfg.faults.contains(&FaultKind::Partition) {
+        // Partitions cut links between replicas: each needs its own network host.
+        let net = Net::create(&cluster.ids()).map_err(|e| {
+            ChaosError::Setup(format!(
+                "partition faults need the replicas on network namespaces: {e}"
+            ))
+        })?;
+        cluster = cluster.with_netns(net)?;
+    }
     cluster.start_all()?;
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
     tracing::info!(leader, dir = %root.display(), "cluster up");

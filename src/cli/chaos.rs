@@ -18,8 +18,8 @@ pub struct ChaosArgs {
     /// How long faults and workload go on: 90s, 2m, 1500ms (a bare number is seconds).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Fault kinds, comma separated: kill, pause, restart, wipe, nodes, or all (none: "").
-    /// Network partitions are not implemented.
+    /// Fault kinds, comma separated: kill, pause, restart, wipe, nodes, partition, or all
+    /// (none: ""). `partition` puts each replica in its own network namespace (needs root).
     #[arg(long, default_value = "all")]
     faults: String,
     /// Scheduler replicas.
