@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/cluster.proto",
         "proto/jobs.proto",
         "proto/node.proto",
+        "proto/etcd.proto",
     ];
     tonic_prost_build::configure()
         .btree_map(".")

@@ -67,6 +67,24 @@ fn raft_bench_commits_without_errors() {
         r["p99_ms"].as_f64().expect("p99") >= r["p50_ms"].as_f64().expect("p50"),
         "{r}"
     );
+    // scripts/setup installs etcd-server, so the side-by-side run happens here too.
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let etcd = &r["etcd"];
+        assert_eq!(etcd["errors"], 0, "{r}");
+        assert!(etcd["ops_per_s"].as_f64().expect("etcd ops") > 0.0, "{r}");
+        assert!(etcd["version"].as_str().is_some(), "{r}");
+        assert!(
+            r["surge_vs_etcd_throughput"].as_f64().expect("ratio") > 0.0,
+            "{r}"
+        );
+    } else {
+        eprintln!("etcd is not installed: the side-by-side half of the raft bench is skipped");
+        assert!(r["etcd"].is_null(), "{r}");
+    }
 }
 
 #[test]

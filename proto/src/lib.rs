@@ -3,7 +3,8 @@
 //! - [`raft`]: the Raft transport between scheduler replicas;
 //! - [`cluster`]: status, membership, and the replicas' internal forwarding calls;
 //! - [`jobs`]: the batch job API (submit, get, list, cancel, watch);
-//! - [`node`]: the node daemon's API (register, heartbeat, assignments, status reports).
+//! - [`node`]: the node daemon's API (register, heartbeat, assignments, status reports);
+//! - [`etcd`]: a few calls of etcd's v3 API, for the benchmark that compares surge with etcd.
 
 #![allow(clippy::all)]
 
@@ -21,6 +22,11 @@ pub mod jobs {
 
 pub mod node {
     tonic::include_proto!("surge.node");
+}
+
+/// The subset of etcd's v3 API that `surge bench raft` drives for its side-by-side comparison.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
 }
 
 /// Largest gRPC message any surge service decodes or encodes (a 100k-sandbox plan is kilobytes;

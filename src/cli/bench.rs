@@ -70,6 +70,9 @@ pub struct RaftArgs {
     /// Submit through a follower instead of the leader (adds the forwarding hop).
     #[arg(long)]
     via_follower: bool,
+    /// Skip the side-by-side etcd run even when `etcd` is installed.
+    #[arg(long)]
+    no_etcd: bool,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -147,6 +150,79 @@ struct RaftRun {
     errors: u64,
 }
 
+impl RaftRun {
+    fn median_of(runs: &[RaftRun]) -> RaftRun {
+        let of = |f: fn(&RaftRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        RaftRun {
+            ops_per_s: of(|r| r.ops_per_s),
+            p50_ms: of(|r| r.p50_ms),
+            p99_ms: of(|r| r.p99_ms),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "ops_per_s": self.ops_per_s,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "errors": self.errors,
+        })
+    }
+}
+
+/// Runs `total` operations from `concurrency` tasks, each with its own operation from `make`
+/// (its own client), and measures them. An operation returns whether it was acknowledged.
+async fn drive<Op, Fut>(
+    concurrency: u64,
+    total: u64,
+    make: impl Fn() -> anyhow::Result<Op>,
+) -> anyhow::Result<RaftRun>
+where
+    Op: Fn(u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let next = next.clone();
+        let op = make()?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                if op(i).await {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Ok(RaftRun {
+        ops_per_s: lat.len() as f64 / elapsed,
+        p50_ms: percentile(&lat, 50.0),
+        p99_ms: percentile(&lat, 99.0),
+        errors,
+    })
+}
+
 async fn raft_run(args: &RaftArgs, bin: &Path, run: u64) -> anyhow::Result<RaftRun> {
     let dir = tempfile::Builder::new().prefix("surge-bench-").tempdir()?;
     let (cluster, leader) = start_cluster(bin, dir.path(), args.replicas).await?;
@@ -165,55 +241,63 @@ async fn raft_run(args: &RaftArgs, bin: &Path, run: u64) -> anyhow::Result<RaftR
     for i in 0..100 {
         c.submit_job(small_job(format!("warm-{run}-{i}"))).await?;
     }
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let next = next.clone();
-        let total = args.requests;
-        let mut c = client::jobs(&target)?;
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let t = Instant::now();
-                match c.submit_job(small_job(format!("bench-{run}-{i}"))).await {
-                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Err(_) => errors += 1,
-                }
+    let measured = drive(args.concurrency, args.requests, || {
+        let c = client::jobs(&target)?;
+        Ok(move |i| {
+            let mut c = c.clone();
+            async move {
+                c.submit_job(small_job(format!("bench-{run}-{i}")))
+                    .await
+                    .is_ok()
             }
-            (lat, errors)
-        }));
-    }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        lat.extend(l);
-        errors += e;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    drop(cluster);
-    Ok(RaftRun {
-        ops_per_s: lat.len() as f64 / elapsed,
-        p50_ms: percentile(&lat, 50.0),
-        p99_ms: percentile(&lat, 99.0),
-        errors,
+        })
     })
+    .await;
+    drop(cluster);
+    measured
+}
+
+/// The same load against etcd: `replicas` members, puts of the key surge submits with a value
+/// as long as surge's encoded submission, through the leader.
+async fn etcd_run(args: &RaftArgs, etcd: &Path, run: u64) -> anyhow::Result<RaftRun> {
+    let mut cluster = super::etcd::EtcdCluster::start(etcd, args.replicas as usize)?;
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+    let target = if args.via_follower {
+        cluster.follower_of(&leader).context("no etcd follower")?
+    } else {
+        leader
+    };
+    let value_len = prost::Message::encoded_len(&small_job(format!("bench-{run}-0")));
+    let put = move |c: &surge_proto::etcd::kv_client::KvClient<tonic::transport::Channel>,
+                    key: String| {
+        let mut c = c.clone();
+        async move {
+            c.put(surge_proto::etcd::PutRequest {
+                key: key.into_bytes(),
+                value: vec![b'x'; value_len],
+            })
+            .await
+            .is_ok()
+        }
+    };
+    let c = super::etcd::kv(&target)?;
+    for i in 0..100 {
+        if !put(&c, format!("warm-{run}-{i}")).await {
+            bail!("etcd refused a warm-up put");
+        }
+    }
+    drive(args.concurrency, args.requests, || {
+        let c = super::etcd::kv(&target)?;
+        Ok(move |i| put(&c, format!("bench-{run}-{i}")))
+    })
+    .await
 }
 
 async fn raft(args: RaftArgs, bin: &Path) -> anyhow::Result<()> {
-    let mut runs = Vec::new();
-    for run in 0..args.runs.max(1) {
-        let r = raft_run(&args, bin, run).await?;
+    let say = |who: &str, run: u64, r: &RaftRun| {
         if args.output == Output::Table {
             eprintln!(
-                "run {}: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                "{who} run {}: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
                 run + 1,
                 r.ops_per_s,
                 r.p50_ms,
@@ -221,48 +305,98 @@ async fn raft(args: RaftArgs, bin: &Path) -> anyhow::Result<()> {
                 r.errors
             );
         }
-        runs.push(r);
+    };
+    let etcd = if args.no_etcd {
+        None
+    } else {
+        super::etcd::find_binary()
+    };
+    if etcd.is_none() && !args.no_etcd && args.output == Output::Table {
+        eprintln!("etcd is not installed (Debian: etcd-server): surge runs alone");
     }
-    let ops = median(&runs.iter().map(|r| r.ops_per_s).collect::<Vec<_>>());
-    let p50 = median(&runs.iter().map(|r| r.p50_ms).collect::<Vec<_>>());
-    let p99 = median(&runs.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
-    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    // Alternate the two systems run by run so that load on the machine hits both alike.
+    let mut surge_runs = Vec::new();
+    let mut etcd_runs = Vec::new();
+    for run in 0..args.runs.max(1) {
+        let r = raft_run(&args, bin, run).await?;
+        say("surge", run, &r);
+        surge_runs.push(r);
+        if let Some(etcd) = &etcd {
+            let r = etcd_run(&args, etcd, run).await?;
+            say("etcd", run, &r);
+            etcd_runs.push(r);
+        }
+    }
+    let surge = RaftRun::median_of(&surge_runs);
+    let etcd_median = (!etcd_runs.is_empty()).then(|| RaftRun::median_of(&etcd_runs));
+    let ratio = etcd_median
+        .as_ref()
+        .filter(|e| e.ops_per_s > 0.0)
+        .map(|e| surge.ops_per_s / e.ops_per_s);
     match args.output {
-        Output::Json => print_json(&json!({
-            "bench": "raft",
-            "replicas": args.replicas,
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-            "via_follower": args.via_follower,
-            "runs": args.runs,
-            "ops_per_s": ops,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "errors": errors,
-        })),
-        Output::Table => table(
-            &[
-                "REPLICAS",
-                "REQUESTS",
-                "CONCURRENCY",
-                "COMMITS/S",
-                "P50_MS",
-                "P99_MS",
-                "ERRORS",
-            ],
-            &[vec![
-                args.replicas.to_string(),
-                args.requests.to_string(),
-                args.concurrency.to_string(),
-                format!("{ops:.0}"),
-                format!("{p50:.2}"),
-                format!("{p99:.2}"),
-                errors.to_string(),
-            ]],
-        ),
+        Output::Json => {
+            let mut v = json!({
+                "bench": "raft",
+                "replicas": args.replicas,
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "via_follower": args.via_follower,
+                "runs": args.runs,
+                "value_bytes": prost::Message::encoded_len(&small_job("bench-0-0".into())),
+                "etcd": etcd_median.as_ref().map(|e| {
+                    let mut j = e.json();
+                    j["version"] = json!(etcd.as_deref().and_then(super::etcd::version));
+                    j
+                }),
+                "surge_vs_etcd_throughput": ratio,
+            });
+            // The surge figures stay at the top level, where earlier reports had them.
+            if let (Some(obj), serde_json::Value::Object(s)) = (v.as_object_mut(), surge.json()) {
+                obj.extend(s);
+            }
+            print_json(&v)
+        }
+        Output::Table => {
+            let row = |who: &str, r: &RaftRun| {
+                vec![
+                    who.to_string(),
+                    args.replicas.to_string(),
+                    args.requests.to_string(),
+                    args.concurrency.to_string(),
+                    format!("{:.0}", r.ops_per_s),
+                    format!("{:.2}", r.p50_ms),
+                    format!("{:.2}", r.p99_ms),
+                    r.errors.to_string(),
+                ]
+            };
+            let mut rows = vec![row("surge", &surge)];
+            if let Some(e) = &etcd_median {
+                rows.push(row("etcd", e));
+            }
+            table(
+                &[
+                    "SYSTEM",
+                    "REPLICAS",
+                    "REQUESTS",
+                    "CONCURRENCY",
+                    "COMMITS/S",
+                    "P50_MS",
+                    "P99_MS",
+                    "ERRORS",
+                ],
+                &rows,
+            );
+            if let Some(ratio) = ratio {
+                let verdict = if ratio >= 1.0 { "meets" } else { "misses" };
+                println!(
+                    "surge/etcd throughput: {ratio:.2}x ({verdict} the goal of at least etcd's)"
+                );
+            }
+        }
     }
+    let errors = surge.errors + etcd_median.map_or(0, |e| e.errors);
     if errors > 0 {
-        bail!("{errors} submissions failed");
+        bail!("{errors} writes failed");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod dev;
+pub mod etcd;
 pub mod node;
 pub mod output;
 pub mod server;
