@@ -61,8 +61,9 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-/// Inverse of [`encode`]; refuses damaged or foreign data.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+/// Check a framed value's header and checksum without decoding it; returns the payload.
+/// Cheap (one CRC pass), so a whole log can be checked at start.
+pub fn check_frame(bytes: &[u8]) -> Result<&[u8], CodecError> {
     if bytes.len() < HEADER_BYTES {
         return Err(CodecError::Truncated(bytes.len()));
     }
@@ -75,7 +76,19 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if stored != computed {
         return Err(CodecError::Checksum { stored, computed });
     }
-    from_bytes(payload)
+    Ok(payload)
+}
+
+/// Inverse of [`encode`]; refuses damaged or foreign data.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    from_bytes(check_frame(bytes)?)
+}
+
+/// Decode only the leading value of a framed encoding (a struct's first field), after checking
+/// the whole frame: reads a log entry's id without decoding its payload.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let payload = check_frame(bytes)?;
+    Ok(options().allow_trailing_bytes().deserialize(payload)?)
 }
 
 #[cfg(test)]
@@ -115,6 +128,18 @@ mod tests {
             decode::<u64>(&bytes),
             Err(CodecError::UnknownFormat(9))
         ));
+    }
+
+    #[test]
+    fn a_prefix_decodes_without_the_rest() {
+        let bytes = encode(&(7u64, "a long payload".to_string()));
+        assert_eq!(decode_prefix::<u64>(&bytes).expect("prefix"), 7);
+        let mut bad = bytes.clone();
+        bad[12] ^= 1;
+        assert!(
+            decode_prefix::<u64>(&bad).is_err(),
+            "damage after the prefix went unnoticed"
+        );
     }
 
     #[test]

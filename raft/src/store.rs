@@ -75,6 +75,12 @@ pub enum OpenError {
         what: &'static str,
         source: codec::CodecError,
     },
+    #[error("data dir {path}: log entry {index} is corrupt ({reason}); the log cannot be trusted: restore the data dir from a backup, or wipe it and re-join the cluster")]
+    CorruptEntry {
+        path: String,
+        index: u64,
+        reason: String,
+    },
     #[error("data dir {path}: snapshot does not restore: {reason}")]
     Restore { path: String, reason: String },
     #[error("data dir {path}: {source}")]
@@ -145,7 +151,7 @@ impl Storage {
         Ok(storage)
     }
 
-    /// Decode every metadata value, the snapshot and the log's last entry, so damage is refused
+    /// Decode every metadata value and the snapshot, and check the log, so damage is refused
     /// at start with a clear error instead of surfacing later inside Raft.
     fn verify(&self) -> Result<(), OpenError> {
         let corrupt = |what, source| OpenError::Corrupt {
@@ -179,10 +185,47 @@ impl Storage {
         {
             codec::decode::<StoredSnapshot>(&v).map_err(|e| corrupt("the snapshot", e))?;
         }
-        let mut iter = self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::End);
-        if let Some(item) = iter.next() {
-            let (_, v) = item.map_err(rocks)?;
-            codec::decode::<Entry>(&v).map_err(|e| corrupt("the last log entry", e))?;
+        self.verify_log()
+    }
+
+    /// Check every log entry's checksum and that it sits under its own index; decode the last
+    /// one in full. A damaged entry in the middle of the log would otherwise surface only when
+    /// Raft reads it — for a follower's catch-up, or when re-applying after a restart.
+    fn verify_log(&self) -> Result<(), OpenError> {
+        let corrupt = |index, reason: String| OpenError::CorruptEntry {
+            path: self.path.clone(),
+            index,
+            reason,
+        };
+        let mut last: Option<u64> = None;
+        for item in self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::Start) {
+            let (k, v) = item.map_err(|source| OpenError::Rocks {
+                path: self.path.clone(),
+                source,
+            })?;
+            let index = match <[u8; 8]>::try_from(k.as_ref()) {
+                Ok(b) => u64::from_be_bytes(b),
+                Err(_) => return Err(corrupt(0, format!("a log key is {} bytes, not 8", k.len()))),
+            };
+            let id: LogId = codec::decode_prefix(&v).map_err(|e| corrupt(index, e.to_string()))?;
+            if id.index != index {
+                return Err(corrupt(
+                    index,
+                    format!("it holds entry {} instead", id.index),
+                ));
+            }
+            last = Some(index);
+        }
+        if let Some(index) = last {
+            let v = self
+                .db
+                .get_cf(self.cf(CF_LOGS), index_key(index))
+                .map_err(|source| OpenError::Rocks {
+                    path: self.path.clone(),
+                    source,
+                })?
+                .ok_or_else(|| corrupt(index, "it vanished while being read".into()))?;
+            codec::decode::<Entry>(&v).map_err(|e| corrupt(index, e.to_string()))?;
         }
         Ok(())
     }
