@@ -11,4 +11,5 @@ pub mod faults;
 pub mod history;
 pub mod netns;
 pub mod run;
+pub mod sim;
 pub mod workload;

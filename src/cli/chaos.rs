@@ -11,7 +11,10 @@ use surge_chaos::run::{self, ChaosConfig, Report};
 use crate::cli::output::{self, Output};
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ChaosArgs {
+    #[command(subcommand)]
+    command: Option<ChaosCommand>,
     /// Seed of the fault schedule and the workload (default: from the clock; printed either way).
     #[arg(long)]
     seed: Option<u64>,
@@ -59,6 +62,173 @@ pub struct ChaosArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ChaosCommand {
+    /// Deterministic simulation: openraft, the storage, the state machine and placement in one
+    /// process on a simulated network and clock; one seed replays one run exactly.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// Seeds to run: `A..B` (B excluded), `A..=B`, or one seed.
+    #[arg(long, default_value = "1..101", value_parser = parse_seeds)]
+    seeds: std::ops::Range<u64>,
+    /// Simulated milliseconds of faults and workload per seed.
+    #[arg(long, default_value_t = surge_chaos::sim::SimConfig::default().fault_phase_ms)]
+    fault_ms: u64,
+    /// Plant a bug to watch the checkers catch it: lose-acknowledged-job.
+    #[arg(long, value_parser = parse_bug)]
+    inject: Option<surge_chaos::sim::InjectedBug>,
+    /// Stop at the first failing seed.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// `A..B` (B excluded), `A..=B`, or a single seed `A`.
+pub fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{x:?} is not a seed (a number)"))
+    };
+    let range = if let Some((a, b)) = s.split_once("..=") {
+        num(a)?..num(b)?.saturating_add(1)
+    } else if let Some((a, b)) = s.split_once("..") {
+        num(a)?..num(b)?
+    } else {
+        let a = num(s)?;
+        a..a.saturating_add(1)
+    };
+    if range.is_empty() {
+        return Err(format!("{s:?} holds no seed (write A..B with A < B)"));
+    }
+    Ok(range)
+}
+
+fn parse_bug(s: &str) -> Result<surge_chaos::sim::InjectedBug, String> {
+    match s {
+        "lose-acknowledged-job" => Ok(surge_chaos::sim::InjectedBug::LoseAcknowledgedJob),
+        other => Err(format!("unknown bug {other:?}: lose-acknowledged-job")),
+    }
+}
+
+/// `surge chaos sim`: sweep the seeds on a blocking thread (each seed builds its own
+/// current-thread runtime), print a line per failing seed and the totals.
+async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    use surge_chaos::sim::{self, SimConfig};
+    let cfg = SimConfig {
+        fault_phase_ms: args.fault_ms,
+        inject: args.inject,
+        ..SimConfig::default()
+    };
+    cfg.validate()?;
+    let seeds = args.seeds.clone();
+    let total = seeds.end - seeds.start;
+    let fail_fast = args.fail_fast;
+    let sweep_cfg = cfg.clone();
+    let started = std::time::Instant::now();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut done = 0u64;
+        sim::sweep(seeds, &sweep_cfg, fail_fast, |o| {
+            done += 1;
+            if !o.violations.is_empty() {
+                let names: Vec<&str> = o.violations.iter().map(|v| v.checker.as_str()).collect();
+                eprintln!(
+                    "seed {}: {} — replay: {}",
+                    o.seed,
+                    names.join(", "),
+                    o.replay
+                );
+            } else if total <= 20 {
+                eprintln!("seed {}: ok, digest {}", o.seed, o.digest);
+            }
+            if done.is_multiple_of(100) {
+                eprintln!(
+                    "{done}/{total} seeds, {:.1} seeds/s",
+                    done as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        })
+    })
+    .await
+    .context("simulation thread")??;
+    let wall = started.elapsed();
+    let seeds_per_second = report.seeds as f64 / wall.as_secs_f64().max(1e-9);
+    match args.output {
+        Output::Json => {
+            let mut v = serde_json::to_value(&report)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("wall_ms".into(), (wall.as_millis() as u64).into());
+                o.insert("seeds_per_second".into(), seeds_per_second.into());
+                o.insert(
+                    "verdict".into(),
+                    if report.failed_seeds.is_empty() {
+                        "pass"
+                    } else {
+                        "fail"
+                    }
+                    .into(),
+                );
+            }
+            output::json(&v);
+        }
+        Output::Table => {
+            let faults: Vec<String> = report
+                .faults
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            println!(
+                "verdict:     {}",
+                if report.failed_seeds.is_empty() {
+                    "pass"
+                } else {
+                    "FAIL"
+                }
+            );
+            println!(
+                "seeds:       {} in {:.1} s ({seeds_per_second:.1} seeds/s), {} failed",
+                report.seeds,
+                wall.as_secs_f64(),
+                report.failed_seeds.len()
+            );
+            println!("faults:      {}", faults.join(", "));
+            println!(
+                "operations:  {} ok, {} fail, {} info; {} messages; {:.0} s simulated",
+                report.ops_ok,
+                report.ops_fail,
+                report.ops_info,
+                report.messages,
+                report.simulated_ms as f64 / 1000.0
+            );
+            if let Some(f) = &report.first_failure {
+                println!("\nfirst failing seed {} — replay: {}", f.seed, f.replay);
+                for v in &f.violations {
+                    println!(
+                        "{}: {}\n{}",
+                        v.checker,
+                        v.message,
+                        serde_json::to_string_pretty(&v.counterexample).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    if let Some(f) = &report.first_failure {
+        bail!(
+            "{} of {} seeds failed; replay the first with: {}",
+            report.failed_seeds.len(),
+            report.seeds,
+            f.replay
+        );
+    }
+    Ok(())
 }
 
 /// `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
@@ -109,7 +279,10 @@ fn replay(args: &ChaosArgs, seed: u64, kinds: &[FaultKind]) -> String {
     )
 }
 
-pub async fn run(args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
+pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
+    if let Some(ChaosCommand::Sim(sim)) = args.command.take() {
+        return run_sim(sim).await;
+    }
     let kinds = faults::parse_kinds(&args.faults)?;
     if args.replicas == 0 || args.replicas > surge_chaos::cluster::REPLICAS_MAX {
         bail!(
@@ -252,5 +425,14 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("7 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn seed_ranges_parse() {
+        assert_eq!(parse_seeds("1..10000"), Ok(1..10000));
+        assert_eq!(parse_seeds("5..=7"), Ok(5..8));
+        assert_eq!(parse_seeds("42"), Ok(42..43));
+        assert!(parse_seeds("9..3").is_err());
+        assert!(parse_seeds("a..b").is_err());
     }
 }

@@ -1,0 +1,1017 @@
+//! One simulated run: replicas, scheduler, node daemons, clients and the fault schedule, all
+//! tasks of one current-thread runtime on the paused clock.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use surge_raft::metrics::RaftMetrics;
+use surge_raft::store::{Applied, LogStore, StateMachineStore, Storage};
+use surge_raft::types::{Command as RaftCommand, NodeId, Raft};
+use surge_scheduler::command::{Command, Response};
+use surge_scheduler::leader::{coalesce, reasons_of};
+use surge_scheduler::model::{JobSpec, NodeSpec, NodeState, Resources, RestartPolicy, Strategy};
+use surge_scheduler::placement::{self, PlacementParams};
+use surge_scheduler::runs::SandboxState;
+use surge_scheduler::ClusterState;
+use tokio::task::JoinHandle;
+
+use super::net::{Conditions, SimNetwork, World};
+use super::{InjectedBug, SimConfig, SimError};
+use crate::history::{EventType, JobSample, NodeSample, Op, Process};
+
+/// How long a client or node waits for one proposal before calling its outcome unknown.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The scheduler's planning tick (the real loop wakes on every applied change, at most every
+/// 20 ms; a coarser tick keeps the simulated message count, and so seeds/s, reasonable).
+const SCHEDULE_TICK: Duration = Duration::from_millis(100);
+/// How often the leader checks node TTLs (as `leader::watch_liveness`).
+const LIVENESS_TICK_MS: u64 = 500;
+/// How often a node daemon heartbeats, reads its assignments and reports.
+const NODE_TICK_MS: (u64, u64) = (200, 300);
+/// How often the sampler reads one replica's nodes and jobs.
+const SAMPLE_TICK: Duration = Duration::from_millis(250);
+/// Submissions one client retries before it gives an operation up.
+const ATTEMPTS_MAX: u32 = 8;
+/// Longest the end of a run waits for every replica to apply the same log.
+const CONVERGE_WAIT_MS: u64 = 20_000;
+
+pub(super) type Recorded = (u64, Process, EventType, Op);
+
+/// Why a proposal did not produce a reply.
+enum ProposeError {
+    /// It certainly did not take effect (refused before it reached a log).
+    Refused(String),
+    /// It may or may not have taken effect (timed out, leader lost mid-way).
+    Unknown(String),
+}
+
+struct Replica {
+    raft: Raft,
+    state: Arc<RwLock<Applied<ClusterState>>>,
+    duties: JoinHandle<()>,
+}
+
+struct Daemon {
+    up: bool,
+    /// Sandboxes this daemon runs: (job, index, generation) -> simulated time it ends.
+    running: BTreeMap<(u64, u32, u64), u64>,
+    last_heartbeat_ms: u64,
+}
+
+pub(super) struct Sim {
+    pub cfg: SimConfig,
+    pub world: Arc<World>,
+    dir: PathBuf,
+    election_timeout_ms: BTreeMap<NodeId, u64>,
+    replicas: Mutex<BTreeMap<NodeId, Replica>>,
+    daemons: Mutex<BTreeMap<String, Daemon>>,
+    events: Mutex<Vec<Recorded>>,
+    /// Job ids clients saw acknowledged (for the injected bug).
+    acked: Mutex<Vec<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn node_id(i: u32) -> String {
+    format!("n{i}")
+}
+
+fn node_spec(id: &str) -> NodeSpec {
+    NodeSpec {
+        id: id.to_string(),
+        address: String::new(),
+        allocatable: Resources::new(4_000, 8_192),
+        labels: BTreeMap::new(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        pool: "default".into(),
+        templates: vec![],
+        max_sandboxes: 0,
+        runtime: "sim".into(),
+    }
+}
+
+pub(super) fn job_sample(j: &surge_scheduler::model::Job) -> JobSample {
+    let c = j.counts;
+    JobSample {
+        id: j.id,
+        key: j.idempotency_key.clone(),
+        gang: j.spec.gang,
+        count: j.spec.count,
+        cpu_millis: j.spec.per_sandbox.cpu_millis,
+        memory_mib: j.spec.per_sandbox.memory_mib,
+        state: j.state.as_str().to_string(),
+        pending: c.pending,
+        placed: c.placed,
+        running: c.running,
+        paused: c.paused,
+        succeeded: c.succeeded,
+        failed: c.failed + c.oom_killed,
+        lost: c.lost,
+        cancelled: c.cancelled,
+        preempted: c.preempted,
+        submitted_index: j.submitted_index,
+        pending_reason: j.pending_reason.clone(),
+    }
+}
+
+pub(super) fn samples(s: &ClusterState) -> (Vec<JobSample>, Vec<NodeSample>) {
+    let jobs = s.jobs.values().map(job_sample).collect();
+    let usage = s.node_usage();
+    let nodes = s
+        .nodes
+        .values()
+        .map(|n| {
+            let u = usage.get(&n.spec.id).copied().unwrap_or_default();
+            NodeSample {
+                id: n.spec.id.clone(),
+                state: n.state.as_str().to_string(),
+                allocatable_cpu_millis: n.spec.allocatable.cpu_millis,
+                allocatable_memory_mib: n.spec.allocatable.memory_mib,
+                allocated_cpu_millis: u.allocated.cpu_millis,
+                allocated_memory_mib: u.allocated.memory_mib,
+                sandboxes: u.sandboxes,
+            }
+        })
+        .collect();
+    (jobs, nodes)
+}
+
+impl Sim {
+    pub fn new(cfg: SimConfig, seed: u64, dir: PathBuf) -> Arc<Self> {
+        let world = Arc::new(World::new(seed));
+        // Each replica keeps one election timeout for the whole run, drawn from the seed:
+        // openraft draws it from `thread_rng` in [min, max), so max = min + 1 pins it.
+        let election_timeout_ms = (1..=cfg.replicas)
+            .map(|id| (id, world.rng(|r| r.range(150, 300))))
+            .collect();
+        let daemons = (0..cfg.nodes)
+            .map(|i| {
+                (
+                    node_id(i),
+                    Daemon {
+                        up: true,
+                        running: BTreeMap::new(),
+                        last_heartbeat_ms: 0,
+                    },
+                )
+            })
+            .collect();
+        Arc::new(Sim {
+            cfg,
+            world,
+            dir,
+            election_timeout_ms,
+            replicas: Mutex::new(BTreeMap::new()),
+            daemons: Mutex::new(daemons),
+            events: Mutex::new(Vec::new()),
+            acked: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn record(&self, process: Process, kind: EventType, op: Op) {
+        let now = self.world.now_ms();
+        lock(&self.events).push((now, process, kind, op));
+    }
+
+    pub fn take_events(&self) -> Vec<Recorded> {
+        std::mem::take(&mut *lock(&self.events))
+    }
+
+    fn rng<T>(&self, f: impl FnOnce(&mut super::rng::SimRng) -> T) -> T {
+        self.world.rng(f)
+    }
+
+    /// Read one running replica's applied state.
+    fn read<T>(&self, id: NodeId, f: impl FnOnce(&ClusterState, u64) -> T) -> Option<T> {
+        let state = lock(&self.replicas).get(&id).map(|r| r.state.clone())?;
+        let guard = state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let applied = guard.last_applied.map(|l| l.index).unwrap_or(0);
+        Some(f(&guard.app, applied))
+    }
+
+    fn is_leader(&self, id: NodeId) -> bool {
+        self.world.raft(id).is_some_and(|r| {
+            let m = r.metrics().borrow().clone();
+            m.state == ServerState::Leader && m.current_leader == Some(id)
+        })
+    }
+
+    /// The running replica that leads in the highest term, if any.
+    fn leader(&self) -> Option<NodeId> {
+        self.world
+            .running()
+            .into_iter()
+            .filter_map(|id| {
+                let r = self.world.raft(id)?;
+                let m = r.metrics().borrow().clone();
+                (m.state == ServerState::Leader).then_some((m.current_term, id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    async fn open_replica(self: &Arc<Self>, id: NodeId) -> Result<(), SimError> {
+        let dir = self.dir.join(format!("replica-{id}"));
+        // A crashed replica's last tasks may still hold the database for a moment (an RPC in
+        // flight): retry, in simulated time, until RocksDB's lock is free.
+        let mut attempts = 0;
+        let storage = loop {
+            match Storage::open(&dir) {
+                Ok(s) => break s,
+                Err(e) if attempts < 100 => {
+                    attempts += 1;
+                    tracing::debug!(id, error = %e, "replica storage busy; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(SimError::Storage(e.to_string())),
+            }
+        };
+        let registry = prometheus::Registry::new();
+        let metrics =
+            Arc::new(RaftMetrics::new(&registry).map_err(|e| SimError::Storage(e.to_string()))?);
+        let log = LogStore::new(storage.clone());
+        let (sm, state, _applied) =
+            StateMachineStore::open(storage, ClusterState::default(), metrics)
+                .map_err(|e| SimError::Storage(e.to_string()))?;
+        let timeout = self.election_timeout_ms.get(&id).copied().unwrap_or(200);
+        let config = Config {
+            cluster_name: "sim".into(),
+            heartbeat_interval: 50,
+            election_timeout_min: timeout,
+            election_timeout_max: timeout + 1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.cfg.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.cfg.logs_to_keep,
+            snapshot_max_chunk_size: 64 * 1024,
+            max_payload_entries: 64,
+            install_snapshot_timeout: 2_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| SimError::Config(e.to_string()))?;
+        let network = SimNetwork {
+            from: id,
+            world: self.world.clone(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| SimError::Storage(e.to_string()))?;
+        self.world.set_running(id, raft.clone());
+        let duties = tokio::spawn(leader_duties(self.clone(), id));
+        lock(&self.replicas).insert(
+            id,
+            Replica {
+                raft,
+                state,
+                duties,
+            },
+        );
+        self.world.trace(&format!("open replica {id}"));
+        Ok(())
+    }
+
+    async fn crash_replica(&self, id: NodeId) {
+        self.world.set_crashed(id);
+        let replica = lock(&self.replicas).remove(&id);
+        if let Some(r) = replica {
+            r.duties.abort();
+            if let Err(e) = r.raft.shutdown().await {
+                tracing::debug!(id, error = %e, "shutdown of a crashed replica");
+            }
+        }
+        self.world.trace(&format!("crash replica {id}"));
+    }
+
+    /// Propose through replica `via`, forwarded once to the leader it names (as
+    /// `RaftNode::propose` forwards over `Cluster.Propose`).
+    async fn propose(&self, via: NodeId, command: &Command) -> Result<Response, ProposeError> {
+        let bytes = command.encode();
+        let mut target = via;
+        for _hop in 0..2 {
+            let Some(raft) = self.world.raft(target) else {
+                return Err(ProposeError::Refused(format!("replica {target} is down")));
+            };
+            let write = raft.client_write(RaftCommand(bytes.clone()));
+            match tokio::time::timeout(PROPOSE_TIMEOUT, write).await {
+                Err(_) => {
+                    return Err(ProposeError::Unknown(format!(
+                        "no commit within {PROPOSE_TIMEOUT:?}"
+                    )))
+                }
+                Ok(Ok(reply)) => {
+                    return Response::decode(&reply.data.0)
+                        .map_err(|e| ProposeError::Unknown(format!("bad reply: {e}")))
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    match f.leader_id {
+                        Some(l) if l != target && self.world.reachable(target, l) => {
+                            self.world.forward_delay().await;
+                            target = l;
+                        }
+                        _ => return Err(ProposeError::Refused("no leader".into())),
+                    }
+                }
+                Ok(Err(e)) => return Err(ProposeError::Unknown(e.to_string())),
+            }
+        }
+        Err(ProposeError::Refused(
+            "forwarded without reaching the leader".into(),
+        ))
+    }
+
+    fn random_replica(&self) -> NodeId {
+        let n = self.cfg.replicas;
+        self.rng(|r| r.range(1, n + 1))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The run
+
+    pub async fn run(self: &Arc<Self>) -> Result<(), SimError> {
+        for id in 1..=self.cfg.replicas {
+            self.open_replica(id).await?;
+        }
+        let members: BTreeMap<NodeId, BasicNode> = (1..=self.cfg.replicas)
+            .map(|id| (id, BasicNode::new(format!("sim-{id}"))))
+            .collect();
+        if let Some(raft) = self.world.raft(1) {
+            raft.initialize(members)
+                .await
+                .map_err(|e| SimError::Storage(e.to_string()))?;
+        }
+
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        for i in 0..self.cfg.nodes {
+            tasks.push(tokio::spawn(daemon(self.clone(), node_id(i))));
+        }
+        tasks.push(tokio::spawn(sampler(self.clone())));
+        let mut clients = Vec::new();
+        for c in 0..self.cfg.clients {
+            clients.push(tokio::spawn(client(self.clone(), c)));
+        }
+
+        let wall = std::time::Instant::now();
+        self.faults().await?;
+        tracing::debug!(wall = ?wall.elapsed(), "faults done");
+        self.heal().await?;
+        for c in clients {
+            let _ = c.await;
+        }
+        self.record(
+            Process::Faults,
+            EventType::Info,
+            Op::Healed {
+                liveness_bound_ms: self.cfg.liveness_bound_ms,
+            },
+        );
+        tracing::debug!(wall = ?wall.elapsed(), "healed");
+        self.observe_liveness().await;
+        tracing::debug!(wall = ?wall.elapsed(), now_ms = self.world.now_ms(), "liveness observed");
+        for t in tasks {
+            t.abort();
+        }
+        for r in lock(&self.replicas).values() {
+            r.duties.abort();
+        }
+        self.converge().await;
+        if let Some(bug) = self.cfg.inject {
+            self.inject(bug);
+        }
+        tracing::debug!(wall = ?wall.elapsed(), now_ms = self.world.now_ms(), "converged");
+        self.final_reads();
+        for id in 1..=self.cfg.replicas {
+            self.crash_replica(id).await;
+        }
+        Ok(())
+    }
+
+    /// The fault schedule: until the fault phase ends, every 0.3–1.5 s heal what is due and
+    /// maybe inject one more fault.
+    async fn faults(self: &Arc<Self>) -> Result<(), SimError> {
+        let end = self.cfg.fault_phase_ms;
+        // (due time, what to undo)
+        let mut due: Vec<(u64, Heal)> = Vec::new();
+        loop {
+            let wait = self.rng(|r| r.range(300, 1_500));
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let now = self.world.now_ms();
+            let (ready, later): (Vec<_>, Vec<_>) = due.into_iter().partition(|(t, _)| *t <= now);
+            due = later;
+            for (_, h) in ready {
+                self.undo(h).await?;
+            }
+            if now >= end {
+                break;
+            }
+            let crashed = (1..=self.cfg.replicas)
+                .filter(|id| self.world.raft(*id).is_none())
+                .count();
+            let partitioned = !self.world.conditions().sides.is_empty();
+            let kind = self.rng(|r| r.range(0, 8));
+            let hold = self.rng(|r| r.range(500, 4_000));
+            match kind {
+                0 | 1 if crashed == 0 => {
+                    let target = if kind == 1 {
+                        self.leader().unwrap_or(1)
+                    } else {
+                        self.random_replica()
+                    };
+                    self.fault(
+                        "crash",
+                        &target.to_string(),
+                        &format!("restart after {hold} ms"),
+                    );
+                    self.crash_replica(target).await;
+                    due.push((now + hold, Heal::Restart(target)));
+                }
+                2 | 3 if !partitioned => {
+                    let mut c = self.world.conditions();
+                    let (what, isolated) = if kind == 2 {
+                        ("leader isolated", vec![self.leader().unwrap_or(1)])
+                    } else {
+                        let a = self.random_replica();
+                        ("minority/majority", vec![a])
+                    };
+                    for id in &isolated {
+                        c.sides.insert(*id, 1);
+                    }
+                    self.fault(
+                        "partition",
+                        &format!("{isolated:?}"),
+                        &format!("{what} for {hold} ms"),
+                    );
+                    self.world.set_conditions(c);
+                    due.push((now + hold, Heal::Partition));
+                }
+                4 => {
+                    let mut c = self.world.conditions();
+                    c.loss_per_mille = self.rng(|r| r.range(50, 300));
+                    c.delay_ms = (1, self.rng(|r| r.range(10, 120)));
+                    self.fault(
+                        "loss",
+                        "network",
+                        &format!(
+                            "{} per mille lost, delays up to {} ms, for {hold} ms",
+                            c.loss_per_mille, c.delay_ms.1
+                        ),
+                    );
+                    self.world.set_conditions(c);
+                    due.push((now + hold, Heal::Network));
+                }
+                5 | 6 => {
+                    let i = self.rng(|r| r.range(0, u64::from(self.cfg.nodes)));
+                    let node = node_id(u32::try_from(i).unwrap_or(0));
+                    let hold = hold + self.rng(|r| r.range(0, self.cfg.node_ttl_ms));
+                    let was_up = {
+                        let mut d = lock(&self.daemons);
+                        match d.get_mut(&node) {
+                            Some(daemon) if daemon.up => {
+                                daemon.up = false;
+                                daemon.running.clear();
+                                true
+                            }
+                            _ => false,
+                        }
+                    };
+                    if was_up {
+                        self.fault("node", &node, &format!("daemon down for {hold} ms"));
+                        due.push((now + hold, Heal::Node(node)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (_, h) in due {
+            self.undo(h).await?;
+        }
+        Ok(())
+    }
+
+    fn fault(&self, kind: &str, target: &str, detail: &str) {
+        self.world.trace(&format!("fault {kind} {target} {detail}"));
+        self.record(
+            Process::Faults,
+            EventType::Invoke,
+            Op::Fault {
+                kind: kind.into(),
+                target: target.into(),
+                detail: detail.into(),
+            },
+        );
+    }
+
+    async fn undo(self: &Arc<Self>, h: Heal) -> Result<(), SimError> {
+        self.world.trace(&format!("heal {h:?}"));
+        match h {
+            Heal::Restart(id) => {
+                if self.world.raft(id).is_none() {
+                    self.open_replica(id).await?;
+                }
+            }
+            Heal::Partition => {
+                let mut c = self.world.conditions();
+                c.sides.clear();
+                self.world.set_conditions(c);
+            }
+            Heal::Network => {
+                let mut c = self.world.conditions();
+                c.loss_per_mille = 0;
+                c.delay_ms = Conditions::default().delay_ms;
+                self.world.set_conditions(c);
+            }
+            Heal::Node(node) => {
+                if let Some(d) = lock(&self.daemons).get_mut(&node) {
+                    d.up = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything back: every replica running, no partition or loss, every daemon up.
+    async fn heal(self: &Arc<Self>) -> Result<(), SimError> {
+        for id in 1..=self.cfg.replicas {
+            self.undo(Heal::Restart(id)).await?;
+        }
+        self.undo(Heal::Partition).await?;
+        self.undo(Heal::Network).await?;
+        for i in 0..self.cfg.nodes {
+            self.undo(Heal::Node(node_id(i))).await?;
+        }
+        Ok(())
+    }
+
+    /// After the heal: observe the leader's jobs and nodes until nothing placeable is pending,
+    /// or the liveness bound (plus a margin, so the checker sees the late observation) passes.
+    async fn observe_liveness(&self) {
+        let started = self.world.now_ms();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(leader) = self.leader() else {
+                if self.world.now_ms() > started + self.cfg.liveness_bound_ms + 1_000 {
+                    return;
+                }
+                continue;
+            };
+            let Some((jobs, nodes)) = self.read(leader, |s, _| samples(s)) else {
+                continue;
+            };
+            let stuck = jobs.iter().any(|j| crate::checker::placeable(j, &nodes));
+            self.record(
+                Process::Liveness,
+                EventType::Ok,
+                Op::ReadJobs {
+                    replica: leader,
+                    jobs,
+                },
+            );
+            self.record(
+                Process::Liveness,
+                EventType::Ok,
+                Op::ReadNodes {
+                    replica: leader,
+                    nodes,
+                },
+            );
+            if !stuck || self.world.now_ms() > started + self.cfg.liveness_bound_ms + 1_000 {
+                return;
+            }
+        }
+    }
+
+    /// Wait until every replica applied the same log (the scheduler and nodes are stopped).
+    async fn converge(&self) {
+        let started = self.world.now_ms();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let applied: Vec<Option<u64>> = (1..=self.cfg.replicas)
+                .map(|id| self.read(id, |_, a| a))
+                .collect();
+            let last_log = self.leader().and_then(|l| {
+                self.world
+                    .raft(l)
+                    .and_then(|r| r.metrics().borrow().last_log_index)
+            });
+            let first = applied.first().copied().flatten();
+            let same = applied.iter().all(|a| *a == first);
+            if (same && first.is_some() && first == last_log)
+                || self.world.now_ms() > started + CONVERGE_WAIT_MS
+            {
+                return;
+            }
+        }
+    }
+
+    fn inject(&self, bug: InjectedBug) {
+        match bug {
+            InjectedBug::LoseAcknowledgedJob => {
+                // Corrupt replica 2's state behind Raft's back: drop the first acknowledged job.
+                let Some(job) = lock(&self.acked).first().copied() else {
+                    return;
+                };
+                let state = lock(&self.replicas).get(&2).map(|r| r.state.clone());
+                if let Some(state) = state {
+                    let mut g = state
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    g.app.jobs.remove(&job);
+                }
+                self.world.trace(&format!("injected: lost job {job}"));
+            }
+        }
+    }
+
+    fn final_reads(&self) {
+        for id in 1..=self.cfg.replicas {
+            let read = self.read(id, |s, applied| (samples(s).0, applied, s.hash()));
+            match read {
+                Some((jobs, applied_index, state_hash)) => {
+                    self.world
+                        .trace(&format!("final {id} {applied_index} {state_hash}"));
+                    self.record(
+                        Process::Final,
+                        EventType::Ok,
+                        Op::ReadJobs { replica: id, jobs },
+                    );
+                    self.record(
+                        Process::Final,
+                        EventType::Ok,
+                        Op::ReplicaStatus {
+                            replica: id,
+                            applied_index,
+                            state_hash,
+                        },
+                    );
+                }
+                None => {
+                    let op = Op::ReplicaStatus {
+                        replica: id,
+                        applied_index: 0,
+                        state_hash: String::new(),
+                    };
+                    self.record(Process::Final, EventType::Fail, op);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Heal {
+    Restart(NodeId),
+    Partition,
+    Network,
+    Node(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks
+
+/// What `scheduler::leader` does on the leader, against the simulated replica: TTLs of nodes
+/// and the plan → ApplyPlan loop, with the same pure parts (`placement::place`, `reasons_of`).
+async fn leader_duties(sim: Arc<Sim>, id: NodeId) {
+    let mut leading_since: Option<u64> = None;
+    let mut last_planned_at = 0u64;
+    let mut next_liveness_ms = 0u64;
+    loop {
+        tokio::time::sleep(SCHEDULE_TICK).await;
+        if !sim.is_leader(id) {
+            leading_since = None;
+            continue;
+        }
+        let now = sim.world.now_ms();
+        // A new leader gives every node a full TTL from now (as `watch_liveness` does).
+        let since = *leading_since.get_or_insert(now);
+        if now >= next_liveness_ms {
+            next_liveness_ms = now + LIVENESS_TICK_MS;
+            let silent: Vec<String> = {
+                let daemons = lock(&sim.daemons);
+                sim.read(id, |s, _| {
+                    s.nodes
+                        .values()
+                        .filter(|n| n.state != NodeState::Down)
+                        .filter(|n| {
+                            let seen = daemons
+                                .get(&n.spec.id)
+                                .map(|d| d.last_heartbeat_ms)
+                                .unwrap_or(0)
+                                .max(since);
+                            now.saturating_sub(seen) > sim.cfg.node_ttl_ms
+                        })
+                        .map(|n| n.spec.id.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
+            for node in silent {
+                let c = Command::SetNodeState {
+                    node,
+                    state: NodeState::Down,
+                    at_ms: now,
+                };
+                let _ = sim.propose(id, &c).await;
+            }
+        }
+        let Some(Some((input, reasons_now))) = sim.read(id, |s, applied| {
+            if applied == last_planned_at {
+                return None;
+            }
+            let input = s.placement_input(applied, PlacementParams::default());
+            let reasons: BTreeMap<u64, String> = input
+                .pending
+                .iter()
+                .filter_map(|j| {
+                    s.jobs
+                        .get(&j.id)
+                        .map(|job| (j.id, job.pending_reason.clone()))
+                })
+                .collect();
+            Some((input, reasons))
+        }) else {
+            continue;
+        };
+        last_planned_at = input.at_index;
+        if input.pending.is_empty() {
+            continue;
+        }
+        let plan = placement::place(&input);
+        let reasons: Vec<(u64, String)> = reasons_of(&plan)
+            .into_iter()
+            .filter(|(job, r)| reasons_now.get(job) != Some(r))
+            .collect();
+        let plan = placement::Plan {
+            unplaced: Vec::new(),
+            ..plan
+        };
+        if plan.placements.is_empty() && plan.preemptions.is_empty() && reasons.is_empty() {
+            continue;
+        }
+        let c = Command::ApplyPlan {
+            plan,
+            reasons,
+            at_ms: sim.world.now_ms(),
+        };
+        let _ = sim.propose(id, &c).await;
+    }
+}
+
+/// A node daemon on the `sim` runtime: heartbeats, registers (again after being marked down),
+/// runs what it is assigned for a seeded while, and reports Running, then Succeeded or Failed.
+async fn daemon(sim: Arc<Sim>, node: String) {
+    let mut registered = false;
+    loop {
+        let tick = sim.rng(|r| r.range(NODE_TICK_MS.0, NODE_TICK_MS.1));
+        tokio::time::sleep(Duration::from_millis(tick)).await;
+        let now = sim.world.now_ms();
+        {
+            let mut d = lock(&sim.daemons);
+            let Some(me) = d.get_mut(&node) else { return };
+            if !me.up {
+                registered = false;
+                continue;
+            }
+            me.last_heartbeat_ms = now;
+        }
+        let Some(leader) = sim.leader() else { continue };
+        let Some((state, assigned)) = sim.read(leader, |s, _| {
+            (s.nodes.get(&node).map(|n| n.state), s.assignments_of(&node))
+        }) else {
+            continue;
+        };
+        if !registered || state.is_none() || state == Some(NodeState::Down) {
+            let c = Command::RegisterNode {
+                node: node_spec(&node),
+                at_ms: now,
+            };
+            let via = sim.random_replica();
+            registered = matches!(sim.propose(via, &c).await, Ok(Response::NodeRegistered));
+            continue;
+        }
+        let mut updates = Vec::new();
+        {
+            let mut d = lock(&sim.daemons);
+            let Some(me) = d.get_mut(&node) else { return };
+            let wanted: std::collections::BTreeSet<(u64, u32, u64)> = assigned
+                .iter()
+                .map(|a| (a.job, a.index, a.generation))
+                .collect();
+            me.running.retain(|k, _| wanted.contains(k));
+            for a in &assigned {
+                let key = (a.job, a.index, a.generation);
+                match me.running.get(&key) {
+                    None => {
+                        let lasts = sim.world.rng(|r| r.range(500, 4_000));
+                        me.running.insert(key, now + lasts);
+                        updates.push((
+                            a.job,
+                            a.index,
+                            a.generation,
+                            SandboxState::Running,
+                            0,
+                            None,
+                        ));
+                    }
+                    Some(&ends) if ends <= now => {
+                        let failed = sim.world.rng(|r| r.chance(100));
+                        let (st, code) = if failed {
+                            (SandboxState::Failed, 1)
+                        } else {
+                            (SandboxState::Succeeded, 0)
+                        };
+                        updates.push((a.job, a.index, a.generation, st, code, None));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if updates.is_empty() {
+            continue;
+        }
+        let c = Command::ReportStatus {
+            reports: coalesce(&node, updates),
+            at_ms: now,
+        };
+        let _ = sim.propose(leader, &c).await;
+    }
+}
+
+/// Reads one replica's nodes and jobs every 250 ms, for the overcommit and gang checkers.
+async fn sampler(sim: Arc<Sim>) {
+    loop {
+        tokio::time::sleep(SAMPLE_TICK).await;
+        let id = sim.random_replica();
+        if let Some((jobs, nodes)) = sim.read(id, |s, _| samples(s)) {
+            sim.record(
+                Process::Sampler,
+                EventType::Ok,
+                Op::ReadJobs { replica: id, jobs },
+            );
+            sim.record(
+                Process::Sampler,
+                EventType::Ok,
+                Op::ReadNodes { replica: id, nodes },
+            );
+        }
+    }
+}
+
+/// A workload client: submissions under idempotency keys, retried as a real client retries
+/// (same key), and some cancels of acknowledged jobs.
+async fn client(sim: Arc<Sim>, c: u32) {
+    let p = Process::Client(c);
+    for i in 0..sim.cfg.jobs_per_client {
+        let pause = sim.rng(|r| r.range(100, 1_500));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if sim.world.now_ms() >= sim.cfg.fault_phase_ms {
+            return;
+        }
+        let key = format!("c{c}-{i}");
+        let spec = sim.rng(|r| {
+            let gang = r.chance(250);
+            JobSpec {
+                name: key.clone(),
+                // Gangs up to 8 wide: some fill the cluster, so placement must wait or preempt.
+                count: u32::try_from(r.range(1, if gang { 9 } else { 5 })).unwrap_or(1),
+                per_sandbox: Resources::new(
+                    r.pick(&[250, 500, 1_000, 2_000]).unwrap_or(500),
+                    r.pick(&[256, 512, 1_024]).unwrap_or(256),
+                ),
+                template: "busybox".into(),
+                command: vec!["true".into()],
+                env: BTreeMap::new(),
+                // Mixed priorities, so the planner preempts (and must keep gangs whole doing so).
+                priority: r.pick(&[0, 0, 5, 10]).unwrap_or(0),
+                tenant: "sim".into(),
+                gang,
+                strategy: if r.chance(300) {
+                    Strategy::Spread
+                } else {
+                    Strategy::Binpack
+                },
+                constraints: vec![],
+                restart: if r.chance(250) {
+                    RestartPolicy::OnFailure { max_restarts: 2 }
+                } else {
+                    RestartPolicy::Never
+                },
+            }
+        });
+        let mut acked = None;
+        for _attempt in 0..ATTEMPTS_MAX {
+            let via = sim.random_replica();
+            sim.record(
+                p,
+                EventType::Invoke,
+                Op::Submit {
+                    key: key.clone(),
+                    replica: via,
+                    gang: spec.gang,
+                    count: spec.count,
+                    cpu_millis: spec.per_sandbox.cpu_millis,
+                    memory_mib: spec.per_sandbox.memory_mib,
+                },
+            );
+            let cmd = Command::SubmitJob {
+                spec: spec.clone(),
+                idempotency_key: key.clone(),
+                at_ms: sim.world.now_ms(),
+            };
+            let error = |kind, error: String| {
+                sim.record(
+                    p,
+                    kind,
+                    Op::Error {
+                        about: key.clone(),
+                        error,
+                    },
+                )
+            };
+            match sim.propose(via, &cmd).await {
+                Ok(Response::JobSubmitted { job_id, created }) => {
+                    sim.record(
+                        p,
+                        EventType::Ok,
+                        Op::Submitted {
+                            key: key.clone(),
+                            job_id,
+                            created,
+                        },
+                    );
+                    acked = Some(job_id);
+                    break;
+                }
+                Ok(other) => {
+                    error(EventType::Fail, format!("refused: {other:?}"));
+                    break;
+                }
+                Err(ProposeError::Refused(e)) => error(EventType::Fail, e),
+                Err(ProposeError::Unknown(e)) => error(EventType::Info, e),
+            }
+            let backoff = sim.rng(|r| r.range(100, 600));
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+        }
+        let Some(job_id) = acked else { continue };
+        lock(&sim.acked).push(job_id);
+        if !sim.rng(|r| r.chance(250)) {
+            continue;
+        }
+        let pause = sim.rng(|r| r.range(0, 1_500));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        for _attempt in 0..ATTEMPTS_MAX {
+            let via = sim.random_replica();
+            sim.record(
+                p,
+                EventType::Invoke,
+                Op::Cancel {
+                    job_id,
+                    replica: via,
+                },
+            );
+            let cmd = Command::CancelJob {
+                job_id,
+                at_ms: sim.world.now_ms(),
+            };
+            let about = format!("job {job_id}");
+            match sim.propose(via, &cmd).await {
+                Ok(Response::JobCancelled { job }) => {
+                    sim.record(
+                        p,
+                        EventType::Ok,
+                        Op::Cancelled {
+                            job_id,
+                            state: job.state.as_str().to_string(),
+                        },
+                    );
+                    break;
+                }
+                Ok(other) => {
+                    sim.record(
+                        p,
+                        EventType::Fail,
+                        Op::Error {
+                            about,
+                            error: format!("refused: {other:?}"),
+                        },
+                    );
+                    break;
+                }
+                Err(ProposeError::Refused(error)) => {
+                    sim.record(p, EventType::Fail, Op::Error { about, error })
+                }
+                Err(ProposeError::Unknown(error)) => {
+                    sim.record(p, EventType::Info, Op::Error { about, error })
+                }
+            }
+            let backoff = sim.rng(|r| r.range(100, 600));
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+        }
+    }
+}
