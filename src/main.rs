@@ -18,6 +18,8 @@ use cli::output::Output;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    #[command(flatten)]
+    security: cli::security::SecurityArgs,
 }
 
 /// Where a client command sends its request.
@@ -170,6 +172,16 @@ fn main() {
     {
         Ok(r) => r,
         Err(e) => {
+    /// Make the cluster CA and per-host certificates for --tls-dir.
+    Cert {
+        #[command(subcommand)]
+        action: cli::security::CertCmd,
+    },
+    /// Make tenant and admin tokens for the servers' --tokens file.
+    Token {
+        #[command(subcommand)]
+        action: cli::security::TokenCmd,
+    },
             eprintln!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
@@ -180,11 +192,26 @@ fn main() {
         std::process::exit(1);
     }
 }
+    // A daemon must never die of a peer that went away: a TLS connection closed by its peer
+    // makes the next (vectored, so not MSG_NOSIGNAL) write raise SIGPIPE. Servers, node
+    // daemons and the commands that run clusters ignore it and see EPIPE as an error instead.
+    if matches!(
+        cli.command,
+        Cmd::Server(_) | Cmd::Node(_) | Cmd::Dev(_) | Cmd::Bench { .. } | Cmd::Chaos(_)
+    ) {
+        // SAFETY: still before any thread exists; SIG_IGN only changes what a write to a
+        // closed socket or pipe does (it returns EPIPE).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Server(args) => cli::server::run(args).await,
-        Cmd::Node(args) => cli::node::run(args).await,
+        Cmd::Server(args) => cli::server::run(args, cli.security.tls()?).await,
+        Cmd::Node(args) => cli::node::run(args, cli.security.tls()?).await,
+        Cmd::Cert { action } => cli::security::cert(action),
+        Cmd::Token { action } => cli::security::token(action),
         Cmd::Dev(args) => cli::dev::run(args, surge_binary()?).await,
         Cmd::Status { target } => cli::client::status(&target.server, target.output).await,
         Cmd::Members { action, target } => {
@@ -206,6 +233,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Nodes { target } => cli::client::nodes(&target.server, target.output).await,
         Cmd::Pause { sandbox, target } => {
             cli::client::update_sandboxes(
+    match &cli.command {
+        // Commands that start their own (open) clusters, serve, or make no calls.
+        Cmd::Server(_)
+        | Cmd::Node(_)
+        | Cmd::Dev(_)
+        | Cmd::Bench { .. }
+        | Cmd::Chaos(_)
+        | Cmd::VmExec(_)
+        | Cmd::Cert { .. }
+        | Cmd::Token { .. } => {}
+        // Every client command talks to --server with --tls-dir and --token.
+        _ => {
+            let creds = cli.security.credentials()?;
+            if surge_chaos::client::set_default_credentials(creds).is_err() {
+                anyhow::bail!("client credentials were set twice");
+            }
+        }
+    }
                 &target.server,
                 target.output,
                 &sandbox,

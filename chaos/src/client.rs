@@ -1,10 +1,15 @@
-//! Thin gRPC client helpers for talking to replicas.
+//! Thin gRPC client helpers for talking to replicas, with the credentials a secured cluster
+//! asks for: a `--tls-dir` (mutual TLS) and a bearer token.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use surge_proto::cluster::cluster_client::ClusterClient;
 use surge_proto::jobs::jobs_client::JobsClient;
 use surge_proto::node::node_api_client::NodeApiClient;
+use surge_security::TlsDir;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Time to connect to a replica.
@@ -16,37 +21,111 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 pub enum ConnectError {
     #[error("bad server address {0:?}: expected HOST:PORT")]
     BadAddress(String),
+    #[error("the token is not usable in a header (printable ASCII only)")]
+    BadToken,
+    #[error("TLS settings for {addr}: {reason}")]
+    Tls { addr: String, reason: String },
 }
 
-/// A lazily connected channel to the replica at `addr` (`host:port`).
+/// What a client presents to a replica. The default is nothing: an open cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// Client certificate and cluster CA (`--tls-dir`).
+    pub tls: Option<TlsDir>,
+    /// Tenant or admin token (`--token`), sent as `authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a replica with the caller's token on every call.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+/// The `surge` CLI's credentials (`--tls-dir`, `--token`), set once before its first call;
+/// what [`cluster`], [`jobs`] and [`nodes`] present. Unset, they present nothing.
+static DEFAULT_CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
+
+/// Set the process's default credentials; an `Err` when they were already set.
+pub fn set_default_credentials(creds: Credentials) -> Result<(), Credentials> {
+    DEFAULT_CREDENTIALS.set(creds)
+}
+
+fn default_credentials() -> Credentials {
+    DEFAULT_CREDENTIALS.get().cloned().unwrap_or_default()
+}
+
+/// A lazily connected channel to the replica at `addr` (`host:port`), with the default
+/// credentials' TLS settings.
 pub fn channel(addr: &str) -> Result<Channel, ConnectError> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|_| ConnectError::BadAddress(addr.to_string()))?
+    channel_with(addr, &default_credentials())
+}
+
+/// A lazily connected channel to `addr`, over mutual TLS when `creds` has a TLS dir.
+pub fn channel_with(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError> {
+    let uri = surge_security::tls::uri_for(addr, creds.tls.is_some());
+    let mut endpoint =
+        Endpoint::from_shared(uri).map_err(|_| ConnectError::BadAddress(addr.to_string()))?;
+    if let Some(tls) = &creds.tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .map_err(|e| ConnectError::Tls {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+        .tcp_nodelay(true)
+        .connect_lazy())
 }
 
-pub fn cluster(addr: &str) -> Result<ClusterClient<Channel>, ConnectError> {
-    Ok(
-        ClusterClient::new(channel(addr)?)
-            .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX),
-    )
+fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
+    let bearer = match &creds.token {
+        None => Bearer(None),
+        Some(t) => Bearer(Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ConnectError::BadToken)?,
+        )),
+    };
+    Ok(InterceptedService::new(channel_with(addr, creds)?, bearer))
 }
 
-pub fn jobs(addr: &str) -> Result<JobsClient<Channel>, ConnectError> {
-    Ok(JobsClient::new(channel(addr)?).max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+pub fn cluster_with(addr: &str, creds: &Credentials) -> Result<ClusterClient<Conn>, ConnectError> {
+    Ok(ClusterClient::new(conn(addr, creds)?)
+        .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
 }
 
-pub fn nodes(addr: &str) -> Result<NodeApiClient<Channel>, ConnectError> {
-    Ok(
-        NodeApiClient::new(channel(addr)?)
-            .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX),
-    )
+pub fn jobs_with(addr: &str, creds: &Credentials) -> Result<JobsClient<Conn>, ConnectError> {
+    Ok(JobsClient::new(conn(addr, creds)?)
+        .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+}
+
+pub fn nodes_with(addr: &str, creds: &Credentials) -> Result<NodeApiClient<Conn>, ConnectError> {
+    Ok(NodeApiClient::new(conn(addr, creds)?)
+        .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+}
+
+pub fn cluster(addr: &str) -> Result<ClusterClient<Conn>, ConnectError> {
+    cluster_with(addr, &default_credentials())
+}
+
+pub fn jobs(addr: &str) -> Result<JobsClient<Conn>, ConnectError> {
+    jobs_with(addr, &default_credentials())
+}
+
+pub fn nodes(addr: &str) -> Result<NodeApiClient<Conn>, ConnectError> {
+    nodes_with(addr, &default_credentials())
 }

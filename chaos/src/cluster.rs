@@ -80,6 +80,8 @@ pub struct LocalCluster {
     /// The `--bootstrap` list: the replicas the cluster was formed with.
     initial: Vec<u64>,
     extra_args: Vec<String>,
+    /// What this harness presents to the replicas when it asks them for their status.
+    credentials: client::Credentials,
     /// With [`LocalCluster::with_netns`]: each replica on its own network host.
     net: Option<Net>,
 }
@@ -133,6 +135,7 @@ impl LocalCluster {
             node_groups: BTreeMap::new(),
             initial: (1..=n).collect(),
             extra_args: Vec::new(),
+            credentials: client::Credentials::default(),
             net: None,
         };
         for id in 1..=n.min(REPLICAS_MAX) {
@@ -164,6 +167,13 @@ impl LocalCluster {
     /// The replicas' network, when they run on one.
     pub fn net_mut(&mut self) -> Option<&mut Net> {
         self.net.as_mut()
+    }
+
+    /// Credentials for the harness's own calls (status, leader and convergence waits), for a
+    /// cluster started with `--tls-dir` (and `--tokens`) through [`Self::with_args`].
+    pub fn with_credentials(mut self, credentials: client::Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// Add a replica to the plan (not started) and return its id.
@@ -337,7 +347,7 @@ impl LocalCluster {
 
     pub async fn status(&self, id: u64) -> Result<StatusReply, String> {
         let addr = self.addr(id).map_err(|e| e.to_string())?;
-        let mut c = client::cluster(&addr).map_err(|e| e.to_string())?;
+        let mut c = client::cluster_with(&addr, &self.credentials).map_err(|e| e.to_string())?;
         let call = c.status(StatusRequest {});
         match tokio::time::timeout(Duration::from_secs(3), call).await {
             Err(_) => Err(format!("replica {id} did not answer status")),

@@ -267,7 +267,7 @@ fn node_config(node_id: &str) -> NodeConfig {
 }
 
 fn start_agent<R: Runtime>(cfg: NodeConfig, runtime: Arc<R>, servers: &[String]) -> Running {
-    let replicas = Arc::new(Replicas::new(servers).expect("replicas"));
+    let replicas = Arc::new(Replicas::new(servers, None).expect("replicas"));
     let metrics = Arc::new(NodeMetrics::new().expect("metrics"));
     let (stop, stop_rx) = watch::channel(false);
     let agent = NodeAgent::new(cfg, runtime, replicas, metrics.clone());
@@ -637,7 +637,7 @@ async fn five_hundred_simulated_nodes_share_one_connection() {
     // The same desired set for every node (the fake does not tell nodes apart): 4 sandboxes.
     fake.push((0..4).map(|i| sandbox(12, i, &["x"])).collect(), vec![]);
     let (addr, _server) = fake.serve().await;
-    let replicas = Arc::new(Replicas::new(&[addr.to_string()]).expect("replicas"));
+    let replicas = Arc::new(Replicas::new(&[addr.to_string()], None).expect("replicas"));
     let metrics = Arc::new(NodeMetrics::new().expect("metrics"));
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

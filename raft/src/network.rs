@@ -16,7 +16,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use surge_proto::raft::raft_transport_client::RaftTransportClient;
 use surge_proto::raft::RaftRequest;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::codec;
 use crate::types::{Node, NodeId, TypeConfig};
@@ -28,10 +28,12 @@ pub const APPEND_BYTES_MAX: usize = surge_proto::MESSAGE_BYTES_MAX / 2;
 /// Time to establish a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Lazily connected, reconnecting gRPC channels to other replicas, one per address.
+/// Lazily connected, reconnecting gRPC channels to other replicas, one per address; over mutual
+/// TLS (this replica's certificate, the cluster CA) when the replica has a `--tls-dir`.
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,13 @@ pub struct BadAddress {
 }
 
 impl Peers {
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        Peers {
+            channels: Arc::default(),
+            tls,
+        }
+    }
+
     pub fn channel(&self, addr: &str) -> Result<Channel, BadAddress> {
         let mut channels = self
             .channels
@@ -50,11 +59,16 @@ impl Peers {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| BadAddress {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
+        let bad = |e: tonic::transport::Error| BadAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(bad)?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(2))

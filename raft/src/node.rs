@@ -63,6 +63,8 @@ pub struct RaftConfig {
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind a snapshot (for slow followers, before they need the snapshot).
     pub logs_to_keep: u64,
+    /// Mutual TLS to the other replicas (this replica's certificate, the cluster CA), or none.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl RaftConfig {
@@ -80,6 +82,7 @@ impl RaftConfig {
             election_timeout_max_ms: 400,
             snapshot_every_entries: 10_000,
             logs_to_keep: 1_000,
+            tls: None,
         }
     }
 }
@@ -234,7 +237,7 @@ impl<S: StateMachine> RaftNode<S> {
                 });
             }
         }
-        let peers = Peers::default();
+        let peers = Peers::new(config.tls.clone());
         let cluster_id = match (&start, &stored) {
             (Start::Bootstrap(members), _) => {
                 check_bootstrap(config.id, &config.address, members)?;

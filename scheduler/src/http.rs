@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use surge_proto::jobs as pb;
 
 use crate::api_json::{JobJson, SubmitJson};
+use crate::service::guard::{Caller, Guard};
 use crate::service::jobs::JobsService;
 use crate::service::Replica;
 
@@ -25,6 +26,16 @@ pub struct HttpState {
     pub replica: Replica,
     pub registry: Arc<Registry>,
     pub jobs: Arc<JobsService>,
+    /// The same tokens as the gRPC job API: `authorization: Bearer TOKEN`.
+    pub guard: Arc<Guard>,
+}
+
+impl HttpState {
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
+        self.guard
+            .http_caller(headers, false)
+            .map_err(|s| Box::new(error(s)))
+    }
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -61,7 +72,15 @@ fn bad_request(msg: String) -> Response {
     error(tonic::Status::invalid_argument(msg))
 }
 
-async fn submit_job(State(state): State<HttpState>, body: axum::body::Bytes) -> Response {
+async fn submit_job(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let parsed: SubmitJson = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => return bad_request(format!("request body: {e}")),
@@ -70,7 +89,7 @@ async fn submit_job(State(state): State<HttpState>, body: axum::body::Bytes) -> 
         Ok(r) => r,
         Err(e) => return bad_request(e),
     };
-    match state.jobs.submit(req).await {
+    match state.jobs.submit(&caller, req).await {
         Ok(r) => {
             let code = if r.created {
                 StatusCode::CREATED
@@ -98,14 +117,22 @@ struct ListQuery {
     before_id: u64,
 }
 
-async fn list_jobs(State(state): State<HttpState>, Query(q): Query<ListQuery>) -> Response {
+async fn list_jobs(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let req = pb::ListJobsRequest {
         tenant: q.tenant,
         state: q.state,
         limit: q.limit,
         before_id: q.before_id,
     };
-    match state.jobs.list(req).await {
+    match state.jobs.list(&caller, req).await {
         Ok(r) => Json(r.jobs.iter().map(JobJson::from).collect::<Vec<_>>()).into_response(),
         Err(s) => error(s),
     }
@@ -116,35 +143,59 @@ fn job_id(raw: &str) -> Result<u64, Box<Response>> {
         .map_err(|_| Box::new(bad_request(format!("job id {raw:?} is not a number"))))
 }
 
-async fn get_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+async fn get_job(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let id = match job_id(&id) {
         Ok(i) => i,
         Err(r) => return *r,
     };
-    match state.jobs.get(id).await {
+    match state.jobs.get(&caller, id).await {
         Ok(j) => Json(JobJson::from(&j)).into_response(),
         Err(s) => error(s),
     }
 }
 
-async fn cancel_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+async fn cancel_job(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let id = match job_id(&id) {
         Ok(i) => i,
         Err(r) => return *r,
     };
-    match state.jobs.cancel(id).await {
+    match state.jobs.cancel(&caller, id).await {
         Ok(j) => Json(JobJson::from(&j)).into_response(),
         Err(s) => error(s),
     }
 }
 
 /// Newline-delimited JSON: the job now, then every change, until it ends.
-async fn watch_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+async fn watch_job(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let caller = match state.caller(&headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let id = match job_id(&id) {
         Ok(i) => i,
         Err(r) => return *r,
     };
-    let rx = match state.jobs.watch(id).await {
+    let rx = match state.jobs.watch(&caller, id).await {
         Ok(rx) => rx,
         Err(s) => return error(s),
     };

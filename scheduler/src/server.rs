@@ -9,10 +9,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::http;
+use crate::service::guard::{Guard, GuardLayer};
 use crate::service::jobs::JobsService;
 use crate::service::nodes::NodesService;
 use crate::state::ClusterState;
 use surge_proto::jobs::jobs_server::JobsServer;
+use surge_security::{Role, TlsDir, Tokens};
 
 /// How long shutdown waits for open gRPC streams to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -29,6 +31,10 @@ pub struct ServerConfig {
     pub start: Start,
     /// Nodes silent this long are marked down.
     pub node_ttl_ms: u64,
+    /// `--tls-dir`: mutual TLS on the gRPC port and to the other replicas.
+    pub tls: Option<TlsDir>,
+    /// `--tokens`: the job API requires a tenant or admin token.
+    pub tokens: Option<Tokens>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,27 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("{0}")]
+    Security(String),
+}
+
+/// Refuse credential setups that would look secure and not be.
+fn check_security(config: &ServerConfig) -> Result<(), ServerError> {
+    match (&config.tls, &config.tokens) {
+        (None, Some(_)) => Err(ServerError::Security(
+            "--tokens needs --tls-dir: without certificates a client cannot be told from a \
+             replica (whose internal calls need no token), and tokens would cross the network \
+             in clear"
+                .into(),
+        )),
+        (Some(tls), _) if tls.role() != Role::Replica => Err(ServerError::Security(format!(
+            "--tls-dir {}: cert.pem is a {} certificate; a replica needs one issued with \
+             `surge cert issue --role replica`",
+            tls.dir().display(),
+            tls.role()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, ServerError> {
@@ -62,6 +89,7 @@ pub async fn run(
     mut config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    check_security(&config)?;
     // Bind first: a port in use is refused before the data dir is touched.
     let grpc = bind("gRPC, --listen", &config.listen).await?;
     let http_listener = match &config.http_listen {
@@ -74,6 +102,11 @@ pub async fn run(
             .map(|a| a.to_string())
             .unwrap_or_else(|_| config.listen.clone());
     }
+    config.raft.tls = config.tls.as_ref().map(TlsDir::client_config);
+    let guard = Arc::new(Guard {
+        tls: config.tls.is_some(),
+        tokens: config.tokens.take(),
+    });
     let registry = Arc::new(prometheus::Registry::new());
     let replica = RaftNode::open(
         config.raft.clone(),
@@ -96,7 +129,12 @@ pub async fn run(
         .map_err(|e| ServerError::Start(StartError::Metrics(e)))?;
     let (transport, cluster) = surge_raft::service::services(replica.clone());
     let jobs = Arc::new(JobsService::new(replica.clone()));
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let grpc_server = builder
+        .layer(GuardLayer::new(guard.clone()))
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -115,6 +153,7 @@ pub async fn run(
             replica: replica.clone(),
             registry: registry.clone(),
             jobs: jobs.clone(),
+            guard: guard.clone(),
         });
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {
@@ -129,6 +168,8 @@ pub async fn run(
         id = replica.id(),
         address = replica.address(),
         cluster = replica.cluster_id(),
+        tls = guard.tls,
+        tokens = guard.tokens.as_ref().map_or(0, Tokens::len),
         "replica serving"
     );
     let joined = tokio::select! {

@@ -437,7 +437,7 @@ async fn writer(
 
 /// Every job of `tenant`, page by page.
 pub async fn list_all(
-    c: &mut surge_proto::jobs::jobs_client::JobsClient<tonic::transport::Channel>,
+    c: &mut surge_proto::jobs::jobs_client::JobsClient<surge_chaos::client::Conn>,
     tenant: &str,
 ) -> anyhow::Result<Vec<pb::Job>> {
     let mut all = Vec::new();

@@ -187,7 +187,8 @@ pub struct SubmitArgs {
     /// Higher wins; may preempt lower priority work.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
-    #[arg(long, default_value = "default")]
+    /// Tenant (default: the token's tenant, or `default` on an open cluster).
+    #[arg(long, default_value = "")]
     tenant: String,
     /// KEY=VALUE or KEY!=VALUE over os, arch, pool and node labels (repeatable).
     #[arg(long = "constraint")]

@@ -101,6 +101,10 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
             r.log.display()
         );
     }
+    println!(
+        "  security: none. No TLS and no tokens: anyone who reaches these ports can use the \
+         cluster (a production cluster runs with --tls-dir and --tokens; see README, Security)"
+    );
     println!();
     println!("  export SURGE_SERVER={}", cluster.addr(1)?);
     println!("  surge status; surge submit --count 10 --cpu 0.5 --mem 512 -- sh -c 'echo hi'");

@@ -8,5 +8,6 @@ pub mod dev;
 pub mod etcd;
 pub mod node;
 pub mod output;
+pub mod security;
 pub mod server;
 pub mod vm;

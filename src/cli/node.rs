@@ -7,6 +7,7 @@ use anyhow::Context;
 use surge_node::agent::config::{self, cpus_to_millis, parse_labels, START_CONCURRENCY_DEFAULT};
 use surge_node::agent::connection::parse_servers;
 use surge_node::agent::{run_daemon, DaemonConfig, RuntimeFlag};
+use surge_security::Role;
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
@@ -58,7 +59,25 @@ pub struct NodeArgs {
     sim_exit_code: i32,
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow::Result<()> {
+    // The daemon explains itself in its log (runtime choice, adoption, reconnects).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    if let Some(t) = &tls {
+        if !matches!(t.role(), Role::Node | Role::Replica) {
+            anyhow::bail!(
+                "--tls-dir {}: cert.pem is a {} certificate; a node daemon needs one issued with `surge cert issue --role node`",
+                t.dir().display(),
+                t.role()
+            );
+        }
+    }
     let cfg = DaemonConfig {
         servers: parse_servers(&args.server)?,
         node_id: args.node_id.unwrap_or_else(config::hostname),
@@ -74,6 +93,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         simulate: args.simulate,
         sim_duration_ms: args.sim_duration_ms,
         sim_exit_code: args.sim_exit_code,
+        tls: tls.as_ref().map(surge_security::TlsDir::client_config),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut daemon = tokio::spawn(run_daemon(cfg, stop_rx));

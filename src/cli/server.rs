@@ -46,6 +46,10 @@ pub struct ServerArgs {
     election_timeout_min_ms: u64,
     #[arg(long, default_value_t = 400)]
     election_timeout_max_ms: u64,
+    /// Tokens file (hashes from `surge token new`): the job API then requires a tenant or admin
+    /// token, and membership, drain and quotas the admin token. Needs --tls-dir.
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
 }
 
 /// Parse `1=127.0.0.1:7070,2=127.0.0.1:7071`.
@@ -82,7 +86,7 @@ fn check_addr(addr: &str) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn run(args: ServerArgs, tls: Option<surge_security::TlsDir>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -113,12 +117,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     raft.heartbeat_interval_ms = args.heartbeat_interval_ms;
     raft.election_timeout_min_ms = args.election_timeout_min_ms;
     raft.election_timeout_max_ms = args.election_timeout_max_ms;
+    let tokens = args
+        .tokens
+        .as_deref()
+        .map(surge_security::Tokens::load)
+        .transpose()?;
     let config = ServerConfig {
         raft,
         listen: args.listen,
         http_listen: args.metrics,
         start,
         node_ttl_ms: args.node_ttl_ms.max(1_000),
+        tls,
+        tokens,
     };
     server::run(config, shutdown_signal()).await?;
     Ok(())

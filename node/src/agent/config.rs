@@ -241,6 +241,8 @@ pub struct DaemonConfig {
     pub simulate: Option<u32>,
     pub sim_duration_ms: u64,
     pub sim_exit_code: i32,
+    /// Mutual TLS to the replicas (`--tls-dir`: a node certificate and the cluster CA).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl DaemonConfig {

@@ -26,7 +26,7 @@ use surge_proto::node as pn;
 use surge_proto::node::node_api_client::NodeApiClient;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::convert::resources_to_pb;
 use super::metrics::{NodeGauges, NodeMetrics};
@@ -158,25 +158,32 @@ struct Replica {
     channel: Channel,
 }
 
-/// One lazily connected channel per scheduler replica; see the module docs.
+/// One lazily connected channel per scheduler replica; see the module docs. With `tls`, every
+/// channel is mutual TLS: the node's certificate, and only the cluster CA trusted.
 pub struct Replicas {
     replicas: Vec<Replica>,
 }
 
 impl Replicas {
-    pub fn new(addrs: &[String]) -> Result<Self, AgentError> {
+    pub fn new(addrs: &[String], tls: Option<&ClientTlsConfig>) -> Result<Self, AgentError> {
         if addrs.is_empty() {
             return Err(AgentError::NoServers);
         }
         let mut replicas = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
-            };
-            let channel = Endpoint::from_shared(uri)
-                .map_err(|_| AgentError::BadServer(addr.clone()))?
+            let hostport = addr
+                .strip_prefix("http://")
+                .or_else(|| addr.strip_prefix("https://"))
+                .unwrap_or(addr);
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{hostport}"))
+                .map_err(|_| AgentError::BadServer(addr.clone()))?;
+            if let Some(tls) = tls {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|_| AgentError::BadServer(addr.clone()))?;
+            }
+            let channel = endpoint
                 .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))

@@ -35,7 +35,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
         }
         None => None,
     };
-    let replicas = Arc::new(Replicas::new(&cfg.servers)?);
+    let replicas = Arc::new(Replicas::new(&cfg.servers, cfg.tls.as_ref())?);
     let host = detect_host();
 
     if let Some(n) = cfg.simulate {

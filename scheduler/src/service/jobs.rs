@@ -8,6 +8,7 @@ use surge_proto::jobs as pb;
 use surge_proto::jobs::jobs_server::{Jobs, JobsServer};
 use tonic::{Request, Response, Status};
 
+use super::guard::Caller;
 use super::{invalid, now_ms, propose, Replica};
 use crate::command::{Command, Response as Reply};
 use crate::convert;
@@ -41,11 +42,26 @@ impl JobsService {
     }
 
     /// Submit, choosing a key when the client gave none: retries inside the cluster (leader
-    /// changes, forwarding) then still create one job, not several.
-    pub async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::SubmitJobReply, Status> {
-        let spec = req
+    /// changes, forwarding) then still create one job, not several. A tenant's token submits as
+    /// that tenant (a job naming no tenant is theirs; one naming another is refused).
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        req: pb::SubmitJobRequest,
+    ) -> Result<pb::SubmitJobReply, Status> {
+        let mut spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        if let Some(t) = caller.tenant() {
+            if spec.tenant.is_empty() {
+                spec.tenant = t.to_string();
+            } else if spec.tenant != t {
+                return Err(Status::permission_denied(format!(
+                    "this token is tenant {t}'s; it cannot submit as tenant {}",
+                    spec.tenant
+                )));
+            }
+        }
         let spec = convert::job_spec_from_pb(spec).map_err(invalid)?;
         let key = if req.idempotency_key.is_empty() {
             format!(
@@ -73,14 +89,34 @@ impl JobsService {
         }
     }
 
-    pub async fn get(&self, job_id: JobId) -> Result<pb::Job, Status> {
+    /// Another tenant's job is "no job", exactly as a job that does not exist: a tenant learns
+    /// nothing about the others.
+    pub async fn get(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, Status> {
         self.replica.linearizable_read().await?;
         self.replica
-            .read(|s, _| s.jobs.get(&job_id).map(convert::job_to_pb))
-            .ok_or_else(|| Status::not_found(format!("no job {job_id}")))
+            .read(|s, _| {
+                s.jobs
+                    .get(&job_id)
+                    .filter(|j| caller.sees(&j.spec.tenant))
+                    .map(convert::job_to_pb)
+            })
+            .ok_or_else(|| no_job(job_id))
     }
 
-    pub async fn list(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsReply, Status> {
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        mut req: pb::ListJobsRequest,
+    ) -> Result<pb::ListJobsReply, Status> {
+        if let Some(t) = caller.tenant() {
+            if !req.tenant.is_empty() && req.tenant != t {
+                return Err(Status::permission_denied(format!(
+                    "this token is tenant {t}'s; it cannot list tenant {}'s jobs",
+                    req.tenant
+                )));
+            }
+            req.tenant = t.to_string();
+        }
         let state = match req.state.as_str() {
             "" => None,
             s => Some(JobState::parse(s).ok_or_else(|| {
@@ -118,7 +154,11 @@ impl JobsService {
         Ok(pb::ListJobsReply { jobs })
     }
 
-    pub async fn cancel(&self, job_id: JobId) -> Result<pb::Job, Status> {
+    pub async fn cancel(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, Status> {
+        if caller.tenant().is_some() {
+            // A job's tenant never changes: once seen as the caller's, it stays the caller's.
+            self.get(caller, job_id).await?;
+        }
         match propose(
             &self.replica,
             Command::CancelJob {
@@ -135,12 +175,16 @@ impl JobsService {
 
     pub async fn update_sandboxes(
         &self,
+        caller: &Caller,
         req: pb::UpdateSandboxesRequest,
     ) -> Result<pb::Job, Status> {
+        if caller.tenant().is_some() {
+            self.get(caller, req.job_id).await?;
+        }
         let total = self
             .replica
             .read(|s, _| s.jobs.get(&req.job_id).map(|j| j.spec.count))
-            .ok_or_else(|| Status::not_found(format!("no job {}", req.job_id)))?;
+            .ok_or_else(|| no_job(req.job_id))?;
         let count = if req.count == 0 {
             total.saturating_sub(req.first_index)
         } else {
@@ -194,7 +238,7 @@ impl JobsService {
             resources,
         };
         propose(&self.replica, command).await?;
-        self.get(req.job_id).await
+        self.get(caller, req.job_id).await
     }
 
     pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), Status> {
@@ -223,7 +267,7 @@ impl JobsService {
         &self,
         job_id: JobId,
     ) -> Result<tokio::sync::mpsc::Receiver<pb::Job>, Status> {
-        let first = self.get(job_id).await?;
+        let first = self.get(caller, job_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let replica = self.replica.clone();
         let mut applied = replica.subscribe_applied();
@@ -258,39 +302,52 @@ fn unexpected(r: Reply) -> Status {
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
 
+        caller: &Caller,
 #[tonic::async_trait]
 impl Jobs for JobsService {
     async fn submit_job(
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobReply>, Status> {
-        Ok(Response::new(self.submit(req.into_inner()).await?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.submit(&caller, req.into_inner()).await?))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.get(req.into_inner().job_id).await?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.get(&caller, req.into_inner().job_id).await?,
+        ))
     }
 
     async fn list_jobs(
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
-        Ok(Response::new(self.list(req.into_inner()).await?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.list(&caller, req.into_inner()).await?))
     }
 
     async fn cancel_job(
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.cancel(req.into_inner().job_id).await?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.cancel(&caller, req.into_inner().job_id).await?,
+        ))
     }
 
     async fn update_sandboxes(
         &self,
         req: Request<pb::UpdateSandboxesRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+fn no_job(job_id: JobId) -> Status {
+    Status::not_found(format!("no job {job_id}"))
+}
+
         Ok(Response::new(
-            self.update_sandboxes(req.into_inner()).await?,
+            self.update_sandboxes(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -308,8 +365,10 @@ impl Jobs for JobsService {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let rx = self.watch(req.into_inner().job_id).await?;
+        let caller = Caller::of(&req)?;
+        let rx = self.watch(&caller, req.into_inner().job_id).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
     }
 }
+        let caller = Caller::of(&req)?;

@@ -1,0 +1,297 @@
+//! Hostile requests against a real replica, over gRPC: every request type with field values
+//! users and broken clients send (empty, huge, out of range, unknown names, bad characters).
+//! Each must succeed or be refused with a code that says whose fault it is — InvalidArgument,
+//! ResourceExhausted, FailedPrecondition, NotFound, OutOfRange, AlreadyExists — and a reason;
+//! never Internal or Unknown (a panic in a handler reaches the client as one of those), and the
+//! replica must still serve afterwards.
+
+mod common;
+
+use surge_chaos::sim::SimRng;
+use surge_proto::jobs as pb;
+use surge_proto::jobs::jobs_client::JobsClient;
+use surge_proto::node as pn;
+use surge_proto::node::node_api_client::NodeApiClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const ALLOWED: [Code; 6] = [
+    Code::InvalidArgument,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::NotFound,
+    Code::OutOfRange,
+    Code::AlreadyExists,
+];
+
+fn string(r: &mut SimRng) -> String {
+    match r.range(0, 8) {
+        0 => String::new(),
+        1 => "..".into(),
+        2 => "a b\u{0}c".into(),
+        3 => "x".repeat(200),
+        4 => "ünïcödé".into(),
+        5 => "../../etc/passwd".into(),
+        6 => format!("ok-{}", r.range(0, 1_000)),
+        _ => "busybox".into(),
+    }
+}
+
+fn u64_of(r: &mut SimRng) -> u64 {
+    match r.range(0, 6) {
+        0 => 0,
+        1 => u64::MAX,
+        2 => 1 << 40,
+        3 => r.range(1, 5_000),
+        _ => r.next_u64(),
+    }
+}
+
+fn u32_of(r: &mut SimRng) -> u32 {
+    match r.range(0, 5) {
+        0 => 0,
+        1 => u32::MAX,
+        2 => 1_000_001,
+        _ => u32::try_from(r.range(1, 20)).unwrap_or(1),
+    }
+}
+
+fn valid_spec() -> pb::JobSpec {
+    pb::JobSpec {
+        count: 2,
+        cpu_millis: 500,
+        memory_mib: 256,
+        template: "busybox".into(),
+        command: vec!["true".into()],
+        tenant: "fuzz".into(),
+        ..Default::default()
+    }
+}
+
+/// A valid spec with one to three fields made hostile.
+fn hostile_spec(r: &mut SimRng) -> pb::JobSpec {
+    let mut s = valid_spec();
+    for _ in 0..r.range(1, 4) {
+        match r.range(0, 13) {
+            0 => s.count = u32_of(r),
+            1 => s.cpu_millis = u64_of(r),
+            2 => s.memory_mib = u64_of(r),
+            3 => s.template = string(r),
+            4 => s.command = (0..r.range(0, 300)).map(|_| string(r)).collect(),
+            5 => {
+                s.env = (0..r.range(0, 300))
+                    .map(|i| (format!("{}{i}", string(r)), string(r)))
+                    .collect()
+            }
+            6 => s.priority = r.next_u64() as i32,
+            7 => s.tenant = string(r),
+            8 => s.gang = true,
+            9 => s.strategy = (r.next_u64() % 5) as i32 - 1,
+            10 => {
+                s.constraints = (0..r.range(0, 40))
+                    .map(|_| pb::Constraint {
+                        key: string(r),
+                        op: ["=", "!=", "<", ""][r.range(0, 4) as usize].into(),
+                        value: string(r),
+                    })
+                    .collect()
+            }
+            11 => {
+                s.restart = Some(pb::RestartPolicy {
+                    mode: ["never", "on-failure", "always"][r.range(0, 3) as usize].into(),
+                    max_restarts: u32_of(r),
+                })
+            }
+            _ => s.name = string(r),
+        }
+    }
+    s
+}
+
+/// What the hostile requests got back.
+#[derive(Default)]
+struct Findings {
+    forbidden: Vec<String>,
+    by_code: std::collections::BTreeMap<String, u32>,
+}
+
+/// Record a call's outcome; a forbidden code (or a refusal without a reason) is a finding.
+fn judge<T>(what: &str, result: Result<T, tonic::Status>, f: &mut Findings) {
+    let code = match &result {
+        Ok(_) => "Ok".to_string(),
+        Err(s) => format!("{:?}", s.code()),
+    };
+    *f.by_code.entry(code).or_insert(0) += 1;
+    if let Err(status) = result {
+        if !ALLOWED.contains(&status.code()) || status.message().trim().is_empty() {
+            f.forbidden.push(format!(
+                "{what}: {:?} {:?}",
+                status.code(),
+                status.message()
+            ));
+        }
+    }
+}
+
+async fn clients(addr: &str) -> (JobsClient<Channel>, NodeApiClient<Channel>) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    (
+        JobsClient::new(channel.clone()),
+        NodeApiClient::new(channel),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
+    let (cluster, _dir, leader) = common::cluster(1, &[]).await;
+    let addr = cluster.addr(leader).expect("address");
+    let (mut jobs, mut nodes) = clients(&addr).await;
+    let mut r = SimRng::new(0x5eed);
+    let mut findings = Findings::default();
+
+    // A real job and node, so some hostile requests hit existing things.
+    let real = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(valid_spec()),
+            idempotency_key: "real".into(),
+        })
+        .await
+        .expect("a valid job is accepted")
+        .into_inner()
+        .job_id;
+
+    for i in 0..150 {
+        let req = pb::SubmitJobRequest {
+            spec: Some(hostile_spec(&mut r)),
+            idempotency_key: if r.chance(200) {
+                string(&mut r)
+            } else {
+                format!("k{i}")
+            },
+        };
+        let shown = format!("SubmitJob {req:?}");
+        judge(&shown, jobs.submit_job(req).await, &mut findings);
+    }
+    judge(
+        "SubmitJob without a spec",
+        jobs.submit_job(pb::SubmitJobRequest::default()).await,
+        &mut findings,
+    );
+    for _ in 0..30 {
+        let job_id = if r.chance(300) { real } else { u64_of(&mut r) };
+        judge(
+            &format!("GetJob {job_id}"),
+            jobs.get_job(pb::GetJobRequest {
+                job_id,
+                ..Default::default()
+            })
+            .await,
+            &mut findings,
+        );
+        let req = pb::UpdateSandboxesRequest {
+            job_id,
+            first_index: u32_of(&mut r),
+            count: u32_of(&mut r),
+            action: ["", "pause", "resume", "stop", "explode"][r.range(0, 5) as usize].into(),
+            cpu_millis: if r.chance(500) { u64_of(&mut r) } else { 0 },
+            memory_mib: if r.chance(500) { u64_of(&mut r) } else { 0 },
+        };
+        let shown = format!("UpdateSandboxes {req:?}");
+        judge(&shown, jobs.update_sandboxes(req).await, &mut findings);
+        let req = pb::ListJobsRequest {
+            tenant: string(&mut r),
+            state: string(&mut r),
+            limit: u32_of(&mut r),
+            before_id: u64_of(&mut r),
+        };
+        let shown = format!("ListJobs {req:?}");
+        judge(&shown, jobs.list_jobs(req).await, &mut findings);
+        let req = pb::SetQuotaRequest {
+            tenant: string(&mut r),
+            cpu_millis: u64_of(&mut r),
+            memory_mib: u64_of(&mut r),
+        };
+        let shown = format!("SetQuota {req:?}");
+        judge(&shown, jobs.set_quota(req).await, &mut findings);
+    }
+    for _ in 0..40 {
+        let req = pn::RegisterNodeRequest {
+            node_id: string(&mut r),
+            address: string(&mut r),
+            allocatable: Some(pn::Resources {
+                cpu_millis: u64_of(&mut r),
+                memory_mib: u64_of(&mut r),
+            }),
+            os: string(&mut r),
+            arch: string(&mut r),
+            pool: string(&mut r),
+            templates: (0..r.range(0, 3)).map(|_| string(&mut r)).collect(),
+            max_sandboxes: u32_of(&mut r),
+            runtime: string(&mut r),
+            ..Default::default()
+        };
+        let shown = format!("RegisterNode {req:?}");
+        judge(&shown, nodes.register_node(req).await, &mut findings);
+        let node_id = string(&mut r);
+        judge(
+            &format!("Heartbeat {node_id:?}"),
+            nodes
+                .heartbeat(pn::HeartbeatRequest {
+                    node_id: node_id.clone(),
+                    ..Default::default()
+                })
+                .await,
+            &mut findings,
+        );
+        let updates = (0..r.range(0, 5))
+            .map(|_| pn::SandboxStatus {
+                job_id: if r.chance(500) { real } else { u64_of(&mut r) },
+                index: u32_of(&mut r),
+                state: ["running", "succeeded", "exploded", ""][r.range(0, 4) as usize].into(),
+                generation: u64_of(&mut r),
+                ..Default::default()
+            })
+            .collect();
+        let req = pn::ReportStatusRequest {
+            node_id: node_id.clone(),
+            updates,
+            ..Default::default()
+        };
+        let shown = format!("ReportStatus {req:?}");
+        judge(&shown, nodes.report_status(req).await, &mut findings);
+        judge(
+            &format!("DrainNode {node_id:?}"),
+            nodes.drain_node(pn::DrainNodeRequest { node_id }).await,
+            &mut findings,
+        );
+    }
+    assert!(
+        findings.forbidden.is_empty(),
+        "{} request(s) got a code that blames the server, or no reason:\n{}",
+        findings.forbidden.len(),
+        findings.forbidden.join("\n")
+    );
+    eprintln!("replies by code: {:?}", findings.by_code);
+    // The requests were hostile enough to be refused, and not all of them.
+    let count = |c: &str| findings.by_code.get(c).copied().unwrap_or(0);
+    assert!(
+        count("InvalidArgument") >= 100 && count("Ok") >= 10,
+        "{:?}",
+        findings.by_code
+    );
+
+    // The replica still serves, and still accepts a valid job.
+    let again = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(valid_spec()),
+            idempotency_key: "after".into(),
+        })
+        .await
+        .expect("the replica still accepts jobs after the hostile requests");
+    assert!(again.into_inner().job_id > real);
+    drop(cluster);
+}

@@ -1,0 +1,518 @@
+//! t75: a cluster with mutual TLS on every link and tenant tokens. It forms, takes a node and
+//! runs a job end to end; then every way in without the right credentials is refused with its
+//! own answer, each next to a positive control (the same call with the right credentials
+//! succeeds), so a guard that lets everything through, or nothing, fails here.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{bin, dump_logs};
+use surge_chaos::client::{self, Credentials};
+use surge_chaos::cluster::LocalCluster;
+use surge_proto::cluster::{ProposeRequest, RemoveMemberRequest, StatusRequest};
+use surge_proto::jobs as pb;
+use surge_proto::node::{DrainNodeRequest, ListNodesRequest};
+use surge_security::TlsDir;
+use tonic::Code;
+
+fn surge(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().expect("run surge")
+}
+
+fn surge_ok(args: &[&str]) -> String {
+    let out = surge(args);
+    assert!(
+        out.status.success(),
+        "surge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// Issue a certificate with `surge cert issue`.
+fn issue(ca: &Path, out: &Path, name: &str, role: &str) {
+    surge_ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        p(ca),
+        "--out",
+        p(out),
+        "--name",
+        name,
+        "--role",
+        role,
+        "--san",
+        "127.0.0.1",
+    ]);
+}
+
+/// A new token from `surge token new`, its hash appended to `file`.
+fn token(file: &Path, grant: &[&str]) -> String {
+    let mut args = vec!["token", "new", "--append", p(file)];
+    args.extend_from_slice(grant);
+    surge_ok(&args).trim().to_string()
+}
+
+fn creds(tls: Option<&TlsDir>, token: Option<&str>) -> Credentials {
+    Credentials {
+        tls: tls.cloned(),
+        token: token.map(str::to_string),
+    }
+}
+
+fn job_spec(tenant: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        count: 2,
+        cpu_millis: 500,
+        memory_mib: 256,
+        template: "busybox".into(),
+        command: vec!["true".into()],
+        tenant: tenant.into(),
+        ..Default::default()
+    }
+}
+
+async fn submit(
+    addr: &str,
+    c: &Credentials,
+    tenant: &str,
+    key: &str,
+) -> Result<u64, tonic::Status> {
+    client::jobs_with(addr, c)
+        .expect("client")
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(job_spec(tenant)),
+            idempotency_key: key.into(),
+        })
+        .await
+        .map(|r| r.into_inner().job_id)
+}
+
+async fn get(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::Status> {
+    client::jobs_with(addr, c)
+        .expect("client")
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn cancel(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::Status> {
+    client::jobs_with(addr, c)
+        .expect("client")
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn list(addr: &str, c: &Credentials) -> Result<Vec<pb::Job>, tonic::Status> {
+    client::jobs_with(addr, c)
+        .expect("client")
+        .list_jobs(pb::ListJobsRequest {
+            tenant: String::new(),
+            state: String::new(),
+            limit: 1000,
+            before_id: 0,
+        })
+        .await
+        .map(|r| r.into_inner().jobs)
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+/// Refused by the connection itself (the TLS handshake, or a server that closes a plaintext
+/// connection), not by an answer of the server's: the status comes from the transport.
+fn assert_refused_by_tls<T: std::fmt::Debug>(r: Result<T, tonic::Status>) {
+    let s = r.expect_err("the connection must be refused");
+    assert!(
+        matches!(
+            s.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal
+        ),
+        "{s:?}"
+    );
+    let from_transport = std::error::Error::source(&s)
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    assert!(from_transport, "not a transport-level refusal: {s:?}");
+}
+
+/// A plain HTTP/1.0 request to the JSON API with an optional bearer token: (status, body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write http");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read http");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    (status, body.to_string())
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    replica: PathBuf,
+    node: PathBuf,
+    client: TlsDir,
+    node_tls: TlsDir,
+    /// The cluster CA trusted, but a certificate from another CA presented.
+    rogue: TlsDir,
+    tokens: PathBuf,
+    admin: String,
+    alpha: String,
+    beta: String,
+}
+
+fn pki() -> Pki {
+    let mut dir = tempfile::tempdir().expect("temp dir");
+    if std::env::var_os("SURGE_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping the test's files in {}", dir.path().display());
+    }
+    let root = dir.path().to_path_buf();
+    let ca = root.join("ca");
+    surge_ok(&["cert", "ca", "--out", p(&ca)]);
+    let key_mode = std::fs::metadata(ca.join("ca-key.pem"))
+        .expect("ca key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600, "the CA key must be private");
+    // Never overwritten by accident.
+    let again = surge(&["cert", "ca", "--out", p(&ca)]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let (replica, node, client_dir) =
+        (root.join("replica"), root.join("node"), root.join("client"));
+    issue(&ca, &replica, "replicas", "replica");
+    issue(&ca, &node, "node-host", "node");
+    issue(&ca, &client_dir, "operator", "client");
+
+    let other_ca = root.join("other-ca");
+    surge_ok(&["cert", "ca", "--out", p(&other_ca), "--name", "other"]);
+    let rogue = root.join("rogue");
+    issue(&other_ca, &rogue, "intruder", "client");
+    std::fs::copy(ca.join("ca.pem"), rogue.join("ca.pem")).expect("trust the real CA");
+
+    let tokens = root.join("tokens");
+    let admin = token(&tokens, &["--admin"]);
+    let alpha = token(&tokens, &["--tenant", "alpha"]);
+    let beta = token(&tokens, &["--tenant", "beta"]);
+    let file = std::fs::read_to_string(&tokens).expect("tokens file");
+    for t in [&admin, &alpha, &beta] {
+        assert!(
+            !file.contains(t.as_str()),
+            "the tokens file must hold hashes only"
+        );
+    }
+    Pki {
+        client: TlsDir::load(&client_dir).expect("client tls"),
+        node_tls: TlsDir::load(&node).expect("node tls"),
+        rogue: TlsDir::load(&rogue).expect("rogue tls"),
+        _dir: dir,
+        root,
+        replica,
+        node,
+        tokens,
+        admin,
+        alpha,
+        beta,
+    }
+}
+
+#[test]
+fn tokens_without_tls_are_refused_at_start() {
+    let pki = pki();
+    let port = surge_chaos::cluster::free_port().expect("port");
+    let listen = format!("127.0.0.1:{port}");
+    let out = surge(&[
+        "server",
+        "--id",
+        "1",
+        "--listen",
+        &listen,
+        "--data-dir",
+        p(&pki.root.join("data")),
+        "--bootstrap",
+        &format!("1={listen}"),
+        "--tokens",
+        p(&pki.tokens),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tokens needs --tls-dir"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_and_tokens_guard_every_link() {
+    let pki = pki();
+    let data = pki.root.join("cluster");
+    std::fs::create_dir_all(&data).expect("cluster dir");
+    let admin_c = creds(Some(&pki.client), Some(&pki.admin));
+    let mut c = LocalCluster::new(&bin(), &data, 3, None)
+        .expect("plan")
+        .with_args(&["--tls-dir", p(&pki.replica), "--tokens", p(&pki.tokens)])
+        .with_credentials(creds(Some(&pki.client), None));
+    c.start_all().expect("start");
+    let leader = match c.wait_leader(Duration::from_secs(30)).await {
+        Ok(l) => l,
+        Err(e) => {
+            dump_logs(&c);
+            panic!("the TLS cluster formed no leader: {e}");
+        }
+    };
+    // Every replica answers over mutual TLS and agrees (replica-to-replica links work).
+    if let Err(e) = c.wait_converged(&c.ids(), Duration::from_secs(30)).await {
+        dump_logs(&c);
+        panic!("replicas did not converge over TLS: {e}");
+    }
+    let addr = c.addr(leader).expect("addr");
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("a follower");
+    let faddr = c.addr(follower).expect("addr");
+
+    // A node daemon with a node certificate registers (through any replica) and runs work.
+    c.start_sim_nodes(
+        "n",
+        1,
+        &["--tls-dir", p(&pki.node), "--sim-duration-ms", "300"],
+    )
+    .expect("start node");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = client::nodes_with(&addr, &admin_c)
+            .expect("client")
+            .list_nodes(ListNodesRequest {})
+            .await
+            .expect("list nodes")
+            .into_inner()
+            .nodes;
+        if nodes.iter().any(|n| n.state == "ready") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS node never became ready: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // --- end to end: tenant alpha's job runs to completion, submitted through a follower.
+    let alpha = creds(Some(&pki.client), Some(&pki.alpha));
+    let beta = creds(Some(&pki.client), Some(&pki.beta));
+    let id = submit(&faddr, &alpha, "", "a-1")
+        .await
+        .expect("alpha submits");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let j = get(&addr, &alpha, id).await.expect("alpha reads its job");
+        if j.state == "complete" {
+            break j;
+        }
+        if Instant::now() > deadline {
+            dump_logs(&c);
+            panic!("job {id} never completed: {j:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        done.spec.as_ref().map(|s| s.tenant.as_str()),
+        Some("alpha"),
+        "a tenant token submits as its tenant"
+    );
+
+    // --- no client certificate: a TLS client that trusts the CA but presents nothing.
+    let bare = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(
+            std::fs::read(pki.replica.join("ca.pem")).expect("ca"),
+        ),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(bare)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let no_cert = surge_proto::cluster::cluster_client::ClusterClient::new(channel)
+        .status(StatusRequest {})
+        .await;
+    assert_refused_by_tls(no_cert);
+    // Plaintext to the TLS port is refused too.
+    let plain = client::cluster_with(&addr, &creds(None, Some(&pki.admin)))
+        .expect("client")
+        .status(StatusRequest {})
+        .await;
+    assert_refused_by_tls(plain);
+    // --- a certificate from another CA.
+    let rogue = client::cluster_with(&addr, &creds(Some(&pki.rogue), Some(&pki.admin)))
+        .expect("client")
+        .status(StatusRequest {})
+        .await;
+    assert_refused_by_tls(rogue);
+    // Positive control: the same call with the cluster's client certificate.
+    let ok = client::cluster_with(&addr, &creds(Some(&pki.client), None))
+        .expect("client")
+        .status(StatusRequest {})
+        .await
+        .expect("status with a valid certificate");
+    assert_eq!(ok.into_inner().leader_id, leader);
+
+    // --- roles: a client certificate cannot use the replicas' internal API (the raw
+    // proposal path would bypass every token check), nor a node certificate the job API.
+    let propose = client::cluster_with(&addr, &admin_c)
+        .expect("client")
+        .propose(ProposeRequest::default())
+        .await;
+    assert_eq!(code(propose), Code::PermissionDenied);
+    let node_jobs = list(&addr, &creds(Some(&pki.node_tls), Some(&pki.admin))).await;
+    assert_eq!(code(node_jobs), Code::PermissionDenied);
+
+    // --- no token, a bad token; control: alpha's token.
+    let no_token = creds(Some(&pki.client), None);
+    assert_eq!(code(get(&addr, &no_token, id).await), Code::Unauthenticated);
+    assert_eq!(
+        code(submit(&addr, &no_token, "", "x").await),
+        Code::Unauthenticated
+    );
+    let bad = creds(Some(&pki.client), Some("surge_0000"));
+    assert_eq!(code(get(&addr, &bad, id).await), Code::Unauthenticated);
+    assert_eq!(code(list(&addr, &bad).await), Code::Unauthenticated);
+    get(&addr, &alpha, id).await.expect("alpha's token works");
+
+    // --- another tenant's job is not there for beta, exactly like a job that does not exist.
+    let missing = get(&addr, &beta, 999_999).await.expect_err("no such job");
+    let hidden = get(&addr, &beta, id)
+        .await
+        .expect_err("beta must not see alpha's job");
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    assert_eq!(
+        hidden.message().replace(&id.to_string(), "N"),
+        missing.message().replace("999999", "N"),
+        "the refusal must not tell an existing job from a missing one"
+    );
+    let alpha_pending = submit(&addr, &alpha, "alpha", "a-big").await;
+    let alpha_pending = alpha_pending.expect("alpha submits as itself");
+    assert_eq!(
+        code(cancel(&addr, &beta, alpha_pending).await),
+        Code::NotFound
+    );
+    assert!(
+        list(&addr, &beta)
+            .await
+            .expect("beta lists")
+            .iter()
+            .all(|j| j.id != id),
+        "beta's listing shows alpha's job"
+    );
+    assert_eq!(
+        code(submit(&addr, &beta, "alpha", "b-as-a").await),
+        Code::PermissionDenied,
+        "beta cannot submit as alpha"
+    );
+    let beta_id = submit(&addr, &beta, "", "b-1").await.expect("beta submits");
+    assert!(list(&addr, &beta)
+        .await
+        .expect("list")
+        .iter()
+        .any(|j| j.id == beta_id));
+    // Controls: the owner cancels its own job; the admin sees every tenant's.
+    let cancelled = cancel(&addr, &alpha, alpha_pending)
+        .await
+        .expect("alpha cancels its own");
+    assert_eq!(cancelled.id, alpha_pending);
+    get(&addr, &admin_c, beta_id)
+        .await
+        .expect("the admin sees beta's job");
+
+    // --- admin-only calls with a tenant token: membership, drain, quota.
+    let remove = client::cluster_with(&addr, &alpha)
+        .expect("client")
+        .remove_member(RemoveMemberRequest { id: 99 })
+        .await;
+    assert_eq!(code(remove), Code::PermissionDenied);
+    let drain = |who: Credentials| {
+        let addr = addr.clone();
+        async move {
+            client::nodes_with(&addr, &who)
+                .expect("client")
+                .drain_node(DrainNodeRequest {
+                    node_id: "n-0".into(),
+                })
+                .await
+        }
+    };
+    assert_eq!(code(drain(alpha.clone()).await), Code::PermissionDenied);
+    let quota = |who: Credentials| {
+        let addr = addr.clone();
+        async move {
+            client::jobs_with(&addr, &who)
+                .expect("client")
+                .set_quota(pb::SetQuotaRequest {
+                    tenant: "alpha".into(),
+                    cpu_millis: 1000,
+                    memory_mib: 0,
+                })
+                .await
+        }
+    };
+    assert_eq!(code(quota(alpha.clone()).await), Code::PermissionDenied);
+    assert_eq!(code(quota(no_token.clone()).await), Code::Unauthenticated);
+    // Controls: the admin token does them.
+    quota(admin_c.clone())
+        .await
+        .expect("the admin sets a quota");
+    drain(admin_c.clone())
+        .await
+        .expect("the admin drains a node");
+    let remove = client::cluster_with(&addr, &admin_c)
+        .expect("client")
+        .remove_member(RemoveMemberRequest { id: 99 })
+        .await;
+    if let Err(s) = &remove {
+        assert!(
+            !matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated),
+            "the admin must get past the guard: {s:?}"
+        );
+    }
+
+    // --- the JSON API takes the same tokens.
+    let http_addr = c.replica(leader).expect("replica").http.clone();
+    let path = format!("/v1/jobs/{id}");
+    assert_eq!(http(&http_addr, "GET", &path, None).0, 401);
+    assert_eq!(http(&http_addr, "GET", &path, Some("nope")).0, 401);
+    assert_eq!(http(&http_addr, "GET", &path, Some(&pki.beta)).0, 404);
+    assert_eq!(http(&http_addr, "DELETE", &path, Some(&pki.beta)).0, 404);
+    let (code_ok, body) = http(&http_addr, "GET", &path, Some(&pki.alpha));
+    assert_eq!(code_ok, 200, "{body}");
+    assert!(body.contains("\"alpha\""), "{body}");
+    c.stop_all(Duration::from_secs(3));
+}
