@@ -2,6 +2,7 @@
 //! [`tonic::Status`] only in these files.
 
 pub mod guard;
+pub mod hub;
 pub mod jobs;
 pub mod nodes;
 

@@ -15,6 +15,7 @@ use surge_proto::node::node_api_client::NodeApiClient;
 use surge_proto::node::node_api_server::{NodeApi, NodeApiServer};
 use tonic::{Request, Response, Status};
 
+use super::hub::AssignmentHub;
 use super::{invalid, now_ms, propose, Replica};
 use crate::command::Command;
 use crate::convert;
@@ -33,11 +34,18 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NodesService {
     replica: Replica,
     leader: Arc<Leader>,
+    hub: Arc<AssignmentHub>,
 }
 
 impl NodesService {
+    /// Must be called inside the runtime: it starts the replica's assignment fan-out.
     pub fn new(replica: Replica, leader: Arc<Leader>) -> Self {
-        NodesService { replica, leader }
+        let hub = AssignmentHub::start(replica.clone());
+        NodesService {
+            replica,
+            leader,
+            hub,
+        }
     }
 
     pub fn into_server(self) -> NodeApiServer<Self> {
@@ -153,7 +161,8 @@ impl NodeApi for NodesService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let replica = self.replica.clone();
-        let mut applied = replica.subscribe_applied();
+        // Woken only when this node's assignments change, not on every applied entry.
+        let mut changed = self.hub.subscribe(&node);
         // Resuming from the revision the node already has: nothing to send until it changes.
         let mut sent_revision = req.from_revision;
         let mut first = req.from_revision == 0;
@@ -178,7 +187,7 @@ impl NodeApi for NodesService {
                     }
                 }
                 tokio::select! {
-                    changed = applied.changed() => if changed.is_err() { return },
+                    moved = changed.changed() => if moved.is_err() { return },
                     _ = tx.closed() => return,
                 }
             }
