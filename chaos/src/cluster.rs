@@ -474,6 +474,7 @@ impl LocalCluster {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
         die_with_parent(&mut cmd);
+        lower_priority(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|source| ClusterError::Spawn { id: 0, source })?;
@@ -545,6 +546,25 @@ fn signal(child: &Child, sig: libc::c_int) {
 /// leaves no replica behind. Linux ties this to the *thread* that spawned the child: start
 /// replicas from a long-lived thread (the main thread, a test's thread, a runtime worker), never
 /// from `spawn_blocking`, whose threads exit when idle.
+/// Niceness of simulated node daemons: they stand in for other machines, so on a shared host they
+/// must not take the CPU the replicas need to keep their Raft deadlines (openraft gives an
+/// AppendEntries RPC one heartbeat interval to answer).
+const SIM_NODES_NICE: libc::c_int = 10;
+
+fn lower_priority(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setpriority(2),
+    // which is async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, SIM_NODES_NICE) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
