@@ -297,6 +297,10 @@ impl JobsService {
     }
 }
 
+fn no_job(job_id: JobId) -> Status {
+    Status::not_found(format!("no job {job_id}"))
+}
+
 fn unexpected(r: Reply) -> Status {
     Status::internal(format!("unexpected reply from the state machine: {r:?}"))
 }
@@ -342,10 +346,7 @@ impl Jobs for JobsService {
         &self,
         req: Request<pb::UpdateSandboxesRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-fn no_job(job_id: JobId) -> Status {
-    Status::not_found(format!("no job {job_id}"))
-}
-
+        let caller = Caller::of(&req)?;
         Ok(Response::new(
             self.update_sandboxes(&caller, req.into_inner()).await?,
         ))
@@ -371,4 +372,3 @@ fn no_job(job_id: JobId) -> Status {
         Ok(Response::new(Box::pin(futures::StreamExt::map(stream, Ok))))
     }
 }
-        let caller = Caller::of(&req)?;
