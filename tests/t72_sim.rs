@@ -37,7 +37,10 @@ fn a_sweep_passes_and_reports_json() {
     assert_eq!(v["seeds"], 3, "{v}");
     assert_eq!(v["verdict"], "pass", "{v}");
     assert_eq!(v["failed_seeds"], serde_json::json!([]), "{v}");
-    assert!(v["seeds_per_second"].as_f64().is_some_and(|s| s > 0.0), "{v}");
+    assert!(
+        v["seeds_per_second"].as_f64().is_some_and(|s| s > 0.0),
+        "{v}"
+    );
     assert!(v["ops_ok"].as_u64().is_some_and(|n| n > 0), "{v}");
 }
 
@@ -65,9 +68,28 @@ fn a_planted_bug_fails_with_its_replay_command() {
     assert!(!ok, "a lost job went unnoticed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("acknowledged_once"), "{stdout}");
     assert!(
-        stderr.contains("replay") && stderr.contains("surge chaos sim --seeds 5..6 --inject lose-acknowledged-job"),
+        stderr.contains("replay")
+            && stderr.contains("surge chaos sim --seeds 5..6 --inject lose-acknowledged-job"),
         "{stderr}"
     );
+}
+
+#[test]
+fn five_replicas_sweep_clean() {
+    let (ok, stdout, stderr) = surge(&[
+        "chaos",
+        "sim",
+        "--seeds",
+        "1..3",
+        "--replicas",
+        "5",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(v["verdict"], "pass", "{v}");
+    assert_eq!(v["seeds"], 2, "{v}");
 }
 
 #[test]

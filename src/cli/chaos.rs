@@ -79,6 +79,12 @@ pub struct SimArgs {
     /// Simulated milliseconds of faults and workload per seed.
     #[arg(long, default_value_t = surge_chaos::sim::SimConfig::default().fault_phase_ms)]
     fault_ms: u64,
+    /// Replicas (3 or 5 is typical).
+    #[arg(long, default_value_t = surge_chaos::sim::SimConfig::default().replicas)]
+    replicas: u64,
+    /// Simulated node daemons.
+    #[arg(long, default_value_t = surge_chaos::sim::SimConfig::default().nodes)]
+    nodes: u32,
     /// Plant a bug to watch the checkers catch it: lose-acknowledged-job.
     #[arg(long, value_parser = parse_bug)]
     inject: Option<surge_chaos::sim::InjectedBug>,
@@ -124,6 +130,8 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     use surge_chaos::sim::{self, SimConfig};
     let cfg = SimConfig {
         fault_phase_ms: args.fault_ms,
+        replicas: args.replicas,
+        nodes: args.nodes,
         inject: args.inject,
         ..SimConfig::default()
     };
@@ -198,6 +206,7 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
                 wall.as_secs_f64(),
                 report.failed_seeds.len()
             );
+            println!("digest:      {}", report.digest);
             println!("faults:      {}", faults.join(", "));
             println!(
                 "operations:  {} ok, {} fail, {} info; {} messages; {:.0} s simulated",

@@ -164,6 +164,12 @@ pub struct SimOutcome {
 pub fn replay_command(seed: u64, cfg: &SimConfig) -> String {
     let d = SimConfig::default();
     let mut cmd = format!("surge chaos sim --seeds {seed}..{}", seed.saturating_add(1));
+    if cfg.replicas != d.replicas {
+        cmd.push_str(&format!(" --replicas {}", cfg.replicas));
+    }
+    if cfg.nodes != d.nodes {
+        cmd.push_str(&format!(" --nodes {}", cfg.nodes));
+    }
     if cfg.fault_phase_ms != d.fault_phase_ms {
         cmd.push_str(&format!(" --fault-ms {}", cfg.fault_phase_ms));
     }
@@ -266,6 +272,9 @@ pub fn sweep(
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SweepReport {
     pub seeds: u64,
+    /// Chained SHA-256 of every seed's digest, in order: two sweeps of the same seeds agree on
+    /// it exactly when every seed replayed identically.
+    pub digest: String,
     pub failed_seeds: Vec<u64>,
     /// The first failing seed's violations, in full.
     pub first_failure: Option<SimOutcomeSummary>,
@@ -289,6 +298,14 @@ pub struct SimOutcomeSummary {
 impl SweepReport {
     pub fn add(&mut self, o: &SimOutcome) {
         self.seeds += 1;
+        let mut chain = Sha256::new();
+        chain.update(self.digest.as_bytes());
+        chain.update(o.digest.as_bytes());
+        self.digest = chain
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         for (k, n) in &o.faults {
             *self.faults.entry(k.clone()).or_insert(0) += n;
         }

@@ -437,8 +437,16 @@ impl Sim {
                     let (what, isolated) = if kind == 2 {
                         ("leader isolated", vec![self.leader().unwrap_or(1)])
                     } else {
-                        let a = self.random_replica();
-                        ("minority/majority", vec![a])
+                        // A random minority (one of 3, one or two of 5) against the rest.
+                        let n = self.cfg.replicas;
+                        let size = self.rng(|r| r.range(1, (n - 1) / 2 + 1));
+                        let mut ids: Vec<NodeId> = (1..=n).collect();
+                        let mut minority = Vec::new();
+                        for _ in 0..size {
+                            let i = self.rng(|r| r.range(0, ids.len() as u64)) as usize;
+                            minority.push(ids.remove(i));
+                        }
+                        ("minority/majority", minority)
                     };
                     for id in &isolated {
                         c.sides.insert(*id, 1);
