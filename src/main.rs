@@ -148,6 +148,16 @@ enum Cmd {
     },
     /// Chaos run: a real cluster, a workload, faults on a seeded schedule, and checkers.
     Chaos(cli::chaos::ChaosArgs),
+    /// Make the cluster CA and per-host certificates for --tls-dir.
+    Cert {
+        #[command(subcommand)]
+        action: cli::security::CertCmd,
+    },
+    /// Make tenant and admin tokens for the servers' --tokens file.
+    Token {
+        #[command(subcommand)]
+        action: cli::security::TokenCmd,
+    },
 }
 
 fn main() {
@@ -158,6 +168,19 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // A daemon must never die of a peer that went away: a TLS connection closed by its peer
+    // makes the next (vectored, so not MSG_NOSIGNAL) write raise SIGPIPE. Servers, node
+    // daemons and the commands that run clusters ignore it and see EPIPE as an error instead.
+    if matches!(
+        cli.command,
+        Cmd::Server(_) | Cmd::Node(_) | Cmd::Dev(_) | Cmd::Bench { .. } | Cmd::Chaos(_)
+    ) {
+        // SAFETY: still before any thread exists; SIG_IGN only changes what a write to a
+        // closed socket or pipe does (it returns EPIPE).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    }
     // libkrun takes over the process it starts a VM in: run it before any runtime thread exists.
     if let Cmd::VmExec(args) = cli.command {
         if let Err(e) = cli::vm::run(args) {
@@ -172,16 +195,6 @@ fn main() {
     {
         Ok(r) => r,
         Err(e) => {
-    /// Make the cluster CA and per-host certificates for --tls-dir.
-    Cert {
-        #[command(subcommand)]
-        action: cli::security::CertCmd,
-    },
-    /// Make tenant and admin tokens for the servers' --tokens file.
-    Token {
-        #[command(subcommand)]
-        action: cli::security::TokenCmd,
-    },
             eprintln!("error: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
@@ -192,21 +205,26 @@ fn main() {
         std::process::exit(1);
     }
 }
-    // A daemon must never die of a peer that went away: a TLS connection closed by its peer
-    // makes the next (vectored, so not MSG_NOSIGNAL) write raise SIGPIPE. Servers, node
-    // daemons and the commands that run clusters ignore it and see EPIPE as an error instead.
-    if matches!(
-        cli.command,
-        Cmd::Server(_) | Cmd::Node(_) | Cmd::Dev(_) | Cmd::Bench { .. } | Cmd::Chaos(_)
-    ) {
-        // SAFETY: still before any thread exists; SIG_IGN only changes what a write to a
-        // closed socket or pipe does (it returns EPIPE).
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        }
-    }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        // Commands that start their own (open) clusters, serve, or make no calls.
+        Cmd::Server(_)
+        | Cmd::Node(_)
+        | Cmd::Dev(_)
+        | Cmd::Bench { .. }
+        | Cmd::Chaos(_)
+        | Cmd::VmExec(_)
+        | Cmd::Cert { .. }
+        | Cmd::Token { .. } => {}
+        // Every client command talks to --server with --tls-dir and --token.
+        _ => {
+            let creds = cli.security.credentials()?;
+            if surge_chaos::client::set_default_credentials(creds).is_err() {
+                anyhow::bail!("client credentials were set twice");
+            }
+        }
+    }
     match cli.command {
         Cmd::Server(args) => cli::server::run(args, cli.security.tls()?).await,
         Cmd::Node(args) => cli::node::run(args, cli.security.tls()?).await,
@@ -233,24 +251,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Nodes { target } => cli::client::nodes(&target.server, target.output).await,
         Cmd::Pause { sandbox, target } => {
             cli::client::update_sandboxes(
-    match &cli.command {
-        // Commands that start their own (open) clusters, serve, or make no calls.
-        Cmd::Server(_)
-        | Cmd::Node(_)
-        | Cmd::Dev(_)
-        | Cmd::Bench { .. }
-        | Cmd::Chaos(_)
-        | Cmd::VmExec(_)
-        | Cmd::Cert { .. }
-        | Cmd::Token { .. } => {}
-        // Every client command talks to --server with --tls-dir and --token.
-        _ => {
-            let creds = cli.security.credentials()?;
-            if surge_chaos::client::set_default_credentials(creds).is_err() {
-                anyhow::bail!("client credentials were set twice");
-            }
-        }
-    }
                 &target.server,
                 target.output,
                 &sandbox,
