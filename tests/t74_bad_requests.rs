@@ -185,11 +185,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
         let job_id = if r.chance(300) { real } else { u64_of(&mut r) };
         judge(
             &format!("GetJob {job_id}"),
-            jobs.get_job(pb::GetJobRequest {
-                job_id,
-                ..Default::default()
-            })
-            .await,
+            jobs.get_job(pb::GetJobRequest { job_id }).await,
             &mut findings,
         );
         let req = pb::UpdateSandboxesRequest {
