@@ -167,6 +167,15 @@ pub struct CountsJson {
     pub lost: u32,
     pub cancelled: u32,
     pub preempted: u32,
+    pub stopped: u32,
+}
+
+/// Sandboxes that ended in one way other than succeeded.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExitJson {
+    pub state: String,
+    pub exit_code: i32,
+    pub count: u32,
 }
 
 /// A job as JSON.
@@ -189,6 +198,8 @@ pub struct JobJson {
     pub submitted_at_ms: u64,
     pub submitted_index: u64,
     pub finished_at_ms: u64,
+    /// Non-successful endings grouped by state and exit code, most first.
+    pub exits: Vec<ExitJson>,
 }
 
 impl From<&pb::Job> for JobJson {
@@ -219,11 +230,66 @@ impl From<&pb::Job> for JobJson {
                 lost: c.lost,
                 cancelled: c.cancelled,
                 preempted: c.preempted,
+                stopped: c.stopped,
             },
             pending_reason: j.pending_reason.clone(),
             submitted_at_ms: j.submitted_at_ms,
             submitted_index: j.submitted_index,
             finished_at_ms: j.finished_at_ms,
+            exits: j
+                .exits
+                .iter()
+                .map(|e| ExitJson {
+                    state: e.state.clone(),
+                    exit_code: e.exit_code,
+                    count: e.count,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One sandbox as JSON (`surge sandbox ID -o json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SandboxJson {
+    /// `JOB.INDEX`
+    pub id: String,
+    pub job_id: u64,
+    pub index: u32,
+    pub state: String,
+    pub desired_state: String,
+    pub node: String,
+    pub generation: u64,
+    pub cpu_millis: u64,
+    pub memory_mib: u64,
+    pub exit_code: i32,
+    pub restarts: u32,
+    pub submitted_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub message: String,
+    pub log_tail: String,
+    pub log_kept: bool,
+}
+
+impl From<&pb::SandboxInfo> for SandboxJson {
+    fn from(s: &pb::SandboxInfo) -> Self {
+        SandboxJson {
+            id: format!("{}.{}", s.job_id, s.index),
+            job_id: s.job_id,
+            index: s.index,
+            state: s.state.clone(),
+            desired_state: s.desired_state.clone(),
+            node: s.node.clone(),
+            generation: s.generation,
+            cpu_millis: s.cpu_millis,
+            memory_mib: s.memory_mib,
+            exit_code: s.exit_code,
+            restarts: s.restarts,
+            submitted_at_ms: s.submitted_at_ms,
+            finished_at_ms: s.finished_at_ms,
+            message: s.message.clone(),
+            log_tail: s.log_tail.clone(),
+            log_kept: s.log_kept,
         }
     }
 }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Job, JobId, JobSpec, NodeSpec, NodeState, Resources};
+use crate::outcomes::OutcomeReport;
 use crate::placement::Plan;
 use crate::runs::SandboxState;
 
@@ -74,6 +75,22 @@ pub enum Command {
         count: u32,
         paused: Option<bool>,
         resources: Option<Resources>,
+    },
+    /// Stop sandboxes `first..first+count` of a job (`surge stop`): their nodes stop them
+    /// gracefully (SIGTERM, grace, SIGKILL) and they end `Stopped`, not `Failed`.
+    StopSandboxes {
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        at_ms: u64,
+    },
+    /// `ReportStatus` plus how sandboxes ended in words (messages and output tails, bounded:
+    /// see `outcomes`). Leaders of this version propose this one; `ReportStatus` stays for
+    /// entries written before it.
+    ReportStatusOutcomes {
+        reports: Vec<StatusRange>,
+        outcomes: Vec<OutcomeReport>,
+        at_ms: u64,
     },
 }
 

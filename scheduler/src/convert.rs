@@ -8,6 +8,7 @@ use crate::model::{
     constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
     RestartPolicy, Strategy,
 };
+use crate::runs::SandboxState;
 use crate::state::NodeUsage;
 use crate::validate::{self, Invalid};
 
@@ -133,7 +134,68 @@ fn counts_to_pb(c: &Counts) -> pb::Counts {
         cancelled: c.cancelled,
         paused: c.paused,
         oom_killed: c.oom_killed,
+        stopped: c.stopped,
     }
+}
+
+/// Kinds of ending listed per job by [`exits_of`].
+pub const EXIT_SUMMARIES_MAX: usize = 16;
+
+/// Sandboxes that ended other than succeeded, grouped by state and exit code, most first.
+pub fn exits_of(job: &Job) -> Vec<pb::ExitSummary> {
+    let mut by: std::collections::BTreeMap<(SandboxState, i32), u32> = Default::default();
+    for (_, run) in job.runs.iter() {
+        if run.state.is_terminal() && run.state != SandboxState::Succeeded {
+            let n = by.entry((run.state, run.exit_code)).or_default();
+            *n = n.saturating_add(run.count);
+        }
+    }
+    let mut out: Vec<pb::ExitSummary> = by
+        .into_iter()
+        .map(|((state, exit_code), count)| pb::ExitSummary {
+            state: state.as_str().to_string(),
+            exit_code,
+            count,
+        })
+        .collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.count));
+    out.truncate(EXIT_SUMMARIES_MAX);
+    out
+}
+
+/// One sandbox of a job (`None`: no such index).
+pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
+    let (_, run) = job.runs.get(index)?;
+    let outcome = job.outcomes.get(index);
+    let desired = if run.stop {
+        "stopped"
+    } else if run.paused {
+        "paused"
+    } else {
+        "running"
+    };
+    let finished_at_ms = match outcome {
+        Some(o) => o.at_ms,
+        None if run.state.is_terminal() => job.finished_at_ms,
+        None => 0,
+    };
+    Some(pb::SandboxInfo {
+        job_id: job.id,
+        index,
+        state: run.state.as_str().to_string(),
+        node: run.node.clone().unwrap_or_default(),
+        generation: run.generation,
+        cpu_millis: run.resources.cpu_millis,
+        memory_mib: run.resources.memory_mib,
+        desired_state: desired.to_string(),
+        exit_code: run.exit_code,
+        restarts: run.restarts,
+        submitted_at_ms: job.submitted_at_ms,
+        finished_at_ms,
+        message: outcome.map(|o| o.message.clone()).unwrap_or_default(),
+        log_tail: outcome.map(|o| o.log_tail.clone()).unwrap_or_default(),
+        log_kept: outcome.is_some(),
+    })
 }
 
 pub fn job_to_pb(job: &Job) -> pb::Job {
@@ -147,6 +209,7 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
         submitted_at_ms: job.submitted_at_ms,
         submitted_index: job.submitted_index,
         finished_at_ms: job.finished_at_ms,
+        exits: exits_of(job),
     }
 }
 
@@ -192,6 +255,7 @@ pub fn node_to_pb(node: &Node, usage: NodeUsage, used: Resources) -> pn::NodeInf
         os: node.spec.os.clone(),
         arch: node.spec.arch.clone(),
         sandboxes: usage.sandboxes,
+        templates: node.spec.templates.clone(),
     }
 }
 
@@ -209,7 +273,14 @@ pub fn assignments_to_pb(
             Some(pn::Sandbox {
                 job_id: a.job,
                 index: a.index,
-                desired_state: if a.paused { "paused" } else { "running" }.to_string(),
+                desired_state: if a.stop {
+                    "stopped"
+                } else if a.paused {
+                    "paused"
+                } else {
+                    "running"
+                }
+                .to_string(),
                 resources: Some(resources_to_pb(a.resources)),
                 template: job.spec.template.clone(),
                 command: job.spec.command.clone(),

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::command::{Command, Response, StatusRange};
 use crate::model::{NodeState, Resources};
+use crate::outcomes::{OutcomeReport, OUTCOMES_PER_COMMAND_MAX};
 use crate::placement::{self, PlacementParams};
 use crate::runs::SandboxState;
 use crate::service::{now_ms, Replica};
@@ -139,13 +140,14 @@ impl Metrics {
 }
 
 type ReportWaiter = oneshot::Sender<Result<(), String>>;
+type QueuedReport = (Vec<StatusRange>, Vec<OutcomeReport>, ReportWaiter);
 
 /// The leader's in-memory side.
 pub struct Leader {
     replica: Replica,
     pub node_ttl_ms: u64,
     liveness: Mutex<HashMap<String, Liveness>>,
-    reports_tx: mpsc::Sender<(Vec<StatusRange>, ReportWaiter)>,
+    reports_tx: mpsc::Sender<QueuedReport>,
     pub metrics: Metrics,
 }
 
@@ -195,20 +197,21 @@ impl Leader {
     }
 
     /// Queue reports for the next batch; resolves once they are committed.
-    pub async fn report(&self, ranges: Vec<StatusRange>) -> Result<(), String> {
+    pub async fn report(
+        &self,
+        ranges: Vec<StatusRange>,
+        outcomes: Vec<OutcomeReport>,
+    ) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.reports_tx
-            .try_send((ranges, tx))
+            .try_send((ranges, outcomes, tx))
             .map_err(|_| "status queue full; retry shortly".to_string())?;
         rx.await.map_err(|_| "status batcher stopped".to_string())?
     }
 }
 
 /// Collect queued reports for a short window and commit them as one entry.
-async fn batch_reports(
-    leader: std::sync::Arc<Leader>,
-    mut rx: mpsc::Receiver<(Vec<StatusRange>, ReportWaiter)>,
-) {
+async fn batch_reports(leader: std::sync::Arc<Leader>, mut rx: mpsc::Receiver<QueuedReport>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut ranges: usize = batch[0].0.len();
@@ -222,11 +225,20 @@ async fn batch_reports(
                 Ok(None) | Err(_) => break,
             }
         }
-        let (reports, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let reports: Vec<StatusRange> = reports.into_iter().flatten().collect();
+        let mut reports: Vec<StatusRange> = Vec::new();
+        let mut outcomes: Vec<OutcomeReport> = Vec::new();
+        let mut waiters = Vec::with_capacity(batch.len());
+        for (r, o, w) in batch {
+            reports.extend(r);
+            outcomes.extend(o);
+            waiters.push(w);
+        }
+        // Text is best effort: past the per-entry cap it is dropped, the states never are.
+        outcomes.truncate(OUTCOMES_PER_COMMAND_MAX);
         let n = reports.len() as u64;
-        let command = Command::ReportStatus {
+        let command = Command::ReportStatusOutcomes {
             reports,
+            outcomes,
             at_ms: now_ms(),
         };
         let result = leader

@@ -19,6 +19,7 @@ pub mod convert;
 pub mod http;
 pub mod leader;
 pub mod model;
+pub mod outcomes;
 pub mod placement;
 pub mod runs;
 pub mod server;

@@ -169,6 +169,8 @@ pub struct Counts {
     pub cancelled: u32,
     pub paused: u32,
     pub oom_killed: u32,
+    /// Stopped at a user's request (`surge stop`).
+    pub stopped: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +187,8 @@ pub struct Job {
     /// Where every sandbox is and in what state, run-length encoded.
     pub runs: crate::runs::Runs,
     pub cancelled: bool,
+    /// Messages and output tails of ended sandboxes, bounded (see `outcomes`).
+    pub outcomes: crate::outcomes::Outcomes,
 }
 
 /// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).

@@ -23,6 +23,8 @@ pub enum SandboxState {
     /// Its node went down and it could not be rescheduled.
     Lost,
     Cancelled,
+    /// Stopped at a user's request (`surge stop`): ended on purpose, never restarted.
+    Stopped,
 }
 
 impl SandboxState {
@@ -42,6 +44,7 @@ impl SandboxState {
                 | SandboxState::OomKilled
                 | SandboxState::Lost
                 | SandboxState::Cancelled
+                | SandboxState::Stopped
         )
     }
 
@@ -56,6 +59,7 @@ impl SandboxState {
             SandboxState::OomKilled => "oom-killed",
             SandboxState::Lost => "lost",
             SandboxState::Cancelled => "cancelled",
+            SandboxState::Stopped => "stopped",
         }
     }
 
@@ -70,6 +74,7 @@ impl SandboxState {
             "oom-killed" => SandboxState::OomKilled,
             "lost" => SandboxState::Lost,
             "cancelled" => SandboxState::Cancelled,
+            "stopped" => SandboxState::Stopped,
             _ => return None,
         })
     }
@@ -91,6 +96,8 @@ pub struct Run {
     pub resources: Resources,
     /// Desired: paused ("close the lid") instead of running.
     pub paused: bool,
+    /// Desired: stopped (`surge stop`); the node stops it gracefully and it ends `Stopped`.
+    pub stop: bool,
     pub exit_code: i32,
     /// Restarts after failure so far (for the restart policy).
     pub restarts: u32,
@@ -108,6 +115,7 @@ impl Run {
             revision: 0,
             resources,
             paused: false,
+            stop: false,
             exit_code: 0,
             restarts: 0,
             reschedules: 0,

@@ -9,6 +9,7 @@ use crate::command::{Command, Rejection, Response, StatusRange};
 use crate::model::{
     Counts, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState, Resources, RestartPolicy,
 };
+use crate::outcomes::{Outcome, OutcomeReport, Outcomes, OUTCOMES_PER_COMMAND_MAX};
 use crate::placement::{
     self, Allocation, IndexRun, JobRequest, NodeView, PlacementInput, PlacementParams, Plan,
     TenantQuota,
@@ -50,6 +51,8 @@ pub struct Assignment {
     pub generation: u64,
     pub revision: u64,
     pub paused: bool,
+    /// The user asked for it to stop (`surge stop`).
+    pub stop: bool,
     pub resources: Resources,
 }
 
@@ -59,7 +62,10 @@ fn is_restartable(policy: RestartPolicy, restarts: u32) -> bool {
 
 /// Send a sandbox back to the queue as a new generation (or give up after too many reschedules).
 fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
-    if run.reschedules >= RESCHEDULES_MAX {
+    if run.stop {
+        // Asked to stop and its node is gone: nothing left to stop, nothing to run again.
+        run.state = SandboxState::Stopped;
+    } else if run.reschedules >= RESCHEDULES_MAX {
         run.state = SandboxState::Lost;
     } else {
         run.state = SandboxState::Pending;
@@ -112,6 +118,7 @@ impl Job {
                 SandboxState::OomKilled => &mut c.oom_killed,
                 SandboxState::Lost => &mut c.lost,
                 SandboxState::Cancelled => &mut c.cancelled,
+                SandboxState::Stopped => &mut c.stopped,
             };
             *slot += run.count;
         }
@@ -157,7 +164,20 @@ impl ClusterState {
                 reasons,
                 at_ms,
             } => self.apply_plan(index, plan, reasons, at_ms),
-            Command::ReportStatus { reports, at_ms } => self.report_status(index, reports, at_ms),
+            Command::ReportStatus { reports, at_ms } => {
+                self.report_status(index, reports, Vec::new(), at_ms)
+            }
+            Command::ReportStatusOutcomes {
+                reports,
+                outcomes,
+                at_ms,
+            } => self.report_status(index, reports, outcomes, at_ms),
+            Command::StopSandboxes {
+                job_id,
+                first,
+                count,
+                at_ms,
+            } => self.stop_sandboxes(index, job_id, first, count, at_ms),
             Command::SetNodeState { node, state, at_ms } => {
                 self.set_node_state(index, &node, state, at_ms)
             }
@@ -225,6 +245,7 @@ impl ClusterState {
             submitted_index: index,
             finished_at_ms: 0,
             cancelled: false,
+            outcomes: Outcomes::default(),
         };
         job.refresh(index, at_ms);
         self.jobs.insert(job_id, job);
@@ -354,13 +375,64 @@ impl ClusterState {
         }
     }
 
-    fn report_status(&mut self, index: u64, reports: Vec<StatusRange>, at_ms: u64) -> Response {
+    /// Keep what nodes said about how sandboxes ended, for the current run of each only (a
+    /// stale node's words about a sandbox it no longer holds are dropped like its status).
+    /// Runs before the status ranges are applied, while the runs are still active.
+    fn record_outcomes(&mut self, outcomes: Vec<OutcomeReport>, at_ms: u64) {
+        for o in outcomes {
+            let Some(job) = self.jobs.get_mut(&o.job) else {
+                continue;
+            };
+            let Some((_, run)) = job.runs.get(o.index) else {
+                continue;
+            };
+            let current = run.generation == o.generation
+                && run.node.as_deref() == Some(o.node.as_str())
+                && run.state.is_active()
+                && o.state.is_terminal();
+            if !current {
+                continue;
+            }
+            let state = if run.stop {
+                SandboxState::Stopped
+            } else {
+                o.state
+            };
+            job.outcomes.record(
+                o.index,
+                Outcome {
+                    generation: o.generation,
+                    node: o.node,
+                    state,
+                    exit_code: o.exit_code,
+                    message: o.message,
+                    log_tail: o.log_tail,
+                    at_ms,
+                },
+            );
+        }
+    }
+
+    fn report_status(
+        &mut self,
+        index: u64,
+        reports: Vec<StatusRange>,
+        outcomes: Vec<OutcomeReport>,
+        at_ms: u64,
+    ) -> Response {
         if reports.len() > STATUS_RANGES_MAX {
             return Response::Rejected(Rejection::Invalid(format!(
                 "{} status ranges in one command; at most {STATUS_RANGES_MAX}",
                 reports.len()
             )));
         }
+        if outcomes.len() > OUTCOMES_PER_COMMAND_MAX {
+            return Response::Rejected(Rejection::Invalid(format!(
+                "{} sandbox outcomes in one command; at most {OUTCOMES_PER_COMMAND_MAX}",
+                outcomes.len()
+            )));
+        }
+        self.record_outcomes(outcomes, at_ms);
         let mut applied = 0u64;
         let mut ignored = 0u64;
         let mut touched = std::collections::BTreeSet::new();
@@ -383,6 +455,13 @@ impl ClusterState {
                     return;
                 }
                 applied += u64::from(run.count);
+                if run.stop && r.state.is_terminal() {
+                    // However it ended after the user asked it to stop, it was stopped.
+                    run.state = SandboxState::Stopped;
+                    run.exit_code = r.exit_code;
+                    node_changed = true;
+                    return;
+                }
                 match r.state {
                     SandboxState::Running | SandboxState::Paused => {
                         run.state = r.state;
@@ -416,6 +495,11 @@ impl ClusterState {
                     }
                     SandboxState::Lost => {
                         reschedule(run, per, index);
+                        node_changed = true;
+                    }
+                    SandboxState::Stopped => {
+                        run.state = SandboxState::Stopped;
+                        run.exit_code = r.exit_code;
                         node_changed = true;
                     }
                     SandboxState::Pending | SandboxState::Placed | SandboxState::Cancelled => {
@@ -561,6 +645,53 @@ impl ClusterState {
         Response::Done
     }
 
+    fn stop_sandboxes(
+        &mut self,
+        index: u64,
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        at_ms: u64,
+    ) -> Response {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Response::Rejected(Rejection::NoSuchJob(job_id));
+        };
+        if u64::from(first) + u64::from(count) > u64::from(job.spec.count) || count == 0 {
+            return Response::Rejected(Rejection::Invalid(format!(
+                "job {job_id} has sandboxes 0..{}; {first}..{} is out of range",
+                job.spec.count,
+                u64::from(first) + u64::from(count)
+            )));
+        }
+        let mut nodes = std::collections::BTreeSet::new();
+        job.runs.update(first, count, |run| match run.state {
+            // Nothing runs yet: stopped at once. A placed sandbox may be starting on its node;
+            // it is no longer assigned there, so the node stops it as foreign.
+            SandboxState::Pending | SandboxState::Placed => {
+                if let Some(n) = &run.node {
+                    nodes.insert(n.clone());
+                }
+                run.state = SandboxState::Stopped;
+                run.revision = index;
+            }
+            SandboxState::Running | SandboxState::Paused if !run.stop => {
+                run.stop = true;
+                run.revision = index;
+                if let Some(n) = &run.node {
+                    nodes.insert(n.clone());
+                }
+            }
+            _ => {}
+        });
+        job.refresh(index, at_ms);
+        for n in nodes {
+            if let Some(node) = self.nodes.get_mut(&n) {
+                node.revision = index;
+            }
+        }
+        Response::Done
+    }
+
     /// Reservations and sandbox counts per node, from the active runs.
     pub fn node_usage(&self) -> BTreeMap<String, NodeUsage> {
         let mut usage: BTreeMap<String, NodeUsage> = BTreeMap::new();
@@ -690,6 +821,7 @@ impl ClusterState {
                         generation: run.generation,
                         revision: run.revision,
                         paused: run.paused,
+                        stop: run.stop,
                         resources: run.resources,
                     };
                     f(node, a);
@@ -1283,6 +1415,160 @@ mod tests {
             "a partial gang was left: {c:?}"
         );
         assert!(s.assignments_of("b").is_empty());
+    }
+
+    fn placed_on_a(s: &mut ClusterState, count: u32) -> JobId {
+        apply(
+            s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        apply(
+            s,
+            2,
+            Command::SubmitJob {
+                spec: spec(count, "t"),
+                idempotency_key: "k".into(),
+                at_ms: 0,
+            },
+        );
+        let plan = plan_for(s, 2);
+        apply(
+            s,
+            3,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        2
+    }
+
+    fn range(first: u32, count: u32, state: SandboxState, exit_code: i32) -> StatusRange {
+        StatusRange {
+            node: "a".into(),
+            job: 2,
+            first,
+            count,
+            generation: 0,
+            state,
+            exit_code,
+            resources: None,
+        }
+    }
+
+    #[test]
+    fn stop_asks_the_node_then_ends_stopped_not_failed() {
+        let mut s = ClusterState::default();
+        let job = placed_on_a(&mut s, 3);
+        let running = vec![range(0, 3, SandboxState::Running, 0)];
+        apply(
+            &mut s,
+            4,
+            Command::ReportStatus {
+                reports: running,
+                at_ms: 0,
+            },
+        );
+        let stop = |first, count| Command::StopSandboxes {
+            job_id: job,
+            first,
+            count,
+            at_ms: 5,
+        };
+        assert!(matches!(
+            apply(&mut s, 5, stop(2, 5)),
+            Response::Rejected(_)
+        ));
+        assert_eq!(apply(&mut s, 6, stop(0, 2)), Response::Done);
+        let desired = s.assignments_of("a");
+        assert_eq!(desired.iter().filter(|a| a.stop).count(), 2);
+        assert_eq!(s.nodes["a"].revision, 6, "the node is told");
+        // The node stops them; SIGTERM makes one exit 143. Both end `stopped`, with the code.
+        let ended = vec![
+            range(0, 1, SandboxState::Stopped, 143),
+            range(1, 1, SandboxState::Failed, 143),
+        ];
+        let tail = |i: u32| OutcomeReport {
+            node: "a".into(),
+            job,
+            index: i,
+            generation: 0,
+            state: SandboxState::Stopped,
+            exit_code: 143,
+            message: "stopped by the node at the scheduler's request".into(),
+            log_tail: format!("bye from {i}\n"),
+        };
+        apply(
+            &mut s,
+            7,
+            Command::ReportStatusOutcomes {
+                reports: ended,
+                outcomes: vec![tail(0), tail(1)],
+                at_ms: 70,
+            },
+        );
+        let j = &s.jobs[&job];
+        assert_eq!(
+            (j.counts.stopped, j.counts.failed, j.counts.running),
+            (2, 0, 1)
+        );
+        assert_eq!(j.runs.get(0).map(|(_, r)| r.exit_code), Some(143));
+        let kept = j.outcomes.get(1).expect("outcome kept");
+        assert_eq!((kept.state, kept.at_ms), (SandboxState::Stopped, 70));
+        assert_eq!(kept.log_tail, "bye from 1\n");
+        // A stopped sandbox is not restarted and not asked for again.
+        assert_eq!(s.assignments_of("a").len(), 1);
+        // A stale outcome (older generation) is dropped.
+        let mut stale = tail(2);
+        stale.generation = 9;
+        apply(
+            &mut s,
+            8,
+            Command::ReportStatusOutcomes {
+                reports: vec![],
+                outcomes: vec![stale],
+                at_ms: 0,
+            },
+        );
+        assert!(s.jobs[&job].outcomes.get(2).is_none());
+        // Stopping a sandbox whose node goes down ends it stopped, not rescheduled.
+        apply(&mut s, 9, stop(2, 1));
+        apply(
+            &mut s,
+            10,
+            Command::SetNodeState {
+                node: "a".into(),
+                state: NodeState::Down,
+                at_ms: 0,
+            },
+        );
+        let j = &s.jobs[&job];
+        assert_eq!((j.counts.stopped, j.counts.pending), (3, 0));
+        assert_eq!(j.state, JobState::Complete);
+    }
+
+    #[test]
+    fn stopping_a_pending_sandbox_ends_it_at_once() {
+        let mut s = ClusterState::default();
+        submit(&mut s, 1, "k");
+        let r = apply(
+            &mut s,
+            2,
+            Command::StopSandboxes {
+                job_id: 1,
+                first: 0,
+                count: 10,
+                at_ms: 0,
+            },
+        );
+        assert_eq!(r, Response::Done);
+        assert_eq!(s.jobs[&1].counts.stopped, 10);
+        assert!(s.jobs[&1].state.is_terminal());
     }
 
     fn arb_command() -> impl proptest::strategy::Strategy<Value = Command> {

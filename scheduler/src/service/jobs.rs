@@ -194,9 +194,24 @@ impl JobsService {
             "" => None,
             "pause" => Some(true),
             "resume" => Some(false),
+            "stop" => {
+                if req.cpu_millis != 0 || req.memory_mib != 0 {
+                    return Err(Status::invalid_argument(
+                        "stop takes no new resources; stop and resize are separate requests",
+                    ));
+                }
+                let command = Command::StopSandboxes {
+                    job_id: req.job_id,
+                    first: req.first_index,
+                    count,
+                    at_ms: now_ms(),
+                };
+                propose(&self.replica, command).await?;
+                return self.get(caller, req.job_id).await;
+            }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "action: unknown {other:?}; use pause or resume"
+                    "action: unknown {other:?}; use pause, resume or stop"
                 )))
             }
         };
@@ -239,6 +254,28 @@ impl JobsService {
         };
         propose(&self.replica, command).await?;
         self.get(caller, req.job_id).await
+    }
+
+    pub async fn get_sandbox(&self, req: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+        self.replica.linearizable_read().await?;
+        let found = self.replica.read(|s, _| {
+            s.jobs
+                .get(&req.job_id)
+                .map(|j| (j.spec.count, convert::sandbox_to_pb(j, req.index)))
+        });
+        match found {
+            None => Err(Status::not_found(format!("no job {}", req.job_id))),
+            Some((count, None)) => Err(Status::not_found(format!(
+                "job {} has sandboxes {}.0 to {}.{}; there is no {}.{}",
+                req.job_id,
+                req.job_id,
+                req.job_id,
+                count.saturating_sub(1),
+                req.job_id,
+                req.index
+            ))),
+            Some((_, Some(info))) => Ok(info),
+        }
     }
 
     pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), Status> {
@@ -358,6 +395,13 @@ impl Jobs for JobsService {
     ) -> Result<Response<pb::SetQuotaReply>, Status> {
         self.set_quota(req.into_inner()).await?;
         Ok(Response::new(pb::SetQuotaReply {}))
+    }
+
+    async fn get_sandbox(
+        &self,
+        req: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::SandboxInfo>, Status> {
+        Ok(Response::new(self.get_sandbox(req.into_inner()).await?))
     }
 
     type WatchJobStream = JobStream;

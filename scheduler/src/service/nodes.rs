@@ -21,6 +21,7 @@ use crate::command::Command;
 use crate::convert;
 use crate::leader::{self, Leader};
 use crate::model::{NodeState, Resources};
+use crate::outcomes::{self, OutcomeReport};
 use crate::runs::SandboxState;
 use crate::validate;
 
@@ -88,9 +89,10 @@ fn state_of(s: &str) -> Result<SandboxState, Status> {
         | SandboxState::Succeeded
         | SandboxState::Failed
         | SandboxState::OomKilled
-        | SandboxState::Lost)) => Ok(st),
+        | SandboxState::Lost
+        | SandboxState::Stopped)) => Ok(st),
         _ => Err(Status::invalid_argument(format!(
-            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed or lost"
+            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed, lost or stopped"
         ))),
     }
 }
@@ -213,21 +215,45 @@ impl NodeApi for NodesService {
             )));
         }
         let mut updates = Vec::with_capacity(req.updates.len());
+        let mut outcomes = Vec::new();
         for u in &req.updates {
+            let state = state_of(&u.state)?;
+            if state.is_terminal() && (!u.log_tail.is_empty() || !u.message.is_empty()) {
+                outcomes.push(OutcomeReport {
+                    node: req.node_id.clone(),
+                    job: u.job_id,
+                    index: u.index,
+                    generation: u.generation,
+                    state,
+                    exit_code: u.exit_code,
+                    message: outcomes::head(&u.message, outcomes::MESSAGE_BYTES_MAX).to_owned(),
+                    log_tail: outcomes::tail(&u.log_tail, outcomes::TAIL_BYTES_MAX).to_owned(),
+                });
+            }
             updates.push((
                 u.job_id,
                 u.index,
                 u.generation,
-                state_of(&u.state)?,
+                state,
                 u.exit_code,
                 resources(u.resources),
             ));
         }
         let accepted = updates.len() as u32;
         let ranges = leader::coalesce(&req.node_id, updates);
+        // Text the job would not keep (its slots hold failures already) never enters the log.
+        if !outcomes.is_empty() {
+            self.replica.read(|s, _| {
+                outcomes.retain(|o| {
+                    s.jobs
+                        .get(&o.job)
+                        .is_some_and(|j| j.outcomes.would_keep(o.index, o.state))
+                })
+            });
+        }
         if !ranges.is_empty() {
             self.leader
-                .report(ranges)
+                .report(ranges, outcomes)
                 .await
                 .map_err(Status::unavailable)?;
         }
