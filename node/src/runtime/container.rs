@@ -48,7 +48,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -57,11 +57,15 @@ use tokio::io::unix::AsyncFd;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use super::sandbox_dir::{
+    clear_debris, lock, mount_overlay, process_start_ticks, read_json, sandbox_ids, template_dir,
+    unmount, write_json_atomic, Final,
+};
 use super::{
     read_tail, ExitReport, ObservedSandbox, ObservedState, Resources, Runtime, RuntimeError,
     SandboxHandle, SandboxId, SandboxSpec, StartRequest, Usage, LOG_TAIL_MAX_BYTES, MIB,
 };
-use crate::template::{TemplateError, Templates, DEFAULT_TEMPLATE, SANDBOX_GID, SANDBOX_UID};
+use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
 /// CFS period used for every sandbox; quota = cpu_millis * period / 1000.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -83,7 +87,9 @@ pub struct ContainerConfig {
     /// `<data_dir>/templates`.
     pub data_dir: PathBuf,
     pub crun: PathBuf,
-    /// Absolute cgroup path under which every sandbox's cgroup is made.
+    /// Absolute cgroup path under which every sandbox's cgroup is made. Each daemon on a host
+    /// needs its own (`surge node` uses `/surge/<node id>`): container ids are per job and
+    /// index, so two daemons holding runs of the same sandbox would otherwise share a cgroup.
     pub cgroup_parent: String,
     /// User the sandbox's processes run as (no user namespace: the same uid on the host).
     pub sandbox_uid: u32,
@@ -400,13 +406,11 @@ struct Meta {
     shim_pid: u32,
     shim_start_ticks: u64,
     paused: bool,
-}
-
-/// How it ended (`final.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Final {
-    state: ObservedState,
-    code: Option<i32>,
+    /// The cgroup parent the sandbox was started under (absent in records of older surge:
+    /// the configured parent then). Kept so a daemon restarted with another parent still finds
+    /// the cgroups of the sandboxes it re-adopts.
+    #[serde(default)]
+    cgroup_parent: Option<String>,
 }
 
 struct Sandbox {
@@ -418,11 +422,6 @@ struct Sandbox {
     ended: Mutex<Option<Final>>,
     /// v1 only: becomes `true` when the OOM watcher has its verdict.
     oom_watch: Mutex<Option<watch::Receiver<bool>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are plain records; a panic elsewhere does not make them unusable.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Sandbox {
@@ -474,36 +473,6 @@ impl Sandbox {
             owned: false,
         }
     }
-}
-
-/// Start time of a process that has not exited (zombies count as exited).
-fn process_start_ticks(pid: u32) -> Option<u64> {
-    parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| {
-        RuntimeError::io(
-            format!("encode {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })?;
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| RuntimeError::io(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| RuntimeError::io(format!("rename to {}", path.display()), e))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, RuntimeError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| RuntimeError::io(format!("read {}", path.display()), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        RuntimeError::io(
-            format!("decode {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })
 }
 
 /// crun container id of a sandbox.
@@ -600,7 +569,13 @@ impl ContainerRuntime {
         let cid = container_id(meta.id);
         Sandbox {
             id: meta.id,
-            cgroup: SandboxCgroup::new(&self.layout, &self.config.cgroup_parent, &cid),
+            cgroup: SandboxCgroup::new(
+                &self.layout,
+                meta.cgroup_parent
+                    .as_deref()
+                    .unwrap_or(&self.config.cgroup_parent),
+                &cid,
+            ),
             cid,
             bundle: self.bundle_dir(meta.id),
             meta: Mutex::new(meta),
@@ -707,17 +682,7 @@ impl ContainerRuntime {
     }
 
     fn template_dir(&self, name: &str) -> Result<PathBuf, RuntimeError> {
-        let missing = |e: TemplateError| RuntimeError::TemplateMissing {
-            template: name.to_owned(),
-            path: format!("{} ({e})", self.templates.root().join(name).display()),
-        };
-        match self.templates.path(name) {
-            Ok(p) => Ok(p),
-            Err(TemplateError::NotFound { .. }) if name == DEFAULT_TEMPLATE => {
-                self.templates.ensure_busybox().map_err(missing)
-            }
-            Err(e) => Err(missing(e)),
-        }
+        template_dir(&self.templates, name)
     }
 
     /// Bundle directory, overlay root, config.json, meta.json.
@@ -772,6 +737,7 @@ impl ContainerRuntime {
             shim_pid: 0,
             shim_start_ticks: 0,
             paused: false,
+            cgroup_parent: Some(self.config.cgroup_parent.clone()),
         };
         write_json_atomic(&bundle.join("meta.json"), &meta)?;
         Ok(meta)
@@ -1014,12 +980,8 @@ impl Runtime for ContainerRuntime {
             });
         }
         let bundle = self.bundle_dir(req.id);
-        if bundle.exists() {
-            // A bundle without meta.json: debris of a start that died half-way.
-            unmount(&bundle.join("rootfs"));
-            std::fs::remove_dir_all(&bundle)
-                .map_err(|e| RuntimeError::io(format!("clear {}", bundle.display()), e))?;
-        }
+        // A bundle without meta.json: debris of a start that died half-way.
+        clear_debris(&bundle)?;
         let meta = match self.prepare_bundle(&req, &bundle) {
             Ok(m) => m,
             Err(e) => {
@@ -1210,19 +1172,8 @@ impl Runtime for ContainerRuntime {
 
     async fn list(&self) -> Result<Vec<ObservedSandbox>, RuntimeError> {
         let dir = self.config.data_dir.join("sandboxes");
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| RuntimeError::io(format!("list {}", dir.display()), e))?;
         let mut out = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| RuntimeError::io(format!("list {}", dir.display()), e))?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<SandboxId>().ok())
-            else {
-                continue;
-            };
+        for id in sandbox_ids(&dir)? {
             match self.get(id) {
                 Ok(sb) => {
                     let state = self.state_of(&sb).await?;
@@ -1280,44 +1231,6 @@ impl Runtime for ContainerRuntime {
 }
 
 // ---- mounts and eventfds ----
-
-fn cstring(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> std::io::Result<()> {
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let options = CString::new(options)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let target = cstring(target)?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            options.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Lazily unmount; not mounted is fine.
-fn unmount(target: &Path) {
-    let Ok(t) = cstring(target) else { return };
-    // SAFETY: `t` is a valid NUL-terminated path.
-    let _ = unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-}
 
 fn is_mount_point(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -42,25 +42,26 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use super::container::{
-    cpu_quota_us, parse_keyed, parse_limit, parse_start_ticks, CgroupLayout, CPU_PERIOD_US,
+use super::container::{cpu_quota_us, parse_keyed, parse_limit, CgroupLayout, CPU_PERIOD_US};
+use super::sandbox_dir::{
+    clear_debris, cstring, lock, mount_overlay, process_start_ticks, read_json, sandbox_ids,
+    template_dir, unmount, write_json_atomic, Final,
 };
 use super::{
     read_tail, ExitReport, ObservedSandbox, ObservedState, Resources, Runtime, RuntimeError,
     SandboxHandle, SandboxId, SandboxSpec, StartRequest, Usage, LOG_TAIL_MAX_BYTES, MIB,
 };
 use crate::detect::Virtualization;
-use crate::template::{TemplateError, Templates, DEFAULT_TEMPLATE};
+use crate::template::Templates;
 
 pub mod exec;
 pub mod exit;
@@ -217,13 +218,6 @@ struct VmRecord {
     paused: bool,
 }
 
-/// How it ended (`final.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Final {
-    state: ObservedState,
-    code: Option<i32>,
-}
-
 /// The VM's cgroup directories: one on v2, one per controller hierarchy on v1.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct VmCgroup {
@@ -338,40 +332,6 @@ struct Vm {
     ended: Mutex<Option<Final>>,
     /// Turns `true` when this process's waiter has recorded the VMM's exit in `exit.json`.
     exited: Mutex<Option<watch::Receiver<bool>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are plain records; a panic elsewhere does not make them unusable.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn process_start_ticks(pid: u32) -> Option<u64> {
-    parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
-    let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| {
-        RuntimeError::io(
-            format!("encode {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })?;
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| RuntimeError::io(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| RuntimeError::io(format!("rename to {}", path.display()), e))
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, RuntimeError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| RuntimeError::io(format!("read {}", path.display()), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        RuntimeError::io(
-            format!("decode {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })
 }
 
 impl Vm {
@@ -629,17 +589,7 @@ impl KrunRuntime {
     }
 
     fn template_dir(&self, name: &str) -> Result<PathBuf, RuntimeError> {
-        let missing = |e: TemplateError| RuntimeError::TemplateMissing {
-            template: name.to_owned(),
-            path: format!("{} ({e})", self.templates.root().join(name).display()),
-        };
-        match self.templates.path(name) {
-            Ok(p) => Ok(p),
-            Err(TemplateError::NotFound { .. }) if name == DEFAULT_TEMPLATE => {
-                self.templates.ensure_busybox().map_err(missing)
-            }
-            Err(e) => Err(missing(e)),
-        }
+        template_dir(&self.templates, name)
     }
 
     /// VM directory, root filesystem, vm.json, cgroup, state.json.
@@ -899,12 +849,8 @@ impl Runtime for KrunRuntime {
             });
         }
         let dir = self.vm_dir(req.id);
-        if dir.exists() {
-            // A directory without state.json: debris of a start that died half-way.
-            unmount(&dir.join("rootfs"));
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| RuntimeError::io(format!("clear {}", dir.display()), e))?;
-        }
+        // A directory without state.json: debris of a start that died half-way.
+        clear_debris(&dir)?;
         let (record, _cfg) = match self.prepare(&req, &dir) {
             Ok(r) => r,
             Err(e) => {
@@ -1086,19 +1032,8 @@ impl Runtime for KrunRuntime {
 
     async fn list(&self) -> Result<Vec<ObservedSandbox>, RuntimeError> {
         let dir = self.config.data_dir.join("vms");
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| RuntimeError::io(format!("list {}", dir.display()), e))?;
         let mut out = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| RuntimeError::io(format!("list {}", dir.display()), e))?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<SandboxId>().ok())
-            else {
-                continue;
-            };
+        for id in sandbox_ids(&dir)? {
             match self.get(id) {
                 Ok(vm) => {
                     let state = self.state_of(&vm).await?;
@@ -1132,52 +1067,6 @@ impl Runtime for KrunRuntime {
 }
 
 // ---- mounts ----
-
-fn cstring(path: &Path) -> std::io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn mount_overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> std::io::Result<()> {
-    for p in [lower, upper, work] {
-        let b = p.as_os_str().as_bytes();
-        if b.contains(&b',') || b.contains(&b':') {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} contains `,` or `:` (overlay options)", p.display()),
-            ));
-        }
-    }
-    let options = CString::new(format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    ))
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let target = cstring(target)?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"overlay".as_ptr(),
-            target.as_ptr(),
-            c"overlay".as_ptr(),
-            0,
-            options.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Lazily unmount; not mounted is fine.
-fn unmount(target: &Path) {
-    let Ok(t) = cstring(target) else { return };
-    // SAFETY: `t` is a valid NUL-terminated path.
-    let _ = unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-}
 
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,7 @@ pub use crate::reconcile::{ObservedSandbox, ObservedState, Resources, SandboxId,
 
 pub mod container;
 pub mod krun;
+pub mod sandbox_dir;
 pub mod sim;
 
 /// Bytes of stdout and of stderr kept for an exit report.

@@ -12,6 +12,7 @@ use super::vm::{
     build, configure, guest_env, guest_ram_mib, vcpus_for, VmConfig, VmError, VmParams,
 };
 use super::*;
+use crate::template::DEFAULT_TEMPLATE;
 
 fn spec(command: &[&str], env: &[(&str, &str)]) -> SandboxSpec {
     SandboxSpec {
@@ -478,6 +479,19 @@ fn proc_state(pid: u32) -> Option<char> {
     stat[stat.rfind(')')? + 2..].chars().next()
 }
 
+/// The process state once `want` says yes, or the last one seen after 2 s: a signal is
+/// delivered asynchronously, so /proc may lag the `kill` by a moment.
+async fn settled_proc_state(pid: u32, want: impl Fn(Option<char>) -> bool) -> Option<char> {
+    for _ in 0..200 {
+        let s = proc_state(pid);
+        if want(s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proc_state(pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_vm_exits_are_reported() {
     let Some(fx) = Fixture::new("exits") else {
@@ -557,9 +571,13 @@ async fn fake_vm_pause_resume_resize_stop() {
         rt.status(id).await.expect("status").state,
         ObservedState::Paused
     );
-    assert_eq!(proc_state(pid), Some('T'), "the VMM process is stopped");
+    assert_eq!(
+        settled_proc_state(pid, |s| s == Some('T')).await,
+        Some('T'),
+        "the VMM process is stopped"
+    );
     rt.resume(id).await.expect("resume");
-    assert_ne!(proc_state(pid), Some('T'));
+    assert_ne!(settled_proc_state(pid, |s| s != Some('T')).await, Some('T'));
 
     // Within the RAM the guest booted with (128 + 256 MiB headroom): only the cgroup moves.
     rt.resize(
@@ -630,7 +648,7 @@ async fn a_new_runtime_adopts_running_vms() {
         (id, ObservedState::Running, false)
     );
     second.pause(id).await.expect("pause by the adopter");
-    assert_eq!(proc_state(pid), Some('T'));
+    assert_eq!(settled_proc_state(pid, |s| s == Some('T')).await, Some('T'));
     let r = second
         .stop(id, Duration::from_secs(5))
         .await
