@@ -13,6 +13,15 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const TEMPLATE_NAME_MAX: usize = 64;
+/// Largest template an import accepts, in bytes of file content (the sum of regular files'
+/// sizes): a root filesystem for agents is tens to hundreds of MiB; 8 GiB is a typo or the
+/// wrong directory, and would fill the node's disk.
+pub const TEMPLATE_BYTES_MAX: u64 = 8 << 30;
+/// Most files, directories and links one import accepts.
+pub const TEMPLATE_ENTRIES_MAX: u64 = 2_000_000;
+/// Directories every template gets (mount points and the sandbox's working directory), made
+/// when an import lacks them.
+const TEMPLATE_DIRS: &[&str] = &["dev", "proc", "sys", "tmp", "work"];
 pub const DEFAULT_TEMPLATE: &str = "busybox";
 /// Where Debian's `busybox-static` installs its binary.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
@@ -93,6 +102,22 @@ pub enum TemplateError {
         status: String,
         stderr: String,
     },
+    #[error("cannot import {path}: no such file or directory")]
+    SourceMissing { path: PathBuf },
+    #[error("{path} is larger than a template may be: {what} (at most {max}); check the path or import a smaller root filesystem")]
+    TooLarge {
+        path: PathBuf,
+        what: String,
+        max: String,
+    },
+    #[error("{path} escapes its root: member `{member}` {why}; refusing to unpack it")]
+    Escapes {
+        path: PathBuf,
+        member: String,
+        why: &'static str,
+    },
+    #[error("{path} does not look like a root filesystem: {why}")]
+    NotARootfs { path: PathBuf, why: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -238,33 +263,71 @@ impl Templates {
         })
     }
 
+    /// Import `source`, a directory or a tarball, as template `name` (what
+    /// `surge template import` does).
+    pub fn import(&self, name: &str, source: &Path) -> Result<PathBuf, TemplateError> {
+        match std::fs::metadata(source) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(TemplateError::SourceMissing {
+                    path: source.to_owned(),
+                })
+            }
+            Err(e) => Err(io(format!("import {}", source.display()))(e)),
+            Ok(m) if m.is_dir() => self.import_dir(name, source),
+            Ok(_) => self.import_tarball(name, source),
+        }
+    }
+
     /// Copy a directory tree (ownership, modes and symlinks kept) as a new template.
     pub fn import_dir(&self, name: &str, source: &Path) -> Result<PathBuf, TemplateError> {
         validate_name(name)?;
         if !source.is_dir() {
-            return Err(io(format!("import {}", source.display()))(
-                std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-            ));
+            return Err(TemplateError::SourceMissing {
+                path: source.to_owned(),
+            });
         }
+        let size = tree_size(source)?;
+        check_size(source, size)?;
         let mut from = source.as_os_str().to_owned();
         from.push("/.");
         self.install(name, |staging| {
-            run(Command::new("cp").arg("-a").arg(&from).arg(staging))
+            run(Command::new("cp").arg("-a").arg(&from).arg(staging))?;
+            finish_rootfs(source, staging)
         })
     }
 
-    /// Unpack a tarball (any compression `tar` recognises) as a new template.
+    /// Unpack a tarball (any compression `tar` recognises) as a new template. Its listing is
+    /// checked first: no absolute or `..` member, none that goes through a symlink of the
+    /// archive, and at most [`TEMPLATE_BYTES_MAX`] of content.
     pub fn import_tarball(&self, name: &str, tarball: &Path) -> Result<PathBuf, TemplateError> {
         validate_name(name)?;
+        if !tarball.is_file() {
+            return Err(TemplateError::SourceMissing {
+                path: tarball.to_owned(),
+            });
+        }
+        let listing = command_output(
+            Command::new("tar")
+                .arg("--list")
+                .arg("--verbose")
+                .arg("--numeric-owner")
+                .arg("--quoting-style=escape")
+                .arg("--file")
+                .arg(tarball),
+        )?;
+        let size = check_tar_listing(tarball, &listing)?;
+        check_size(tarball, size)?;
         self.install(name, |staging| {
             run(Command::new("tar")
                 .arg("--extract")
                 .arg("--numeric-owner")
                 .arg("--same-permissions")
+                .arg("--no-overwrite-dir")
                 .arg("--file")
                 .arg(tarball)
                 .arg("--directory")
-                .arg(staging))
+                .arg(staging))?;
+            finish_rootfs(tarball, staging)
         })
     }
 
@@ -332,6 +395,223 @@ pub fn parse_applet_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a tree holds: bytes of file content and entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+fn check_size(path: &Path, size: TreeSize) -> Result<(), TemplateError> {
+    if size.bytes > TEMPLATE_BYTES_MAX {
+        return Err(TemplateError::TooLarge {
+            path: path.to_owned(),
+            what: format!("{} MiB of files", size.bytes >> 20),
+            max: format!("{} MiB", TEMPLATE_BYTES_MAX >> 20),
+        });
+    }
+    if size.entries > TEMPLATE_ENTRIES_MAX {
+        return Err(TemplateError::TooLarge {
+            path: path.to_owned(),
+            what: format!("{} entries", size.entries),
+            max: format!("{TEMPLATE_ENTRIES_MAX} entries"),
+        });
+    }
+    Ok(())
+}
+
+/// Sizes of a directory tree, not following symlinks; stops counting past the caps.
+fn tree_size(root: &Path) -> Result<TreeSize, TemplateError> {
+    let mut size = TreeSize::default();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(io(format!("read {}", dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("read {}", dir.display())))?;
+            let meta = entry
+                .metadata()
+                .map_err(io(format!("stat {}", entry.path().display())))?;
+            size.entries += 1;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                size.bytes = size.bytes.saturating_add(meta.len());
+            }
+            if size.bytes > TEMPLATE_BYTES_MAX || size.entries > TEMPLATE_ENTRIES_MAX {
+                return Ok(size);
+            }
+        }
+    }
+    Ok(size)
+}
+
+/// Undo `tar --quoting-style=escape` for the characters that matter to a path check.
+fn unescape_tar_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('\\') => out.push('\\'),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// A member path, relative to the archive root, with `./` and empty components dropped;
+/// `Err` says why it would land outside the root.
+fn member_components(name: &str) -> Result<Vec<&str>, &'static str> {
+    if name.starts_with('/') {
+        return Err("is an absolute path");
+    }
+    let mut parts = Vec::new();
+    for c in name.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err("contains `..`"),
+            c => parts.push(c),
+        }
+    }
+    Ok(parts)
+}
+
+/// Check a `tar --list --verbose --numeric-owner --quoting-style=escape` listing and return
+/// the content size. Pure, so the rules are tested without archives.
+///
+/// A line: `MODE UID/GID SIZE DATE TIME NAME[ -> TARGET | link to TARGET]`; devices show
+/// `MAJOR,MINOR` where the size goes.
+pub fn check_tar_listing(path: &Path, listing: &str) -> Result<TreeSize, TemplateError> {
+    let escapes = |member: &str, why| TemplateError::Escapes {
+        path: path.to_owned(),
+        member: member.to_owned(),
+        why,
+    };
+    let mut size = TreeSize::default();
+    let mut symlinks: std::collections::HashSet<Vec<String>> = Default::default();
+    for line in listing.lines().filter(|l| !l.trim().is_empty()) {
+        let mut rest = line;
+        let mut head = Vec::with_capacity(5);
+        for _ in 0..5 {
+            let trimmed = rest.trim_start();
+            let end = trimmed.find(' ').unwrap_or(trimmed.len());
+            head.push(&trimmed[..end]);
+            rest = &trimmed[end..];
+        }
+        let rest = rest.strip_prefix(' ').unwrap_or(rest);
+        let kind = head[0].chars().next().unwrap_or('-');
+        let (name, target) = match kind {
+            'l' => match rest.split_once(" -> ") {
+                Some((n, t)) => (n, Some(t)),
+                None => (rest, None),
+            },
+            'h' => match rest.split_once(" link to ") {
+                Some((n, t)) => (n, Some(t)),
+                None => (rest, None),
+            },
+            _ => (rest, None),
+        };
+        let name = unescape_tar_name(name);
+        let parts = member_components(&name).map_err(|why| escapes(&name, why))?;
+        // Writing through a symlink the archive made earlier would land wherever it points.
+        for depth in 1..parts.len() {
+            let prefix: Vec<String> = parts[..depth].iter().map(|s| (*s).to_owned()).collect();
+            if symlinks.contains(&prefix) {
+                return Err(escapes(&name, "goes through a symlink of the same archive"));
+            }
+        }
+        match (kind, target) {
+            ('l', _) => {
+                symlinks.insert(parts.iter().map(|s| (*s).to_owned()).collect());
+            }
+            ('h', Some(t)) => {
+                member_components(&unescape_tar_name(t)).map_err(|why| {
+                    escapes(
+                        &name,
+                        if why == "contains `..`" {
+                            "is a hard link whose target contains `..`"
+                        } else {
+                            "is a hard link to an absolute path"
+                        },
+                    )
+                })?;
+            }
+            ('-', _) => {
+                size.bytes = size
+                    .bytes
+                    .saturating_add(head[2].parse::<u64>().unwrap_or(0));
+            }
+            _ => {}
+        }
+        size.entries += 1;
+    }
+    Ok(size)
+}
+
+/// Check that `staging` looks like a root filesystem, and add the directories every template
+/// needs.
+fn finish_rootfs(source: &Path, staging: &Path) -> Result<(), TemplateError> {
+    let mut top: Vec<String> = std::fs::read_dir(staging)
+        .map_err(io(format!("read {}", staging.display())))?
+        .filter_map(|e| {
+            e.ok()
+                .and_then(|e| e.file_name().to_str().map(str::to_owned))
+        })
+        .collect();
+    top.sort();
+    if top.is_empty() {
+        return Err(TemplateError::NotARootfs {
+            path: source.to_owned(),
+            why: "it is empty".into(),
+        });
+    }
+    if !top
+        .iter()
+        .any(|t| matches!(t.as_str(), "bin" | "usr" | "sbin"))
+    {
+        let why = match top.as_slice() {
+            [only] => format!(
+                "it holds a single directory `{only}` and no bin/ or usr/ at its top; pack the root itself (tar -C {only} -cf t.tar .)"
+            ),
+            _ => format!("no bin/, sbin/ or usr/ at its top (it has {})", top.join(", ")),
+        };
+        return Err(TemplateError::NotARootfs {
+            path: source.to_owned(),
+            why,
+        });
+    }
+    for dir in TEMPLATE_DIRS {
+        let p = staging.join(dir);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::fs::create_dir(&p).map_err(io(format!("create {dir} in template")))?;
+            set_mode(&p, if *dir == "tmp" { 0o1777 } else { 0o755 })?;
+        }
+    }
+    Ok(())
+}
+
+fn command_output(cmd: &mut Command) -> Result<String, TemplateError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(io(format!("run {command}")))?;
+    if !out.status.success() {
+        return Err(TemplateError::Command {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn run(cmd: &mut Command) -> Result<(), TemplateError> {
     let command = format!("{cmd:?}");
     let out = cmd.output().map_err(io(format!("run {command}")))?;
@@ -377,6 +657,103 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tar_listings_that_escape_are_refused() {
+        let p = Path::new("t.tar");
+        let ok = "drwxr-xr-x 0/0               0 2024-01-01 00:00 ./\n\
+                  drwxr-xr-x 0/0               0 2024-01-01 00:00 ./bin/\n\
+                  -rwxr-xr-x 0/0         1000000 2024-01-01 00:00 ./bin/busybox\n\
+                  lrwxrwxrwx 0/0               0 2024-01-01 00:00 ./bin/sh -> /bin/busybox\n\
+                  hrwxr-xr-x 0/0               0 2024-01-01 00:00 ./bin/ash link to ./bin/busybox\n\
+                  crw-rw-rw- 0/0             1,3 2024-01-01 00:00 ./dev/null\n\
+                  -rw-r--r-- 0/0              24 2024-01-01 00:00 ./etc/file with spaces\n";
+        let size = check_tar_listing(p, ok).expect("a plain rootfs listing passes");
+        assert_eq!(size.bytes, 1_000_024);
+        assert_eq!(size.entries, 7);
+        let line = |name: &str| format!("-rw-r--r-- 0/0 5 2024-01-01 00:00 {name}\n");
+        for (bad, why) in [
+            (line("/etc/passwd"), "absolute"),
+            (line("../outside"), ".."),
+            (line("./a/../../outside"), ".."),
+            (
+                "lrwxrwxrwx 0/0 0 2024-01-01 00:00 ./etc -> /etc\n".to_owned()
+                    + &line("./etc/passwd"),
+                "symlink",
+            ),
+            (
+                "hrw-r--r-- 0/0 0 2024-01-01 00:00 ./x link to /etc/shadow\n".to_owned(),
+                "hard link",
+            ),
+        ] {
+            match check_tar_listing(p, &bad) {
+                Err(e @ TemplateError::Escapes { .. }) => {
+                    assert!(e.to_string().contains("escapes its root"), "{e}");
+                    let _ = why;
+                }
+                other => panic!("{why}: {bad:?} gave {other:?}"),
+            }
+        }
+        let huge = line("./big").replace(" 5 ", &format!(" {} ", TEMPLATE_BYTES_MAX + 1));
+        let size = check_tar_listing(p, &huge).expect("listing");
+        assert!(matches!(
+            check_size(p, size),
+            Err(TemplateError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn imports_fail_with_reasons() {
+        let data = scratch("bad-imports");
+        let templates = Templates::new(&data);
+        let missing = data.join("nope");
+        let e = templates.import("x", &missing).expect_err("missing path");
+        assert!(matches!(e, TemplateError::SourceMissing { .. }), "{e}");
+        assert!(matches!(
+            templates.import("bad/name", &data),
+            Err(TemplateError::InvalidName { .. })
+        ));
+        // a directory holding one wrapping directory is not a root filesystem
+        let wrapped = data.join("wrapped");
+        std::fs::create_dir_all(wrapped.join("rootfs/bin")).expect("mkdir");
+        let e = templates.import("wrapped", &wrapped).expect_err("wrapped");
+        assert!(
+            matches!(e, TemplateError::NotARootfs { .. }) && e.to_string().contains("rootfs"),
+            "{e}"
+        );
+        assert!(
+            templates.list().expect("list").is_empty(),
+            "nothing half-made is listed"
+        );
+        // real archives that escape: an absolute member and a `..` member (tar -P keeps them)
+        let victim = data.join("victim");
+        std::fs::write(&victim, "host file").expect("write");
+        let abs = data.join("abs.tar");
+        run(Command::new("tar")
+            .arg("-P")
+            .arg("-cf")
+            .arg(&abs)
+            .arg(&victim))
+        .expect("tar -P");
+        let e = templates.import("abs", &abs).expect_err("absolute member");
+        assert!(matches!(e, TemplateError::Escapes { .. }), "{e}");
+        let dotdot = data.join("dotdot.tar");
+        run(Command::new("tar")
+            .arg("-P")
+            .arg("-cf")
+            .arg(&dotdot)
+            .arg("-C")
+            .arg(&wrapped)
+            .arg("../victim"))
+        .expect("tar ..");
+        let e = templates
+            .import("dotdot", &dotdot)
+            .expect_err("dotdot member");
+        assert!(matches!(e, TemplateError::Escapes { .. }), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "host file");
+        assert!(templates.list().expect("list").is_empty());
+        std::fs::remove_dir_all(&data).expect("cleanup");
     }
 
     #[test]

@@ -262,6 +262,8 @@ struct SessionEnd {
 /// The inputs of one node's session loop.
 pub struct Session<R> {
     pub registration: pn::RegisterNodeRequest,
+    /// The templates the node holds now; a change is sent by registering again.
+    pub templates: watch::Receiver<Vec<String>>,
     pub replicas: Arc<Replicas>,
     /// Replica to try first (spreads the nodes of one process over replicas).
     pub first_replica: usize,
@@ -320,10 +322,13 @@ impl<R: Runtime> Session<R> {
             established,
         };
 
+        let mut templates = self.templates.clone();
+        let mut registration = self.registration.clone();
+        registration.templates = templates.borrow_and_update().clone();
         let reply = match call_timeout(
             "RegisterNode",
             t,
-            client.register_node(request(self.registration.clone(), t)),
+            client.register_node(request(registration.clone(), t)),
         )
         .await
         {
@@ -395,6 +400,13 @@ impl<R: Runtime> Session<R> {
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
+                    if templates.has_changed().unwrap_or(false) {
+                        registration.templates = templates.borrow_and_update().clone();
+                        if let Err(e) = call_timeout("RegisterNode", t,
+                            client.register_node(request(registration.clone(), t))).await {
+                            return end(format!("re-registering with new templates failed: {e}"), established);
+                        }
+                    }
                     let usage = self.measure().await;
                     let now = Instant::now();
                     let cpu_millis = prev_cpu.map_or(0, |(ns, at)| cpu_millis_between(ns, usage.cpu_ns, now - at));

@@ -24,6 +24,8 @@ pub const STATE_SUCCEEDED: &str = "succeeded";
 pub const STATE_FAILED: &str = "failed";
 pub const STATE_OOM_KILLED: &str = "oom-killed";
 pub const STATE_LOST: &str = "lost";
+/// Ended because the scheduler asked for `desired_state = "stopped"` (`surge stop`).
+pub const STATE_STOPPED: &str = "stopped";
 
 /// Exit status reported for an OOM kill when the runtime does not know one (128 + SIGKILL).
 const OOM_EXIT_CODE: i32 = 137;
@@ -277,6 +279,11 @@ pub fn status_from_exit(
             status.exit_code = code;
         }
     }
+    if stopped == Some(StopReason::Requested) {
+        // Asked for: a stop, not a failure, whatever the exit status (143 after SIGTERM).
+        status.state = STATE_STOPPED.to_owned();
+        status.exit_code = report.code.unwrap_or(status.exit_code);
+    }
     if let Some(reason) = stopped {
         status.message = if status.message.is_empty() {
             stop_message(reason).to_owned()
@@ -507,6 +514,16 @@ mod tests {
         );
         assert_eq!((stopped.state.as_str(), stopped.exit_code), ("failed", 143));
         assert!(stopped.message.contains("no longer assigned"));
+        let requested = status_from_exit(
+            &exit(ObservedState::Exited { code: 143 }, Some(143)),
+            res,
+            Some(StopReason::Requested),
+        );
+        assert_eq!(
+            (requested.state.as_str(), requested.exit_code),
+            ("stopped", 143)
+        );
+        assert_eq!(requested.log_tail, "hi\noops\n");
         let failed = status_from_exit(
             &exit(
                 ObservedState::Failed {

@@ -93,8 +93,12 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
         RuntimeChoice::Container => {
             let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
             let dir = data_dir.clone();
+            let node_id = cfg.node_id.clone();
             let (runtime, templates) = tokio::task::spawn_blocking(move || {
-                let runtime = ContainerRuntime::new(ContainerConfig::new(&dir))?;
+                let runtime = ContainerRuntime::new(ContainerConfig {
+                    cgroup_parent: format!("/surge/{}", cgroup_component(&node_id)),
+                    ..ContainerConfig::new(&dir)
+                })?;
                 let t = Templates::new(&dir);
                 t.ensure_busybox()?;
                 let held = t.list()?;
@@ -107,6 +111,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             })??;
             let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
             node.templates = templates;
+            node.template_data_dir = Some(data_dir.clone());
             run_one(node, runtime, replicas, metrics, stop).await
         }
         RuntimeChoice::Krun => {
@@ -126,9 +131,29 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             })??;
             let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
             node.templates = templates;
+            node.template_data_dir = Some(data_dir.clone());
             run_one(node, runtime, replicas, metrics, stop).await
         }
     }
+}
+
+/// A node id as one cgroup path component: characters other than letters, digits, `.`, `_`
+/// and `-` become `_`, and a leading dot is escaped (no `.`, `..` or hidden names).
+pub fn cgroup_component(node_id: &str) -> String {
+    let mut s: String = node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.starts_with('.') {
+        s.insert(0, '_');
+    }
+    s
 }
 
 fn absolute(p: &Path) -> Result<std::path::PathBuf, AgentError> {
@@ -193,5 +218,18 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_become_safe_cgroup_components() {
+        assert_eq!(cgroup_component("node-7.rack_2"), "node-7.rack_2");
+        assert_eq!(cgroup_component("a/b c"), "a_b_c");
+        assert_eq!(cgroup_component(".."), "_..");
+        assert_eq!(cgroup_component("../x"), "_.._x");
     }
 }

@@ -66,6 +66,9 @@ use view::View;
 
 /// Reconcile passes run at least this often, changes or not.
 pub const RESYNC_INTERVAL_MS: u64 = 1_000;
+/// How often the node looks for templates added (`surge template import`) or removed while it
+/// runs; a change re-registers the node so placement sees the new list.
+pub const TEMPLATE_RESCAN_INTERVAL_MS: u64 = 2_000;
 /// ... and at most once per this interval, however many changes arrive (coalescing).
 pub const PASS_INTERVAL_MIN_MS: u64 = 10;
 /// Exit code a stopping sandbox is assumed to end with until its owner reports (SIGTERM).
@@ -128,6 +131,9 @@ pub struct NodeConfig {
     pub arch: String,
     pub pool: String,
     pub templates: Vec<String>,
+    /// The node's data dir, whose templates are rescanned while it runs (`None`: the list in
+    /// `templates` is fixed, as for simulated nodes).
+    pub template_data_dir: Option<std::path::PathBuf>,
     pub max_sandboxes: u32,
     /// Sandboxes starting at once.
     pub start_concurrency: usize,
@@ -152,6 +158,7 @@ impl NodeConfig {
             arch: std::env::consts::ARCH.to_owned(),
             pool: String::new(),
             templates: vec![crate::template::DEFAULT_TEMPLATE.to_owned()],
+            template_data_dir: None,
             max_sandboxes: 0,
             start_concurrency: config::START_CONCURRENCY_DEFAULT,
             policy: ReconcilePolicy::default(),
@@ -270,9 +277,15 @@ impl<R: Runtime> NodeAgent<R> {
                 .send(ReportEvent::Status(status_from_observed(o)))
                 .await;
         }
+        let (templates_tx, templates_rx) = watch::channel(config.templates.clone());
+        let rescan = config
+            .template_data_dir
+            .clone()
+            .map(|dir| tokio::spawn(rescan_templates(node_id.clone(), dir, templates_tx)));
         let session = tokio::spawn(
             Session {
                 registration: config.registration(runtime.name()),
+                templates: templates_rx,
                 replicas,
                 first_replica: config.first_replica,
                 runtime: runtime.clone(),
@@ -356,10 +369,46 @@ impl<R: Runtime> NodeAgent<R> {
         }
         session.abort();
         reporter.abort();
+        if let Some(r) = rescan {
+            r.abort();
+        }
         if let Ok(mut g) = agent.gauges.lock() {
             g.clear(&metrics);
         }
         result
+    }
+}
+
+/// Keep `list` equal to the templates installed under `data_dir`, looking every
+/// [`TEMPLATE_RESCAN_INTERVAL_MS`]. Ends when nobody listens any more.
+async fn rescan_templates(
+    node_id: String,
+    data_dir: std::path::PathBuf,
+    list: watch::Sender<Vec<String>>,
+) {
+    let templates = crate::template::Templates::new(&data_dir);
+    let mut tick = tokio::time::interval(Duration::from_millis(TEMPLATE_RESCAN_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if list.is_closed() {
+            return;
+        }
+        let t = templates.clone();
+        match tokio::task::spawn_blocking(move || t.list()).await {
+            Ok(Ok(now)) => {
+                list.send_if_modified(|held| {
+                    if *held == now {
+                        return false;
+                    }
+                    tracing::info!(node = %node_id, templates = ?now, "templates changed; re-registering");
+                    *held = now;
+                    true
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(node = %node_id, error = %e, "cannot list templates"),
+            Err(e) => tracing::warn!(node = %node_id, error = %e, "listing templates panicked"),
+        }
     }
 }
 

@@ -266,6 +266,85 @@ async fn runs_in_its_own_namespaces_and_reports_exit_code_and_output() {
     cleanup(&rt, &data, &[id]).await;
 }
 
+/// Issue 7: a sandbox never sees host paths the job did not ask for, and runs without the
+/// daemon's privileges (the daemon is root here).
+#[tokio::test]
+async fn runs_unprivileged_and_sees_no_host_paths() {
+    let Some((rt, data)) = runtime("privileges") else {
+        return;
+    };
+    // A host file beside the daemon's data: it must not be reachable from inside.
+    let secret = data.join("host-secret");
+    std::fs::write(&secret, "host only").expect("write host file");
+    let id = SandboxId::new(7, 0);
+    let script = format!(
+        "echo uid=$(id -u) gid=$(id -g); grep -E '^(CapEff|CapPrm|CapAmb|NoNewPrivs):' /proc/self/status; \
+         if cat {secret} 2>/dev/null; then echo SECRET-VISIBLE; fi; \
+         if ls /var/lib >/dev/null 2>&1 || ls {data} >/dev/null 2>&1; then echo HOST-DIR-VISIBLE; fi; \
+         echo ---mounts; cat /proc/self/mountinfo",
+        secret = secret.display(),
+        data = data.display(),
+    );
+    rt.start(req(7, 0, &script, 64)).await.expect("start");
+    let report = rt.wait(id).await.expect("wait");
+    let out = &report.stdout_tail;
+    assert_eq!(report.code, Some(0), "{out}\n{}", report.stderr_tail);
+    assert!(
+        out.contains("uid=1000 gid=1000"),
+        "runs as the sandbox user, not root: {out}"
+    );
+    for line in [
+        "CapEff:\t0000000000000000",
+        "CapPrm:\t0000000000000000",
+        "CapAmb:\t0000000000000000",
+    ] {
+        assert!(
+            out.contains(line),
+            "no capabilities in effect ({line}): {out}"
+        );
+    }
+    assert!(out.contains("NoNewPrivs:\t1"), "no_new_privs is set: {out}");
+    assert!(
+        !out.contains("SECRET-VISIBLE"),
+        "a host file was readable: {out}"
+    );
+    assert!(
+        !out.contains("HOST-DIR-VISIBLE"),
+        "a host directory was visible: {out}"
+    );
+    // Every mount is the overlay root or a kernel filesystem made for the sandbox: a host
+    // bind mount would show the host's filesystem type (ext4, xfs, ...). The one exception is
+    // how crun masks files (`maskedPaths`): the host's /dev/null bound over them, read-only.
+    let mounts = out.split("---mounts\n").nth(1).expect("mountinfo printed");
+    let allowed = [
+        "overlay", "proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2",
+    ];
+    let mut masked = 0;
+    for line in mounts.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (root, target) = (fields.get(3).copied(), fields.get(4).unwrap_or(&"?"));
+        let fstype = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("?");
+        if fstype == "devtmpfs" && root == Some("/null") {
+            assert!(
+                target.starts_with("/proc/") || target.starts_with("/sys/"),
+                "/dev/null masks only /proc and /sys paths: {line}"
+            );
+            masked += 1;
+            continue;
+        }
+        assert!(
+            allowed.contains(&fstype),
+            "unexpected mount ({fstype}): {line}"
+        );
+    }
+    assert!(masked > 0, "crun masks /proc/kcore and others: {mounts}");
+    cleanup(&rt, &data, &[id]).await;
+}
+
 #[tokio::test]
 async fn missing_template_and_bad_command_fail_with_reasons() {
     let Some((rt, data)) = runtime("fail") else {
