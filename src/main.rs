@@ -120,6 +120,30 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Stop sandboxes (JOB or JOB.INDEX): SIGTERM, a grace period, then SIGKILL; they end
+    /// `stopped`, not `failed`, and are not restarted.
+    Stop {
+        sandbox: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one sandbox (JOB.INDEX): state, node, resources, exit code, times, output tail.
+    Sandbox {
+        sandbox: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the tail of a sandbox's stdout/stderr (JOB.INDEX), as its node reported it.
+    Logs {
+        sandbox: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Manage the root filesystems sandboxes boot from, on this node.
+    Template {
+        #[command(subcommand)]
+        action: cli::template::TemplateCmd,
+    },
     /// Stop new placements on a node and move its work elsewhere.
     Drain {
         node: String,
@@ -287,6 +311,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::Stop { sandbox, target } => {
+            cli::client::update_sandboxes(
+                &target.server,
+                target.output,
+                &sandbox,
+                "stop",
+                None,
+                None,
+            )
+            .await
+        }
+        Cmd::Sandbox { sandbox, target } => {
+            cli::client::sandbox(&target.server, target.output, &sandbox).await
+        }
+        Cmd::Logs { sandbox, target } => {
+            cli::client::logs(&target.server, target.output, &sandbox).await
+        }
+        Cmd::Template { action } => cli::template::run(action).await,
         Cmd::Drain { node, target } => {
             cli::client::drain(&target.server, target.output, node).await
         }

@@ -365,7 +365,12 @@ pub async fn job(server: &str, output: Output, id: u64, watch: bool) -> anyhow::
             .into_inner();
         match output {
             Output::Json => print_json(&job_json(&j)),
-            Output::Table => table(&JOB_HEADER, &[job_row(&j)]),
+            Output::Table => {
+                table(&JOB_HEADER, &[job_row(&j)]);
+                if let Some(line) = exits_line(&j) {
+                    println!("{line}");
+                }
+            }
         }
         return Ok(());
     }
@@ -387,6 +392,151 @@ pub async fn job(server: &str, output: Output, id: u64, watch: bool) -> anyhow::
     }
     if tty {
         println!();
+    }
+    Ok(())
+}
+
+/// `ended: 3 failed (exit 1), 1 oom-killed (exit 137)`, or nothing when all went well.
+pub fn exits_line(j: &pb::Job) -> Option<String> {
+    if j.exits.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = j
+        .exits
+        .iter()
+        .map(|e| format!("{} {} (exit {})", e.count, e.state, e.exit_code))
+        .collect();
+    Some(format!(
+        "ended: {}  (see `surge sandbox {}.INDEX` and `surge logs {}.INDEX`)",
+        parts.join(", "),
+        j.id,
+        j.id
+    ))
+}
+
+/// `JOB.INDEX`, one sandbox.
+pub fn parse_sandbox_id(s: &str) -> anyhow::Result<(u64, u32)> {
+    match parse_sandbox(s)? {
+        (job, index, 1) => Ok((job, index)),
+        _ => Err(anyhow!(
+            "{s:?} names a whole job; give one sandbox as JOB.INDEX (e.g. {s}.0)"
+        )),
+    }
+}
+
+async fn get_sandbox(server: &str, id: &str) -> anyhow::Result<pb::SandboxInfo> {
+    let (job_id, index) = parse_sandbox_id(id)?;
+    let mut c = client::jobs(server)?;
+    Ok(c.get_sandbox(pb::GetSandboxRequest { job_id, index })
+        .await
+        .map_err(|e| rpc_error(server, e))?
+        .into_inner())
+}
+
+fn time_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_string();
+    }
+    let secs = ms / 1000;
+    let (d, rem) = (secs / 86_400, secs % 86_400);
+    // Days since the epoch to a civil date (Howard Hinnant's algorithm), UTC.
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// `surge sandbox JOB.INDEX`: state, node, resources, exit code, times, output tail.
+pub async fn sandbox(server: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = get_sandbox(server, id).await?;
+    match output {
+        Output::Json => print_json(
+            &serde_json::to_value(api_json::SandboxJson::from(&s)).unwrap_or(Value::Null),
+        ),
+        Output::Table => {
+            let node = if s.node.is_empty() { "-" } else { &s.node };
+            println!("sandbox    {}.{}", s.job_id, s.index);
+            println!("state      {} (desired {})", s.state, s.desired_state);
+            println!("node       {node}");
+            println!(
+                "resources  {} CPU, {} MiB",
+                format_cpu(s.cpu_millis),
+                s.memory_mib
+            );
+            println!("generation {}  restarts {}", s.generation, s.restarts);
+            if matches!(
+                s.state.as_str(),
+                "succeeded" | "failed" | "oom-killed" | "stopped" | "lost" | "cancelled"
+            ) {
+                println!("exit code  {}", s.exit_code);
+            }
+            println!("submitted  {}", time_ms(s.submitted_at_ms));
+            println!("finished   {}", time_ms(s.finished_at_ms));
+            if !s.message.is_empty() {
+                println!("message    {}", s.message);
+            }
+            if s.log_kept {
+                println!("--- last {} bytes of output ---", s.log_tail.len());
+                print!("{}", s.log_tail);
+                if !s.log_tail.is_empty() && !s.log_tail.ends_with('\n') {
+                    println!();
+                }
+            } else {
+                println!("output     {}", no_log_reason(&s));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn no_log_reason(s: &pb::SandboxInfo) -> String {
+    match s.state.as_str() {
+        "pending" | "placed" | "running" | "paused" => {
+            "not reported yet (a node reports the tail of stdout/stderr when the sandbox ends)"
+                .to_string()
+        }
+        _ => format!(
+            "not kept (a job keeps the output of at most {} sandboxes, failures first)",
+            surge_scheduler::outcomes::OUTCOMES_PER_JOB_MAX
+        ),
+    }
+}
+
+/// `surge logs JOB.INDEX`: the tail of stdout/stderr the node reported when the sandbox ended.
+pub async fn logs(server: &str, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = get_sandbox(server, id).await?;
+    match output {
+        Output::Json => print_json(&json!({
+            "id": format!("{}.{}", s.job_id, s.index),
+            "state": s.state,
+            "exit_code": s.exit_code,
+            "log_tail": s.log_tail,
+            "log_kept": s.log_kept,
+        })),
+        Output::Table => {
+            if !s.log_kept {
+                eprintln!(
+                    "sandbox {}.{}: output {}",
+                    s.job_id,
+                    s.index,
+                    no_log_reason(&s)
+                );
+            }
+            print!("{}", s.log_tail);
+            let _ = std::io::stdout().flush();
+        }
     }
     Ok(())
 }
@@ -422,6 +572,7 @@ pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
                     json!({
                         "node_id": n.node_id, "address": n.address, "state": n.state,
                         "os": n.os, "arch": n.arch, "labels": n.labels, "sandboxes": n.sandboxes,
+                        "templates": n.templates,
                         "allocatable": {"cpu_millis": a.cpu_millis, "memory_mib": a.memory_mib},
                         "allocated": {"cpu_millis": b.cpu_millis, "memory_mib": b.memory_mib},
                         "used": {"cpu_millis": u.cpu_millis, "memory_mib": u.memory_mib},

@@ -10,4 +10,5 @@ pub mod node;
 pub mod output;
 pub mod security;
 pub mod server;
+pub mod template;
 pub mod vm;

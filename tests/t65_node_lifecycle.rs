@@ -1,0 +1,611 @@
+//! The node daemon's lifecycle end to end: real scheduler replicas, real `surge node` daemons on
+//! the container runtime (crun), real sandboxes. Needs root, crun and busybox-static
+//! (`scripts/setup`); each test says SKIP and passes where they are missing.
+//!
+//! * exit codes and output tails reach `surge job`, `surge sandbox` and `surge logs`;
+//! * `surge stop` is graceful (SIGTERM), then forced (SIGKILL), and ends `stopped`;
+//! * `surge template import` on a running node reaches placement;
+//! * a daemon restart re-adopts its running sandboxes (they keep running);
+//! * a daemon cut off past the liveness TTL finds its work rescheduled on another node, and
+//!   stops its now-foreign sandbox when it comes back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use surge_chaos::client;
+use surge_chaos::cluster::LocalCluster;
+use surge_proto::jobs as pb;
+use surge_proto::node::ListNodesRequest;
+
+/// Scheduler liveness TTL for these tests: short, so a cut-off node is noticed quickly.
+const NODE_TTL_MS: &str = "3000";
+/// How long any one wait in these tests may take.
+const WAIT: Duration = Duration::from_secs(90);
+
+fn can_run_containers(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root (namespaces, cgroups, overlay mounts)");
+        return false;
+    }
+    if !Command::new("crun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIP {test}: crun is not installed (scripts/setup installs it)");
+        return false;
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        eprintln!("SKIP {test}: /bin/busybox missing (apt-get install -y busybox-static)");
+        return false;
+    }
+    true
+}
+
+/// One `surge node --runtime container` daemon this test owns.
+struct Node {
+    id: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    servers: String,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(root: &Path, servers: &str, id: &str) -> Node {
+        let mut n = Node {
+            id: id.to_string(),
+            data_dir: root.join(format!("node-{id}")),
+            log: root.join(format!("node-{id}.log")),
+            servers: servers.to_string(),
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("node log");
+        let child = Command::new(bin())
+            .arg("node")
+            .args(["--server", &self.servers])
+            .args(["--node-id", &self.id])
+            .args(["--runtime", "container"])
+            .args(["--cpus", "2", "--memory-mib", "2048"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start surge node");
+        self.child = Some(child);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+
+    /// `kill -9`: the daemon dies at once; its sandboxes do not.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sandbox_dir(&self, job: u64, index: u32) -> PathBuf {
+        self.data_dir
+            .join("sandboxes")
+            .join(format!("{job}.{index}"))
+    }
+
+    /// The counter a `COUNTER_SCRIPT` sandbox writes, read from its overlay upper dir.
+    fn counter(&self, job: u64, index: u32) -> u64 {
+        std::fs::read_to_string(self.sandbox_dir(job, index).join("upper/work/counter"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Node {
+    /// Kill the daemon, then whatever containers it left (crun by its state dir), so nothing
+    /// outlives the test.
+    fn drop(&mut self) {
+        self.kill();
+        let crun_root = self.data_dir.join("crun");
+        let listed = Command::new("crun")
+            .arg("--root")
+            .arg(&crun_root)
+            .args(["list", "-q"])
+            .output();
+        if let Ok(out) = listed {
+            for cid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("crun")
+                    .arg("--root")
+                    .arg(&crun_root)
+                    .args(["delete", "-f", cid])
+                    .output();
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.data_dir.join("sandboxes")) {
+            for e in entries.flatten() {
+                let rootfs = e.path().join("rootfs");
+                if let Ok(c) = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: a valid NUL-terminated path; not mounted is fine.
+                    unsafe {
+                        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A sandbox that counts in /work/counter every 100 ms and ends cleanly on SIGTERM.
+const COUNTER_SCRIPT: &str = "trap 'echo got TERM; exit 0' TERM; n=0; \
+     while true; do n=$((n+1)); echo $n > /work/counter; sleep 0.1; done";
+
+fn spec(count: u32, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        count,
+        cpu_millis: 200,
+        memory_mib: 64,
+        template: "busybox".into(),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        tenant: "test".into(),
+        ..Default::default()
+    }
+}
+
+async fn submit(addr: &str, spec: pb::JobSpec, key: &str) -> u64 {
+    client::jobs(addr)
+        .expect("client")
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            idempotency_key: key.into(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id
+}
+
+async fn job(addr: &str, id: u64) -> pb::Job {
+    client::jobs(addr)
+        .expect("client")
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .expect("get job")
+        .into_inner()
+}
+
+async fn sandbox(addr: &str, job_id: u64, index: u32) -> pb::SandboxInfo {
+    client::jobs(addr)
+        .expect("client")
+        .get_sandbox(pb::GetSandboxRequest { job_id, index })
+        .await
+        .expect("get sandbox")
+        .into_inner()
+}
+
+fn dump(c: &LocalCluster, nodes: &[&Node]) {
+    dump_logs(c);
+    for n in nodes {
+        let text = n.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "--- node {} ---\n{}",
+            n.id,
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
+}
+
+/// Poll `probe` until it returns `Some`; on timeout dump the logs and panic with `what`.
+async fn wait_for<T, F, Fut>(c: &LocalCluster, nodes: &[&Node], what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            dump(c, nodes);
+            panic!("{what} never happened");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_nodes_ready(c: &LocalCluster, nodes: &[&Node], addr: &str) {
+    let want: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    wait_for(c, nodes, "all nodes ready", || async {
+        let listed = client::nodes(addr)
+            .ok()?
+            .list_nodes(ListNodesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .nodes;
+        want.iter()
+            .all(|w| listed.iter().any(|n| &n.node_id == w && n.state == "ready"))
+            .then_some(())
+    })
+    .await
+}
+
+/// Run the `surge` CLI against `addr`; its stdout.
+fn cli(addr: &str, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .args(["--server", addr])
+        .output()
+        .expect("run surge");
+    assert!(
+        out.status.success(),
+        "surge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped() {
+    if !can_run_containers("exit_codes_and_output") {
+        return;
+    }
+    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
+    let addr = c.addr(leader).expect("addr");
+    let node = Node::start(dir.path(), &addr, "real-a");
+    wait_nodes_ready(&c, &[&node], &addr).await;
+
+    // Sandbox 0 succeeds, sandbox 1 exits 3; both write to stdout and stderr.
+    let script = "i=${SURGE_SANDBOX_ID#*.}; echo \"hello from $i\"; echo \"warning $i\" >&2; \
+                  exit $((i * 3))";
+    let id = submit(&addr, spec(2, script), "exits").await;
+    let j = wait_for(&c, &[&node], "the job ends", || async {
+        let j = job(&addr, id).await;
+        matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+    })
+    .await;
+    assert_eq!(j.state, "failed", "one sandbox failed: {j:?}");
+    let counts = j.counts.unwrap_or_default();
+    assert_eq!((counts.succeeded, counts.failed), (1, 1), "{j:?}");
+    assert_eq!(j.exits.len(), 1, "{:?}", j.exits);
+    assert_eq!(
+        (
+            j.exits[0].state.as_str(),
+            j.exits[0].exit_code,
+            j.exits[0].count
+        ),
+        ("failed", 3, 1)
+    );
+
+    let failed = sandbox(&addr, id, 1).await;
+    assert_eq!(
+        (
+            failed.state.as_str(),
+            failed.exit_code,
+            failed.node.as_str()
+        ),
+        ("failed", 3, "real-a")
+    );
+    assert!(failed.log_kept, "{failed:?}");
+    assert!(
+        failed.log_tail.contains("hello from 1") && failed.log_tail.contains("warning 1"),
+        "stdout and stderr tails: {:?}",
+        failed.log_tail
+    );
+    assert!(failed.finished_at_ms >= failed.submitted_at_ms);
+    let ok = sandbox(&addr, id, 0).await;
+    assert_eq!((ok.state.as_str(), ok.exit_code), ("succeeded", 0));
+    assert!(ok.log_tail.contains("hello from 0"), "{:?}", ok.log_tail);
+
+    // The same through the CLI a user types.
+    let shown = cli(&addr, &["job", &id.to_string()]);
+    assert!(shown.contains("1 failed (exit 3)"), "surge job: {shown}");
+    let logs = cli(&addr, &["logs", &format!("{id}.1")]);
+    assert!(logs.contains("hello from 1"), "surge logs: {logs}");
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&addr, &["sandbox", &format!("{id}.1"), "-o", "json"]))
+            .expect("surge sandbox -o json is JSON");
+    assert_eq!(json["state"], "failed");
+    assert_eq!(json["exit_code"], 3);
+    assert_eq!(json["node"], "real-a");
+    let table = cli(&addr, &["sandbox", &format!("{id}.1")]);
+    assert!(
+        table.contains("exit code  3") && table.contains("warning 1"),
+        "{table}"
+    );
+
+    // surge stop: sandbox 0 handles SIGTERM and exits 0; sandbox 1 ignores it and is killed
+    // after the grace period. Both end `stopped`, with their exit status, and are not restarted.
+    let script = "i=${SURGE_SANDBOX_ID#*.}; if [ $i = 1 ]; then trap '' TERM; \
+                  else trap 'echo got TERM; exit 0' TERM; fi; echo started; \
+                  while true; do sleep 0.1; done";
+    let mut sp = spec(2, script);
+    sp.restart = Some(pb::RestartPolicy {
+        mode: "on-failure".into(),
+        max_restarts: 3,
+    });
+    let id = submit(&addr, sp, "stops").await;
+    wait_for(&c, &[&node], "both sandboxes running", || async {
+        let j = job(&addr, id).await;
+        (j.counts.unwrap_or_default().running == 2).then_some(())
+    })
+    .await;
+    let out = cli(&addr, &["stop", &id.to_string()]);
+    assert!(out.contains(&id.to_string()), "{out}");
+    let j = wait_for(&c, &[&node], "both sandboxes stopped", || async {
+        let j = job(&addr, id).await;
+        (j.counts.unwrap_or_default().stopped == 2).then_some(j)
+    })
+    .await;
+    assert_eq!(j.state, "complete", "stopping is not failing: {j:?}");
+    let counts = j.counts.unwrap_or_default();
+    assert_eq!((counts.failed, counts.pending, counts.running), (0, 0, 0));
+    let graceful = sandbox(&addr, id, 0).await;
+    assert_eq!(
+        (graceful.state.as_str(), graceful.exit_code),
+        ("stopped", 0)
+    );
+    assert!(graceful.log_tail.contains("got TERM"), "{graceful:?}");
+    assert_eq!(graceful.generation, 0, "not restarted");
+    let forced = sandbox(&addr, id, 1).await;
+    assert_eq!(
+        (forced.state.as_str(), forced.exit_code),
+        ("stopped", 137),
+        "SIGKILL after the grace period: {forced:?}"
+    );
+    assert!(forced.message.contains("request"), "{forced:?}");
+
+    // A stopped job's sandboxes are released by the node.
+    wait_for(
+        &c,
+        &[&node],
+        "the node releases stopped sandboxes",
+        || async {
+            (!node.sandbox_dir(id, 0).exists() && !node.sandbox_dir(id, 1).exists()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_template_reaches_placement_without_a_restart() {
+    if !can_run_containers("template_import") {
+        return;
+    }
+    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
+    let addr = c.addr(leader).expect("addr");
+    let a = Node::start(dir.path(), &addr, "real-a");
+    let b = Node::start(dir.path(), &addr, "real-b");
+    wait_nodes_ready(&c, &[&a, &b], &addr).await;
+
+    // A flavoured copy of the default template, as a tarball, imported on node b while its
+    // daemon runs.
+    let src = dir.path().join("flavour-src");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(b.data_dir.join("templates/busybox"))
+        .arg(&src)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    std::fs::write(src.join("etc/flavour"), "mint\n").expect("write");
+    let tarball = dir.path().join("flavour.tar.gz");
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let import = |name: &str| {
+        Command::new(bin())
+            .args(["template", "import", name])
+            .arg(&tarball)
+            .arg("--data-dir")
+            .arg(&b.data_dir)
+            .output()
+            .expect("surge template import")
+    };
+    let out = import("flavoured");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A bad import says why and leaves nothing behind.
+    let out = import("bad/name");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid"), "{err}");
+
+    // The running daemon notices and re-registers: the scheduler sees b holding it.
+    wait_for(
+        &c,
+        &[&a, &b],
+        "the scheduler learns b's new template",
+        || async {
+            let listed = client::nodes(&addr)
+                .ok()?
+                .list_nodes(ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            listed
+                .iter()
+                .any(|n| n.node_id == "real-b" && n.templates.iter().any(|t| t == "flavoured"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(b.log_text().contains("templates changed"));
+
+    // Placement prefers the node that holds the template: every sandbox lands on b.
+    let mut sp = spec(2, "cat /etc/flavour");
+    sp.template = "flavoured".into();
+    let id = submit(&addr, sp, "flavoured").await;
+    let j = wait_for(
+        &c,
+        &[&a, &b],
+        "the job runs on the new template",
+        || async {
+            let j = job(&addr, id).await;
+            matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(j.state, "complete", "{j:?}");
+    for i in 0..2 {
+        let s = sandbox(&addr, id, i).await;
+        assert_eq!((s.node.as_str(), s.log_tail.as_str()), ("real-b", "mint\n"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_readopts_its_running_sandboxes() {
+    if !can_run_containers("restart_readopts") {
+        return;
+    }
+    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", "10000"]).await;
+    let addr = c.addr(leader).expect("addr");
+    let mut node = Node::start(dir.path(), &addr, "real-r");
+    wait_nodes_ready(&c, &[&node], &addr).await;
+    let id = submit(&addr, spec(2, COUNTER_SCRIPT), "adopt").await;
+    wait_for(&c, &[&node], "both sandboxes counting", || async {
+        (node.counter(id, 0) > 5 && node.counter(id, 1) > 5).then_some(())
+    })
+    .await;
+
+    // The daemon dies hard and comes back well within the TTL.
+    node.kill();
+    let before = [node.counter(id, 0), node.counter(id, 1)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        node.counter(id, 0) > before[0],
+        "sandboxes keep running without their daemon"
+    );
+    node.spawn();
+    wait_for(&c, &[&node], "the new daemon adopts both", || async {
+        (node.log_text().matches("adopted a sandbox").count() >= 2).then_some(())
+    })
+    .await;
+    // Still the same runs: counting on from where they were (a restart would begin at 1), the
+    // same generation, and running as far as the scheduler knows.
+    let after = [node.counter(id, 0), node.counter(id, 1)];
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for i in 0..2u32 {
+        let now = node.counter(id, i);
+        assert!(
+            now > after[i as usize] && after[i as usize] >= before[i as usize],
+            "sandbox {i}: counter {} -> {} -> {now}",
+            before[i as usize],
+            after[i as usize]
+        );
+        let s = sandbox(&addr, id, i).await;
+        assert_eq!(
+            (s.state.as_str(), s.generation, s.node.as_str()),
+            ("running", 0, "real-r")
+        );
+    }
+    let j = job(&addr, id).await;
+    assert_eq!(j.counts.unwrap_or_default().running, 2, "{j:?}");
+
+    // The adopted sandboxes are still under control: stop them through the scheduler.
+    cli(&addr, &["stop", &id.to_string()]);
+    wait_for(&c, &[&node], "adopted sandboxes stop", || async {
+        let j = job(&addr, id).await;
+        (j.counts.unwrap_or_default().stopped == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
+    if !can_run_containers("cut_off") {
+        return;
+    }
+    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
+    let addr = c.addr(leader).expect("addr");
+    let a = Node::start(dir.path(), &addr, "real-a");
+    wait_nodes_ready(&c, &[&a], &addr).await;
+    let id = submit(&addr, spec(1, COUNTER_SCRIPT), "moved").await;
+    wait_for(&c, &[&a], "the sandbox counts on node a", || async {
+        (a.counter(id, 0) > 3).then_some(())
+    })
+    .await;
+    let b = Node::start(dir.path(), &addr, "real-b");
+    wait_nodes_ready(&c, &[&a, &b], &addr).await;
+
+    // Freeze node a's daemon (its sandbox keeps running): past the TTL the scheduler marks it
+    // down and runs the sandbox again, as a new generation, on node b.
+    a.signal(libc::SIGSTOP);
+    let moved = wait_for(&c, &[&a, &b], "the sandbox is rescheduled on b", || async {
+        let s = sandbox(&addr, id, 0).await;
+        (s.node == "real-b" && s.state == "running" && s.generation == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(moved.generation, 1);
+    wait_for(&c, &[&a, &b], "the new run counts on b", || async {
+        (b.counter(id, 0) > 3).then_some(())
+    })
+    .await;
+    assert!(
+        a.counter(id, 0) > 0,
+        "the old run is still there while a is frozen"
+    );
+
+    // Node a returns: it learns the sandbox is not its own any more and stops its copy; b's
+    // run is untouched.
+    a.signal(libc::SIGCONT);
+    wait_for(
+        &c,
+        &[&a, &b],
+        "node a stops and releases its foreign sandbox",
+        || async { (!a.sandbox_dir(id, 0).exists()).then_some(()) },
+    )
+    .await;
+    let b_before = b.counter(id, 0);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(b.counter(id, 0) > b_before, "b's run keeps going");
+    let s = sandbox(&addr, id, 0).await;
+    assert_eq!(
+        (s.node.as_str(), s.state.as_str(), s.generation),
+        ("real-b", "running", 1),
+        "a's late report about generation 0 changed nothing"
+    );
+    wait_nodes_ready(&c, &[&a, &b], &addr).await;
+    let log = a.log_text();
+    assert!(
+        log.contains("re-registering") || log.contains("registered"),
+        "node a reconnected: {log}"
+    );
+}
