@@ -633,8 +633,9 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
-/// `cargo test -- --ignored --nocapture start_latency`: start latency of this runtime vs. plain
-/// `crun run` of the same root filesystem.
+/// `cargo test --workspace --lib -- --ignored --nocapture start_latency`: start latency of this
+/// runtime vs. plain `crun run` of the same root filesystem, then sandboxes started per second
+/// on one node at the start cap.
 #[tokio::test]
 #[ignore = "benchmark: prints start latencies"]
 async fn start_latency() {
@@ -703,5 +704,32 @@ async fn start_latency() {
     line("surge container: start() returns (running)", &start);
     line("surge container: start() to exit of `true`", &to_exit);
     line("crun run of the same rootfs to exit", &direct);
+
+    // Throughput at the start cap: a burst of long-running sandboxes started the way the node
+    // daemon starts them, at most `--start-concurrency` (default 16) at once.
+    let cap = crate::agent::config::START_CONCURRENCY_DEFAULT;
+    let burst = u32::try_from(cap * 8).expect("small");
+    let permits = tokio::sync::Semaphore::new(cap);
+    let t0 = Instant::now();
+    let starts = (0..burst).map(|i| {
+        let (rt, permits) = (&rt, &permits);
+        async move {
+            let _permit = permits.acquire().await.expect("open semaphore");
+            rt.start(req(10, i, "sleep 60", 16)).await.expect("start");
+        }
+    });
+    futures::future::join_all(starts).await;
+    let elapsed = t0.elapsed();
+    eprintln!(
+        "{:<44} {:>7.1} sandboxes/s ({burst} started in {:.2} s, {cap} at once)",
+        "surge container: starts per second at the cap",
+        f64::from(burst) / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    for i in 0..burst {
+        let id = SandboxId::new(10, i);
+        let _ = rt.stop(id, Duration::from_millis(100)).await;
+        rt.remove(id).await.expect("forget");
+    }
     let _ = std::fs::remove_dir_all(&data);
 }
