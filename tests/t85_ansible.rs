@@ -9,6 +9,7 @@
 
 mod ops;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -137,11 +138,20 @@ fn playbook(bin: &Path, inventory: &Path, book: &str, extra: &[&str]) -> Recap {
     Recap { output }
 }
 
+/// The playbooks' cluster runs with mutual TLS: the CLI here presents the operators' client
+/// certificate the playbook made on this (the control) machine.
+static TLS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn surge_cmd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_surge"));
+    if let Some(dir) = TLS_DIR.get() {
+        cmd.env("SURGE_TLS_DIR", dir);
+    }
+    cmd
+}
+
 fn surge(args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_surge"))
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
+    let out = surge_cmd().args(args).output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -174,7 +184,7 @@ fn wait_cluster(server: &str, voters: usize) -> Value {
 
 /// Submit a job and wait for it to complete; returns its id.
 fn run_job(server: &str, count: u32) -> u64 {
-    let out = Command::new(env!("CARGO_BIN_EXE_surge"))
+    let out = surge_cmd()
         .args(["submit", "--server", server, "--count", &count.to_string()])
         .args(["--cpu", "0.5", "--mem", "256", "--", "true"])
         .output()
@@ -241,6 +251,7 @@ fn inventory(root: &Path, binary: &Path, ports: &[Ports]) -> String {
     surge_create_user: false
     surge_server_user: root
     surge_binary_src: {binary}
+    surge_pki_dir: {root}/pki
     surge_rust_log: info
   children:
     surge_servers:
@@ -310,6 +321,7 @@ fn playbooks_bring_up_a_cluster_converge_upgrade_and_drain() {
             node: free_port().expect("port"),
         })
         .collect();
+    let _ = TLS_DIR.set(root.join("pki/client"));
     let inv = root.join("hosts.yml");
     std::fs::write(&inv, inventory(&root, &binary, &ports)).expect("write inventory");
     let seed = format!("127.0.0.1:{}", ports[0].grpc);
@@ -326,6 +338,26 @@ fn playbooks_bring_up_a_cluster_converge_upgrade_and_drain() {
         let s = wait_cluster(&format!("127.0.0.1:{}", ports[i].grpc), 3);
         assert_eq!(s["id"], i as u64 + 1);
     }
+    // Every service runs with mutual TLS; keys are private; a client without the cluster's
+    // certificate is refused.
+    for h in HOSTS {
+        let env = std::fs::read_to_string(root.join(h).join("etc/surge/server.env")).expect("env");
+        assert!(env.contains("--tls-dir"), "{h}: {env}");
+        for svc in ["server", "node", "client"] {
+            let key = root.join(h).join(format!("etc/surge/tls/{svc}/key.pem"));
+            let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+    }
+    let plain = Command::new(env!("CARGO_BIN_EXE_surge"))
+        .args(["status", "--server", &seed])
+        .env_remove("SURGE_TLS_DIR")
+        .output()
+        .expect("surge status");
+    assert!(
+        !plain.status.success(),
+        "a client without a certificate got in"
+    );
     let nodes = surge(&["nodes", "-o", "json", "--server", &seed]).expect("nodes");
     let ready = nodes
         .as_array()
