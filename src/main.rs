@@ -244,9 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // Every client command talks to --server with --tls-dir and --token.
         _ => {
             let creds = cli.security.credentials()?;
-            if surge_chaos::client::set_default_credentials(creds).is_err() {
-                anyhow::bail!("client credentials were set twice");
-            }
+            surge_chaos::client::set_default_credentials(creds)?;
         }
     }
     match cli.command {

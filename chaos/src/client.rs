@@ -56,9 +56,13 @@ pub type Conn = InterceptedService<Channel, Bearer>;
 /// what [`cluster`], [`jobs`] and [`nodes`] present. Unset, they present nothing.
 static DEFAULT_CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
 
-/// Set the process's default credentials; an `Err` when they were already set.
-pub fn set_default_credentials(creds: Credentials) -> Result<(), Credentials> {
-    DEFAULT_CREDENTIALS.set(creds)
+#[derive(Debug, thiserror::Error)]
+#[error("the default client credentials were already set")]
+pub struct AlreadySet;
+
+/// Set the process's default credentials, once.
+pub fn set_default_credentials(creds: Credentials) -> Result<(), AlreadySet> {
+    DEFAULT_CREDENTIALS.set(creds).map_err(|_| AlreadySet)
 }
 
 fn default_credentials() -> Credentials {
