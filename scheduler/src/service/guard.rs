@@ -311,6 +311,45 @@ mod tests {
         }
     }
 
+    /// A method added to a .proto without a line in [`need_of`] is refused to everyone; this
+    /// test says so at once instead of when a client first calls it.
+    #[test]
+    fn every_rpc_of_the_protos_has_a_rule() {
+        let protos = [
+            (
+                "surge.raft",
+                include_str!("../../../proto/proto/raft.proto"),
+            ),
+            (
+                "surge.cluster",
+                include_str!("../../../proto/proto/cluster.proto"),
+            ),
+            (
+                "surge.jobs",
+                include_str!("../../../proto/proto/jobs.proto"),
+            ),
+            (
+                "surge.node",
+                include_str!("../../../proto/proto/node.proto"),
+            ),
+        ];
+        let mut seen = 0;
+        for (package, text) in protos {
+            let mut service = "";
+            for line in text.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("service ") {
+                    service = rest.split_whitespace().next().unwrap_or_default();
+                } else if let Some(rest) = line.strip_prefix("rpc ") {
+                    let method = rest.split('(').next().unwrap_or_default().trim();
+                    let path = format!("/{package}.{service}/{method}");
+                    assert_ne!(need_of(&path), Need::Unknown, "{path} has no access rule");
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 20, "only {seen} rpcs found in the protos");
+    }
+
     #[test]
     fn certificate_roles_gate_the_internal_apis() {
         let none = Bearer::NotChecked;
