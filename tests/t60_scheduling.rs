@@ -24,25 +24,11 @@ fn spec(count: u32, cpu_millis: u64, priority: i32, gang: bool) -> pb::JobSpec {
 }
 
 async fn submit(addr: &str, spec: pb::JobSpec, key: &str) -> u64 {
-    client::jobs(addr)
-        .expect("client")
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            idempotency_key: key.into(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id
+    submit_spec(addr, spec, key).await
 }
 
 async fn job(addr: &str, id: u64) -> pb::Job {
-    client::jobs(addr)
-        .expect("client")
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .expect("get job")
-        .into_inner()
+    get_job(addr, id).await
 }
 
 /// Wait until `ok` holds for the job; panic with the job's last state otherwise.

@@ -178,25 +178,38 @@ fn spec(count: u32, script: &str) -> pb::JobSpec {
 }
 
 async fn submit(addr: &str, spec: pb::JobSpec, key: &str) -> u64 {
-    client::jobs(addr)
-        .expect("client")
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            idempotency_key: key.into(),
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id
+    submit_spec(addr, spec, key).await
 }
 
 async fn job(addr: &str, id: u64) -> pb::Job {
-    client::jobs(addr)
-        .expect("client")
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .expect("get job")
-        .into_inner()
+    get_job(addr, id).await
+}
+
+/// The nodes the scheduler knows (`None` while it cannot answer).
+async fn list_nodes(addr: &str) -> Option<Vec<surge_proto::node::NodeInfo>> {
+    Some(
+        client::nodes(addr)
+            .ok()?
+            .list_nodes(ListNodesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .nodes,
+    )
+}
+
+/// A one-replica cluster with liveness TTL `ttl_ms`, or `None` (SKIP printed) where this host
+/// cannot run containers.
+async fn cluster_for(
+    test: &str,
+    ttl_ms: &str,
+) -> Option<(LocalCluster, tempfile::TempDir, String)> {
+    if !can_run_containers(test) {
+        return None;
+    }
+    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", ttl_ms]).await;
+    let addr = c.addr(leader).expect("addr");
+    Some((c, dir, addr))
 }
 
 async fn sandbox(addr: &str, job_id: u64, index: u32) -> pb::SandboxInfo {
@@ -243,13 +256,7 @@ where
 async fn wait_nodes_ready(c: &LocalCluster, nodes: &[&Node], addr: &str) {
     let want: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
     wait_for(c, nodes, "all nodes ready", || async {
-        let listed = client::nodes(addr)
-            .ok()?
-            .list_nodes(ListNodesRequest {})
-            .await
-            .ok()?
-            .into_inner()
-            .nodes;
+        let listed = list_nodes(addr).await?;
         want.iter()
             .all(|w| listed.iter().any(|n| &n.node_id == w && n.state == "ready"))
             .then_some(())
@@ -274,11 +281,9 @@ fn cli(addr: &str, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped() {
-    if !can_run_containers("exit_codes_and_output") {
+    let Some((c, dir, addr)) = cluster_for("exit_codes_and_output", NODE_TTL_MS).await else {
         return;
-    }
-    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
-    let addr = c.addr(leader).expect("addr");
+    };
     let node = Node::start(dir.path(), &addr, "real-a");
     wait_nodes_ready(&c, &[&node], &addr).await;
 
@@ -396,11 +401,9 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_imported_template_reaches_placement_without_a_restart() {
-    if !can_run_containers("template_import") {
+    let Some((c, dir, addr)) = cluster_for("template_import", NODE_TTL_MS).await else {
         return;
-    }
-    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
-    let addr = c.addr(leader).expect("addr");
+    };
     let a = Node::start(dir.path(), &addr, "real-a");
     let b = Node::start(dir.path(), &addr, "real-b");
     wait_nodes_ready(&c, &[&a, &b], &addr).await;
@@ -453,13 +456,7 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
         &[&a, &b],
         "the scheduler learns b's new template",
         || async {
-            let listed = client::nodes(&addr)
-                .ok()?
-                .list_nodes(ListNodesRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .nodes;
+            let listed = list_nodes(&addr).await?;
             listed
                 .iter()
                 .any(|n| n.node_id == "real-b" && n.templates.iter().any(|t| t == "flavoured"))
@@ -492,11 +489,9 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_readopts_its_running_sandboxes() {
-    if !can_run_containers("restart_readopts") {
+    let Some((c, dir, addr)) = cluster_for("restart_readopts", "10000").await else {
         return;
-    }
-    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", "10000"]).await;
-    let addr = c.addr(leader).expect("addr");
+    };
     let mut node = Node::start(dir.path(), &addr, "real-r");
     wait_nodes_ready(&c, &[&node], &addr).await;
     let id = submit(&addr, spec(2, COUNTER_SCRIPT), "adopt").await;
@@ -550,11 +545,9 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
-    if !can_run_containers("cut_off") {
+    let Some((c, dir, addr)) = cluster_for("cut_off", NODE_TTL_MS).await else {
         return;
-    }
-    let (c, dir, leader) = cluster(1, &["--node-ttl-ms", NODE_TTL_MS]).await;
-    let addr = c.addr(leader).expect("addr");
+    };
     let a = Node::start(dir.path(), &addr, "real-a");
     wait_nodes_ready(&c, &[&a], &addr).await;
     let id = submit(&addr, spec(1, COUNTER_SCRIPT), "moved").await;

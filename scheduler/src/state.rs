@@ -78,6 +78,17 @@ fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
     run.revision = index;
 }
 
+/// `Some(refusal)` when `first..first+count` is empty or not within the job's sandboxes.
+fn out_of_range(job: &Job, first: u32, count: u32) -> Option<Response> {
+    let end = u64::from(first) + u64::from(count);
+    (end > u64::from(job.spec.count) || count == 0).then(|| {
+        Response::Rejected(Rejection::Invalid(format!(
+            "job {} has sandboxes 0..{}; {first}..{end} is out of range",
+            job.id, job.spec.count
+        )))
+    })
+}
+
 impl Job {
     /// Keep a gang whole: once any of its sandboxes is waiting again (its node died, it failed
     /// and restarts, ...), the ones still holding nodes go back to the queue too, and the gang
@@ -581,12 +592,8 @@ impl ClusterState {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return Response::Rejected(Rejection::NoSuchJob(job_id));
         };
-        if u64::from(first) + u64::from(count) > u64::from(job.spec.count) || count == 0 {
-            return Response::Rejected(Rejection::Invalid(format!(
-                "job {job_id} has sandboxes 0..{}; {first}..{} is out of range",
-                job.spec.count,
-                u64::from(first) + u64::from(count)
-            )));
+        if let Some(refused) = out_of_range(job, first, count) {
+            return refused;
         }
         if let Some(new) = resources {
             // Growing must fit on each node: never overcommit, even for a resize.
@@ -656,12 +663,8 @@ impl ClusterState {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return Response::Rejected(Rejection::NoSuchJob(job_id));
         };
-        if u64::from(first) + u64::from(count) > u64::from(job.spec.count) || count == 0 {
-            return Response::Rejected(Rejection::Invalid(format!(
-                "job {job_id} has sandboxes 0..{}; {first}..{} is out of range",
-                job.spec.count,
-                u64::from(first) + u64::from(count)
-            )));
+        if let Some(refused) = out_of_range(job, first, count) {
+            return refused;
         }
         let mut nodes = std::collections::BTreeSet::new();
         job.runs.update(first, count, |run| match run.state {

@@ -147,3 +147,27 @@ pub async fn assert_all_present_once(addr: &str, acked: &BTreeMap<String, u64>) 
         );
     }
 }
+
+/// Submit one job; its id.
+pub async fn submit_spec(addr: &str, spec: pb::JobSpec, key: &str) -> u64 {
+    client::jobs(addr)
+        .expect("client")
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            idempotency_key: key.into(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id
+}
+
+/// One job as the replica at `addr` sees it.
+pub async fn get_job(addr: &str, id: u64) -> pb::Job {
+    client::jobs(addr)
+        .expect("client")
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .expect("get job")
+        .into_inner()
+}
