@@ -425,6 +425,22 @@ async fn mtls_and_tokens_guard_every_link() {
         code(cancel(&addr, &beta, alpha_pending).await),
         Code::NotFound
     );
+    let sandbox = |who: Credentials| {
+        let addr = addr.clone();
+        async move {
+            client::jobs_with(&addr, &who)
+                .expect("client")
+                .get_sandbox(pb::GetSandboxRequest {
+                    job_id: id,
+                    index: 0,
+                })
+                .await
+        }
+    };
+    assert_eq!(code(sandbox(beta.clone()).await), Code::NotFound);
+    sandbox(alpha.clone())
+        .await
+        .expect("alpha reads its own sandbox");
     assert!(
         list(&addr, &beta)
             .await

@@ -256,15 +256,21 @@ impl JobsService {
         self.get(caller, req.job_id).await
     }
 
-    pub async fn get_sandbox(&self, req: pb::GetSandboxRequest) -> Result<pb::SandboxInfo, Status> {
+    /// One sandbox of a job the caller may see (another tenant's is "no job", as in [`Self::get`]).
+    pub async fn get_sandbox(
+        &self,
+        caller: &Caller,
+        req: pb::GetSandboxRequest,
+    ) -> Result<pb::SandboxInfo, Status> {
         self.replica.linearizable_read().await?;
         let found = self.replica.read(|s, _| {
             s.jobs
                 .get(&req.job_id)
+                .filter(|j| caller.sees(&j.spec.tenant))
                 .map(|j| (j.spec.count, convert::sandbox_to_pb(j, req.index)))
         });
         match found {
-            None => Err(Status::not_found(format!("no job {}", req.job_id))),
+            None => Err(no_job(req.job_id)),
             Some((count, None)) => Err(Status::not_found(format!(
                 "job {} has sandboxes {}.0 to {}.{}; there is no {}.{}",
                 req.job_id,
@@ -401,7 +407,10 @@ impl Jobs for JobsService {
         &self,
         req: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::SandboxInfo>, Status> {
-        Ok(Response::new(self.get_sandbox(req.into_inner()).await?))
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.get_sandbox(&caller, req.into_inner()).await?,
+        ))
     }
 
     type WatchJobStream = JobStream;
