@@ -48,6 +48,49 @@ fn burst_bench_places_runs_and_releases() {
     let running = r["running_s"]["p50"].as_f64().expect("running_s");
     assert!(placed > 0.0 && running >= placed, "{r}");
     assert!(r["scheduler_rss_mib"].as_f64().expect("rss") > 1.0, "{r}");
+    // The bench holds its figures against surge's goals and says which it met.
+    let goal = &r["goals"]["placed"];
+    assert_eq!(goal["limit_s"], 1.0, "{r}");
+    assert_eq!(goal["measured_s"], r["placed_s"]["p50"], "{r}");
+    assert!(goal["met"].is_boolean(), "{r}");
+}
+
+/// `--profile` records the leader with perf during the burst and writes its report. Runs where
+/// `perf` is installed and may record (this project's CI has no perf: skipped there, saying so).
+#[test]
+fn burst_bench_profiles_the_leader() {
+    let perf_works = Command::new("perf")
+        .args(["record", "-o", "/dev/null", "--", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !perf_works {
+        eprintln!("skipped: `perf record` is not available here");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let profile = dir.path().to_str().expect("utf-8 path");
+    bench(&[
+        "burst",
+        "--nodes",
+        "4",
+        "--node-cpus",
+        "16",
+        "--sandboxes",
+        "40",
+        "--runs",
+        "1",
+        "--nodes-per-process",
+        "4",
+        "--profile",
+        profile,
+    ]);
+    let report = std::fs::read_to_string(dir.path().join("leader-run-1.txt")).expect("report");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.contains('%') && !l.starts_with('#')),
+        "a report with samples of the surge leader:\n{report}"
+    );
 }
 
 #[test]

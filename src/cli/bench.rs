@@ -50,6 +50,10 @@ pub struct BurstArgs {
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
+    /// Record the leader with `perf` from each submit until all sandboxes run, and write
+    /// `leader-run-N.data` and its hottest-symbols report `leader-run-N.txt` into this directory.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -548,6 +552,10 @@ async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
     sorted.sort_by(f64::total_cmp);
     let p50 = percentile(&sorted, 50.0);
     let max = sorted.last().copied().unwrap_or(0.0);
+    let goal = Goal {
+        what: "failover < 1 s",
+        limit_s: 1.0,
+    };
     match args.output {
         Output::Json => print_json(&json!({
             "bench": "failover",
@@ -558,6 +566,7 @@ async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
             "acked_writes": acked.len(),
             "lost": lost,
             "duplicated": duplicated,
+            "goal": {"p50": goal.json(p50 / 1000.0), "max": goal.json(max / 1000.0)},
         })),
         Output::Table => table(
             &[
@@ -578,10 +587,117 @@ async fn failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
             ]],
         ),
     }
+    if args.output == Output::Table {
+        println!(
+            "goal {}: p50 {:.3} s {}, max {:.3} s {}",
+            goal.what,
+            p50 / 1000.0,
+            goal.verdict(p50 / 1000.0),
+            max / 1000.0,
+            goal.verdict(max / 1000.0)
+        );
+    }
     if lost > 0 || duplicated > 0 {
         bail!("{lost} acknowledged writes lost, {duplicated} keys applied twice");
     }
     Ok(())
+}
+
+/// surge's published goals, held against a measured figure: `(what, limit)`.
+struct Goal {
+    what: &'static str,
+    limit_s: f64,
+}
+
+impl Goal {
+    fn verdict(&self, measured_s: f64) -> &'static str {
+        if measured_s < self.limit_s {
+            "met"
+        } else {
+            "missed"
+        }
+    }
+
+    fn json(&self, measured_s: f64) -> serde_json::Value {
+        json!({"what": self.what, "limit_s": self.limit_s, "measured_s": measured_s,
+               "met": measured_s < self.limit_s})
+    }
+}
+
+/// The goals for a burst of `sandboxes` (issue 5): 100,000 placed in under 1 s and running in
+/// under 3 s; 1,000,000 placed in under 10 s.
+fn burst_goals(sandboxes: u32) -> (Option<Goal>, Option<Goal>) {
+    match sandboxes {
+        0..=100_000 => (
+            Some(Goal {
+                what: "placements committed < 1 s",
+                limit_s: 1.0,
+            }),
+            Some(Goal {
+                what: "all running < 3 s",
+                limit_s: 3.0,
+            }),
+        ),
+        100_001..=1_000_000 => (
+            Some(Goal {
+                what: "placements committed < 10 s",
+                limit_s: 10.0,
+            }),
+            None,
+        ),
+        _ => (None, None),
+    }
+}
+
+/// How long `perf record` is given to attach before the measured phase starts.
+const PERF_ATTACH: Duration = Duration::from_millis(500);
+
+/// `perf record` of one process while it lives, for `--profile`: where a missed goal's time goes.
+struct Profiler {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Profiler {
+    fn start(pid: u32, data: PathBuf) -> anyhow::Result<Self> {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(&data)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("--profile needs `perf` (Debian: linux-perf)")?;
+        // perf takes a moment to attach; the burst's clock starts after this.
+        std::thread::sleep(PERF_ATTACH);
+        Ok(Profiler { child, data })
+    }
+
+    /// Stops recording and writes the report (`perf report --stdio`, hottest symbols) next to
+    /// the data; returns the report's path.
+    fn finish(mut self) -> anyhow::Result<PathBuf> {
+        // SIGINT lets perf flush its buffers; it exits on its own.
+        let pid = i32::try_from(self.child.id()).context("perf pid")?;
+        // SAFETY: kill(2) only sends a signal to the child we spawned and still own.
+        unsafe {
+            libc::kill(pid, libc::SIGINT);
+        }
+        self.child.wait()?;
+        let out = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "1",
+                "-i",
+            ])
+            .arg(&self.data)
+            .output()?;
+        let report = self.data.with_extension("txt");
+        std::fs::write(&report, &out.stdout)?;
+        Ok(report)
+    }
 }
 
 /// Peak resident memory (VmHWM) of a process, in MiB.
@@ -621,6 +737,7 @@ async fn burst_run(
     addr: &str,
     run: u32,
     cpu_millis: u64,
+    mut profiler: Option<Profiler>,
 ) -> anyhow::Result<BurstRun> {
     let timeout = Duration::from_secs(args.timeout_s);
     let mut jobs = client::jobs(addr)?;
@@ -657,6 +774,12 @@ async fn burst_run(
         }
         if c.running == args.sandboxes {
             running_s = started.elapsed().as_secs_f64();
+            if let Some(p) = profiler.take() {
+                let report = p.finish()?;
+                if args.output == Output::Table {
+                    eprintln!("run {}: leader profile in {}", run + 1, report.display());
+                }
+            }
             break;
         }
         if started.elapsed() > timeout {
@@ -735,8 +858,19 @@ async fn burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
         );
     }
     let mut runs = Vec::new();
+    let leader_pid = cluster.replica(leader)?.pid();
+    if let Some(dir) = &args.profile {
+        std::fs::create_dir_all(dir)?;
+    }
     for run in 0..args.runs.max(1) {
-        let r = burst_run(&args, &addr, run, cpu_millis).await?;
+        let profiler = match (&args.profile, leader_pid) {
+            (Some(dir), Some(pid)) => Some(Profiler::start(
+                pid,
+                dir.join(format!("leader-run-{}.data", run + 1)),
+            )?),
+            _ => None,
+        };
+        let r = burst_run(&args, &addr, run, cpu_millis, profiler).await?;
         if args.output == Output::Table {
             eprintln!(
                 "run {}: placed {:.3} s, running {:.3} s, released {:.3} s",
@@ -761,8 +895,13 @@ async fn burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
     let (placed_p50, placed_max) = stat(|r| r.placed_s);
     let (running_p50, running_max) = stat(|r| r.running_s);
     let (released_p50, released_max) = stat(|r| r.released_s);
+    let (placed_goal, running_goal) = burst_goals(args.sandboxes);
     match args.output {
         Output::Json => print_json(&json!({
+            "goals": {
+                "placed": placed_goal.as_ref().map(|g| g.json(placed_p50)),
+                "running": running_goal.as_ref().map(|g| g.json(running_p50)),
+            },
             "bench": "burst",
             "nodes": args.nodes,
             "sandboxes": args.sandboxes,
@@ -791,6 +930,13 @@ async fn burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
                 format!("{rss:.0}"),
             ]],
         ),
+    }
+    if args.output == Output::Table {
+        for (goal, p50) in [(placed_goal, placed_p50), (running_goal, running_p50)] {
+            if let Some(g) = goal {
+                println!("goal {}: p50 {p50:.3} s, {}", g.what, g.verdict(p50));
+            }
+        }
     }
     cluster.stop_all(Duration::from_secs(5));
     Ok(())
