@@ -851,10 +851,25 @@ async fn daemon(sim: Arc<Sim>, node: String) {
     }
 }
 
-/// Reads one replica's nodes and jobs every 250 ms, for the overcommit and gang checkers.
+/// Every 250 ms: one replica's nodes and jobs (for the overcommit and gang checkers), and every
+/// running replica's applied index and state hash (two replicas at the same index must agree:
+/// the `converged` checker's check of deterministic apply, during the run, not only at its end).
 async fn sampler(sim: Arc<Sim>) {
     loop {
         tokio::time::sleep(SAMPLE_TICK).await;
+        for replica in sim.world.running() {
+            if let Some((applied_index, state_hash)) = sim.read(replica, |s, a| (a, s.hash())) {
+                sim.record(
+                    Process::Sampler,
+                    EventType::Ok,
+                    Op::ReplicaStatus {
+                        replica,
+                        applied_index,
+                        state_hash,
+                    },
+                );
+            }
+        }
         let id = sim.random_replica();
         if let Some((jobs, nodes)) = sim.read(id, |s, _| samples(s)) {
             sim.record(
