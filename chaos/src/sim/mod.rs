@@ -137,6 +137,12 @@ pub enum SimError {
     Storage(String),
     #[error("simulation runtime: {0}")]
     Runtime(#[from] std::io::Error),
+    #[error("seed {seed} (replay: {replay}): {source}")]
+    Seed {
+        seed: u64,
+        replay: String,
+        source: Box<SimError>,
+    },
 }
 
 /// The verdict and fingerprint of one seed.
@@ -258,7 +264,11 @@ pub fn sweep(
     }
     let mut report = SweepReport::default();
     for seed in seeds {
-        let o = run_seed(seed, cfg)?;
+        let o = run_seed(seed, cfg).map_err(|e| SimError::Seed {
+            seed,
+            replay: replay_command(seed, cfg),
+            source: Box::new(e),
+        })?;
         each(&o);
         report.add(&o);
         if fail_fast && !o.violations.is_empty() {
