@@ -13,6 +13,9 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const TEMPLATE_NAME_MAX: usize = 64;
+/// Templates one node may hold: the most a node may declare when it registers (the scheduler's
+/// `TEMPLATES_PER_NODE_MAX`).
+pub const TEMPLATES_MAX: usize = 1024;
 /// Largest template an import accepts, in bytes of file content (the sum of regular files'
 /// sizes): a root filesystem for agents is tens to hundreds of MiB; 8 GiB is a typo or the
 /// wrong directory, and would fill the node's disk.
@@ -102,6 +105,8 @@ pub enum TemplateError {
         status: String,
         stderr: String,
     },
+    #[error("this node holds {held} templates, the most it may declare; remove one first")]
+    TooMany { held: usize },
     #[error("cannot import {path}: no such file or directory")]
     SourceMissing { path: PathBuf },
     #[error("{path} is larger than a template may be: {what} (at most {max}); check the path or import a smaller root filesystem")]
@@ -266,6 +271,11 @@ impl Templates {
     /// Import `source`, a directory or a tarball, as template `name` (what
     /// `surge template import` does).
     pub fn import(&self, name: &str, source: &Path) -> Result<PathBuf, TemplateError> {
+        validate_name(name)?;
+        let held = self.list()?.len();
+        if held >= TEMPLATES_MAX {
+            return Err(TemplateError::TooMany { held });
+        }
         match std::fs::metadata(source) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(TemplateError::SourceMissing {

@@ -396,7 +396,12 @@ async fn rescan_templates(
         }
         let t = templates.clone();
         match tokio::task::spawn_blocking(move || t.list()).await {
-            Ok(Ok(now)) => {
+            Ok(Ok(mut now)) => {
+                if now.len() > crate::template::TEMPLATES_MAX {
+                    tracing::warn!(node = %node_id, held = now.len(), max = crate::template::TEMPLATES_MAX,
+                        "more templates than a node may declare; reporting the first ones by name");
+                    now.truncate(crate::template::TEMPLATES_MAX);
+                }
                 list.send_if_modified(|held| {
                     if *held == now {
                         return false;
