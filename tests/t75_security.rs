@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,26 +149,73 @@ fn assert_refused_by_tls<T: std::fmt::Debug>(r: Result<T, tonic::Status>) {
     assert!(from_transport, "not a transport-level refusal: {s:?}");
 }
 
-/// A plain HTTP/1.0 request to the JSON API with an optional bearer token: (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write http");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read http");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    (status, body.to_string())
+/// What `curl` got from the replica's HTTP port.
+#[derive(Debug)]
+enum Reply {
+    /// An HTTP answer: status and body.
+    Http(u16, String),
+    /// No HTTP answer at all: the connection itself was refused (curl's exit code, stderr).
+    Refused(i32, String),
+}
+
+/// One request to the replica's HTTP port with `curl`, trusting the cluster CA `ca`,
+/// presenting the certificate and key of the `--tls-dir` `cert` (if any) and a bearer token.
+fn curl(url: &str, ca: &Path, cert: Option<&Path>, method: &str, token: Option<&str>) -> Reply {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "20",
+        "--request",
+        method,
+    ])
+    .args(["--cacert", p(&ca.join("ca.pem"))])
+    .args(["--write-out", "\n%{http_code}"]);
+    if let Some(dir) = cert {
+        cmd.args(["--cert", p(&dir.join("cert.pem"))])
+            .args(["--key", p(&dir.join("key.pem"))]);
+    }
+    if let Some(t) = token {
+        cmd.args(["--header", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd.arg(url).output().expect("run curl (is it installed?)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status: u16 = status.trim().parse().unwrap_or(0);
+    match (out.status.code(), status) {
+        (Some(0), s) if s > 0 => Reply::Http(s, body.to_string()),
+        (code, _) => Reply::Refused(
+            code.unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+    }
+}
+
+#[track_caller]
+fn assert_status(reply: Reply, want: u16) -> String {
+    match reply {
+        Reply::Http(s, body) if s == want => body,
+        other => panic!("expected HTTP {want}, got {other:?}"),
+    }
+}
+
+/// curl's exit codes for "could not resolve", "could not connect" and "timed out": a server
+/// that is down or stuck, not one that refused the peer.
+const CURL_NOT_REACHED: [i32; 3] = [6, 7, 28];
+
+#[track_caller]
+fn assert_refused(reply: Reply) {
+    match reply {
+        Reply::Refused(code, stderr) => {
+            eprintln!("refused as expected: curl exit {code}: {}", stderr.trim());
+            assert!(
+                !CURL_NOT_REACHED.contains(&code),
+                "the server was not reached at all (curl exit {code}): {stderr}"
+            );
+        }
+        other => panic!("the connection must be refused before any HTTP answer: {other:?}"),
+    }
 }
 
 struct Pki {
@@ -520,15 +566,53 @@ async fn mtls_and_tokens_guard_every_link() {
         );
     }
 
-    // --- the JSON API takes the same tokens.
+    // --- the HTTP port (/healthz, /metrics, the JSON job API) is mutual TLS too.
     let http_addr = c.replica(leader).expect("replica").http.clone();
-    let path = format!("/v1/jobs/{id}");
-    assert_eq!(http(&http_addr, "GET", &path, None).0, 401);
-    assert_eq!(http(&http_addr, "GET", &path, Some("nope")).0, 401);
-    assert_eq!(http(&http_addr, "GET", &path, Some(&pki.beta)).0, 404);
-    assert_eq!(http(&http_addr, "DELETE", &path, Some(&pki.beta)).0, 404);
-    let (code_ok, body) = http(&http_addr, "GET", &path, Some(&pki.alpha));
-    assert_eq!(code_ok, 200, "{body}");
+    let https = |path: &str| format!("https://{http_addr}{path}");
+    let ca = &pki.replica;
+    let client_dir = pki.client.dir().to_path_buf();
+    let client_cert = Some(client_dir.as_path());
+    let health = assert_status(curl(&https("/healthz"), ca, client_cert, "GET", None), 200);
+    assert!(health.contains("leader_id"), "{health}");
+    let metrics = assert_status(curl(&https("/metrics"), ca, client_cert, "GET", None), 200);
+    assert!(metrics.contains("surge_"), "{metrics}");
+    // Plain HTTP to the same port gets no HTTP answer (control: the https requests above).
+    assert_refused(curl(
+        &format!("http://{http_addr}/healthz"),
+        ca,
+        None,
+        "GET",
+        None,
+    ));
+    // No client certificate; a certificate of another CA (which trusts the cluster CA).
+    assert_refused(curl(&https("/healthz"), ca, None, "GET", None));
+    assert_refused(curl(&https("/metrics"), ca, None, "GET", None));
+    assert_refused(curl(&https("/v1/jobs"), ca, None, "GET", Some(&pki.admin)));
+    let rogue_dir = pki.rogue.dir().to_path_buf();
+    assert_refused(curl(&https("/healthz"), ca, Some(&rogue_dir), "GET", None));
+    assert_refused(curl(
+        &https("/v1/jobs"),
+        ca,
+        Some(&rogue_dir),
+        "GET",
+        Some(&pki.admin),
+    ));
+
+    // --- the JSON API takes the same certificate roles and tokens as the gRPC one.
+    let path = https(&format!("/v1/jobs/{id}"));
+    let get_json = |cert: &Path, token: Option<&str>| curl(&path, ca, Some(cert), "GET", token);
+    assert_status(get_json(&client_dir, None), 401);
+    assert_status(get_json(&client_dir, Some("nope")), 401);
+    assert_status(get_json(&client_dir, Some(&pki.beta)), 404);
+    assert_status(curl(&path, ca, client_cert, "DELETE", Some(&pki.beta)), 404);
+    // A node certificate may not use the job API, even with the admin token.
+    assert_status(get_json(&pki.node, Some(&pki.admin)), 403);
+    let body = assert_status(get_json(&client_dir, Some(&pki.alpha)), 200);
     assert!(body.contains("\"alpha\""), "{body}");
+    let listed = assert_status(
+        curl(&https("/v1/jobs"), ca, client_cert, "GET", Some(&pki.admin)),
+        200,
+    );
+    assert!(listed.contains(&format!("{id}")), "{listed}");
     c.stop_all(Duration::from_secs(3));
 }

@@ -1,5 +1,8 @@
 //! The replica's HTTP port: Prometheus `/metrics`, `/healthz`, and the job API as JSON
 //! (`/v1/jobs`), so an RL script can submit with `curl` or Python `requests` without gRPC stubs.
+//!
+//! Plain HTTP without `--tls-dir` (`surge dev`); with it, [`crate::https`] serves this router
+//! over mutual TLS and tags each request with the [`Peer`] its client certificate names.
 
 use std::sync::Arc;
 
@@ -8,13 +11,13 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Deserialize;
 use surge_proto::jobs as pb;
 
 use crate::api_json::{JobJson, SubmitJson};
-use crate::service::guard::{Caller, Guard};
+use crate::service::guard::{decide, Caller, Guard, Need, Peer};
 use crate::service::jobs::JobsService;
 use crate::service::Replica;
 
@@ -31,10 +34,19 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, Box<Response>> {
-        self.guard
-            .http_caller(headers, false)
-            .map_err(|s| Box::new(error(s)))
+    /// The job API's access decision: the connection's certificate role (with TLS; a request
+    /// that reached here without one is refused, never taken for plaintext) and the token.
+    fn caller(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<Extension<Peer>>,
+    ) -> Result<Caller, Box<Response>> {
+        let peer = match (self.guard.tls, peer) {
+            (false, _) => Peer::Plain,
+            (true, Some(Extension(p))) => p,
+            (true, None) => Peer::BadCert("no client certificate".into()),
+        };
+        decide(Need::Jobs, &peer, &self.guard.bearer(headers)).map_err(|s| Box::new(error(s)))
     }
 }
 
@@ -75,9 +87,10 @@ fn bad_request(msg: String) -> Response {
 async fn submit_job(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    let caller = match state.caller(&headers) {
+    let caller = match state.caller(&headers, peer) {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -120,9 +133,10 @@ struct ListQuery {
 async fn list_jobs(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    peer: Option<Extension<Peer>>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let caller = match state.caller(&headers) {
+    let caller = match state.caller(&headers, peer) {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -146,9 +160,10 @@ fn job_id(raw: &str) -> Result<u64, Box<Response>> {
 async fn get_job(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    peer: Option<Extension<Peer>>,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match state.caller(&headers) {
+    let caller = match state.caller(&headers, peer) {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -165,9 +180,10 @@ async fn get_job(
 async fn cancel_job(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    peer: Option<Extension<Peer>>,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match state.caller(&headers) {
+    let caller = match state.caller(&headers, peer) {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -185,9 +201,10 @@ async fn cancel_job(
 async fn watch_job(
     State(state): State<HttpState>,
     headers: HeaderMap,
+    peer: Option<Extension<Peer>>,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match state.caller(&headers) {
+    let caller = match state.caller(&headers, peer) {
         Ok(c) => c,
         Err(r) => return *r,
     };

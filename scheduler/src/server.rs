@@ -26,12 +26,13 @@ pub struct ServerConfig {
     pub raft: RaftConfig,
     /// gRPC listen address (`--listen`).
     pub listen: String,
-    /// HTTP listen address for `/metrics` and `/healthz` (`--metrics`).
+    /// HTTP listen address for `/metrics`, `/healthz` and `/v1/jobs` (`--metrics`); HTTPS with
+    /// client certificates when `tls` is set.
     pub http_listen: Option<String>,
     pub start: Start,
     /// Nodes silent this long are marked down.
     pub node_ttl_ms: u64,
-    /// `--tls-dir`: mutual TLS on the gRPC port and to the other replicas.
+    /// `--tls-dir`: mutual TLS on the gRPC and HTTP ports and to the other replicas.
     pub tls: Option<TlsDir>,
     /// `--tokens`: the job API requires a tenant or admin token.
     pub tokens: Option<Tokens>,
@@ -103,6 +104,13 @@ pub async fn run(
             .unwrap_or_else(|_| config.listen.clone());
     }
     config.raft.tls = config.tls.as_ref().map(TlsDir::client_config);
+    let https = match &config.tls {
+        Some(tls) if http_listener.is_some() => Some(
+            tls.https_server_config()
+                .map_err(|e| ServerError::Security(e.to_string()))?,
+        ),
+        _ => None,
+    };
     let guard = Arc::new(Guard {
         tls: config.tls.is_some(),
         tokens: config.tokens.take(),
@@ -156,12 +164,20 @@ pub async fn run(
             guard: guard.clone(),
         });
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-                .map_err(ServerError::Http)
-        })
+        match https.clone() {
+            // With --tls-dir the HTTP port is mutual TLS too: tokens sent to /v1/jobs never
+            // cross the network in clear, and only holders of a cluster certificate get in.
+            Some(tls) => tokio::spawn(async move {
+                crate::https::serve(listener, tls, app, stop).await;
+                Ok(())
+            }),
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .map_err(ServerError::Http)
+            }),
+        }
     });
 
     tracing::info!(
@@ -169,6 +185,8 @@ pub async fn run(
         address = replica.address(),
         cluster = replica.cluster_id(),
         tls = guard.tls,
+        http = ?config.http_listen,
+        https = https.is_some(),
         tokens = guard.tokens.as_ref().map_or(0, Tokens::len),
         "replica serving"
     );

@@ -9,7 +9,12 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -31,6 +36,8 @@ pub enum TlsError {
     },
     #[error("--tls-dir {dir}: the key in {KEY_FILE} is not a PEM private key")]
     Key { dir: PathBuf },
+    #[error("--tls-dir {dir}: cannot build the HTTPS settings: {why}")]
+    Https { dir: PathBuf, why: String },
 }
 
 /// The loaded contents of a `--tls-dir`.
@@ -111,6 +118,42 @@ impl TlsDir {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 
+    /// The HTTP port's TLS settings (rustls on ring, HTTP/1.1): this host's certificate, and,
+    /// as on the gRPC port, a client certificate signed by the cluster CA required on every
+    /// connection (`/metrics` and `/healthz` included: Prometheus presents one through its
+    /// `tls_config`, and a port that is half open is one more thing to get wrong).
+    pub fn https_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let fail = |why: String| TlsError::Https {
+            dir: self.dir.clone(),
+            why,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let ca = ca.map_err(|e| fail(format!("{CA_CERT_FILE}: {e}")))?;
+            roots
+                .add(ca)
+                .map_err(|e| fail(format!("{CA_CERT_FILE}: {e}")))?;
+        }
+        let clients =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| fail(format!("client verifier: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(format!("{CERT_FILE}: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| fail(format!("{KEY_FILE}: {e}")))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| fail(e.to_string()))?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(chain, key)
+            .map_err(|e| fail(format!("{CERT_FILE} and {KEY_FILE}: {e}")))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// Connect presenting this host's certificate, trusting only the cluster CA. The server's
     /// certificate must name the address dialled (an IP or DNS SAN).
     pub fn client_config(&self) -> ClientTlsConfig {
@@ -160,6 +203,8 @@ mod tests {
         .expect("write");
         let tls = TlsDir::load(dir.path()).expect("load");
         assert_eq!(tls.role(), Role::Replica);
+        let https = tls.https_server_config().expect("https settings");
+        assert_eq!(https.alpn_protocols, vec![b"http/1.1".to_vec()]);
         // The CA itself names no role: it is not a host certificate.
         certs::write_files(dir.path(), &[(CERT_FILE, &ca.cert_pem, false)], true).expect("w");
         assert!(matches!(

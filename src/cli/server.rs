@@ -18,7 +18,8 @@ pub struct ServerArgs {
     /// Address other replicas and clients use to reach this one (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    /// HTTP listen address for /metrics and /healthz.
+    /// HTTP listen address for /metrics, /healthz and the JSON job API (/v1/jobs); with
+    /// --tls-dir it serves HTTPS and requires a client certificate from the cluster CA.
     #[arg(long)]
     metrics: Option<String>,
     /// Where RocksDB keeps the log and snapshots.
