@@ -28,6 +28,8 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Recorded {
     registrations: Vec<pn::RegisterNodeRequest>,
     heartbeats: Vec<pn::HeartbeatRequest>,
+    /// HeartbeatBatch calls (their heartbeats are in `heartbeats` too).
+    heartbeat_batches: usize,
     reports: Vec<pn::ReportStatusRequest>,
     watches: usize,
     /// Registrations still to refuse with "not leader".
@@ -82,6 +84,21 @@ impl NodeApi for Fake {
             .heartbeats
             .push(req.into_inner());
         Ok(Response::new(pn::HeartbeatReply { known: true }))
+    }
+
+    async fn heartbeat_batch(
+        &self,
+        req: Request<pn::HeartbeatBatchRequest>,
+    ) -> Result<Response<pn::HeartbeatBatchReply>, Status> {
+        let beats = req.into_inner().beats;
+        let replies = beats
+            .iter()
+            .map(|_| pn::HeartbeatReply { known: true })
+            .collect();
+        let mut r = self.recorded.lock().expect("lock");
+        r.heartbeat_batches += 1;
+        r.heartbeats.extend(beats);
+        Ok(Response::new(pn::HeartbeatBatchReply { replies }))
     }
 
     type WatchAssignmentsStream = AssignmentStream;
@@ -681,4 +698,42 @@ async fn five_hundred_simulated_nodes_share_one_connection() {
         0,
         "stopped nodes withdraw their gauges"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_many_nodes_go_out_in_few_batches() {
+    const NODES: usize = 200;
+    let fake = Fake::new();
+    *fake.heartbeat_interval_ms.lock().expect("lock") = 100;
+    let (addr, _server) = fake.serve().await;
+    let replicas = Arc::new(Replicas::new(&[addr.to_string()], None).expect("replicas"));
+    replicas.batch_heartbeats(Duration::from_secs(2));
+    let metrics = Arc::new(NodeMetrics::new().expect("metrics"));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..NODES {
+        let mut cfg = node_config(&format!("beat-{i}"));
+        cfg.memory_guard = None;
+        let agent = NodeAgent::new(cfg, sim(600_000), replicas.clone(), metrics.clone());
+        tasks.push(tokio::spawn(agent.run(stop_rx.clone())));
+    }
+    until("every node heartbeated three times", || {
+        fake.with(|r| {
+            let mut per_node = std::collections::HashMap::new();
+            for h in &r.heartbeats {
+                *per_node.entry(h.node_id.clone()).or_insert(0) += 1;
+            }
+            per_node.len() == NODES && per_node.values().all(|n| *n >= 3)
+        })
+    })
+    .await;
+    let (beats, batches) = fake.with(|r| (r.heartbeats.len(), r.heartbeat_batches));
+    assert!(
+        batches > 0 && batches * 10 <= beats,
+        "{beats} heartbeats in {batches} batch calls: expected at least ten per call"
+    );
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.expect("join").expect("node ran cleanly");
+    }
 }

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::convert::resources_to_pb;
+use super::heartbeats::HeartbeatBatcher;
 use super::metrics::{NodeGauges, NodeMetrics};
 use super::report::ReporterControl;
 use super::view::View;
@@ -162,6 +163,9 @@ struct Replica {
 /// channel is mutual TLS: the node's certificate, and only the cluster CA trusted.
 pub struct Replicas {
     replicas: Vec<Replica>,
+    /// With [`Replicas::batch_heartbeats`]: the heartbeats of all nodes of this process go out
+    /// in one call per replica.
+    heartbeats: std::sync::OnceLock<HeartbeatBatcher>,
 }
 
 impl Replicas {
@@ -195,7 +199,19 @@ impl Replicas {
                 channel,
             });
         }
-        Ok(Self { replicas })
+        Ok(Self {
+            replicas,
+            heartbeats: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Sends the heartbeats of every node that shares these channels in batches, each call
+    /// timing out after `timeout` (see [`super::heartbeats`]). Must be called inside the runtime.
+    pub fn batch_heartbeats(&self, timeout: Duration) {
+        self.heartbeats.get_or_init(|| {
+            let clients = (0..self.replicas.len()).map(|i| self.client(i).1).collect();
+            HeartbeatBatcher::start(clients, timeout)
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -293,7 +309,7 @@ impl<R: Runtime> Session<R> {
             let (addr, client) = self.replicas.client(index);
             let addr = addr.to_owned();
             let end = tokio::select! {
-                end = self.session(client) => end,
+                end = self.session(client, index) => end,
                 _ = stop.wait_for(|s| *s) => return,
             };
             let _ = self.reporter.send(ReporterControl::Disconnected).await;
@@ -314,7 +330,7 @@ impl<R: Runtime> Session<R> {
         }
     }
 
-    async fn session(&self, mut client: NodeApiClient<Channel>) -> SessionEnd {
+    async fn session(&self, mut client: NodeApiClient<Channel>, index: usize) -> SessionEnd {
         let node_id = self.registration.node_id.clone();
         let t = self.call_timeout;
         let end = |reason: String, established| SessionEnd {
@@ -421,7 +437,17 @@ impl<R: Runtime> Session<R> {
                         used: Some(resources_to_pb(Resources { cpu_millis, memory_mib })),
                         sandboxes_running: usage.running,
                     };
-                    match call_timeout("Heartbeat", hb_timeout, client.heartbeat(request(hb, hb_timeout))).await {
+                    let beat = match self.replicas.heartbeats.get() {
+                        Some(batcher) => match tokio::time::timeout(hb_timeout, batcher.beat(index, hb)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(CallError::Timeout {
+                                call: "Heartbeat",
+                                after_ms: u64::try_from(hb_timeout.as_millis()).unwrap_or(u64::MAX),
+                            }),
+                        },
+                        None => call_timeout("Heartbeat", hb_timeout, client.heartbeat(request(hb, hb_timeout))).await,
+                    };
+                    match beat {
                         Ok(r) if !r.known => {
                             return end("the scheduler does not know this node (re-registering)".into(), established);
                         }

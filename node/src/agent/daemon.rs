@@ -52,6 +52,8 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             exit_code: cfg.sim_exit_code,
             ..SimProfile::default()
         };
+        // Hundreds of nodes in one process: one heartbeat call per replica, not one per node.
+        replicas.batch_heartbeats(super::heartbeats::BATCH_TIMEOUT);
         let mut nodes = JoinSet::new();
         for i in 0..n {
             let mut node = node_config(&cfg, format!("{}-{i}", cfg.node_id), allocatable);

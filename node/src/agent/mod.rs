@@ -33,6 +33,7 @@ pub mod config;
 pub mod connection;
 pub mod convert;
 pub mod daemon;
+pub mod heartbeats;
 pub mod metrics;
 pub mod owner;
 pub mod report;

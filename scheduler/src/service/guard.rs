@@ -89,7 +89,7 @@ pub fn need_of(path: &str) -> Need {
         ("surge.cluster.Cluster", "AddMember" | "RemoveMember") => Need::Admin,
         (
             "surge.node.NodeApi",
-            "RegisterNode" | "Heartbeat" | "WatchAssignments" | "ReportStatus",
+            "RegisterNode" | "Heartbeat" | "HeartbeatBatch" | "WatchAssignments" | "ReportStatus",
         ) => Need::NodeDaemon,
         ("surge.node.NodeApi", "ListNodes") => Need::Jobs,
         ("surge.node.NodeApi", "DrainNode") => Need::Admin,
@@ -297,6 +297,7 @@ mod tests {
             ("/surge.cluster.Cluster/Status", Need::AnyPeer),
             ("/surge.cluster.Cluster/AddMember", Need::Admin),
             ("/surge.node.NodeApi/Heartbeat", Need::NodeDaemon),
+            ("/surge.node.NodeApi/HeartbeatBatch", Need::NodeDaemon),
             ("/surge.node.NodeApi/WatchAssignments", Need::NodeDaemon),
             ("/surge.node.NodeApi/ListNodes", Need::Jobs),
             ("/surge.node.NodeApi/DrainNode", Need::Admin),

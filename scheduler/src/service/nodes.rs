@@ -23,10 +23,13 @@ use crate::leader::{self, Leader};
 use crate::model::{NodeState, Resources};
 use crate::outcomes::{self, OutcomeReport};
 use crate::runs::SandboxState;
+use crate::state::ClusterState;
 use crate::validate;
 
 /// Sandbox updates one ReportStatus may carry.
 pub const REPORT_UPDATES_MAX: usize = 100_000;
+/// Heartbeats one HeartbeatBatch may carry.
+pub const HEARTBEAT_BATCH_MAX: usize = 10_000;
 /// Assignment messages buffered per watching node.
 pub const WATCH_BUFFER: usize = 4;
 /// Longest a forwarded call to the leader may take.
@@ -66,6 +69,24 @@ impl NodesService {
         Ok(NodeApiClient::new(channel)
             .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
             .max_encoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+    }
+}
+
+/// Whether heartbeats of `node` count: a node the state holds as ready or draining. Any other
+/// (unknown, down) must register again.
+fn is_live(s: &ClusterState, node: &str) -> bool {
+    let state = s.nodes.get(node).map(|n| n.state);
+    matches!(state, Some(NodeState::Ready | NodeState::Draining))
+}
+
+impl NodesService {
+    /// Records one heartbeat of a live node in the leader's liveness table.
+    fn beat(&self, b: &pn::HeartbeatRequest) {
+        self.leader.heartbeat(
+            &b.node_id,
+            resources(b.used).unwrap_or_default(),
+            b.sandboxes_running,
+        );
     }
 }
 
@@ -133,18 +154,45 @@ impl NodeApi for NodesService {
         }
         let req = req.into_inner();
         validate::name("node_id", &req.node_id).map_err(invalid)?;
-        let state = self
-            .replica
-            .read(|s, _| s.nodes.get(&req.node_id).map(|n| n.state));
-        let known = matches!(state, Some(NodeState::Ready | NodeState::Draining));
+        let known = self.replica.read(|s, _| is_live(s, &req.node_id));
         if known {
-            self.leader.heartbeat(
-                &req.node_id,
-                resources(req.used).unwrap_or_default(),
-                req.sandboxes_running,
-            );
+            self.beat(&req);
         }
         Ok(Response::new(pn::HeartbeatReply { known }))
+    }
+
+    async fn heartbeat_batch(
+        &self,
+        req: Request<pn::HeartbeatBatchRequest>,
+    ) -> Result<Response<pn::HeartbeatBatchReply>, Status> {
+        if !self.replica.is_leader() {
+            let mut c = self.to_leader().await?;
+            return forwarded(c.heartbeat_batch(req.into_inner())).await;
+        }
+        let req = req.into_inner();
+        if req.beats.len() > HEARTBEAT_BATCH_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} heartbeats in one batch; at most {HEARTBEAT_BATCH_MAX}",
+                req.beats.len()
+            )));
+        }
+        // All or nothing: one bad node id refuses the batch before any heartbeat counts.
+        for b in &req.beats {
+            validate::name("node_id", &b.node_id).map_err(invalid)?;
+        }
+        // Who is live is read under the state's lock; the liveness table is written after it is
+        // released (the two locks are never held together).
+        let live: Vec<bool> = self
+            .replica
+            .read(|s, _| req.beats.iter().map(|b| is_live(s, &b.node_id)).collect());
+        let mut replies = Vec::with_capacity(live.len());
+        for (b, known) in req.beats.iter().zip(live) {
+            if known {
+                self.beat(b);
+            }
+            replies.push(pn::HeartbeatReply { known });
+        }
+        Ok(Response::new(pn::HeartbeatBatchReply { replies }))
     }
 
     type WatchAssignmentsStream = AssignmentStream;
