@@ -70,7 +70,9 @@ impl NodeApi for Fake {
         Ok(Response::new(pn::RegisterNodeReply {
             index: 1,
             heartbeat_interval_ms: *self.heartbeat_interval_ms.lock().expect("lock"),
-            ttl_ms: 1_000,
+            // A quarter of the TTL is each heartbeat's deadline: generous, so that hundreds of
+            // nodes in one debug-built test process on a busy CI host do not time out.
+            ttl_ms: 4_000,
         }))
     }
 
