@@ -177,13 +177,25 @@ fn write_prometheus_config(
     nodes: &[&str],
     scrape_interval: Option<&str>,
 ) {
+    write_shipped_config(dir, "prometheus.yml", servers, nodes, scrape_interval);
+}
+
+/// [`write_prometheus_config`] from the shipped file `shipped` (`prometheus-tls.yml` for a
+/// cluster with `--tls-dir`), installed as `dir/prometheus.yml`.
+fn write_shipped_config(
+    dir: &Path,
+    shipped: &str,
+    servers: &[&str],
+    nodes: &[&str],
+    scrape_interval: Option<&str>,
+) {
     let prom = deploy().join("prometheus");
-    let mut config =
-        std::fs::read_to_string(prom.join("prometheus.yml")).expect("read prometheus.yml");
+    let mut config = std::fs::read_to_string(prom.join(shipped))
+        .unwrap_or_else(|e| panic!("read {shipped}: {e}"));
     if let Some(every) = scrape_interval {
         for key in ["scrape_interval", "evaluation_interval"] {
             let from = format!("{key}: 15s");
-            assert!(config.contains(&from), "prometheus.yml has no `{from}`");
+            assert!(config.contains(&from), "{shipped} has no `{from}`");
             config = config.replace(&from, &format!("{key}: {every}"));
         }
         config = config.replace("scrape_timeout: 10s", &format!("scrape_timeout: {every}"));
@@ -443,4 +455,93 @@ async fn prometheus_scrapes_replicas_and_nodes() {
 
     drop(p);
     c.stop_all(Duration::from_secs(5));
+}
+
+/// `surge` with arguments; its stdout, or a panic with its stderr.
+fn surge_ok(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().expect("run surge");
+    assert!(
+        out.status.success(),
+        "surge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// With `--tls-dir` the replicas' HTTP port takes only clients with a certificate of the
+/// cluster CA: the shipped `prometheus-tls.yml`, with a client certificate laid out as ansible
+/// installs it (`surge-tls/` beside the config), scrapes them. (The refusals of clients without
+/// a certificate are t75's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_tls_replicas_with_its_certificate() {
+    let Some(prometheus) = debian_tool("prometheus") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let path = |p: &str| root.join(p).to_str().expect("utf-8 path").to_string();
+    surge_ok(&["cert", "ca", "--out", &path("ca")]);
+    let issue = |out: &str, name: &str, role: &str| {
+        surge_ok(&[
+            "cert",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--out",
+            &path(out),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--san",
+            "127.0.0.1",
+        ]);
+    };
+    issue("replica", "r", "replica");
+    issue("client", "operator", "client");
+    issue("prometheus/surge-tls", "prometheus", "client");
+    let client_tls = surge_security::TlsDir::load(&root.join("client")).expect("client tls");
+
+    std::fs::create_dir_all(root.join("cluster")).expect("cluster dir");
+    let mut c = surge_chaos::cluster::LocalCluster::new(&bin(), &root.join("cluster"), 1, None)
+        .expect("plan")
+        .with_args(&["--tls-dir", &path("replica")])
+        .with_credentials(client::Credentials {
+            tls: Some(client_tls),
+            token: None,
+        });
+    c.start_all().expect("start");
+    let leader = wait_leader(&mut c).await;
+    let metrics = c.replica(leader).expect("replica").http.clone();
+
+    let prom_dir = root.join("prometheus");
+    write_shipped_config(
+        &prom_dir,
+        "prometheus-tls.yml",
+        &[&metrics],
+        &[],
+        Some("1s"),
+    );
+    let promtool = debian_tool("promtool").expect("promtool comes with prometheus");
+    let checked = Command::new(promtool)
+        .args(["check", "config", "prometheus.yml"])
+        .current_dir(&prom_dir)
+        .output()
+        .expect("run promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check config prometheus-tls.yml: {}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    let mut p = Prometheus::start(&prometheus, &prom_dir);
+    p.wait_ready();
+    p.wait_value(r#"up{job="surge-server"}"#, "the TLS replica is up", |v| {
+        v == 1.0
+    });
+    p.wait_value(
+        r#"surge_raft_is_leader{job="surge-server"}"#,
+        "its metrics over https",
+        |v| v == 1.0,
+    );
+    c.stop_all(Duration::from_secs(3));
 }
