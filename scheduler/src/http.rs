@@ -41,12 +41,18 @@ impl HttpState {
         headers: &HeaderMap,
         peer: Option<Extension<Peer>>,
     ) -> Result<Caller, Box<Response>> {
-        let peer = match (self.guard.tls, peer) {
-            (false, _) => Peer::Plain,
-            (true, Some(Extension(p))) => p,
-            (true, None) => Peer::BadCert("no client certificate".into()),
-        };
+        let peer = request_peer(self.guard.tls, peer.map(|Extension(p)| p));
         decide(Need::Jobs, &peer, &self.guard.bearer(headers)).map_err(|s| Box::new(error(s)))
+    }
+}
+
+/// The peer of a request (pure): plaintext without TLS; with TLS the one [`crate::https`] put
+/// on the request, and a request that has none is refused rather than taken for plaintext.
+fn request_peer(tls: bool, from_connection: Option<Peer>) -> Peer {
+    match (tls, from_connection) {
+        (false, _) => Peer::Plain,
+        (true, Some(p)) => p,
+        (true, None) => Peer::BadCert("no client certificate".into()),
     }
 }
 
@@ -258,4 +264,37 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use surge_security::Role;
+
+    #[test]
+    fn a_tls_request_without_a_connection_peer_is_refused() {
+        assert_eq!(request_peer(false, None), Peer::Plain);
+        assert_eq!(
+            request_peer(true, Some(Peer::Cert(Role::Client))),
+            Peer::Cert(Role::Client)
+        );
+        let none = request_peer(true, None);
+        assert!(matches!(none, Peer::BadCert(_)), "{none:?}");
+        let refused = decide(
+            Need::Jobs,
+            &none,
+            &crate::service::guard::Bearer::NotChecked,
+        );
+        assert_eq!(
+            refused.map_err(|s| s.code()),
+            Err(tonic::Code::PermissionDenied)
+        );
+        // Control: a client certificate passes (no tokens file).
+        let passed = decide(
+            Need::Jobs,
+            &Peer::Cert(Role::Client),
+            &crate::service::guard::Bearer::NotChecked,
+        );
+        assert_eq!(passed.ok(), Some(Caller::Admin));
+    }
 }
