@@ -63,8 +63,7 @@ pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow:
     // The daemon explains itself in its log (runtime choice, adoption, reconnects).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(false)
