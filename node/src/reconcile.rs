@@ -244,13 +244,15 @@ impl Action {
 
 /// Compute the actions that move `observed` towards `desired`.
 ///
-/// Duplicated ids in either slice: the last entry wins (the inputs are expected to be keyed by id).
-pub fn reconcile(
-    desired: &[DesiredSandbox],
+/// Duplicated ids in either input: the last entry wins (the inputs are expected to be keyed by
+/// id). `desired` is borrowed entry by entry, so a node's pass never copies its desired set.
+pub fn reconcile<'a>(
+    desired: impl IntoIterator<Item = &'a DesiredSandbox>,
     observed: &[ObservedSandbox],
     policy: &ReconcilePolicy,
 ) -> Vec<Action> {
-    let desired: BTreeMap<SandboxId, &DesiredSandbox> = desired.iter().map(|d| (d.id, d)).collect();
+    let desired: BTreeMap<SandboxId, &DesiredSandbox> =
+        desired.into_iter().map(|d| (d.id, d)).collect();
     let observed: BTreeMap<SandboxId, &ObservedSandbox> =
         observed.iter().map(|o| (o.id, o)).collect();
 

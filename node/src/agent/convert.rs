@@ -140,6 +140,11 @@ impl DesiredSet {
         self.sandboxes.values().cloned().collect()
     }
 
+    /// The sandboxes, borrowed (what a reconcile pass reads).
+    pub fn iter(&self) -> impl Iterator<Item = &DesiredSandbox> {
+        self.sandboxes.values()
+    }
+
     /// Fold one message in.
     ///
     /// * `full`: the set is replaced. An entry the node cannot understand keeps its previous

@@ -441,7 +441,7 @@ impl<R: Runtime> Agent<R> {
                 };
             }
         }
-        let actions = reconcile(&self.desired.to_vec(), &observed, &self.config.policy);
+        let actions = reconcile(self.desired.iter(), &observed, &self.config.policy);
         let starts = actions
             .iter()
             .filter(|a| matches!(a, Action::Start { .. }))
