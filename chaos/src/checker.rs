@@ -44,6 +44,7 @@ pub const CHECKERS: &[(&str, Check)] = &[
     ("acknowledged_once", acknowledged_once),
     ("cancels_durable", cancels_durable),
     ("no_overcommit", no_overcommit),
+    ("one_live_node_per_sandbox", one_live_node_per_sandbox),
     ("gang_all_or_nothing", gang_all_or_nothing),
     ("converged", converged),
     ("liveness", liveness),
@@ -286,6 +287,30 @@ pub fn no_overcommit(h: &History) -> Option<Violation> {
                     || json!({ "node": n, "sample_index": e.index, "time_ms": e.time_ms, "replica": replica }),
                 );
             }
+        }
+    }
+    found.finish()
+}
+
+/// No sandbox, in any sample, is assigned to two live nodes at once. (Samples come from the
+/// deterministic simulator, which reads every node's assignments; the real-process harness
+/// does not take them, and this checker passes vacuously there.)
+pub fn one_live_node_per_sandbox(h: &History) -> Option<Violation> {
+    let mut found = Found::new("one_live_node_per_sandbox");
+    for e in &h.events {
+        let (EventType::Ok, Op::ReadAssignments { replica, doubles, .. }) = (e.kind, &e.op) else {
+            continue;
+        };
+        for d in doubles {
+            found.add(
+                || {
+                    format!(
+                        "sandbox {}.{} assigned to live nodes {:?} at once (seen on replica {replica} at {} ms)",
+                        d.job, d.index, d.nodes, e.time_ms
+                    )
+                },
+                || json!({ "sandbox": d, "sample_index": e.index, "time_ms": e.time_ms, "replica": replica }),
+            );
         }
     }
     found.finish()
@@ -555,7 +580,7 @@ pub fn liveness(h: &History) -> Option<Violation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{EventType as T, Process as P};
+    use crate::history::{EventType as T, Process as P, SandboxHolders};
 
     fn submit(key: &str) -> Op {
         Op::Submit {
@@ -640,6 +665,32 @@ mod tests {
     fn checked(h: &History, name: &str) -> Option<Violation> {
         let (_, check) = CHECKERS.iter().find(|(n, _)| *n == name).expect("checker");
         check(h)
+    }
+
+    #[test]
+    fn a_sandbox_on_two_live_nodes_is_a_violation() {
+        let sample = |doubles| Op::ReadAssignments {
+            replica: 1,
+            checked: 40,
+            doubles,
+        };
+        let clean = healthy(vec![(1, P::Sampler, T::Ok, sample(vec![]))], &[]);
+        assert_eq!(checked(&clean, "one_live_node_per_sandbox"), None);
+        let double = SandboxHolders {
+            job: 7,
+            index: 3,
+            nodes: vec!["n1".into(), "n2".into()],
+        };
+        let bad = healthy(
+            vec![
+                (1, P::Sampler, T::Ok, sample(vec![])),
+                (2, P::Sampler, T::Ok, sample(vec![double])),
+            ],
+            &[],
+        );
+        let v = checked(&bad, "one_live_node_per_sandbox").expect("a violation");
+        assert_eq!(v.count, 1);
+        assert!(v.message.contains("7.3"), "{}", v.message);
     }
 
     #[test]

@@ -64,6 +64,14 @@ pub struct JobSample {
     pub pending_reason: String,
 }
 
+/// A sandbox and the live nodes a state assigns it to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SandboxHolders {
+    pub job: u64,
+    pub index: u32,
+    pub nodes: Vec<String>,
+}
+
 /// A node as a sample saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NodeSample {
@@ -112,6 +120,13 @@ pub enum Op {
     },
     /// Read every job of the run's tenant from one replica.
     ReadJobs { replica: u64, jobs: Vec<JobSample> },
+    /// Which live nodes (ready or draining) one replica's state assigns each active sandbox to:
+    /// how many assignments were looked at, and every sandbox held by more than one live node.
+    ReadAssignments {
+        replica: u64,
+        checked: u64,
+        doubles: Vec<SandboxHolders>,
+    },
     /// A replica's applied index and state hash (`fail`: it did not answer).
     ReplicaStatus {
         replica: u64,

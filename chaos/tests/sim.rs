@@ -36,6 +36,17 @@ fn a_seed_replays_exactly_and_seeds_differ() {
         a.ops_ok,
         a.network.messages
     );
+    // The one-live-node-per-sandbox checker had assignments to look at.
+    let looked: u64 = a
+        .history
+        .events
+        .iter()
+        .filter_map(|e| match &e.op {
+            surge_chaos::history::Op::ReadAssignments { checked, .. } => Some(*checked),
+            _ => None,
+        })
+        .sum();
+    assert!(looked > 0, "no sandbox assignments were sampled");
 }
 
 #[test]

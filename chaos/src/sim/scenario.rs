@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::net::{Conditions, SimNetwork, World};
 use super::{InjectedBug, SimConfig, SimError};
-use crate::history::{EventType, JobSample, NodeSample, Op, Process};
+use crate::history::{EventType, JobSample, NodeSample, Op, Process, SandboxHolders};
 
 /// How long a client or node waits for one proposal before calling its outcome unknown.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -871,6 +871,17 @@ async fn sampler(sim: Arc<Sim>) {
             }
         }
         let id = sim.random_replica();
+        if let Some((checked, doubles)) = sim.read(id, |s, _| live_holders(s)) {
+            sim.record(
+                Process::Sampler,
+                EventType::Ok,
+                Op::ReadAssignments {
+                    replica: id,
+                    checked,
+                    doubles,
+                },
+            );
+        }
         if let Some((jobs, nodes)) = sim.read(id, |s, _| samples(s)) {
             sim.record(
                 Process::Sampler,
@@ -884,6 +895,28 @@ async fn sampler(sim: Arc<Sim>) {
             );
         }
     }
+}
+
+/// How many (live node, sandbox) assignments `s` holds, and every sandbox assigned to more than
+/// one live node (ready or draining).
+fn live_holders(s: &ClusterState) -> (u64, Vec<SandboxHolders>) {
+    let mut holders: BTreeMap<(u64, u32), Vec<String>> = BTreeMap::new();
+    let mut checked = 0u64;
+    for (id, node) in &s.nodes {
+        if !matches!(node.state, NodeState::Ready | NodeState::Draining) {
+            continue;
+        }
+        for a in s.assignments_of(id) {
+            checked += 1;
+            holders.entry((a.job, a.index)).or_default().push(id.clone());
+        }
+    }
+    let doubles = holders
+        .into_iter()
+        .filter(|(_, nodes)| nodes.len() > 1)
+        .map(|((job, index), nodes)| SandboxHolders { job, index, nodes })
+        .collect();
+    (checked, doubles)
 }
 
 /// A workload client: submissions under idempotency keys, retried as a real client retries
