@@ -298,7 +298,13 @@ pub fn no_overcommit(h: &History) -> Option<Violation> {
 pub fn one_live_node_per_sandbox(h: &History) -> Option<Violation> {
     let mut found = Found::new("one_live_node_per_sandbox");
     for e in &h.events {
-        let (EventType::Ok, Op::ReadAssignments { replica, doubles, .. }) = (e.kind, &e.op) else {
+        let (
+            EventType::Ok,
+            Op::ReadAssignments {
+                replica, doubles, ..
+            },
+        ) = (e.kind, &e.op)
+        else {
             continue;
         };
         for d in doubles {
