@@ -908,7 +908,10 @@ fn live_holders(s: &ClusterState) -> (u64, Vec<SandboxHolders>) {
         }
         for a in s.assignments_of(id) {
             checked += 1;
-            holders.entry((a.job, a.index)).or_default().push(id.clone());
+            holders
+                .entry((a.job, a.index))
+                .or_default()
+                .push(id.clone());
         }
     }
     let doubles = holders
