@@ -29,6 +29,8 @@ use crate::workload::{self, WorkloadConfig};
 pub const TENANT: &str = "chaos";
 /// How long the replicas may take to reach one applied index and state hash at the end.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the final read of one replica's jobs is retried before it counts as unanswered.
+pub const FINAL_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long node daemons may take to register at the start.
 pub const NODES_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Node TTL the replicas run with unless told otherwise: `surge server`'s own default.
@@ -403,9 +405,28 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
         }
     }
 
-    // Final reads: every job on every replica.
+    // Final reads: every job on every replica. A read may meet a replica that is still catching
+    // up or an election after the last heal; like a client, the harness retries it for a while,
+    // and only a replica that never answers counts against the run.
     for (id, addr) in &replicas {
-        match workload::read_jobs(addr, TENANT).await {
+        let until = Instant::now() + FINAL_READ_TIMEOUT;
+        let read = loop {
+            match workload::read_jobs(addr, TENANT).await {
+                Ok(jobs) => break Ok(jobs),
+                Err(e) if Instant::now() >= until => break Err(e),
+                Err(e) => {
+                    recorder.record(
+                        Process::Final,
+                        EventType::Info,
+                        Op::Note {
+                            text: format!("final read of replica {id} failed, retrying: {e}"),
+                        },
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        match read {
             Ok(jobs) => recorder.record(
                 Process::Final,
                 EventType::Ok,
