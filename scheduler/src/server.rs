@@ -143,6 +143,7 @@ pub async fn run(
     }
     let grpc_server = builder
         .layer(GuardLayer::new(guard.clone()))
+        .layer(crate::service::decode_status::DecodeErrorLayer)
         .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -1,6 +1,7 @@
 //! The gRPC services of the scheduler. Requests are validated and converted here; errors become
 //! [`tonic::Status`] only in these files.
 
+pub mod decode_status;
 pub mod guard;
 pub mod hub;
 pub mod jobs;
