@@ -30,6 +30,28 @@ fn replay(cfg: &ChaosConfig) -> String {
     )
 }
 
+/// `SURGE_CHAOS_SEED` when set (to rerun a failure), else the test's own seed.
+fn seed_or(default: u64) -> u64 {
+    std::env::var("SURGE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn messages(report: &Report) -> Vec<&String> {
+    report.violations.iter().map(|v| &v.message).collect()
+}
+
+/// Every checker passed; otherwise the violations and the command that replays the run.
+fn assert_clean(report: &Report, replay: &str) {
+    assert!(
+        report.violations.is_empty(),
+        "{} violation(s): {:?}\nreplay: {replay}",
+        report.violations.len(),
+        messages(report)
+    );
+}
+
 /// One chaos run at a time: each is a whole cluster with its own faults, and two sharing a
 /// 2-core machine would mostly measure each other.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -67,10 +89,7 @@ async fn run_and_check(cfg: ChaosConfig) -> Report {
 /// this one stays within a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
-    let seed = std::env::var("SURGE_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(70);
+    let seed = seed_or(70);
     let cfg = config(seed, "kill,pause,restart", Duration::from_secs(60));
     let replay = replay(&cfg);
     let report = run_and_check(cfg).await;
@@ -85,16 +104,7 @@ async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
         "too little workload to judge: {:?}",
         report.operations
     );
-    assert!(
-        report.violations.is_empty(),
-        "{} violation(s): {:?}\nreplay: {replay}",
-        report.violations.len(),
-        report
-            .violations
-            .iter()
-            .map(|v| &v.message)
-            .collect::<Vec<_>>()
-    );
+    assert_clean(&report, &replay);
 }
 
 /// Partitions between replicas — the leader isolated, a minority cut off, a bridge replica that
@@ -107,10 +117,7 @@ async fn partitions_lose_no_acknowledged_job() {
         eprintln!("skipped: partitions need network namespaces, which need root");
         return;
     }
-    let seed = std::env::var("SURGE_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(71);
+    let seed = seed_or(71);
     let cfg = config(seed, "partition,kill", Duration::from_secs(45));
     let replay = replay(&cfg);
     let report = run_and_check(cfg).await;
@@ -119,16 +126,7 @@ async fn partitions_lose_no_acknowledged_job() {
         "only {:?} faults injected",
         report.faults
     );
-    assert!(
-        report.violations.is_empty(),
-        "{} violation(s): {:?}\nreplay: {replay}",
-        report.violations.len(),
-        report
-            .violations
-            .iter()
-            .map(|v| &v.message)
-            .collect::<Vec<_>>()
-    );
+    assert_clean(&report, &replay);
 }
 
 /// Regression, found by `surge chaos --seed 3 --duration 30s --faults wipe` (fixed: an empty
@@ -140,15 +138,7 @@ async fn partitions_lose_no_acknowledged_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_leader_rejoins() {
     let report = run_and_check(config(3, "wipe", Duration::from_secs(30))).await;
-    assert!(
-        report.violations.is_empty(),
-        "{:?}",
-        report
-            .violations
-            .iter()
-            .map(|v| &v.message)
-            .collect::<Vec<_>>()
-    );
+    assert!(report.violations.is_empty(), "{:?}", messages(&report));
 }
 
 /// Regression, found by `surge chaos --seed 2 --duration 60s --faults all --node-ttl-ms 2000`
@@ -168,10 +158,6 @@ async fn gang_stays_whole_when_its_nodes_die() {
             .iter()
             .any(|v| v.checker == "gang_all_or_nothing"),
         "{:?}",
-        report
-            .violations
-            .iter()
-            .map(|v| &v.message)
-            .collect::<Vec<_>>()
+        messages(&report)
     );
 }

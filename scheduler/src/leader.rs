@@ -4,7 +4,7 @@
 //! Every replica runs these tasks; they act only while their replica leads. A new leader starts
 //! every node's TTL afresh, so a failover never marks healthy nodes down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use crate::outcomes::{OutcomeReport, OUTCOMES_PER_COMMAND_MAX};
 use crate::placement::{self, PlacementParams};
 use crate::runs::SandboxState;
 use crate::service::{now_ms, Replica};
+use crate::state::ClusterState;
 
 /// Heartbeat interval the nodes are told to use.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
@@ -345,19 +346,7 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
             continue;
         }
         let started = Instant::now();
-        let (input, reasons_now) = leader.replica.read(|s, applied| {
-            let input = s.placement_input(applied, PlacementParams::default());
-            let reasons: HashMap<u64, String> = input
-                .pending
-                .iter()
-                .filter_map(|j| {
-                    s.jobs
-                        .get(&j.id)
-                        .map(|job| (j.id, job.pending_reason.clone()))
-                })
-                .collect();
-            (input, reasons)
-        });
+        let (input, reasons_now) = leader.replica.read(planning_input);
         let pending: u64 = input.pending.iter().map(|j| j.pending_count()).sum();
         leader.metrics.pending_sandboxes.set(pending as i64);
         last_planned_at = at;
@@ -370,17 +359,7 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
             .metrics
             .place_seconds
             .observe(place_started.elapsed().as_secs_f64());
-        let reasons = reasons_of(&plan);
-        // The log needs the decisions, not the explanation: reasons travel (only when they
-        // changed) beside the plan, so an entry stays small however long the queue is.
-        let plan = placement::Plan {
-            unplaced: Vec::new(),
-            ..plan
-        };
-        let changed_reasons: Vec<(u64, String)> = reasons
-            .into_iter()
-            .filter(|(job, r)| reasons_now.get(job) != Some(r))
-            .collect();
+        let (plan, changed_reasons) = for_the_log(plan, &reasons_now);
         if plan.placements.is_empty() && plan.preemptions.is_empty() && changed_reasons.is_empty() {
             continue;
         }
@@ -422,6 +401,43 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
 }
 
 /// One pending reason per job (the first reason the plan gives for it).
+/// What one scheduling cycle plans from: the placement input at `applied`, and the pending reason
+/// each pending job shows now.
+pub fn planning_input(
+    s: &ClusterState,
+    applied: u64,
+) -> (placement::PlacementInput, BTreeMap<u64, String>) {
+    let input = s.placement_input(applied, PlacementParams::default());
+    let reasons = input
+        .pending
+        .iter()
+        .filter_map(|j| {
+            s.jobs
+                .get(&j.id)
+                .map(|job| (j.id, job.pending_reason.clone()))
+        })
+        .collect();
+    (input, reasons)
+}
+
+/// The plan as the log takes it. The log needs the decisions, not the explanation: reasons
+/// travel beside the plan, and only those that differ from what a job shows now, so an entry
+/// stays small however long the queue is.
+pub fn for_the_log(
+    plan: placement::Plan,
+    reasons_now: &BTreeMap<u64, String>,
+) -> (placement::Plan, Vec<(u64, String)>) {
+    let changed = reasons_of(&plan)
+        .into_iter()
+        .filter(|(job, r)| reasons_now.get(job) != Some(r))
+        .collect();
+    let plan = placement::Plan {
+        unplaced: Vec::new(),
+        ..plan
+    };
+    (plan, changed)
+}
+
 pub fn reasons_of(plan: &placement::Plan) -> Vec<(u64, String)> {
     let mut seen = std::collections::BTreeMap::new();
     for u in &plan.unplaced {

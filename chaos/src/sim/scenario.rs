@@ -12,9 +12,9 @@ use surge_raft::metrics::RaftMetrics;
 use surge_raft::store::{Applied, LogStore, StateMachineStore, Storage};
 use surge_raft::types::{Command as RaftCommand, NodeId, Raft};
 use surge_scheduler::command::{Command, Response};
-use surge_scheduler::leader::{coalesce, reasons_of};
+use surge_scheduler::leader::{coalesce, for_the_log, planning_input};
 use surge_scheduler::model::{JobSpec, NodeSpec, NodeState, Resources, RestartPolicy, Strategy};
-use surge_scheduler::placement::{self, PlacementParams};
+use surge_scheduler::placement;
 use surge_scheduler::runs::SandboxState;
 use surge_scheduler::ClusterState;
 use tokio::task::JoinHandle;
@@ -729,20 +729,7 @@ async fn leader_duties(sim: Arc<Sim>, id: NodeId) {
             }
         }
         let Some(Some((input, reasons_now))) = sim.read(id, |s, applied| {
-            if applied == last_planned_at {
-                return None;
-            }
-            let input = s.placement_input(applied, PlacementParams::default());
-            let reasons: BTreeMap<u64, String> = input
-                .pending
-                .iter()
-                .filter_map(|j| {
-                    s.jobs
-                        .get(&j.id)
-                        .map(|job| (j.id, job.pending_reason.clone()))
-                })
-                .collect();
-            Some((input, reasons))
+            (applied != last_planned_at).then(|| planning_input(s, applied))
         }) else {
             continue;
         };
@@ -750,15 +737,7 @@ async fn leader_duties(sim: Arc<Sim>, id: NodeId) {
         if input.pending.is_empty() {
             continue;
         }
-        let plan = placement::place(&input);
-        let reasons: Vec<(u64, String)> = reasons_of(&plan)
-            .into_iter()
-            .filter(|(job, r)| reasons_now.get(job) != Some(r))
-            .collect();
-        let plan = placement::Plan {
-            unplaced: Vec::new(),
-            ..plan
-        };
+        let (plan, reasons) = for_the_log(placement::place(&input), &reasons_now);
         if plan.placements.is_empty() && plan.preemptions.is_empty() && reasons.is_empty() {
             continue;
         }
