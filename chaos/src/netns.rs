@@ -108,6 +108,18 @@ pub struct Net {
     cuts: BTreeSet<(u64, u64)>,
 }
 
+/// The effective uid, when it is not root: network namespaces cannot be made then.
+fn not_root() -> Option<u32> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    (uid != 0).then_some(uid)
+}
+
+/// Whether this process may create network namespaces (partitions need them).
+pub fn available() -> bool {
+    not_root().is_none()
+}
+
 fn ip(args: &[&str]) -> Result<(), NetError> {
     let out = Command::new("ip")
         .args(args)
@@ -126,9 +138,7 @@ impl Net {
     /// Creates the bridge, and one namespace per id in `ids`, each with the address
     /// `10.213.N.id`. The harness's namespace gets `10.213.N.254` on the bridge.
     pub fn create(ids: &[u64]) -> Result<Net, NetError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        if uid != 0 {
+        if let Some(uid) = not_root() {
             return Err(NetError::NotRoot(uid));
         }
         if let Some(bad) = ids.iter().find(|id| **id == 0 || **id > HOSTS_MAX) {

@@ -90,8 +90,7 @@ impl ChaosConfig {
 
 /// Every fault kind; partitions only where the harness can create network namespaces (root).
 pub fn default_faults() -> Vec<FaultKind> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = crate::netns::available();
     faults::FAULT_KINDS
         .iter()
         .copied()
