@@ -304,7 +304,8 @@ impl<S: StateMachine> RaftNode<S> {
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
 
-        let log_store = LogStore::new(storage.clone());
+        let log_store = LogStore::with_background_flush(storage.clone())
+            .map_err(|e| StartError::Storage(format!("starting the log flusher: {e}")))?;
         let committed = log_store.committed_index();
         let (sm_store, state, applied_rx) =
             StateMachineStore::open(storage.clone(), app, metrics.clone())?;

@@ -12,8 +12,10 @@
 //! The state machine itself lives in memory (the scheduler's state is run-length encoded and
 //! small); durability comes from the log plus the newest snapshot. On start the snapshot is
 //! restored and openraft re-applies the committed log after it. Every write that Raft's safety
-//! depends on (vote, appended entries, truncation, purge, snapshot) is a synced write: one fsync
-//! per batch of entries, not per entry.
+//! depends on (vote, truncation, purge, snapshot) is a synced write. Appended entries are either
+//! synced in `append` (one fsync per batch of entries) or, in a server, written at once and
+//! acknowledged by the flusher thread after one WAL sync for all appends queued meanwhile, so
+//! that openraft's core never waits for the disk.
 
 // openraft's traits fix the error type (StorageError, ~200 bytes); the helpers share it so `?`
 // composes. It only travels on the failure path.
@@ -316,14 +318,29 @@ pub struct LogStore {
     storage: Storage,
     /// Last committed index this replica learnt of (for status and metrics).
     committed_index: Arc<AtomicU64>,
+    /// Where appends wait for their fsync; `None` syncs inside `append` itself.
+    flusher: Option<Flusher>,
 }
 
 impl LogStore {
+    /// A log whose appends fsync before `append` returns. Deterministic: the simulator uses it.
     pub fn new(storage: Storage) -> Self {
         LogStore {
             storage,
             committed_index: Arc::new(AtomicU64::new(0)),
+            flusher: None,
         }
+    }
+
+    /// A log whose appends return once written and are acknowledged to openraft by a flusher
+    /// thread after one fsync for every append queued meanwhile (group commit). openraft's core
+    /// keeps replicating and accepting proposals while the disk syncs.
+    pub fn with_background_flush(storage: Storage) -> std::io::Result<Self> {
+        let flusher = Flusher::start(storage.clone())?;
+        Ok(LogStore {
+            flusher: Some(flusher),
+            ..LogStore::new(storage)
+        })
     }
 
     /// Shared view of the committed index, updated as openraft saves it.
@@ -441,6 +458,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             batch.put_cf(cf, index_key(entry.log_id.index), codec::encode(&entry));
         }
+        if let Some(flusher) = &self.flusher {
+            // Readable once written (openraft's contract for `append`); durable when the
+            // flusher's next WAL sync completes. Writes reach the WAL in order, so that sync
+            // also covers every earlier write, and a later synced write (vote, truncate, purge)
+            // covers this one.
+            self.storage.db.write(batch).map_err(io_write)?;
+            return flusher.queue(callback);
+        }
         let result = self.storage.db.write_opt(batch, &synced());
         match result {
             Ok(()) => {
@@ -483,6 +508,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .db
             .write_opt(batch, &synced())
             .map_err(io_write)
+    }
+}
+
+/// Appends queued for the flusher before it refuses more (openraft has far fewer in flight).
+const FLUSH_QUEUE_MAX: usize = 4_096;
+
+/// The owner of the log's WAL syncs: one thread that takes every append queued since its last
+/// sync, syncs the WAL once, and reports all of them flushed. It ends when the last
+/// [`LogStore`] holding it is dropped.
+#[derive(Clone)]
+struct Flusher {
+    queue: std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>,
+}
+
+impl Flusher {
+    fn start(storage: Storage) -> std::io::Result<Self> {
+        let (queue, waiting) = std::sync::mpsc::sync_channel(FLUSH_QUEUE_MAX);
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || Self::run(&storage, &waiting))?;
+        Ok(Flusher { queue })
+    }
+
+    fn run(storage: &Storage, waiting: &std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+        let mut batch = Vec::new();
+        while let Ok(first) = waiting.recv() {
+            batch.push(first);
+            batch.extend(waiting.try_iter());
+            let synced = storage.db.flush_wal(true).map_err(|e| e.to_string());
+            for callback in batch.drain(..) {
+                callback.log_io_completed(synced.clone().map_err(std::io::Error::other));
+            }
+        }
+    }
+
+    fn queue(&self, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError> {
+        self.queue.send(callback).map_err(|_| {
+            io_write(std::io::Error::other(
+                "the raft log's flusher thread has stopped",
+            ))
+        })
     }
 }
 

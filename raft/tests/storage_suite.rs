@@ -29,7 +29,11 @@ impl StateMachine for Journal {
     }
 }
 
-struct RocksBuilder;
+/// Builds the stores on a fresh RocksDB; `background_flush` picks the server's flusher thread
+/// instead of syncing inside `append`.
+struct RocksBuilder {
+    background_flush: bool,
+}
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore<Journal>, tempfile::TempDir>
     for RocksBuilder
@@ -42,13 +46,29 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore<Journal>, tempfile::Te
         let metrics = Arc::new(RaftMetrics::new(&prometheus::Registry::new()).expect("metrics"));
         let (sm, _, _) = StateMachineStore::open(storage.clone(), Journal::default(), metrics)
             .expect("open state machine");
-        Ok((dir, LogStore::new(storage), sm))
+        let log = if self.background_flush {
+            LogStore::with_background_flush(storage).expect("start the flusher")
+        } else {
+            LogStore::new(storage)
+        };
+        Ok((dir, log, sm))
     }
 }
 
 #[test]
 fn rocksdb_stores_pass_openraft_suite() {
-    Suite::test_all(RocksBuilder).expect("openraft storage suite");
+    Suite::test_all(RocksBuilder {
+        background_flush: false,
+    })
+    .expect("openraft storage suite");
+}
+
+#[test]
+fn rocksdb_stores_with_the_flusher_thread_pass_openraft_suite() {
+    Suite::test_all(RocksBuilder {
+        background_flush: true,
+    })
+    .expect("openraft storage suite, background flush");
 }
 
 #[test]
