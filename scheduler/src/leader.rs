@@ -12,7 +12,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::command::{Command, Response, StatusRange};
-use crate::model::{NodeState, Resources};
+use crate::model::{JobId, NodeState, Resources};
 use crate::outcomes::{OutcomeReport, OUTCOMES_PER_COMMAND_MAX};
 use crate::placement::{self, PlacementParams};
 use crate::runs::SandboxState;
@@ -329,16 +329,43 @@ async fn watch_liveness(leader: std::sync::Arc<Leader>) {
     }
 }
 
+/// After a plan that placed and preempted nothing: the capacity it saw and the first job id it
+/// had not seen. Until the capacity changes, only jobs from that id on can be placeable.
+#[derive(Clone, Copy, Debug)]
+struct Quiet {
+    fingerprint: u64,
+    next_job: JobId,
+    since: Instant,
+}
+
+impl Quiet {
+    /// Where this cycle's pending work starts: the new jobs only while the capacity is the one
+    /// the quiet plan saw, and all jobs at least every [`SCHEDULE_INTERVAL`] (time-based rules
+    /// such as the preemption cool-down change without a change of capacity).
+    fn first_job(quiet: Option<Quiet>, fingerprint: u64) -> JobId {
+        match quiet {
+            Some(q) if q.fingerprint == fingerprint && q.since.elapsed() < SCHEDULE_INTERVAL => {
+                q.next_job
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// The scheduling loop: snapshot -> place (pure) -> ApplyPlan through Raft, whenever the state
-/// changed and sandboxes are pending.
+/// changed and sandboxes are pending. A long queue that cannot be placed (a full cluster, or a
+/// stream of submissions with no node to take them) is not re-planned on every change: while
+/// nothing that frees or adds capacity happened, a cycle plans only the jobs submitted since.
 async fn schedule(leader: std::sync::Arc<Leader>) {
     let mut applied = leader.replica.subscribe_applied();
     let mut last_planned_at = 0u64;
+    let mut quiet: Option<Quiet> = None;
     loop {
         // Wake on a change of the state, or periodically.
         let _ = tokio::time::timeout(SCHEDULE_INTERVAL, applied.changed()).await;
         tokio::time::sleep(SCHEDULE_INTERVAL_MIN).await;
         if !leader.replica.is_leader() {
+            quiet = None;
             continue;
         }
         let at = leader.replica.applied_index();
@@ -346,11 +373,30 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
             continue;
         }
         let started = Instant::now();
-        let (input, reasons_now) = leader.replica.read(planning_input);
-        let pending: u64 = input.pending.iter().map(|j| j.pending_count()).sum();
+        let (input, reasons_now, quiet_now, pending) = leader.replica.read(|s, applied| {
+            let fingerprint = s.capacity_fingerprint();
+            let first_job = Quiet::first_job(quiet, fingerprint);
+            let (input, reasons) = planning_input_from(s, applied, first_job);
+            let quiet_now = Quiet {
+                fingerprint,
+                next_job: s.jobs.keys().next_back().map_or(0, |id| id + 1),
+                since: match quiet {
+                    Some(q) if first_job > 0 => q.since,
+                    _ => started,
+                },
+            };
+            let pending: u64 = s
+                .jobs
+                .values()
+                .filter(|j| !j.state.is_terminal())
+                .map(|j| u64::from(j.counts.pending))
+                .sum();
+            (input, reasons, quiet_now, pending)
+        });
         leader.metrics.pending_sandboxes.set(pending as i64);
         last_planned_at = at;
         if input.pending.is_empty() {
+            quiet = Some(quiet_now);
             continue;
         }
         let place_started = Instant::now();
@@ -360,7 +406,9 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
             .place_seconds
             .observe(place_started.elapsed().as_secs_f64());
         let (plan, changed_reasons) = for_the_log(plan, &reasons_now);
-        if plan.placements.is_empty() && plan.preemptions.is_empty() && changed_reasons.is_empty() {
+        let places_nothing = plan.placements.is_empty() && plan.preemptions.is_empty();
+        quiet = places_nothing.then_some(quiet_now);
+        if places_nothing && changed_reasons.is_empty() {
             continue;
         }
         let command = Command::ApplyPlan {
@@ -407,7 +455,16 @@ pub fn planning_input(
     s: &ClusterState,
     applied: u64,
 ) -> (placement::PlacementInput, BTreeMap<u64, String>) {
-    let input = s.placement_input(applied, PlacementParams::default());
+    planning_input_from(s, applied, 0)
+}
+
+/// [`planning_input`] with only jobs from id `first_job` on as pending work.
+pub fn planning_input_from(
+    s: &ClusterState,
+    applied: u64,
+    first_job: JobId,
+) -> (placement::PlacementInput, BTreeMap<u64, String>) {
+    let input = s.placement_input_from(applied, PlacementParams::default(), first_job);
     let reasons = input
         .pending
         .iter()

@@ -729,6 +729,34 @@ impl ClusterState {
 
     /// The snapshot the placement function works on.
     pub fn placement_input(&self, at_index: u64, params: PlacementParams) -> PlacementInput {
+        self.placement_input_from(at_index, params, 0)
+    }
+
+    /// What placing pending work depends on besides the pending jobs themselves: every node's
+    /// state and revision (a node's revision moves whenever a sandbox is placed on it, leaves it,
+    /// ends on it or is resized there) and the tenants' quotas. While it stays the same, jobs
+    /// that could not be placed still cannot (see [`Self::placement_input_from`]).
+    pub fn capacity_fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (id, n) in &self.nodes {
+            id.hash(&mut h);
+            n.revision.hash(&mut h);
+            (n.state as u8).hash(&mut h);
+        }
+        self.quotas.hash(&mut h);
+        h.finish()
+    }
+
+    /// The placement input with only the jobs from id `first_job` on as pending work (all
+    /// allocations still count, for usage, quotas and preemption). The scheduling loop plans
+    /// just the newly submitted jobs when nothing else changed since a plan that placed nothing.
+    pub fn placement_input_from(
+        &self,
+        at_index: u64,
+        params: PlacementParams,
+        first_job: JobId,
+    ) -> PlacementInput {
         let usage = self.node_usage();
         let nodes = self
             .nodes
@@ -774,7 +802,7 @@ impl ClusterState {
                     });
                 }
             }
-            if !runs.is_empty() {
+            if !runs.is_empty() && job.id >= first_job {
                 pending.push(JobRequest {
                     id: job.id,
                     tenant: job.spec.tenant.clone(),
@@ -1122,6 +1150,91 @@ mod tests {
         assert_eq!(job.state, JobState::Complete);
         assert_eq!(job.finished_at_ms, 9);
         assert!(s.assignments().is_empty());
+    }
+
+    #[test]
+    fn capacity_fingerprint_moves_with_capacity_not_with_submissions() {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            1,
+            Command::RegisterNode {
+                node: node("a", 10),
+                at_ms: 0,
+            },
+        );
+        submit(&mut s, 2, "fills"); // 10 x 1 CPU: fills node a
+        let plan = plan_for(&s, 2);
+        apply(
+            &mut s,
+            3,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        );
+        let full = s.capacity_fingerprint();
+        submit(&mut s, 4, "waits");
+        submit(&mut s, 5, "new");
+        assert_eq!(
+            s.capacity_fingerprint(),
+            full,
+            "a submission changes no capacity"
+        );
+
+        // Only the jobs from the given id on are pending work; allocations all count.
+        let all = s.placement_input(5, PlacementParams::default());
+        let new = s.placement_input_from(5, PlacementParams::default(), 5);
+        assert_eq!(all.pending.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(new.pending.iter().map(|j| j.id).collect::<Vec<_>>(), [5]);
+        assert_eq!(new.allocations, all.allocations);
+        assert!(placement::place(&new).placements.is_empty());
+
+        // A sandbox ending frees capacity: the fingerprint moves and everything is re-planned.
+        let a = s.assignments()["a"][0].clone();
+        let ended = StatusRange {
+            node: "a".into(),
+            job: a.job,
+            first: a.index,
+            count: 1,
+            generation: a.generation,
+            state: SandboxState::Succeeded,
+            exit_code: 0,
+            resources: None,
+        };
+        apply(
+            &mut s,
+            6,
+            Command::ReportStatus {
+                reports: vec![ended],
+                at_ms: 1,
+            },
+        );
+        let freed = s.capacity_fingerprint();
+        assert_ne!(freed, full);
+        let others = [
+            Command::SetQuota {
+                tenant: "eval".into(),
+                max: Some(Resources::new(1000, 1024)),
+            },
+            Command::RegisterNode {
+                node: node("b", 4),
+                at_ms: 2,
+            },
+            Command::SetNodeState {
+                node: "b".into(),
+                state: NodeState::Down,
+                at_ms: 3,
+            },
+        ];
+        let mut seen = vec![freed];
+        for (i, c) in others.into_iter().enumerate() {
+            apply(&mut s, 7 + i as u64, c);
+            let now = s.capacity_fingerprint();
+            assert!(!seen.contains(&now), "command {i} left the fingerprint");
+            seen.push(now);
+        }
     }
 
     #[test]
