@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use surge_chaos::faults::{self, FaultKind};
+use surge_chaos::history::{EventType, History, Op};
 use surge_chaos::run::{self, ChaosConfig, Report};
 
 fn config(seed: u64, kinds: &str, duration: Duration) -> ChaosConfig {
@@ -20,12 +21,13 @@ fn config(seed: u64, kinds: &str, duration: Duration) -> ChaosConfig {
 fn replay(cfg: &ChaosConfig) -> String {
     let kinds: Vec<&str> = cfg.faults.iter().map(|k| FaultKind::name(*k)).collect();
     format!(
-        "surge chaos --seed {} --duration {}s --faults {} --replicas {} --nodes {} --node-ttl-ms {}",
+        "surge chaos --seed {} --duration {}s --faults {} --replicas {} --nodes {} --container-nodes {} --node-ttl-ms {}",
         cfg.seed,
         cfg.duration.as_secs(),
         kinds.join(","),
         cfg.replicas,
         cfg.nodes,
+        cfg.container_nodes,
         cfg.node_ttl_ms
     )
 }
@@ -57,9 +59,13 @@ fn assert_clean(report: &Report, replay: &str) {
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn run_and_check(cfg: ChaosConfig) -> Report {
+    run_and_check_history(cfg).await.0
+}
+
+async fn run_and_check_history(cfg: ChaosConfig) -> (Report, History) {
     let _turn = ONE_AT_A_TIME.lock().await;
     eprintln!("replay: {}", replay(&cfg));
-    let (report, _history) = run::run(&cfg).await.expect("chaos run");
+    let (report, history) = run::run(&cfg).await.expect("chaos run");
     eprintln!(
         "{} faults {:?}; {} ok / {} fail / {} info operations; {} keys acknowledged; {} ms",
         report.faults_total,
@@ -79,7 +85,7 @@ async fn run_and_check(cfg: ChaosConfig) -> Report {
             serde_json::to_string_pretty(&v.counterexample).unwrap_or_default()
         );
     }
-    report
+    (report, history)
 }
 
 /// The CI run: about a minute of replica kills (leader and followers), SIGSTOP pauses and
@@ -159,4 +165,80 @@ async fn gang_stays_whole_when_its_nodes_die() {
         "{:?}",
         messages(&report)
     );
+}
+
+/// Real node daemons on the container runtime beside the simulated nodes: small real jobs
+/// constrained to them, and the `nodes` fault killing (`kill -9`, restart) or freezing (SIGSTOP,
+/// past the 2 s TTL some of the time) their daemons, among leader and follower kills. Their
+/// sandboxes must really run (some succeed), every checker must pass on them, the sampler must
+/// have seen which live node holds which sandbox (including the containers crun runs, so
+/// `one_live_node_per_sandbox` is not vacuous), and nothing of the run (container, shim, mount,
+/// cgroup) may be left on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_nodes_survive_kills_and_freezes() {
+    if let Err(why) = surge_chaos::containers::usable() {
+        eprintln!("skipped: container nodes need root and crun: {why}");
+        return;
+    }
+    let mut cfg = config(seed_or(76), "nodes,kill", Duration::from_secs(40));
+    cfg.container_nodes = 2;
+    cfg.node_ttl_ms = 2000;
+    let replay = replay(&cfg);
+    let (report, history) = run_and_check_history(cfg).await;
+    let container_faults: Vec<&str> = history
+        .events
+        .iter()
+        .filter_map(|e| match (&e.op, e.kind) {
+            (Op::Fault { target, detail, .. }, EventType::Invoke) if target.starts_with("ctr-") => {
+                Some(detail.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "container node faults: {container_faults:?}; {:?}",
+        report.containers
+    );
+    assert!(
+        !container_faults.is_empty(),
+        "no fault hit a container node: {:?}\nreplay: {replay}",
+        report.faults
+    );
+    assert!(
+        report.containers.succeeded >= 10,
+        "container sandboxes did not run: {:?}\nreplay: {replay}",
+        report.containers
+    );
+    let o = &report.operations;
+    assert!(
+        o.assignment_samples >= 20 && o.container_runs_seen > 0,
+        "the holdings sampler saw too little: {o:?}\nreplay: {replay}"
+    );
+    assert!(
+        report.containers.leftovers.is_empty(),
+        "{:?}",
+        report.containers.leftovers
+    );
+    // Independently of the harness's own count: no cgroup and no mount of this run's nodes.
+    let prefix = format!("ctr-{}-", std::process::id());
+    for controller in std::fs::read_dir("/sys/fs/cgroup")
+        .expect("cgroup fs")
+        .flatten()
+    {
+        if let Ok(nodes) = std::fs::read_dir(controller.path().join("surge")) {
+            for n in nodes.flatten() {
+                assert!(
+                    !n.file_name().to_string_lossy().starts_with(&prefix),
+                    "cgroup {} left behind",
+                    n.path().display()
+                );
+            }
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mountinfo.contains(&format!("nodes-{prefix}")),
+        "a mount of the run's container nodes is left"
+    );
+    assert_clean(&report, &replay);
 }

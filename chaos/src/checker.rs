@@ -12,6 +12,8 @@
 //! |                          | on every replica; no key is ever applied twice; no phantom job   |
 //! | `cancels_durable`        | an acknowledged cancel is never undone                           |
 //! | `no_overcommit`          | no node is ever allocated more than it offers                    |
+//! | `one_live_node_per_sandbox` | no two live nodes hold one sandbox's newest run; a live node   |
+//! |                          | stops an older run it still has within a grace                   |
 //! | `gang_all_or_nothing`    | no gang job ever has sandboxes active while others wait          |
 //! | `converged`              | every replica ends at the same applied index and state hash;     |
 //! |                          | replicas at one applied index never disagree on the hash         |
@@ -292,16 +294,32 @@ pub fn no_overcommit(h: &History) -> Option<Violation> {
     found.finish()
 }
 
-/// No sandbox, in any sample, is assigned to two live nodes at once. (Samples come from the
-/// deterministic simulator, which reads every node's assignments; the real-process harness
-/// does not take them, and this checker passes vacuously there.)
+/// How long a live node may go on running an older run of a sandbox whose newer run another
+/// live node holds. A node cut off past the TTL comes back (re-registers: live again) still
+/// running its copy; it stops it once its watch shows the sandbox is no longer its own: a
+/// reconnect, a reconcile pass and at most the node's SIGTERM-to-SIGKILL grace (10 s). Three
+/// times that is "never stopped", not "slow".
+pub const STALE_COPY_GRACE_MS: u64 = 30_000;
+
+/// No sandbox, in any sample, is held by two live nodes at once: no two live nodes hold its
+/// newest run (`doubles`), and no live node keeps running an older run for longer than
+/// [`STALE_COPY_GRACE_MS`] while another live node holds a newer one (`stale`, judged across
+/// samples). The simulator's samples read every node's assignments in its state; the
+/// real-process harness reads them from a replica and adds what the container daemons really run
+/// (see `crate::holdings`).
 pub fn one_live_node_per_sandbox(h: &History) -> Option<Violation> {
     let mut found = Found::new("one_live_node_per_sandbox");
+    // A stale copy -> the sample that first showed it.
+    let mut first_seen: BTreeMap<&crate::history::StaleCopy, &Event> = BTreeMap::new();
+    let mut reported: BTreeSet<&crate::history::StaleCopy> = BTreeSet::new();
     for e in &h.events {
         let (
             EventType::Ok,
             Op::ReadAssignments {
-                replica, doubles, ..
+                replica,
+                doubles,
+                stale,
+                ..
             },
         ) = (e.kind, &e.op)
         else {
@@ -317,6 +335,21 @@ pub fn one_live_node_per_sandbox(h: &History) -> Option<Violation> {
                 },
                 || json!({ "sandbox": d, "sample_index": e.index, "time_ms": e.time_ms, "replica": replica }),
             );
+        }
+        for copy in stale {
+            let first = *first_seen.entry(copy).or_insert(e);
+            let held_ms = e.time_ms.saturating_sub(first.time_ms);
+            if held_ms > STALE_COPY_GRACE_MS && reported.insert(copy) {
+                found.add(
+                    || {
+                        format!(
+                            "live node {} still ran sandbox {}.{} generation {} {held_ms} ms after a newer run was on another live node (seen on replica {replica} at {} ms)",
+                            copy.node, copy.job, copy.index, copy.generation, e.time_ms
+                        )
+                    },
+                    || json!({ "copy": copy, "first_sample": ev(first), "last_sample": ev(e) }),
+                );
+            }
         }
     }
     found.finish()
@@ -461,7 +494,28 @@ pub fn converged(h: &History) -> Option<Violation> {
     found.finish()
 }
 
-/// Free capacity of the ready nodes, and whether `j`'s pending sandboxes could be placed on it
+/// Whether node `n`'s labels satisfy every constraint (`KEY=VALUE`, `KEY!=VALUE`) as placement
+/// judges them: `!=` on an absent label holds, `=` does not. The node attributes `os`, `arch` and
+/// `pool` are not in a sample: constraints on them are taken as satisfied (the workload uses
+/// labels only).
+pub fn satisfies_all(n: &NodeSample, constraints: &[String]) -> bool {
+    constraints.iter().all(|c| {
+        let (key, not_equal, value) = match c.split_once("!=") {
+            Some((k, v)) => (k, true, v),
+            None => match c.split_once('=') {
+                Some((k, v)) => (k, false, v),
+                None => return true,
+            },
+        };
+        if matches!(key, "os" | "arch" | "pool") {
+            return true;
+        }
+        let equal = n.labels.get(key).map(String::as_str) == Some(value);
+        equal != not_equal
+    })
+}
+
+/// Free capacity of the ready nodes that satisfy the job's constraints, and whether `j`'s pending sandboxes could be placed on it
 /// (one of a plain job on some node; the whole rest of a gang across nodes).
 pub fn placeable(j: &JobSample, nodes: &[NodeSample]) -> bool {
     if j.pending == 0 || matches!(j.state.as_str(), "cancelled" | "complete" | "failed") {
@@ -478,7 +532,9 @@ pub fn placeable(j: &JobSample, nodes: &[NodeSample]) -> bool {
         let by_mem = mem.checked_div(j.memory_mib).unwrap_or(u64::MAX);
         by_cpu.min(by_mem)
     };
-    let ready = nodes.iter().filter(|n| n.state == "ready");
+    let ready = nodes
+        .iter()
+        .filter(|n| n.state == "ready" && satisfies_all(n, &j.constraints));
     if j.gang {
         ready.map(fits).fold(0u64, u64::saturating_add) >= u64::from(j.pending)
     } else {
@@ -644,6 +700,14 @@ mod tests {
             allocated_cpu_millis: allocated_cpu,
             allocated_memory_mib: 0,
             sandboxes: 0,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn labelled(id: &str, allocated_cpu: u64, class: &str) -> NodeSample {
+        NodeSample {
+            labels: [("chaos".to_string(), class.to_string())].into(),
+            ..node(id, allocated_cpu)
         }
     }
 
@@ -678,7 +742,9 @@ mod tests {
         let sample = |doubles| Op::ReadAssignments {
             replica: 1,
             checked: 40,
+            running: 0,
             doubles,
+            stale: vec![],
         };
         let clean = healthy(vec![(1, P::Sampler, T::Ok, sample(vec![]))], &[]);
         assert_eq!(checked(&clean, "one_live_node_per_sandbox"), None);
@@ -973,6 +1039,37 @@ mod tests {
         );
         // Never healed.
         assert!(liveness(&History::default()).is_some());
+    }
+
+    #[test]
+    fn placeable_honours_label_constraints() {
+        // The container node is full; the simulated one has room but the wrong label.
+        let nodes = vec![
+            labelled("sim", 0, "sim"),
+            labelled("ctr", 4000, "container"),
+        ];
+        let container_job = JobSample {
+            pending: 1,
+            running: 0,
+            state: "pending".into(),
+            constraints: vec!["chaos=container".into()],
+            ..job(7, "a")
+        };
+        assert!(!placeable(&container_job, &nodes));
+        let sim_job = JobSample {
+            constraints: vec!["chaos=sim".into()],
+            ..container_job.clone()
+        };
+        assert!(placeable(&sim_job, &nodes));
+        // `!=` holds on a node without the label, `=` does not.
+        let unlabelled = vec![node("n", 0)];
+        let not_ctr = JobSample {
+            constraints: vec!["chaos!=container".into()],
+            ..container_job.clone()
+        };
+        assert!(placeable(&not_ctr, &unlabelled));
+        assert!(!placeable(&container_job, &unlabelled));
+        assert!(placeable(&not_ctr, &nodes));
     }
 
     #[test]

@@ -484,7 +484,62 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// `kill -9` a group of simulated nodes: they stop heartbeating at once.
+    /// Start a real `surge node` daemon on the container runtime (crun) with id `node`, its own
+    /// data dir (`nodes-NODE` under the root) and hence its own cgroup parent (`/surge/NODE`),
+    /// talking to every replica; `args` are extra `surge node` flags (labels, CPUs, memory).
+    /// It is a node group of one: [`Self::kill_nodes`] and [`Self::pause_nodes`] take its id.
+    /// Its sandboxes outlive it (crun runs them under their own shim), as on a real host.
+    pub fn start_container_node(&mut self, node: &str, args: &[&str]) -> Result<(), ClusterError> {
+        let servers = self
+            .replicas
+            .values()
+            .map(|r| r.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("nodes-{node}.log")))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .args(["--server", &servers])
+            .args(["--node-id", node])
+            .args(["--runtime", "container"])
+            .arg("--data-dir")
+            .arg(self.container_node_dir(node))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        die_with_parent(&mut cmd);
+        lower_priority(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|source| ClusterError::Spawn { id: 0, source })?;
+        if let Some(mut old) = self.node_groups.insert(node.to_string(), child) {
+            reap(&mut old);
+        }
+        Ok(())
+    }
+
+    /// The data dir of container node `node` (see [`Self::start_container_node`]).
+    pub fn container_node_dir(&self, node: &str) -> PathBuf {
+        self.root.join(format!("nodes-{node}"))
+    }
+
+    /// SIGSTOP (`resume == false`) or SIGCONT of a node group's daemon process.
+    pub fn pause_nodes(&mut self, group: &str, resume: bool) {
+        if let Some(c) = self.node_groups.get(group) {
+            signal(c, if resume { libc::SIGCONT } else { libc::SIGSTOP });
+        }
+    }
+
+    /// `kill -9` a group of simulated nodes (or a container node's daemon): they stop
+    /// heartbeating at once. A stopped (SIGSTOP) process dies of SIGKILL all the same.
     pub fn kill_nodes(&mut self, group: &str) {
         if let Some(mut c) = self.node_groups.remove(group) {
             reap(&mut c);

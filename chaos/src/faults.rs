@@ -68,7 +68,8 @@ pub enum FaultKind {
     Restart,
     /// `kill -9`, data dir deleted, started again with `--join`.
     Wipe,
-    /// `kill -9` of a group of node daemons; restarted after the hold.
+    /// `kill -9` of a node daemon process (a group of simulated nodes, or a container node),
+    /// restarted after the hold; or SIGSTOP of a container node's daemon, SIGCONT after it.
     Nodes,
     /// Replica-to-replica links cut (leader isolated, majority/minority, bridge); healed after
     /// the hold. Needs the replicas on network namespaces ([`crate::netns`]).
@@ -129,7 +130,7 @@ pub enum Target {
     Leader,
     /// The `k mod n`-th of the n running followers.
     Follower(u64),
-    /// The `k mod n`-th node group.
+    /// The `k mod n`-th node group (see [`NodeFault::of`]).
     NodeGroup(u64),
     /// A partition of `shape` around the leader or the `k mod n`-th follower.
     Cut {
@@ -218,12 +219,53 @@ pub fn schedule(
     plan
 }
 
-/// A group of simulated nodes the injector may kill and restart.
+/// A node daemon process the injector may kill (or freeze) and restart.
 #[derive(Clone, Debug)]
 pub struct NodeGroup {
+    /// The group's name; a container node's is its node id.
     pub name: String,
+    /// Nodes the process hosts (1 for a container node).
     pub count: u32,
     pub args: Vec<String>,
+    pub kind: GroupKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// `surge node --runtime sim --simulate N`.
+    Sim,
+    /// One `surge node --runtime container` daemon with real sandboxes.
+    Container,
+}
+
+/// What a `nodes` fault does to the group it hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeFault {
+    /// `kill -9` of the daemon, restarted after the hold (its containers keep running and are
+    /// re-adopted, or found foreign, by the new daemon).
+    Kill,
+    /// SIGSTOP of the daemon, SIGCONT after the hold: past the TTL the scheduler runs its
+    /// sandboxes elsewhere while the frozen host still runs them, and on return the daemon must
+    /// stop its now-foreign copies.
+    Freeze,
+}
+
+impl NodeFault {
+    /// The group the fault's `k` hits and what it does. A pure function of `k`, so one seed
+    /// names one fault; simulated groups are always killed (as before container nodes existed,
+    /// so the schedules of earlier seeds stay as they were), container daemons are killed or
+    /// frozen by a bit of `k` the group choice does not use.
+    pub fn of(k: u64, groups: &[NodeGroup]) -> Option<(usize, NodeFault)> {
+        if groups.is_empty() {
+            return None;
+        }
+        let i = (k % groups.len() as u64) as usize;
+        let fault = match groups[i].kind {
+            GroupKind::Container if (k >> 40) & 1 == 1 => NodeFault::Freeze,
+            _ => NodeFault::Kill,
+        };
+        Some((i, fault))
+    }
 }
 
 /// How long the cluster may take to agree on a leader again after a fault healed.
@@ -258,6 +300,15 @@ impl Injector<'_> {
                 detail,
             },
         );
+    }
+
+    /// (Re)start a node group's daemon process.
+    fn start_group(&mut self, g: &NodeGroup) -> Result<(), crate::cluster::ClusterError> {
+        let args: Vec<&str> = g.args.iter().map(String::as_str).collect();
+        match g.kind {
+            GroupKind::Sim => self.cluster.start_sim_nodes(&g.name, g.count, &args),
+            GroupKind::Container => self.cluster.start_container_node(&g.name, &args),
+        }
     }
 
     fn running(&mut self) -> Vec<u64> {
@@ -316,31 +367,51 @@ impl Injector<'_> {
             let Target::NodeGroup(k) = f.target else {
                 return;
             };
-            if self.groups.is_empty() {
+            let Some((i, what)) = NodeFault::of(k, &self.groups) else {
                 return;
+            };
+            let g = self.groups[i].clone();
+            match what {
+                NodeFault::Kill => {
+                    self.fault(
+                        EventType::Invoke,
+                        f.kind,
+                        &g.name,
+                        format!(
+                            "kill -9 node daemon {} ({} nodes) for {} ms",
+                            g.name,
+                            g.count,
+                            hold.as_millis()
+                        ),
+                    );
+                    self.cluster.kill_nodes(&g.name);
+                    tokio::time::sleep(hold).await;
+                    let r = self.start_group(&g);
+                    self.fault(
+                        EventType::Info,
+                        f.kind,
+                        &g.name,
+                        format!("restarted: {r:?}"),
+                    );
+                }
+                NodeFault::Freeze => {
+                    self.fault(
+                        EventType::Invoke,
+                        f.kind,
+                        &g.name,
+                        format!(
+                            "SIGSTOP node daemon {} ({} nodes) for {} ms",
+                            g.name,
+                            g.count,
+                            hold.as_millis()
+                        ),
+                    );
+                    self.cluster.pause_nodes(&g.name, false);
+                    tokio::time::sleep(hold).await;
+                    self.cluster.pause_nodes(&g.name, true);
+                    self.fault(EventType::Info, f.kind, &g.name, "SIGCONT".into());
+                }
             }
-            let g = self.groups[(k % self.groups.len() as u64) as usize].clone();
-            self.fault(
-                EventType::Invoke,
-                f.kind,
-                &g.name,
-                format!(
-                    "kill -9 node daemon {} ({} nodes) for {} ms",
-                    g.name,
-                    g.count,
-                    hold.as_millis()
-                ),
-            );
-            self.cluster.kill_nodes(&g.name);
-            tokio::time::sleep(hold).await;
-            let args: Vec<&str> = g.args.iter().map(String::as_str).collect();
-            let r = self.cluster.start_sim_nodes(&g.name, g.count, &args);
-            self.fault(
-                EventType::Info,
-                f.kind,
-                &g.name,
-                format!("restarted: {r:?}"),
-            );
             return;
         }
         let Some((id, role)) = self.resolve(f.target).await else {
@@ -553,9 +624,9 @@ impl Injector<'_> {
             }
         }
         for g in self.groups.clone() {
+            self.cluster.pause_nodes(&g.name, true);
             if !self.cluster.node_group_running(&g.name) {
-                let args: Vec<&str> = g.args.iter().map(String::as_str).collect();
-                let r = self.cluster.start_sim_nodes(&g.name, g.count, &args);
+                let r = self.start_group(&g);
                 self.note(
                     EventType::Info,
                     format!("heal: node group {} was down; started: {r:?}", g.name),
@@ -600,6 +671,34 @@ mod tests {
             );
         }
         assert!(schedule(7, &[], 60_000, 2000).is_empty());
+    }
+
+    #[test]
+    fn node_faults_kill_sim_groups_and_kill_or_freeze_container_nodes() {
+        let group = |name: &str, kind| NodeGroup {
+            name: name.into(),
+            count: 1,
+            args: Vec::new(),
+            kind,
+        };
+        let groups = vec![
+            group("g0", GroupKind::Sim),
+            group("g1", GroupKind::Sim),
+            group("ctr-0", GroupKind::Container),
+        ];
+        assert_eq!(NodeFault::of(7, &[]), None);
+        let mut rng = Rng::new(3);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let k = rng.next_u64();
+            let (i, what) = NodeFault::of(k, &groups).expect("a group");
+            assert_eq!(i as u64, k % 3, "the group choice is unchanged");
+            if groups[i].kind == GroupKind::Sim {
+                assert_eq!(what, NodeFault::Kill);
+            }
+            seen.insert((i, format!("{what:?}")));
+        }
+        assert!(seen.contains(&(2, "Kill".into())) && seen.contains(&(2, "Freeze".into())));
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct JobSample {
     pub preempted: u32,
     pub submitted_index: u64,
     pub pending_reason: String,
+    /// The job's placement constraints as `KEY=VALUE` or `KEY!=VALUE` (labels only are judged
+    /// by [`crate::checker::placeable`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
 }
 
 /// A sandbox and the live nodes a state assigns it to.
@@ -70,6 +74,17 @@ pub struct SandboxHolders {
     pub job: u64,
     pub index: u32,
     pub nodes: Vec<String>,
+}
+
+/// A run of a sandbox that a live node still runs although the scheduler has given a newer run
+/// (a higher generation) of it to another live node: a returning node's copy it has not stopped
+/// yet.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct StaleCopy {
+    pub node: String,
+    pub job: u64,
+    pub index: u32,
+    pub generation: u64,
 }
 
 /// A node as a sample saw it.
@@ -82,6 +97,8 @@ pub struct NodeSample {
     pub allocated_cpu_millis: u64,
     pub allocated_memory_mib: u64,
     pub sandboxes: u32,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What an operation did or asked for.
@@ -120,12 +137,19 @@ pub enum Op {
     },
     /// Read every job of the run's tenant from one replica.
     ReadJobs { replica: u64, jobs: Vec<JobSample> },
-    /// Which live nodes (ready or draining) one replica's state assigns each active sandbox to:
-    /// how many assignments were looked at, and every sandbox held by more than one live node.
+    /// Which live nodes (ready or draining) hold each active sandbox, as one replica's state
+    /// assigns them (and, in the real-process harness, as the container daemons run them): how
+    /// many holdings were looked at, every sandbox whose newest run is held by more than one
+    /// live node, and older runs live nodes still run (judged by how long they last).
     ReadAssignments {
         replica: u64,
         checked: u64,
+        /// Of `checked`, the runs seen running on a container daemon's host (0 in the simulator).
+        #[serde(default)]
+        running: u64,
         doubles: Vec<SandboxHolders>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        stale: Vec<StaleCopy>,
     },
     /// A replica's applied index and state hash (`fail`: it did not answer).
     ReplicaStatus {

@@ -1,14 +1,17 @@
 //! One chaos run, start to end:
 //!
 //! ```text
-//!  start replicas + node groups ──> workload clients ─┐
-//!                                   sampler ──────────┤  (all recording into one history)
-//!                                   fault injector ───┘
+//!  start replicas + node daemons ──> workload clients ─┐
+//!  (simulated, and container         sampler ──────────┤  (all recording into one history)
+//!   nodes on crun)                   fault injector ───┘
 //!  deadline ──> heal everything ──> clients finish ──> liveness wait ──> convergence
 //!           ──> final reads of every replica ──> checkers ──> report
+//!           ──> stop everything ──> remove the container nodes' containers, mounts, cgroups
 //! ```
 //!
 //! Every step records what it saw in the [`History`]; the checkers then judge the history alone.
+//! The last step is judged apart: anything of the container nodes still on the host after it is
+//! a `containers_cleaned_up` violation.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,10 +23,11 @@ use serde::Serialize;
 
 use crate::checker::{self, Violation};
 use crate::cluster::{ClusterError, LocalCluster};
-use crate::faults::{self, FaultKind, Injector, NodeGroup};
-use crate::history::{EventType, History, Op, Process, Recorder};
+use crate::containers::{self, ContainerDaemon};
+use crate::faults::{self, FaultKind, GroupKind, Injector, NodeGroup};
+use crate::history::{EventType, History, JobSample, Op, Process, Recorder};
 use crate::netns::Net;
-use crate::workload::{self, WorkloadConfig};
+use crate::workload::{self, WorkloadConfig, CLASS_LABEL, CONTAINER_CLASS, SIM_CLASS};
 
 /// The tenant every job of a run belongs to.
 pub const TENANT: &str = "chaos";
@@ -37,6 +41,13 @@ pub const NODES_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const NODE_TTL_MS_DEFAULT: u64 = 10_000;
 /// Most node groups (node daemon processes) one run starts.
 pub const NODE_GROUPS_MAX: u32 = 64;
+/// The check, after the run, that the container nodes left nothing on the host.
+pub const LEFTOVERS_CHECKER: &str = "containers_cleaned_up";
+/// Most container node daemons one run starts.
+pub const CONTAINER_NODES_MAX: u32 = 8;
+/// What each container node offers: small, like the jobs meant for it.
+pub const CONTAINER_NODE_CPUS: u32 = 2;
+pub const CONTAINER_NODE_MEMORY_MIB: u64 = 2048;
 
 #[derive(Clone, Debug)]
 pub struct ChaosConfig {
@@ -49,6 +60,9 @@ pub struct ChaosConfig {
     pub nodes: u32,
     /// Node daemon processes the nodes are split over (the unit of the `nodes` fault).
     pub node_groups: u32,
+    /// Real node daemons on the container runtime, besides the simulated nodes (each also a
+    /// unit of the `nodes` fault). Needs root and crun: see [`crate::containers::usable`].
+    pub container_nodes: u32,
     pub node_cpus: u32,
     pub node_memory_mib: u64,
     pub clients: u32,
@@ -74,6 +88,7 @@ impl ChaosConfig {
             replicas: 3,
             nodes: 20,
             node_groups: 4,
+            container_nodes: 0,
             node_cpus: 16,
             node_memory_mib: 65_536,
             clients: 4,
@@ -81,7 +96,7 @@ impl ChaosConfig {
             live_jobs_max_per_client: 20,
             node_ttl_ms: NODE_TTL_MS_DEFAULT,
             liveness_bound: Duration::from_secs(30),
-            sample_every: Duration::from_millis(500),
+            sample_every: Duration::from_millis(400),
             dir: None,
             keep: false,
         }
@@ -116,8 +131,29 @@ pub struct Operations {
     pub submissions_acknowledged: u64,
     pub keys_submitted: u64,
     pub cancels_acknowledged: u64,
+    /// Reads of every job or every node (sampler, watchers, liveness, final reads).
     pub samples: u64,
+    /// Samples of which live node holds which sandbox (`one_live_node_per_sandbox`).
+    pub assignment_samples: u64,
+    /// Holdings (node, sandbox run) those samples looked at.
+    pub assignments_checked: u64,
+    /// Of those, runs seen running on a container daemon's host.
+    pub container_runs_seen: u64,
     pub events: u64,
+}
+
+/// The container nodes of a run and what their sandboxes did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ContainerFigures {
+    /// Container jobs in the first final read, and their sandboxes by end state.
+    pub jobs: u64,
+    pub sandboxes: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Containers, processes, mounts or cgroups of the run still on the host after the cleanup
+    /// (a violation when not empty).
+    pub leftovers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,6 +164,9 @@ pub struct Report {
     pub faults: BTreeMap<String, u64>,
     pub faults_total: u64,
     pub operations: Operations,
+    /// Real node daemons on the container runtime.
+    pub container_nodes: u32,
+    pub containers: ContainerFigures,
     pub checkers: Vec<String>,
     pub violations: Vec<Violation>,
     /// "pass" or "fail".
@@ -149,6 +188,7 @@ impl Report {
         let mut acked = std::collections::BTreeSet::new();
         let mut cancels = 0;
         let mut samples = 0;
+        let (mut assignment_samples, mut assignments_checked, mut container_runs_seen) = (0, 0, 0);
         for e in &h.events {
             match (&e.op, e.kind) {
                 (Op::Submit { key, .. }, EventType::Invoke) => {
@@ -159,6 +199,16 @@ impl Report {
                 }
                 (Op::Cancelled { .. }, EventType::Ok) => cancels += 1,
                 (Op::ReadJobs { .. } | Op::ReadNodes { .. }, EventType::Ok) => samples += 1,
+                (
+                    Op::ReadAssignments {
+                        checked, running, ..
+                    },
+                    EventType::Ok,
+                ) => {
+                    assignment_samples += 1;
+                    assignments_checked += checked;
+                    container_runs_seen += running;
+                }
                 _ => {}
             }
         }
@@ -177,11 +227,17 @@ impl Report {
                 keys_submitted: keys.len() as u64,
                 cancels_acknowledged: cancels,
                 samples,
+                assignment_samples,
+                assignments_checked,
+                container_runs_seen,
                 events: h.events.len() as u64,
             },
+            container_nodes: cfg.container_nodes,
+            containers: container_figures(h),
             checkers: checker::CHECKERS
                 .iter()
                 .map(|(n, _)| n.to_string())
+                .chain((cfg.container_nodes > 0).then(|| LEFTOVERS_CHECKER.to_string()))
                 .collect(),
             verdict: if violations.is_empty() {
                 "pass"
@@ -191,6 +247,61 @@ impl Report {
             .to_string(),
             violations,
             data_dir,
+        }
+    }
+}
+
+/// Whether a job sample is meant for the container nodes.
+pub fn is_container_job(j: &JobSample) -> bool {
+    j.constraints
+        .iter()
+        .any(|c| *c == format!("{CLASS_LABEL}={CONTAINER_CLASS}"))
+}
+
+/// The container jobs of the first successful final read, by end state.
+fn container_figures(h: &History) -> ContainerFigures {
+    let mut f = ContainerFigures::default();
+    let first = h
+        .events
+        .iter()
+        .find_map(|e| match (&e.op, e.process, e.kind) {
+            (Op::ReadJobs { jobs, .. }, Process::Final, EventType::Ok) => Some(jobs),
+            _ => None,
+        });
+    for j in first.into_iter().flatten().filter(|j| is_container_job(j)) {
+        f.jobs += 1;
+        f.sandboxes += u64::from(j.count);
+        f.succeeded += u64::from(j.succeeded);
+        f.failed += u64::from(j.failed);
+        f.cancelled += u64::from(j.cancelled);
+    }
+    f
+}
+
+/// Removes the container nodes' work from the host when dropped (after the daemons are dead:
+/// declare it before the cluster, so that it drops after it), whatever way the run ends.
+struct ContainerCleanup {
+    daemons: Vec<ContainerDaemon>,
+    root: PathBuf,
+}
+
+impl ContainerCleanup {
+    /// Clean up now; what is still left.
+    fn finish(&mut self) -> Vec<String> {
+        let daemons = std::mem::take(&mut self.daemons);
+        if daemons.is_empty() {
+            return Vec::new();
+        }
+        containers::cleanup(&daemons, &self.root);
+        containers::leftovers(&daemons, &self.root)
+    }
+}
+
+impl Drop for ContainerCleanup {
+    fn drop(&mut self) {
+        let left = self.finish();
+        if !left.is_empty() {
+            tracing::warn!(?left, "container nodes left work behind");
         }
     }
 }
@@ -221,6 +332,12 @@ async fn wait_nodes_ready(addr: &str, n: usize) -> Result<(), ChaosError> {
 /// Must be called from a long-lived thread (the replicas die with the thread that started them).
 pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     let started = Instant::now();
+    if cfg.container_nodes > CONTAINER_NODES_MAX {
+        return Err(ChaosError::Setup(format!(
+            "{} container nodes; at most {CONTAINER_NODES_MAX}",
+            cfg.container_nodes
+        )));
+    }
     let mut tmp = None;
     let root = match &cfg.dir {
         Some(d) => {
@@ -239,6 +356,11 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             t.disable_cleanup(true);
         }
     }
+    // Declared before the cluster so that it drops after it: the daemons die first.
+    let mut cleanup = ContainerCleanup {
+        daemons: Vec::new(),
+        root: root.clone(),
+    };
     let ttl = cfg.node_ttl_ms.to_string();
     let mut cluster =
         LocalCluster::new(&cfg.bin, &root, cfg.replicas, None)?.with_args(&["--node-ttl-ms", &ttl]);
@@ -258,14 +380,28 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     let groups = node_groups(cfg);
     for g in &groups {
         let args: Vec<&str> = g.args.iter().map(String::as_str).collect();
-        cluster.start_sim_nodes(&g.name, g.count, &args)?;
+        match g.kind {
+            GroupKind::Sim => cluster.start_sim_nodes(&g.name, g.count, &args)?,
+            GroupKind::Container => {
+                cleanup.daemons.push(ContainerDaemon {
+                    node: g.name.clone(),
+                    data_dir: cluster.container_node_dir(&g.name),
+                });
+                cluster.start_container_node(&g.name, &args)?
+            }
+        }
     }
+    let daemons = cleanup.daemons.clone();
     let replicas: Vec<(u64, String)> = cluster
         .ids()
         .into_iter()
         .filter_map(|id| cluster.addr(id).ok().map(|a| (id, a)))
         .collect();
-    wait_nodes_ready(&cluster.addr(leader)?, cfg.nodes as usize).await?;
+    wait_nodes_ready(
+        &cluster.addr(leader)?,
+        (cfg.nodes + cfg.container_nodes) as usize,
+    )
+    .await?;
     tracing::info!(nodes = cfg.nodes, groups = groups.len(), "nodes ready");
 
     let recorder = Recorder::new();
@@ -281,6 +417,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             ops_max: cfg.ops_max_per_client,
             live_jobs_max: cfg.live_jobs_max_per_client,
             stop_watches: stop_watches.clone(),
+            container_jobs: !daemons.is_empty(),
         },
         recorder.clone(),
     ));
@@ -289,6 +426,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
         replicas.clone(),
         TENANT.to_string(),
         cfg.sample_every,
+        daemons.clone(),
         stop_sampler.clone(),
         recorder.clone(),
     ));
@@ -465,11 +603,29 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     }
     cluster.stop_all(Duration::from_secs(2));
     drop(cluster);
+    let left = cleanup.finish();
+    if !left.is_empty() {
+        report.violations.push(Violation {
+            checker: LEFTOVERS_CHECKER.to_string(),
+            count: left.len() as u64,
+            message: format!(
+                "{} thing(s) of the container nodes left on the host after the run, first: {}",
+                left.len(),
+                left[0]
+            ),
+            counterexample: serde_json::json!({ "leftovers": left }),
+        });
+        report.verdict = "fail".to_string();
+    }
+    report.containers.leftovers = left;
+    drop(cleanup);
     drop(tmp);
     Ok((report, history))
 }
 
-/// The nodes split as evenly as possible over the groups (`g0`, `g1`, ...).
+/// The simulated nodes split as evenly as possible over the groups (`g0`, `g1`, ...), then one
+/// group per container node (`ctr-PID-0`, ...: the harness's pid keeps the container nodes'
+/// cgroups (`/surge/NODE`) apart from those of another run on the same host).
 pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
     let n = cfg
         .node_groups
@@ -483,13 +639,31 @@ pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
         // Sandboxes outlive the run: a gang whose sandboxes finish one by one is not partial.
         "--sim-duration-ms".to_string(),
         "3600000".to_string(),
+        "--label".to_string(),
+        format!("{CLASS_LABEL}={SIM_CLASS}"),
     ];
-    (0..n)
+    let sim = (0..n)
         .map(|i| NodeGroup {
             name: format!("g{i}"),
             count: cfg.nodes / n + u32::from(i < cfg.nodes % n),
             args: args.clone(),
+            kind: GroupKind::Sim,
         })
-        .filter(|g| g.count > 0)
-        .collect()
+        .filter(|g| g.count > 0);
+    let container_args = vec![
+        "--cpus".to_string(),
+        CONTAINER_NODE_CPUS.to_string(),
+        "--memory-mib".to_string(),
+        CONTAINER_NODE_MEMORY_MIB.to_string(),
+        "--label".to_string(),
+        format!("{CLASS_LABEL}={CONTAINER_CLASS}"),
+    ];
+    let pid = std::process::id();
+    let containers = (0..cfg.container_nodes.min(CONTAINER_NODES_MAX)).map(|i| NodeGroup {
+        name: format!("ctr-{pid}-{i}"),
+        count: 1,
+        args: container_args.clone(),
+        kind: GroupKind::Container,
+    });
+    sim.chain(containers).collect()
 }

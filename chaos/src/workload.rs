@@ -13,8 +13,10 @@ use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
 use crate::client;
+use crate::containers::{self, ContainerDaemon};
 use crate::faults::Rng;
 use crate::history::{EventType, JobSample, NodeSample, Op, Process, Recorder};
+use crate::holdings;
 
 /// Longest one attempt waits for its reply; then it counts as indeterminate and is retried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +40,19 @@ pub struct WorkloadConfig {
     pub live_jobs_max: usize,
     /// Set when the gang watchers should stop.
     pub stop_watches: Arc<AtomicBool>,
+    /// Whether container nodes run: then some jobs are small real ones for them.
+    pub container_jobs: bool,
 }
+
+/// The node label that keeps simulated and real work apart: simulated nodes carry
+/// `chaos=sim`, container daemons `chaos=container`, and every job is constrained to one class,
+/// so real commands never land on a simulated node nor hour-long simulated sandboxes on the two
+/// small container nodes.
+pub const CLASS_LABEL: &str = "chaos";
+pub const SIM_CLASS: &str = "sim";
+pub const CONTAINER_CLASS: &str = "container";
+/// Share of submissions (percent) that are container jobs when container nodes run.
+pub const CONTAINER_JOBS_PERCENT: u64 = 20;
 
 /// What a client asks for in one submission.
 #[derive(Clone, Debug)]
@@ -47,6 +61,9 @@ struct Ask {
     count: u32,
     cpu_millis: u64,
     memory_mib: u64,
+    /// [`SIM_CLASS`] or [`CONTAINER_CLASS`].
+    class: &'static str,
+    command: Vec<String>,
 }
 
 fn ask(rng: &mut Rng) -> Ask {
@@ -56,6 +73,8 @@ fn ask(rng: &mut Rng) -> Ask {
             count: rng.range(2, 6) as u32,
             cpu_millis: 1000,
             memory_mib: 512,
+            class: SIM_CLASS,
+            command: vec!["true".into()],
         }
     } else {
         Ask {
@@ -63,7 +82,37 @@ fn ask(rng: &mut Rng) -> Ask {
             count: rng.range(1, 8) as u32,
             cpu_millis: [250, 500, 1000][rng.below(3) as usize],
             memory_mib: [256, 512, 1024][rng.below(3) as usize],
+            class: SIM_CLASS,
+            command: vec!["true".into()],
         }
+    }
+}
+
+/// A small real job for the container nodes: a command that ends at once, in half a second, or
+/// after a few seconds (long enough to be running when its daemon is frozen or killed; it ends
+/// at once on SIGTERM, so a cancel or a returning node stops it without the kill grace).
+fn container_ask(rng: &mut Rng) -> Ask {
+    let command: Vec<String> = match rng.below(3) {
+        0 => vec!["true".into()],
+        1 => vec!["sleep".into(), "0.5".into()],
+        _ => vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "trap 'exit 0' TERM; sleep 6 & wait".into(),
+        ],
+    };
+    let gang = rng.chance(25);
+    Ask {
+        gang,
+        count: if gang {
+            rng.range(2, 3) as u32
+        } else {
+            rng.range(1, 4) as u32
+        },
+        cpu_millis: [100, 200][rng.below(2) as usize],
+        memory_mib: [32, 64][rng.below(2) as usize],
+        class: CONTAINER_CLASS,
+        command,
     }
 }
 
@@ -114,7 +163,12 @@ async fn client_loop(cfg: &WorkloadConfig, me: u32, recorder: &Recorder) {
             cancel_job(cfg, me, &mut rng, recorder, job).await;
         } else {
             let key = format!("c{me}-{n}");
-            let a = ask(&mut rng);
+            // No draw at all without container nodes: a seed names the same workload as before.
+            let a = if cfg.container_jobs && rng.chance(CONTAINER_JOBS_PERCENT) {
+                container_ask(&mut rng)
+            } else {
+                ask(&mut rng)
+            };
             if let Some(id) = submit(cfg, me, &mut rng, recorder, &key, &a).await {
                 live.push(id);
                 if a.gang {
@@ -173,10 +227,15 @@ async fn submit(
                 cpu_millis: a.cpu_millis,
                 memory_mib: a.memory_mib,
                 template: "busybox".into(),
-                command: vec!["true".into()],
+                command: a.command.clone(),
                 tenant: cfg.tenant.clone(),
                 gang: a.gang,
                 name: key.to_string(),
+                constraints: vec![pb::Constraint {
+                    key: CLASS_LABEL.into(),
+                    op: "=".into(),
+                    value: a.class.into(),
+                }],
                 ..Default::default()
             }),
             idempotency_key: key.to_string(),
@@ -361,6 +420,14 @@ pub fn job_sample(j: &pb::Job) -> JobSample {
         preempted: c.preempted,
         submitted_index: j.submitted_index,
         pending_reason: j.pending_reason.clone(),
+        constraints: spec
+            .constraints
+            .iter()
+            .map(|c| {
+                let op = if c.op == "!=" { "!=" } else { "=" };
+                format!("{}{op}{}", c.key, c.value)
+            })
+            .collect(),
     }
 }
 
@@ -410,6 +477,7 @@ pub async fn read_nodes(addr: &str) -> Result<Vec<NodeSample>, String> {
                 allocated_cpu_millis: b.cpu_millis,
                 allocated_memory_mib: b.memory_mib,
                 sandboxes: n.sandboxes,
+                labels: n.labels.into_iter().collect(),
             }
         })
         .collect())
@@ -469,11 +537,14 @@ pub async fn observe(
     Some((jobs, nodes))
 }
 
-/// Sample nodes and jobs from the replicas in turn every `every` until `stop` is set.
+/// Sample nodes and jobs from the replicas in turn every `every` until `stop` is set; after each
+/// read of the nodes, which live node holds which sandbox (see [`crate::holdings`]), from the
+/// same replica and from the container daemons' hosts.
 pub async fn sample(
     replicas: Vec<(u64, String)>,
     tenant: String,
     every: Duration,
+    daemons: Vec<ContainerDaemon>,
     stop: Arc<AtomicBool>,
     recorder: Recorder,
 ) {
@@ -481,7 +552,60 @@ pub async fn sample(
     while !stop.load(Ordering::Relaxed) && !replicas.is_empty() {
         let (id, addr) = &replicas[turn % replicas.len()];
         turn += 1;
-        observe(&recorder, Process::Sampler, *id, addr, &tenant).await;
-        tokio::time::sleep(every).await;
+        let began = Instant::now();
+        if let Some((_, nodes)) = observe(&recorder, Process::Sampler, *id, addr, &tenant).await {
+            sample_holdings(&recorder, *id, addr, &nodes, &daemons).await;
+        }
+        // One sample every `every` while reads are quick; back to back when they are not.
+        tokio::time::sleep(every.saturating_sub(began.elapsed())).await;
     }
+}
+
+/// One `ReadAssignments` sample: the live nodes of `nodes` (just read from replica `replica`),
+/// their desired sets from that replica, and what the container daemons' hosts run. A sample
+/// with a failed read is not recorded (a partial view proves nothing either way).
+pub async fn sample_holdings(
+    recorder: &Recorder,
+    replica: u64,
+    addr: &str,
+    nodes: &[NodeSample],
+    daemons: &[ContainerDaemon],
+) {
+    let live = holdings::live_nodes(nodes);
+    let note = |text: String| {
+        recorder.record(Process::Sampler, EventType::Info, Op::Note { text });
+    };
+    let mut all = match holdings::assigned(addr, &live).await {
+        Ok(a) => a,
+        Err(e) => {
+            return note(format!(
+                "read of replica {replica}'s assignments failed: {e}"
+            ))
+        }
+    };
+    let daemons = daemons.to_vec();
+    let copies = tokio::task::spawn_blocking(move || {
+        daemons
+            .iter()
+            .map(containers::running_copies)
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await;
+    match copies {
+        Ok(Ok(c)) => all.extend(c.into_iter().flatten()),
+        Ok(Err(e)) => return note(format!("read of the container daemons' state failed: {e}")),
+        Err(e) => return note(format!("read of the container daemons' state failed: {e}")),
+    }
+    let h = holdings::live_holders(&live, &all);
+    recorder.record(
+        Process::Sampler,
+        EventType::Ok,
+        Op::ReadAssignments {
+            replica,
+            checked: h.checked,
+            running: h.running,
+            doubles: h.doubles,
+            stale: h.stale,
+        },
+    );
 }

@@ -34,6 +34,10 @@ pub struct ChaosArgs {
     /// Node daemon processes the nodes are split over (the `nodes` fault kills one).
     #[arg(long, default_value_t = 4)]
     node_groups: u32,
+    /// Real node daemons on the container runtime (crun), with small real jobs of their own
+    /// (default: 2 where the harness is root and crun is usable, else 0, saying why).
+    #[arg(long)]
+    container_nodes: Option<u32>,
     /// CPUs of each simulated node.
     #[arg(long, default_value_t = 16)]
     node_cpus: u32,
@@ -257,6 +261,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Container nodes of a run where the host can run them and `--container-nodes` is not given.
+const DEFAULT_CONTAINER_NODES: u32 = 2;
+
 fn kinds_spec(kinds: &[FaultKind]) -> String {
     if kinds.is_empty() {
         return "''".into();
@@ -272,9 +279,9 @@ fn format_duration(d: Duration) -> String {
     }
 }
 
-fn replay(args: &ChaosArgs, seed: u64, kinds: &[FaultKind]) -> String {
+fn replay(args: &ChaosArgs, seed: u64, kinds: &[FaultKind], container_nodes: u32) -> String {
     format!(
-        "surge chaos --seed {seed} --duration {} --faults {} --replicas {} --nodes {} --node-groups {} --node-cpus {} --clients {} --live-jobs {} --node-ttl-ms {} --liveness-bound {}",
+        "surge chaos --seed {seed} --duration {} --faults {} --replicas {} --nodes {} --node-groups {} --container-nodes {container_nodes} --node-cpus {} --clients {} --live-jobs {} --node-ttl-ms {} --liveness-bound {}",
         format_duration(args.duration),
         kinds_spec(kinds),
         args.replicas,
@@ -317,7 +324,23 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let replay = replay(&args, seed, &kinds);
+    let container_nodes = match args.container_nodes {
+        Some(n) if n > run::CONTAINER_NODES_MAX => {
+            bail!(
+                "--container-nodes {n}: at most {}",
+                run::CONTAINER_NODES_MAX
+            )
+        }
+        Some(n) => n,
+        None => match surge_chaos::containers::usable() {
+            Ok(()) => DEFAULT_CONTAINER_NODES,
+            Err(why) => {
+                eprintln!("no container nodes: {why}");
+                0
+            }
+        },
+    };
+    let replay = replay(&args, seed, &kinds, container_nodes);
     eprintln!("replay: {replay}");
 
     let mut cfg = ChaosConfig::new(bin, seed);
@@ -326,6 +349,7 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
     cfg.replicas = args.replicas;
     cfg.nodes = args.nodes;
     cfg.node_groups = args.node_groups;
+    cfg.container_nodes = container_nodes;
     cfg.node_cpus = args.node_cpus;
     cfg.clients = args.clients;
     cfg.live_jobs_max_per_client = args.live_jobs;
@@ -395,6 +419,23 @@ fn print_table(r: &Report, replay: &str) {
         o.cancels_acknowledged,
         o.samples
     );
+    println!(
+        "holdings:    {} samples of which live node holds which sandbox, {} holdings checked ({} running on container hosts)",
+        o.assignment_samples, o.assignments_checked, o.container_runs_seen
+    );
+    if r.container_nodes > 0 {
+        let c = &r.containers;
+        println!(
+            "containers:  {} nodes; {} jobs, {} sandboxes: {} succeeded, {} failed, {} cancelled; {} left behind",
+            r.container_nodes,
+            c.jobs,
+            c.sandboxes,
+            c.succeeded,
+            c.failed,
+            c.cancelled,
+            c.leftovers.len()
+        );
+    }
     if let Some(d) = &r.data_dir {
         println!("data:        {}", d.display());
     }

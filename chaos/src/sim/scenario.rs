@@ -118,6 +118,8 @@ pub(super) fn job_sample(j: &surge_scheduler::model::Job) -> JobSample {
         preempted: c.preempted,
         submitted_index: j.submitted_index,
         pending_reason: j.pending_reason.clone(),
+        // The simulator's workload has no constraints and its nodes no labels.
+        constraints: Vec::new(),
     }
 }
 
@@ -137,6 +139,7 @@ pub(super) fn samples(s: &ClusterState) -> (Vec<JobSample>, Vec<NodeSample>) {
                 allocated_cpu_millis: u.allocated.cpu_millis,
                 allocated_memory_mib: u.allocated.memory_mib,
                 sandboxes: u.sandboxes,
+                labels: Default::default(),
             }
         })
         .collect();
@@ -857,7 +860,9 @@ async fn sampler(sim: Arc<Sim>) {
                 Op::ReadAssignments {
                     replica: id,
                     checked,
+                    running: 0,
                     doubles,
+                    stale: Vec::new(),
                 },
             );
         }
