@@ -329,25 +329,77 @@ async fn watch_liveness(leader: std::sync::Arc<Leader>) {
     }
 }
 
-/// After a plan that placed and preempted nothing: the capacity it saw and the first job id it
-/// had not seen. Until the capacity changes, only jobs from that id on can be placeable.
-#[derive(Clone, Copy, Debug)]
+/// What a plan that placed and preempted nothing leaves for the next cycles: the capacity it
+/// saw, the input it planned from (nodes, allocations, quotas) and the first job id it had not
+/// seen. Until the capacity changes, only jobs from that id on can be placeable, and the input
+/// still holds: a cycle plans the new jobs without walking every job of the state again.
 struct Quiet {
     fingerprint: u64,
     next_job: JobId,
+    /// When the last full plan ran: all jobs are planned again at least every
+    /// [`SCHEDULE_INTERVAL`] (time-based rules such as the preemption cool-down change
+    /// without a change of capacity).
     since: Instant,
+    input: placement::PlacementInput,
+    /// Pending sandboxes of the jobs before `next_job` (for the gauge).
+    pending: u64,
 }
 
-impl Quiet {
-    /// Where this cycle's pending work starts: the new jobs only while the capacity is the one
-    /// the quiet plan saw, and all jobs at least every [`SCHEDULE_INTERVAL`] (time-based rules
-    /// such as the preemption cool-down change without a change of capacity).
-    fn first_job(quiet: Option<Quiet>, fingerprint: u64) -> JobId {
-        match quiet {
-            Some(q) if q.fingerprint == fingerprint && q.since.elapsed() < SCHEDULE_INTERVAL => {
-                q.next_job
+/// One cycle's planning input and what it leaves if it turns out quiet.
+struct Cycle {
+    input: placement::PlacementInput,
+    reasons_now: BTreeMap<u64, String>,
+    fingerprint: u64,
+    next_job: JobId,
+    since: Instant,
+    pending: u64,
+}
+
+impl Cycle {
+    /// The cycle at `applied`: only the jobs submitted since `quiet` when the capacity is still
+    /// the one it saw, else every job.
+    fn prepare(s: &ClusterState, applied: u64, quiet: Option<Quiet>, now: Instant) -> Cycle {
+        let fingerprint = s.capacity_fingerprint();
+        let next_job = s.jobs.keys().next_back().map_or(0, |id| id + 1);
+        let quiet = quiet.filter(|q| {
+            q.fingerprint == fingerprint && now.duration_since(q.since) < SCHEDULE_INTERVAL
+        });
+        let (input, since, earlier) = match quiet {
+            Some(q) => {
+                let mut input = q.input;
+                input.at_index = applied;
+                input.pending = s.pending_requests(q.next_job);
+                input.preempted_at = s.preempted_at.clone();
+                (input, q.since, q.pending)
             }
-            _ => 0,
+            None => (
+                s.placement_input(applied, PlacementParams::default()),
+                now,
+                0,
+            ),
+        };
+        let reasons_now = reasons_now(s, &input);
+        let pending = earlier + input.pending.iter().map(|j| j.pending_count()).sum::<u64>();
+        Cycle {
+            input,
+            reasons_now,
+            fingerprint,
+            next_job,
+            since,
+            pending,
+        }
+    }
+
+    /// What the cycle leaves when its plan placed and preempted nothing.
+    fn into_quiet(self) -> Quiet {
+        let mut input = self.input;
+        input.pending = Vec::new();
+        Quiet {
+            fingerprint: self.fingerprint,
+            next_job: self.next_job,
+            since: self.since,
+            input,
+            pending: self.pending,
         }
     }
 }
@@ -373,43 +425,31 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
             continue;
         }
         let started = Instant::now();
-        let (input, reasons_now, quiet_now, pending) = leader.replica.read(|s, applied| {
-            let fingerprint = s.capacity_fingerprint();
-            let first_job = Quiet::first_job(quiet, fingerprint);
-            let (input, reasons) = planning_input_from(s, applied, first_job);
-            let quiet_now = Quiet {
-                fingerprint,
-                next_job: s.jobs.keys().next_back().map_or(0, |id| id + 1),
-                since: match quiet {
-                    Some(q) if first_job > 0 => q.since,
-                    _ => started,
-                },
-            };
-            let pending: u64 = s
-                .jobs
-                .values()
-                .filter(|j| !j.state.is_terminal())
-                .map(|j| u64::from(j.counts.pending))
-                .sum();
-            (input, reasons, quiet_now, pending)
-        });
-        leader.metrics.pending_sandboxes.set(pending as i64);
+        let earlier = quiet.take();
+        let cycle = leader
+            .replica
+            .read(|s, applied| Cycle::prepare(s, applied, earlier, started));
+        leader.metrics.pending_sandboxes.set(cycle.pending as i64);
         last_planned_at = at;
-        if input.pending.is_empty() {
-            quiet = Some(quiet_now);
+        if cycle.input.pending.is_empty() {
+            quiet = Some(cycle.into_quiet());
             continue;
         }
+        let input = &cycle.input;
+        let reasons_now = &cycle.reasons_now;
         let place_started = Instant::now();
-        let plan = tokio::task::block_in_place(|| placement::place(&input));
+        let plan = tokio::task::block_in_place(|| placement::place(input));
         leader
             .metrics
             .place_seconds
             .observe(place_started.elapsed().as_secs_f64());
-        let (plan, changed_reasons) = for_the_log(plan, &reasons_now);
+        let (plan, changed_reasons) = for_the_log(plan, reasons_now);
         let places_nothing = plan.placements.is_empty() && plan.preemptions.is_empty();
-        quiet = places_nothing.then_some(quiet_now);
-        if places_nothing && changed_reasons.is_empty() {
-            continue;
+        if places_nothing {
+            quiet = Some(cycle.into_quiet());
+            if changed_reasons.is_empty() {
+                continue;
+            }
         }
         let command = Command::ApplyPlan {
             plan,
@@ -448,24 +488,20 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
     }
 }
 
-/// One pending reason per job (the first reason the plan gives for it).
 /// What one scheduling cycle plans from: the placement input at `applied`, and the pending reason
 /// each pending job shows now.
 pub fn planning_input(
     s: &ClusterState,
     applied: u64,
 ) -> (placement::PlacementInput, BTreeMap<u64, String>) {
-    planning_input_from(s, applied, 0)
+    let input = s.placement_input(applied, PlacementParams::default());
+    let reasons = reasons_now(s, &input);
+    (input, reasons)
 }
 
-/// [`planning_input`] with only jobs from id `first_job` on as pending work.
-pub fn planning_input_from(
-    s: &ClusterState,
-    applied: u64,
-    first_job: JobId,
-) -> (placement::PlacementInput, BTreeMap<u64, String>) {
-    let input = s.placement_input_from(applied, PlacementParams::default(), first_job);
-    let reasons = input
+/// The pending reason each job of `input` shows now.
+fn reasons_now(s: &ClusterState, input: &placement::PlacementInput) -> BTreeMap<u64, String> {
+    input
         .pending
         .iter()
         .filter_map(|j| {
@@ -473,8 +509,7 @@ pub fn planning_input_from(
                 .get(&j.id)
                 .map(|job| (j.id, job.pending_reason.clone()))
         })
-        .collect();
-    (input, reasons)
+        .collect()
 }
 
 /// The plan as the log takes it. The log needs the decisions, not the explanation: reasons
@@ -543,6 +578,60 @@ pub fn coalesce(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn submit(s: &mut ClusterState, index: u64) {
+        let r = s.apply_command(
+            index,
+            Command::SubmitJob {
+                spec: crate::state::tests::spec(10, "eval"),
+                idempotency_key: format!("k{index}"),
+                at_ms: 0,
+            },
+        );
+        assert!(matches!(r, Response::JobSubmitted { .. }), "{r:?}");
+    }
+
+    fn planned(c: &Cycle) -> Vec<JobId> {
+        c.input.pending.iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn a_quiet_queue_plans_only_new_jobs_until_capacity_changes() {
+        let mut s = ClusterState::default();
+        submit(&mut s, 1);
+        submit(&mut s, 2);
+        let t0 = Instant::now();
+        let full = Cycle::prepare(&s, 2, None, t0);
+        assert_eq!(planned(&full), [1, 2]);
+        assert_eq!(full.pending, 20);
+
+        // Nothing placed, no capacity change: the next cycle plans the new job only.
+        submit(&mut s, 3);
+        let ms = Duration::from_millis;
+        let new_only = Cycle::prepare(&s, 3, Some(full.into_quiet()), t0 + ms(10));
+        assert_eq!(planned(&new_only), [3]);
+        assert_eq!(new_only.pending, 30, "the gauge still counts every job");
+        assert_eq!(new_only.input.at_index, 3);
+
+        // Every SCHEDULE_INTERVAL all jobs are planned again.
+        let later = t0 + SCHEDULE_INTERVAL;
+        let again = Cycle::prepare(&s, 3, Some(new_only.into_quiet()), later);
+        assert_eq!(planned(&again), [1, 2, 3]);
+
+        // A node joining changes the capacity: all jobs, against the new node.
+        let quiet = again.into_quiet();
+        s.apply_command(
+            4,
+            Command::RegisterNode {
+                node: crate::state::tests::node("a", 8),
+                at_ms: 0,
+            },
+        );
+        let joined = Cycle::prepare(&s, 4, Some(quiet), later + ms(1));
+        assert_eq!(planned(&joined), [1, 2, 3]);
+        assert_eq!(joined.input.nodes.len(), 1);
+        assert!(!placement::place(&joined.input).placements.is_empty());
+    }
 
     #[test]
     fn reports_coalesce_into_ranges() {

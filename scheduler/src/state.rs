@@ -56,6 +56,28 @@ pub struct Assignment {
     pub resources: Resources,
 }
 
+/// A job's pending sandboxes as placement's request, if it has any.
+fn job_request(job: &Job) -> Option<JobRequest> {
+    let pending: Vec<IndexRun> = job
+        .runs
+        .iter()
+        .filter(|(_, run)| run.state == SandboxState::Pending)
+        .map(|(first, run)| IndexRun::new(first, run.count))
+        .collect();
+    (!pending.is_empty()).then(|| JobRequest {
+        id: job.id,
+        tenant: job.spec.tenant.clone(),
+        priority: job.spec.priority,
+        pending,
+        per_sandbox: job.spec.per_sandbox,
+        template: job.spec.template.clone(),
+        gang: job.spec.gang,
+        strategy: job.spec.strategy,
+        constraints: job.spec.constraints.clone(),
+        submitted_index: job.submitted_index,
+    })
+}
+
 fn is_restartable(policy: RestartPolicy, restarts: u32) -> bool {
     matches!(policy, RestartPolicy::OnFailure { max_restarts } if restarts < max_restarts)
 }
@@ -727,15 +749,10 @@ impl ClusterState {
         })
     }
 
-    /// The snapshot the placement function works on.
-    pub fn placement_input(&self, at_index: u64, params: PlacementParams) -> PlacementInput {
-        self.placement_input_from(at_index, params, 0)
-    }
-
     /// What placing pending work depends on besides the pending jobs themselves: every node's
     /// state and revision (a node's revision moves whenever a sandbox is placed on it, leaves it,
     /// ends on it or is resized there) and the tenants' quotas. While it stays the same, jobs
-    /// that could not be placed still cannot (see [`Self::placement_input_from`]).
+    /// that could not be placed still cannot (see [`Self::pending_requests`]).
     pub fn capacity_fingerprint(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -748,15 +765,19 @@ impl ClusterState {
         h.finish()
     }
 
-    /// The placement input with only the jobs from id `first_job` on as pending work (all
-    /// allocations still count, for usage, quotas and preemption). The scheduling loop plans
-    /// just the newly submitted jobs when nothing else changed since a plan that placed nothing.
-    pub fn placement_input_from(
-        &self,
-        at_index: u64,
-        params: PlacementParams,
-        first_job: JobId,
-    ) -> PlacementInput {
+    /// The pending work of the jobs from id `first_job` on. While the capacity fingerprint stays
+    /// what a plan that placed nothing saw, that plan's nodes and allocations still hold, and
+    /// the scheduling loop plans just the jobs submitted since with them.
+    pub fn pending_requests(&self, first_job: JobId) -> Vec<JobRequest> {
+        self.jobs
+            .range(first_job..)
+            .filter(|(_, job)| !job.state.is_terminal())
+            .filter_map(|(_, job)| job_request(job))
+            .collect()
+    }
+
+    /// The snapshot the placement function works on.
+    pub fn placement_input(&self, at_index: u64, params: PlacementParams) -> PlacementInput {
         let usage = self.node_usage();
         let nodes = self
             .nodes
@@ -784,11 +805,8 @@ impl ClusterState {
             if job.state.is_terminal() {
                 continue;
             }
-            let mut runs = Vec::new();
             for (first, run) in job.runs.iter() {
-                if run.state == SandboxState::Pending {
-                    runs.push(IndexRun::new(first, run.count));
-                } else if let (true, Some(n)) = (run.state.is_active(), &run.node) {
+                if let (true, Some(n)) = (run.state.is_active(), &run.node) {
                     allocations.push(Allocation {
                         job: job.id,
                         node: n.clone(),
@@ -802,20 +820,7 @@ impl ClusterState {
                     });
                 }
             }
-            if !runs.is_empty() && job.id >= first_job {
-                pending.push(JobRequest {
-                    id: job.id,
-                    tenant: job.spec.tenant.clone(),
-                    priority: job.spec.priority,
-                    pending: runs,
-                    per_sandbox: job.spec.per_sandbox,
-                    template: job.spec.template.clone(),
-                    gang: job.spec.gang,
-                    strategy: job.spec.strategy,
-                    constraints: job.spec.constraints.clone(),
-                    submitted_index: job.submitted_index,
-                });
-            }
+            pending.extend(job_request(job));
         }
         PlacementInput {
             at_index,
@@ -913,7 +918,7 @@ impl surge_raft::StateMachine for ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Resources, RestartPolicy, Strategy};
     use crate::placement::{self, PlacementParams, Plan};
@@ -1062,7 +1067,7 @@ mod tests {
         assert!(t.restore(&[1, 2, 3]).is_err());
     }
 
-    fn node(id: &str, cpus: u64) -> NodeSpec {
+    pub(crate) fn node(id: &str, cpus: u64) -> NodeSpec {
         NodeSpec {
             id: id.into(),
             address: String::new(),
@@ -1185,10 +1190,13 @@ mod tests {
 
         // Only the jobs from the given id on are pending work; allocations all count.
         let all = s.placement_input(5, PlacementParams::default());
-        let new = s.placement_input_from(5, PlacementParams::default(), 5);
         assert_eq!(all.pending.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(all.pending, s.pending_requests(0));
+        let new = placement::PlacementInput {
+            pending: s.pending_requests(5),
+            ..all
+        };
         assert_eq!(new.pending.iter().map(|j| j.id).collect::<Vec<_>>(), [5]);
-        assert_eq!(new.allocations, all.allocations);
         assert!(placement::place(&new).placements.is_empty());
 
         // A sandbox ending frees capacity: the fingerprint moves and everything is re-planned.
