@@ -297,6 +297,37 @@ fn start_agent<R: Runtime>(cfg: NodeConfig, runtime: Arc<R>, servers: &[String])
     }
 }
 
+/// Who carries out a simulated node's actions: the same scenarios run with both.
+#[derive(Clone, Copy, Debug)]
+enum Hands {
+    /// One owner task per sandbox, as for every real runtime.
+    Owners,
+    /// The simulated fleet of `surge node --simulate`: no task per sandbox.
+    Fleet,
+}
+
+fn start_sim_agent(
+    hands: Hands,
+    cfg: NodeConfig,
+    runtime: Arc<SimRuntime>,
+    servers: &[String],
+) -> Running {
+    match hands {
+        Hands::Owners => start_agent(cfg, runtime, servers),
+        Hands::Fleet => {
+            let replicas = Arc::new(Replicas::new(servers, None).expect("replicas"));
+            let metrics = Arc::new(NodeMetrics::new().expect("metrics"));
+            let (stop, stop_rx) = watch::channel(false);
+            let agent = NodeAgent::simulated(cfg, runtime, replicas, metrics.clone());
+            Running {
+                stop,
+                task: tokio::spawn(agent.run(stop_rx)),
+                metrics,
+            }
+        }
+    }
+}
+
 fn sim(run_for_ms: u64) -> Arc<SimRuntime> {
     Arc::new(SimRuntime::new(SimProfile {
         run_for: Duration::from_millis(run_for_ms),
@@ -308,9 +339,18 @@ fn sim(run_for_ms: u64) -> Arc<SimRuntime> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_then_reports_twenty_sandboxes_running_then_succeeded() {
+    registers_then_reports_twenty_sandboxes_running_then_succeeded_with(Hands::Owners).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_then_reports_twenty_sandboxes_running_then_succeeded_in_the_fleet() {
+    registers_then_reports_twenty_sandboxes_running_then_succeeded_with(Hands::Fleet).await;
+}
+
+async fn registers_then_reports_twenty_sandboxes_running_then_succeeded_with(hands: Hands) {
     let fake = Fake::new();
     let (addr, _server) = fake.serve().await;
-    let agent = start_agent(node_config("n-1"), sim(1_500), &[addr.to_string()]);
+    let agent = start_sim_agent(hands, node_config("n-1"), sim(1_500), &[addr.to_string()]);
 
     until("registered and watching", || fake.with(|r| r.watches == 1)).await;
     let reg = fake.with(|r| r.registrations[0].clone());
@@ -384,11 +424,25 @@ async fn registers_then_reports_twenty_sandboxes_running_then_succeeded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten() {
+    a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_with(Hands::Owners).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_in_the_fleet() {
+    a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_with(Hands::Fleet).await;
+}
+
+async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_with(hands: Hands) {
     let fake = Fake::new();
     fake.push(vec![sandbox(8, 0, &["a"]), sandbox(8, 1, &["b"])], vec![]);
     let (addr, _server) = fake.serve().await;
     let runtime = sim(600_000);
-    let agent = start_agent(node_config("n-2"), runtime.clone(), &[addr.to_string()]);
+    let agent = start_sim_agent(
+        hands,
+        node_config("n-2"),
+        runtime.clone(),
+        &[addr.to_string()],
+    );
     until("both running", || {
         let l = fake.latest();
         l.len() == 2 && l.values().all(|s| s.state == "running")
@@ -425,10 +479,19 @@ async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_stream_closes_it_reconnects_and_resends_a_full_report() {
+    after_the_stream_closes_it_reconnects_and_resends_a_full_report_with(Hands::Owners).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_stream_closes_it_reconnects_and_resends_a_full_report_in_the_fleet() {
+    after_the_stream_closes_it_reconnects_and_resends_a_full_report_with(Hands::Fleet).await;
+}
+
+async fn after_the_stream_closes_it_reconnects_and_resends_a_full_report_with(hands: Hands) {
     let fake = Fake::new();
     fake.push((0..3).map(|i| sandbox(9, i, &["x"])).collect(), vec![]);
     let (addr, _server) = fake.serve().await;
-    let agent = start_agent(node_config("n-3"), sim(600_000), &[addr.to_string()]);
+    let agent = start_sim_agent(hands, node_config("n-3"), sim(600_000), &[addr.to_string()]);
     until("three running", || {
         let l = fake.latest();
         l.len() == 3 && l.values().all(|s| s.state == "running")
@@ -495,6 +558,15 @@ async fn rotates_past_a_dead_replica_and_a_not_leader_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays() {
+    a_restarted_agent_readopts_running_sandboxes_and_stops_strays_with(Hands::Owners).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays_in_the_fleet() {
+    a_restarted_agent_readopts_running_sandboxes_and_stops_strays_with(Hands::Fleet).await;
+}
+
+async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays_with(hands: Hands) {
     let fake = Fake::new();
     fake.push((0..3).map(|i| sandbox(10, i, &["x"])).collect(), vec![]);
     let (addr, _server) = fake.serve().await;
@@ -504,7 +576,12 @@ async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays() {
         run_for: Duration::from_millis(if req.id.job == 10 { 3_000 } else { 600_000 }),
         ..SimProfile::default()
     }));
-    let first = start_agent(node_config("n-5"), runtime.clone(), &[addr.to_string()]);
+    let first = start_sim_agent(
+        hands,
+        node_config("n-5"),
+        runtime.clone(),
+        &[addr.to_string()],
+    );
     until("three running", || {
         let l = fake.latest();
         l.len() == 3 && l.values().all(|s| s.state == "running")
@@ -528,7 +605,12 @@ async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays() {
         .expect("stray");
     let reports_before = fake.with(|r| r.reports.len());
 
-    let second = start_agent(node_config("n-5"), runtime.clone(), &[addr.to_string()]);
+    let second = start_sim_agent(
+        hands,
+        node_config("n-5"),
+        runtime.clone(),
+        &[addr.to_string()],
+    );
     until("the new agent's full report", || {
         fake.with(|r| r.reports[reports_before..].iter().any(|rep| rep.full))
     })
@@ -582,6 +664,83 @@ async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays() {
         "no runtime errors: {errors}"
     );
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pauses_resumes_and_stops_on_request() {
+    pauses_resumes_and_stops_on_request_with(Hands::Owners).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pauses_resumes_and_stops_on_request_in_the_fleet() {
+    pauses_resumes_and_stops_on_request_with(Hands::Fleet).await;
+}
+
+/// Desired states drive pause, resume and stops that take their time: 13.0 handles SIGTERM
+/// after 300 ms, 13.1 ignores it and is killed when the 500 ms grace is up. Both end "stopped"
+/// (asked for), with the exit status of how they ended.
+async fn pauses_resumes_and_stops_on_request_with(hands: Hands) {
+    let fake = Fake::new();
+    fake.push(vec![sandbox(13, 0, &["x"]), sandbox(13, 1, &["y"])], vec![]);
+    let (addr, _server) = fake.serve().await;
+    let runtime = Arc::new(SimRuntime::with_profiles(|req| SimProfile {
+        run_for: Duration::from_secs(600),
+        term_exit_after: (req.id.index == 0).then_some(Duration::from_millis(300)),
+        ..SimProfile::default()
+    }));
+    let mut cfg = node_config("n-13");
+    cfg.policy.stop_grace_ms = 500;
+    let agent = start_sim_agent(hands, cfg, runtime.clone(), &[addr.to_string()]);
+    until("both running", || {
+        let l = fake.latest();
+        l.len() == 2 && l.values().all(|s| s.state == "running")
+    })
+    .await;
+    let with_state = |state: &str| pn::Sandbox {
+        desired_state: state.into(),
+        ..sandbox(13, 0, &["x"])
+    };
+
+    fake.push(vec![with_state("paused")], vec![]);
+    until("13.0 reported paused", || {
+        fake.latest()[&(13, 0)].state == "paused"
+    })
+    .await;
+    let id = SandboxId::new(13, 0);
+    assert_eq!(
+        runtime.status(id).await.expect("status").state,
+        ObservedState::Paused
+    );
+    fake.push(vec![with_state("running")], vec![]);
+    until("13.0 reported running again", || {
+        fake.latest()[&(13, 0)].state == "running"
+    })
+    .await;
+    assert_eq!(
+        runtime.status(id).await.expect("status").state,
+        ObservedState::Running
+    );
+
+    let stopped_1 = pn::Sandbox {
+        desired_state: "stopped".into(),
+        ..sandbox(13, 1, &["y"])
+    };
+    fake.push(vec![with_state("stopped"), stopped_1], vec![]);
+    until("both reported stopped", || {
+        fake.latest().values().all(|s| s.state == "stopped")
+    })
+    .await;
+    let l = fake.latest();
+    assert_eq!(l[&(13, 0)].exit_code, 143, "handled SIGTERM");
+    assert_eq!(l[&(13, 1)].exit_code, 137, "killed after the grace");
+    assert!(
+        l[&(13, 0)].message.contains("request"),
+        "{}",
+        l[&(13, 0)].message
+    );
+    // Ended, kept as records until the scheduler drops them; never restarted.
+    assert_eq!(agent.metrics.start_seconds.get_sample_count(), 2);
+    agent.stop().await;
 }
 
 /// Real containers (root, crun, busybox-static); skipped with a message elsewhere.
@@ -661,9 +820,9 @@ async fn five_hundred_simulated_nodes_share_one_connection() {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..NODES {
-        let mut cfg = node_config(&format!("sim-{i}"));
-        cfg.memory_guard = None;
-        let agent = NodeAgent::new(cfg, sim(600_000), replicas.clone(), metrics.clone());
+        // As `surge node --simulate` runs them: in the fleet, no task per sandbox.
+        let cfg = node_config(&format!("sim-{i}"));
+        let agent = NodeAgent::simulated(cfg, sim(600_000), replicas.clone(), metrics.clone());
         tasks.push(tokio::spawn(agent.run(stop_rx.clone())));
     }
     until("every node registered and watching", || {

@@ -238,6 +238,23 @@ fn stop_message(reason: StopReason) -> &'static str {
     }
 }
 
+/// The status of a live sandbox: running or paused, with its current reservation.
+pub fn status_live(
+    id: SandboxId,
+    generation: u64,
+    resources: Resources,
+    paused: bool,
+) -> pn::SandboxStatus {
+    pn::SandboxStatus {
+        job_id: id.job,
+        index: id.index,
+        state: if paused { STATE_PAUSED } else { STATE_RUNNING }.to_owned(),
+        resources: Some(resources_to_pb(resources)),
+        generation,
+        ..Default::default()
+    }
+}
+
 /// The status of a live (or last-known) sandbox, without logs.
 pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
     let (state, exit_code, message) = match &o.state {

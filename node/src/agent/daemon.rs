@@ -57,10 +57,9 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
         let mut nodes = JoinSet::new();
         for i in 0..n {
             let mut node = node_config(&cfg, format!("{}-{i}", cfg.node_id), allocatable);
-            // At scale the simulated sandboxes use no memory: no guard polling per sandbox.
-            node.memory_guard = None;
             node.first_replica = usize::try_from(i).unwrap_or(0);
-            let agent = NodeAgent::new(
+            // At scale: no task, channel or timer per sandbox, and no memory guard polling.
+            let agent = NodeAgent::simulated(
                 node,
                 Arc::new(SimRuntime::new(profile)),
                 replicas.clone(),

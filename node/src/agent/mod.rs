@@ -24,7 +24,11 @@
 //!   re-registers, sends a full report and watches from revision 0, so the agent reconciles against
 //!   the complete set whatever it missed.
 //! * **One owner per sandbox.** Only its owner task calls the runtime for a sandbox; the agent
-//!   loop sends it commands over a bounded inbox and never waits on it.
+//!   loop sends it commands over a bounded inbox and never waits on it. Simulated nodes
+//!   ([`NodeAgent::simulated`], what `--simulate N` runs) hand the same commands to the fleet
+//!   (`fleet.rs`) instead, which carries them out at once and learns of exits from one timer
+//!   queue per node: the simulated runtime never waits on anything but the clock, and a task,
+//!   two channels and a timer per sandbox were most of what a simulating process spent.
 //! * **Level-triggered.** A pass runs on every assignment, on every change an owner records, and
 //!   every `resync_interval` anyway; a command dropped because an inbox was full is simply
 //!   decided again on the next pass.
@@ -33,6 +37,7 @@ pub mod config;
 pub mod connection;
 pub mod convert;
 pub mod daemon;
+pub mod fleet;
 pub mod heartbeats;
 pub mod metrics;
 pub mod owner;
@@ -56,10 +61,12 @@ pub use metrics::NodeMetrics;
 use crate::reconcile::{
     reconcile, Action, ObservedSandbox, ObservedState, ReconcilePolicy, Resources, SandboxId,
 };
+use crate::runtime::sim::SimRuntime;
 use crate::runtime::{MemoryGrowthPolicy, MemoryHeadroom, Runtime, RuntimeError, StartRequest};
 use crate::template::TemplateError;
 use connection::{Session, ASSIGNMENTS_QUEUE_MAX, CALL_TIMEOUT_MS};
 use convert::{resources_to_pb, status_from_observed, DesiredSet};
+use fleet::Fleet;
 use metrics::{GaugeValues, NodeGauges};
 use owner::{own, OwnerCommand, OwnerContext, OWNER_INBOX_MAX, STOP_SLACK_MS};
 use report::{ReportEvent, Reporter, REPORT_QUEUE_MAX};
@@ -201,21 +208,55 @@ pub struct NodeAgent<R> {
     runtime: Arc<R>,
     replicas: Arc<Replicas>,
     metrics: Arc<NodeMetrics>,
+    /// `Some`: a simulated node whose actions the fleet carries out (no task per sandbox).
+    fleet: Option<Arc<SimRuntime>>,
+}
+
+/// Who carries out the reconciler's actions.
+enum Hands<R> {
+    /// One owner task per sandbox (`owner.rs`): every real runtime.
+    Owners {
+        ctx: Arc<OwnerContext<R>>,
+        owners: HashMap<SandboxId, OwnerHandle>,
+        /// Owners told to finish (after a final `Forget`); a successor for the id waits for them.
+        retiring: HashMap<SandboxId, JoinHandle<()>>,
+    },
+    /// The simulated fleet (`fleet.rs`): commands carried out at once, ends from one timer queue.
+    Fleet(Fleet),
 }
 
 /// The agent loop's state.
 struct Agent<R> {
     config: NodeConfig,
-    ctx: Arc<OwnerContext<R>>,
+    metrics: Arc<NodeMetrics>,
     view: Arc<View>,
     desired: DesiredSet,
-    owners: HashMap<SandboxId, OwnerHandle>,
-    /// Owners told to finish (after a final `Forget`); a successor for the id waits for them.
-    retiring: HashMap<SandboxId, JoinHandle<()>>,
+    hands: Hands<R>,
     /// Stops handed to owners: `(generation, until)`. Until then the reconciler sees the
     /// sandbox as already ended, so it does not ask again while the grace period runs.
     stopping: HashMap<SandboxId, (u64, Instant)>,
     gauges: Arc<Mutex<NodeGauges>>,
+}
+
+impl NodeAgent<SimRuntime> {
+    /// A simulated node whose actions are carried out by the fleet (`fleet.rs`) instead of one
+    /// owner task per sandbox: what `surge node --simulate N` runs, at 100 sandboxes or more per
+    /// node. The memory guard is off (the fleet does not poll memory).
+    pub fn simulated(
+        mut config: NodeConfig,
+        runtime: Arc<SimRuntime>,
+        replicas: Arc<Replicas>,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
+        config.memory_guard = None;
+        Self {
+            config,
+            fleet: Some(runtime.clone()),
+            runtime,
+            replicas,
+            metrics,
+        }
+    }
 }
 
 impl<R: Runtime> NodeAgent<R> {
@@ -230,6 +271,7 @@ impl<R: Runtime> NodeAgent<R> {
             runtime,
             replicas,
             metrics,
+            fleet: None,
         }
     }
 
@@ -240,6 +282,7 @@ impl<R: Runtime> NodeAgent<R> {
             runtime,
             replicas,
             metrics,
+            fleet,
         } = self;
         let node_id = config.node_id.clone();
 
@@ -300,25 +343,36 @@ impl<R: Runtime> NodeAgent<R> {
             .run(stop.clone()),
         );
 
-        let ctx = Arc::new(OwnerContext {
-            node_id: Arc::from(node_id.as_str()),
-            runtime,
-            view: view.clone(),
-            reports: report_tx,
-            start_permits: Arc::new(Semaphore::new(config.start_concurrency.max(1))),
-            metrics: metrics.clone(),
-            headroom: Arc::new(MemoryHeadroom::new(config.allocatable.memory_mib)),
-            memory_guard: config.memory_guard,
-            memory_allocatable_mib: config.allocatable.memory_mib,
-        });
+        let hands = match fleet {
+            Some(sim) => Hands::Fleet(Fleet::new(
+                Arc::from(node_id.as_str()),
+                sim,
+                view.clone(),
+                metrics.clone(),
+            )),
+            None => Hands::Owners {
+                ctx: Arc::new(OwnerContext {
+                    node_id: Arc::from(node_id.as_str()),
+                    runtime,
+                    view: view.clone(),
+                    reports: report_tx.clone(),
+                    start_permits: Arc::new(Semaphore::new(config.start_concurrency.max(1))),
+                    metrics: metrics.clone(),
+                    headroom: Arc::new(MemoryHeadroom::new(config.allocatable.memory_mib)),
+                    memory_guard: config.memory_guard,
+                    memory_allocatable_mib: config.allocatable.memory_mib,
+                }),
+                owners: HashMap::new(),
+                retiring: HashMap::new(),
+            },
+        };
         let resync_interval = config.resync_interval;
         let mut agent = Agent {
             config,
-            ctx,
+            metrics: metrics.clone(),
             view: view.clone(),
             desired: DesiredSet::default(),
-            owners: HashMap::new(),
-            retiring: HashMap::new(),
+            hands,
             stopping: HashMap::new(),
             gauges,
         };
@@ -329,7 +383,15 @@ impl<R: Runtime> NodeAgent<R> {
         let mut dirty = false;
         let mut next_pass_at = Instant::now();
         let result = loop {
+            // The fleet's reports go to the reporter in order; it drains its queue while it
+            // sends, so this wait is short.
+            for event in agent.hands.take_events() {
+                if report_tx.send(event).await.is_err() {
+                    break;
+                }
+            }
             let ready = dirty && agent.desired.is_complete();
+            let due = agent.hands.due();
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break Ok(()),
@@ -353,6 +415,9 @@ impl<R: Runtime> NodeAgent<R> {
                 }
                 () = view.changed.notified() => dirty = true,
                 _ = resync.tick() => dirty = true,
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    agent.hands.tick(Instant::now());
+                }
                 () = tokio::time::sleep_until(next_pass_at), if ready => {
                     dirty = agent.pass();
                     next_pass_at = Instant::now() + Duration::from_millis(PASS_INTERVAL_MIN_MS);
@@ -362,12 +427,7 @@ impl<R: Runtime> NodeAgent<R> {
 
         // Leave the sandboxes running; a new agent re-adopts them. Owners are cut off mid-call,
         // as a crash would, which the runtimes tolerate (their state is on disk or in memory).
-        for (_, h) in agent.owners.drain() {
-            h.task.abort();
-        }
-        for (_, t) in agent.retiring.drain() {
-            t.abort();
-        }
+        agent.hands.abort();
         session.abort();
         reporter.abort();
         if let Some(r) = rescan {
@@ -430,7 +490,7 @@ impl<R: Runtime> Agent<R> {
                     .any(|o| o.id == *id && o.generation == *generation && !o.state.is_terminal())
         });
         for o in &mut observed {
-            o.owned = self.owners.contains_key(&o.id);
+            o.owned = self.hands.owns(o.id);
             if self
                 .stopping
                 .get(&o.id)
@@ -457,12 +517,8 @@ impl<R: Runtime> Agent<R> {
             }
         }
         for id in forgotten {
-            if let Some(h) = self.owners.remove(&id) {
-                drop(h.inbox); // the owner finishes its queue, then ends
-                self.retiring.insert(id, h.task);
-            }
+            self.hands.retire(id);
         }
-        self.retiring.retain(|_, t| !t.is_finished());
         self.update_gauges();
         starts >= self.config.policy.starts_max_per_pass
     }
@@ -503,7 +559,7 @@ impl<R: Runtime> Agent<R> {
                 Dispatched::Other
             }
             Action::Adopt { id } => {
-                if !self.owners.contains_key(&id) {
+                if !self.hands.owns(id) {
                     self.send(id, OwnerCommand::Adopt);
                 }
                 Dispatched::Other
@@ -586,27 +642,7 @@ impl<R: Runtime> Agent<R> {
     /// Hand `cmd` to the sandbox's owner, starting one if there is none. `false`: not handed over
     /// (the owner's inbox is full; the next pass decides again).
     fn send(&mut self, id: SandboxId, cmd: OwnerCommand) -> bool {
-        let cmd = match self.owners.get(&id) {
-            Some(h) => match h.inbox.try_send(cmd) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(cmd)) => {
-                    tracing::debug!(node = %self.config.node_id, sandbox = %id, command = ?cmd,
-                        "owner busy; deciding again on the next pass");
-                    return false;
-                }
-                // The owner ended (it panicked): replace it.
-                Err(mpsc::error::TrySendError::Closed(cmd)) => {
-                    self.owners.remove(&id);
-                    cmd
-                }
-            },
-            None => cmd,
-        };
-        let (tx, rx) = mpsc::channel(OWNER_INBOX_MAX);
-        let predecessor = self.retiring.remove(&id);
-        let task = tokio::spawn(own(self.ctx.clone(), id, predecessor, cmd, rx));
-        self.owners.insert(id, OwnerHandle { inbox: tx, task });
-        true
+        self.hands.send(&self.config.node_id, id, cmd)
     }
 
     fn update_gauges(&self) {
@@ -635,7 +671,101 @@ impl<R: Runtime> Agent<R> {
             }
         }
         if let Ok(mut g) = self.gauges.lock() {
-            g.set_allocation(&self.ctx.metrics, v);
+            g.set_allocation(&self.metrics, v);
+        }
+    }
+}
+
+impl<R: Runtime> Hands<R> {
+    fn owns(&self, id: SandboxId) -> bool {
+        match self {
+            Hands::Owners { owners, .. } => owners.contains_key(&id),
+            Hands::Fleet(f) => f.owns(id),
+        }
+    }
+
+    /// Hand `cmd` over (see [`Agent::send`]).
+    fn send(&mut self, node_id: &str, id: SandboxId, cmd: OwnerCommand) -> bool {
+        let (ctx, owners, retiring) = match self {
+            Hands::Fleet(f) => {
+                f.execute(id, cmd);
+                return true;
+            }
+            Hands::Owners {
+                ctx,
+                owners,
+                retiring,
+            } => (ctx, owners, retiring),
+        };
+        let cmd = match owners.get(&id) {
+            Some(h) => match h.inbox.try_send(cmd) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    tracing::debug!(node = %node_id, sandbox = %id, command = ?cmd,
+                        "owner busy; deciding again on the next pass");
+                    return false;
+                }
+                // The owner ended (it panicked): replace it.
+                Err(mpsc::error::TrySendError::Closed(cmd)) => {
+                    owners.remove(&id);
+                    cmd
+                }
+            },
+            None => cmd,
+        };
+        let (tx, rx) = mpsc::channel(OWNER_INBOX_MAX);
+        let predecessor = retiring.remove(&id);
+        let task = tokio::spawn(own(ctx.clone(), id, predecessor, cmd, rx));
+        owners.insert(id, OwnerHandle { inbox: tx, task });
+        true
+    }
+
+    /// The sandbox was forgotten: its owner finishes its queue, then ends.
+    fn retire(&mut self, id: SandboxId) {
+        if let Hands::Owners {
+            owners, retiring, ..
+        } = self
+        {
+            if let Some(h) = owners.remove(&id) {
+                drop(h.inbox);
+                retiring.insert(id, h.task);
+            }
+            retiring.retain(|_, t| !t.is_finished());
+        }
+    }
+
+    fn take_events(&mut self) -> Vec<ReportEvent> {
+        match self {
+            Hands::Fleet(f) => f.take_events(),
+            Hands::Owners { .. } => Vec::new(),
+        }
+    }
+
+    fn due(&self) -> Option<Instant> {
+        match self {
+            Hands::Fleet(f) => f.due(),
+            Hands::Owners { .. } => None,
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if let Hands::Fleet(f) = self {
+            f.tick(now);
+        }
+    }
+
+    /// Cut every owner off (the daemon stops; sandboxes are left running).
+    fn abort(&mut self) {
+        if let Hands::Owners {
+            owners, retiring, ..
+        } = self
+        {
+            for (_, h) in owners.drain() {
+                h.task.abort();
+            }
+            for (_, t) in retiring.drain() {
+                t.abort();
+            }
         }
     }
 }

@@ -28,8 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::convert::{
-    resources_to_pb, status_from_exit, status_from_observed, status_lost, status_start_failed,
-    STATE_PAUSED, STATE_RUNNING,
+    status_from_exit, status_from_observed, status_live, status_lost, status_start_failed,
 };
 use super::metrics::NodeMetrics;
 use super::report::ReportEvent;
@@ -80,7 +79,7 @@ pub enum OwnerCommand {
 }
 
 impl OwnerCommand {
-    fn operation(&self) -> &'static str {
+    pub(super) fn operation(&self) -> &'static str {
         match self {
             Self::Start { .. } => "start",
             Self::Stop { .. } => "stop",
@@ -234,19 +233,7 @@ impl<'a, R: Runtime> Owner<'a, R> {
     }
 
     fn live_status(&self, held: &Held) -> pn::SandboxStatus {
-        pn::SandboxStatus {
-            job_id: self.id.job,
-            index: self.id.index,
-            state: if held.paused {
-                STATE_PAUSED
-            } else {
-                STATE_RUNNING
-            }
-            .to_owned(),
-            resources: Some(resources_to_pb(held.resources)),
-            generation: held.generation,
-            ..Default::default()
-        }
+        status_live(self.id, held.generation, held.resources, held.paused)
     }
 
     /// Take (or give back) growth headroom so this sandbox accounts for `memory_mib`.

@@ -6,6 +6,13 @@
 //! Cost per sandbox is one map entry (~200 bytes) and one `Notify`; no task is spawned per sandbox,
 //! states are computed lazily from the clock when someone looks. One process can therefore host
 //! hundreds of simulated nodes with thousands of sandboxes each.
+//!
+//! Every operation also has a synchronous form (`start_now`, `stop_now`, ...): nothing in the
+//! simulation waits on anything but the clock, so a caller that tracks the clock itself (the
+//! simulated fleet of `agent::fleet`, one timer queue per node instead of a task and a timer per
+//! sandbox) can drive thousands of sandboxes from one task. A stop that takes time (SIGTERM
+//! handled after a while, or SIGKILL after the grace) is an event at a deadline like an exit:
+//! [`SimRuntime::deadline_of`] says when to look again and [`SimRuntime::ended`] what happened.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,7 +72,18 @@ struct SimSandbox {
     /// `Some` while running, `None` while paused or done.
     running_since: Option<Instant>,
     done: Option<(ObservedState, Option<i32>)>,
+    /// A stop in progress: the instant the sandbox ends and the exit code it ends with.
+    term_at: Option<(Instant, i32)>,
     changed: Arc<Notify>,
+}
+
+/// What [`SimRuntime::stop_now`] led to.
+#[derive(Debug)]
+pub enum SimStop {
+    /// The sandbox has ended (now, or before the stop).
+    Exited(ExitReport),
+    /// It ends at this instant: it handles SIGTERM by then, or is killed when the grace is up.
+    EndsAt(Instant),
 }
 
 impl SimSandbox {
@@ -102,40 +120,67 @@ impl SimSandbox {
             .map_or(self.profile.run_for, |o| o.min(self.profile.run_for))
     }
 
-    /// Bring the state up to `now`.
+    /// Bring the state up to `now`: the first event due (its own end, or the end of a stop in
+    /// progress) happens, at the instant it was due.
     fn settle(&mut self, now: Instant) {
         if self.done.is_some() {
             return;
         }
-        let elapsed = self.elapsed(now);
-        let outcome = match self.oom_at() {
-            Some(o) if o <= elapsed && o < self.profile.run_for => {
-                Some((ObservedState::OomKilled, Some(137)))
+        let natural_at = self.natural_deadline().filter(|at| *at <= now);
+        let term = self.term_at.filter(|(at, _)| *at <= now);
+        match (natural_at, term) {
+            (Some(n), Some((t, code))) if t < n => {
+                self.finish(t, (ObservedState::Exited { code }, Some(code)));
             }
-            _ if elapsed >= self.profile.run_for => Some((
-                ObservedState::Exited {
-                    code: self.profile.exit_code,
-                },
-                Some(self.profile.exit_code),
-            )),
-            _ => None,
-        };
-        if let Some(o) = outcome {
-            self.finish(now, o);
+            (Some(n), _) => {
+                let elapsed = self.elapsed(n);
+                let outcome = match self.oom_at() {
+                    Some(o) if o <= elapsed && o < self.profile.run_for => {
+                        (ObservedState::OomKilled, Some(137))
+                    }
+                    _ => (
+                        ObservedState::Exited {
+                            code: self.profile.exit_code,
+                        },
+                        Some(self.profile.exit_code),
+                    ),
+                };
+                self.finish(n, outcome);
+            }
+            (None, Some((t, code))) => {
+                self.finish(t, (ObservedState::Exited { code }, Some(code)));
+            }
+            (None, None) => {}
         }
     }
 
     fn finish(&mut self, now: Instant, outcome: (ObservedState, Option<i32>)) {
         self.ran = self.elapsed(now);
         self.running_since = None;
+        self.term_at = None;
         self.done = Some(outcome);
         self.changed.notify_waiters();
     }
 
-    /// Wall-clock instant of the next event while running.
-    fn deadline(&self) -> Option<Instant> {
+    /// Wall-clock instant at which it ends by itself, while running.
+    fn natural_deadline(&self) -> Option<Instant> {
+        if self.done.is_some() {
+            return None;
+        }
         let since = self.running_since?;
         Some(since + self.next_event().saturating_sub(self.ran))
+    }
+
+    /// Wall-clock instant of the next event: its own end, or the end of a stop in progress.
+    fn deadline(&self) -> Option<Instant> {
+        if self.done.is_some() {
+            return None;
+        }
+        let term = self.term_at.map(|(at, _)| at);
+        match (self.natural_deadline(), term) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn state(&self) -> ObservedState {
@@ -223,22 +268,10 @@ impl SimRuntime {
     }
 }
 
-impl Runtime for SimRuntime {
-    fn name(&self) -> &'static str {
-        "sim"
-    }
-
-    async fn start(&self, req: StartRequest) -> Result<SandboxHandle, RuntimeError> {
-        if let Some(existing) = self.lock().get(&req.id) {
-            return Err(RuntimeError::AlreadyExists {
-                id: req.id,
-                generation: existing.generation,
-            });
-        }
-        if !self.start_delay.is_zero() {
-            tokio::time::sleep(self.start_delay).await;
-        }
-        let profile = (self.profile)(&req);
+impl SimRuntime {
+    /// [`Runtime::start`] at once: the start delay (a knob of the async form) is not applied.
+    pub fn start_now(&self, req: &StartRequest) -> Result<SandboxHandle, RuntimeError> {
+        let profile = (self.profile)(req);
         let mut map = self.lock();
         if let Some(existing) = map.get(&req.id) {
             return Err(RuntimeError::AlreadyExists {
@@ -256,6 +289,7 @@ impl Runtime for SimRuntime {
                 ran: Duration::ZERO,
                 running_since: Some(Instant::now()),
                 done: None,
+                term_at: None,
                 changed: Arc::new(Notify::new()),
             },
         );
@@ -266,33 +300,35 @@ impl Runtime for SimRuntime {
         })
     }
 
-    async fn stop(&self, id: SandboxId, grace: Duration) -> Result<ExitReport, RuntimeError> {
-        let (delay, code) = self
-            .with(id, |sb, now| {
-                if sb.done.is_some() {
-                    return None;
-                }
-                if sb.running_since.is_none() {
-                    sb.running_since = Some(now); // thawed so SIGTERM can be handled
-                }
-                Some(match sb.profile.term_exit_after {
-                    Some(after) if after <= grace => (after, 128 + 15),
-                    _ => (grace, 128 + 9),
-                })
-            })?
-            .unwrap_or((Duration::ZERO, 0));
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+    /// Ask the sandbox to stop (SIGTERM, then SIGKILL after `grace`). A paused sandbox is thawed
+    /// so it can handle SIGTERM. A stop already in progress keeps its earlier end.
+    pub fn stop_now(&self, id: SandboxId, grace: Duration) -> Result<SimStop, RuntimeError> {
         self.with(id, |sb, now| {
-            if sb.done.is_none() {
-                sb.finish(now, (ObservedState::Exited { code }, Some(code)));
+            if sb.done.is_some() {
+                return SimStop::Exited(sb.report(id));
             }
-            sb.report(id)
+            if sb.running_since.is_none() {
+                sb.running_since = Some(now); // thawed so SIGTERM can be handled
+            }
+            let (after, code) = match sb.profile.term_exit_after {
+                Some(after) if after <= grace => (after, 128 + 15),
+                _ => (grace, 128 + 9),
+            };
+            if after.is_zero() {
+                sb.finish(now, (ObservedState::Exited { code }, Some(code)));
+                return SimStop::Exited(sb.report(id));
+            }
+            let at = now + after;
+            match sb.term_at {
+                Some((earlier, _)) if earlier <= at => {}
+                _ => sb.term_at = Some((at, code)),
+            }
+            sb.changed.notify_waiters();
+            SimStop::EndsAt(sb.deadline().unwrap_or(at))
         })
     }
 
-    async fn pause(&self, id: SandboxId) -> Result<(), RuntimeError> {
+    pub fn pause_now(&self, id: SandboxId) -> Result<(), RuntimeError> {
         self.with(id, |sb, now| match sb.state() {
             ObservedState::Running => {
                 sb.ran = sb.elapsed(now);
@@ -309,7 +345,7 @@ impl Runtime for SimRuntime {
         })?
     }
 
-    async fn resume(&self, id: SandboxId) -> Result<(), RuntimeError> {
+    pub fn resume_now(&self, id: SandboxId) -> Result<(), RuntimeError> {
         self.with(id, |sb, now| match sb.state() {
             ObservedState::Paused => {
                 sb.running_since = Some(now);
@@ -325,7 +361,7 @@ impl Runtime for SimRuntime {
         })?
     }
 
-    async fn resize(
+    pub fn resize_now(
         &self,
         id: SandboxId,
         resources: Resources,
@@ -350,8 +386,113 @@ impl Runtime for SimRuntime {
         })?
     }
 
-    async fn status(&self, id: SandboxId) -> Result<ObservedSandbox, RuntimeError> {
+    pub fn status_now(&self, id: SandboxId) -> Result<ObservedSandbox, RuntimeError> {
         self.with(id, |sb, _| sb.observed(id))
+    }
+
+    pub fn usage_now(&self, id: SandboxId) -> Result<Usage, RuntimeError> {
+        self.with(id, |sb, now| {
+            let elapsed = sb.elapsed(now);
+            let live = sb.done.is_none();
+            Usage {
+                memory_bytes: if live {
+                    sb.memory_mib_at(elapsed) * MIB
+                } else {
+                    0
+                },
+                memory_limit_bytes: sb.resources.memory_mib * MIB,
+                cpu_usage_ns: u64::try_from(
+                    elapsed.as_nanos() * u128::from(sb.resources.cpu_millis) / 1000,
+                )
+                .unwrap_or(u64::MAX),
+            }
+        })
+    }
+
+    pub fn remove_now(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let sb = map
+            .get_mut(&id)
+            .ok_or(RuntimeError::NotFound { id, runtime: "sim" })?;
+        sb.settle(now);
+        if sb.done.is_none() {
+            return Err(RuntimeError::WrongState {
+                id,
+                state: sb.state(),
+                operation: "forget",
+            });
+        }
+        map.remove(&id);
+        Ok(())
+    }
+
+    /// When something next happens to `id` by itself (its end, or the end of a stop), while it
+    /// lives. `None`: it has ended, or it is paused and nothing happens until it is resumed.
+    pub fn deadline_of(&self, id: SandboxId) -> Result<Option<Instant>, RuntimeError> {
+        self.with(id, |sb, _| sb.deadline())
+    }
+
+    /// How incarnation `generation` of `id` ended, if it has (what [`Runtime::wait`] returns).
+    /// `None` while it lives, or when the runtime holds another incarnation.
+    pub fn ended(
+        &self,
+        id: SandboxId,
+        generation: u64,
+    ) -> Result<Option<ExitReport>, RuntimeError> {
+        self.with(id, |sb, _| {
+            (sb.generation == generation && sb.done.is_some()).then(|| sb.report(id))
+        })
+    }
+}
+
+impl Runtime for SimRuntime {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn start(&self, req: StartRequest) -> Result<SandboxHandle, RuntimeError> {
+        if let Some(existing) = self.lock().get(&req.id) {
+            return Err(RuntimeError::AlreadyExists {
+                id: req.id,
+                generation: existing.generation,
+            });
+        }
+        if !self.start_delay.is_zero() {
+            tokio::time::sleep(self.start_delay).await;
+        }
+        self.start_now(&req)
+    }
+
+    async fn stop(&self, id: SandboxId, grace: Duration) -> Result<ExitReport, RuntimeError> {
+        let at = match self.stop_now(id, grace)? {
+            SimStop::Exited(report) => return Ok(report),
+            SimStop::EndsAt(at) => at,
+        };
+        tokio::time::sleep_until(at).await;
+        // `with` settles the sandbox at the current instant, past the stop's end.
+        self.with(id, |sb, _| sb.report(id))
+    }
+
+    async fn pause(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        self.pause_now(id)
+    }
+
+    async fn resume(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        self.resume_now(id)
+    }
+
+    async fn resize(
+        &self,
+        id: SandboxId,
+        resources: Resources,
+        revision: u64,
+    ) -> Result<(), RuntimeError> {
+        self.resize_now(id, resources, revision)
+    }
+
+    async fn status(&self, id: SandboxId) -> Result<ObservedSandbox, RuntimeError> {
+        self.status_now(id)
     }
 
     async fn wait(&self, id: SandboxId) -> Result<ExitReport, RuntimeError> {
@@ -384,22 +525,7 @@ impl Runtime for SimRuntime {
     }
 
     async fn usage(&self, id: SandboxId) -> Result<Usage, RuntimeError> {
-        self.with(id, |sb, now| {
-            let elapsed = sb.elapsed(now);
-            let live = sb.done.is_none();
-            Usage {
-                memory_bytes: if live {
-                    sb.memory_mib_at(elapsed) * MIB
-                } else {
-                    0
-                },
-                memory_limit_bytes: sb.resources.memory_mib * MIB,
-                cpu_usage_ns: u64::try_from(
-                    elapsed.as_nanos() * u128::from(sb.resources.cpu_millis) / 1000,
-                )
-                .unwrap_or(u64::MAX),
-            }
-        })
+        self.usage_now(id)
     }
 
     async fn list(&self) -> Result<Vec<ObservedSandbox>, RuntimeError> {
@@ -417,21 +543,7 @@ impl Runtime for SimRuntime {
     }
 
     async fn remove(&self, id: SandboxId) -> Result<(), RuntimeError> {
-        let now = Instant::now();
-        let mut map = self.lock();
-        let sb = map
-            .get_mut(&id)
-            .ok_or(RuntimeError::NotFound { id, runtime: "sim" })?;
-        sb.settle(now);
-        if sb.done.is_none() {
-            return Err(RuntimeError::WrongState {
-                id,
-                state: sb.state(),
-                operation: "forget",
-            });
-        }
-        map.remove(&id);
-        Ok(())
+        self.remove_now(id)
     }
 }
 
@@ -538,6 +650,45 @@ mod tests {
             (forced.code, t0.elapsed()),
             (Some(137), Duration::from_secs(6))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_stop_is_an_event_at_a_deadline() {
+        let rt = SimRuntime::new(SimProfile {
+            term_exit_after: Some(Duration::from_secs(2)),
+            ..profile(3600, 0)
+        });
+        let id = SandboxId::new(6, 0);
+        let t0 = Instant::now();
+        rt.start_now(&req(6, 0, 64)).expect("start");
+        assert_eq!(
+            rt.deadline_of(id).expect("known"),
+            Some(t0 + Duration::from_secs(3600))
+        );
+        let SimStop::EndsAt(at) = rt.stop_now(id, Duration::from_secs(10)).expect("stop") else {
+            panic!("a stop that takes 2 s ends later")
+        };
+        assert_eq!(at, t0 + Duration::from_secs(2));
+        assert_eq!(rt.deadline_of(id).expect("known"), Some(at));
+        assert!(rt.ended(id, 1).expect("known").is_none(), "still stopping");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let report = rt.ended(id, 1).expect("known").expect("ended");
+        assert_eq!(
+            (report.state, report.code),
+            (ObservedState::Exited { code: 143 }, Some(143))
+        );
+        assert!(
+            rt.ended(id, 2).expect("known").is_none(),
+            "not that incarnation"
+        );
+        assert_eq!(rt.deadline_of(id).expect("known"), None);
+        // Stopping an ended sandbox reports how it ended.
+        assert!(matches!(
+            rt.stop_now(id, Duration::ZERO),
+            Ok(SimStop::Exited(r)) if r.code == Some(143)
+        ));
+        rt.remove_now(id).expect("forget");
+        assert!(rt.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
