@@ -397,8 +397,10 @@ impl ClusterState {
             }
         }
         // verify() makes this impossible; if it ever happens, say so loudly but never panic
-        // inside apply (every replica would crash on the same entry).
-        if let Some((node, held, offers)) = self.overcommitted() {
+        // inside apply (every replica would crash on the same entry). Only a placement can
+        // overcommit, and the check walks every job: reason-only plans skip it.
+        let overcommitted = (placed > 0).then(|| self.overcommitted()).flatten();
+        if let Some((node, held, offers)) = overcommitted {
             tracing::error!(%node, %held, %offers, index, "BUG: node overcommitted after a plan");
         }
         Response::PlanApplied {
