@@ -38,6 +38,17 @@ pub const ADD_MEMBER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest command a client may propose.
 pub const COMMAND_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// The leader's heartbeat to followers.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
+/// A follower's election timeout is drawn once from `[min, max)`. openraft 0.9 waits the
+/// leader lease (`max`) plus that timeout after the last heartbeat before a follower stands,
+/// and refuses votes while its own lease runs: the first candidate wins at about
+/// `max + min..max` = 450..600 ms after the leader's last heartbeat, a failover well under
+/// etcd's 1 s election timeout, and a leader must miss nine heartbeats in a row (a stall of
+/// 450 ms on a loaded host) before a follower stands against it.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 150;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 300;
+
 /// How a replica takes its place in a cluster at start.
 #[derive(Clone, Debug)]
 pub enum Start {
@@ -73,13 +84,9 @@ impl RaftConfig {
             id,
             address,
             data_dir,
-            // Failover takes about min + (min + max) / 2 after the last heartbeat: a follower
-            // refuses votes for election_timeout_max (openraft's leader lease), so the first
-            // candidate usually needs a second round. 50/200/400 gives ~0.6 s failovers and
-            // still tolerates four missed heartbeats on a loaded 2-core host.
-            heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
             snapshot_every_entries: 10_000,
             logs_to_keep: 1_000,
             tls: None,

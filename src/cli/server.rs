@@ -41,11 +41,11 @@ pub struct ServerArgs {
     /// A node silent this long is marked down and its sandboxes rescheduled.
     #[arg(long, default_value_t = surge_scheduler::leader::NODE_TTL_MS)]
     node_ttl_ms: u64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = surge_raft::node::HEARTBEAT_INTERVAL_MS)]
     heartbeat_interval_ms: u64,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = surge_raft::node::ELECTION_TIMEOUT_MIN_MS)]
     election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = surge_raft::node::ELECTION_TIMEOUT_MAX_MS)]
     election_timeout_max_ms: u64,
     /// Tokens file (hashes from `surge token new`): the job API then requires a tenant or admin
     /// token, and membership, drain and quotas the admin token. Needs --tls-dir.
