@@ -110,6 +110,12 @@ async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
         "too little workload to judge: {:?}",
         report.operations
     );
+    // `one_live_node_per_sandbox` judged real samples, not an empty history.
+    assert!(
+        report.operations.assignment_samples >= 10 && report.operations.assignments_checked > 0,
+        "too few holding samples: {:?}",
+        report.operations
+    );
     assert_clean(&report, &replay);
 }
 

@@ -342,7 +342,8 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     let root = match &cfg.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
-            d.clone()
+            // Absolute: a container node's data dir must be (overlay mount options).
+            std::fs::canonicalize(d)?
         }
         None => {
             let t = tempfile::Builder::new().prefix("surge-chaos-").tempdir()?;
@@ -402,7 +403,12 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
         (cfg.nodes + cfg.container_nodes) as usize,
     )
     .await?;
-    tracing::info!(nodes = cfg.nodes, groups = groups.len(), "nodes ready");
+    tracing::info!(
+        nodes = cfg.nodes,
+        container_nodes = cfg.container_nodes,
+        groups = groups.len(),
+        "nodes ready"
+    );
 
     let recorder = Recorder::new();
     let deadline = Instant::now() + cfg.duration;

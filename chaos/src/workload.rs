@@ -89,17 +89,23 @@ fn ask(rng: &mut Rng) -> Ask {
 }
 
 /// A small real job for the container nodes: a command that ends at once, in half a second, or
-/// after a few seconds (long enough to be running when its daemon is frozen or killed; it ends
-/// at once on SIGTERM, so a cancel or a returning node stops it without the kill grace).
+/// after 6 or 20 seconds: long enough to be running when its daemon is frozen or killed, and the
+/// longest outlives a daemon held down past the TTL, so that a returning node finds a copy the
+/// scheduler has run elsewhere meanwhile. The long ones end at once on SIGTERM, so a cancel or a
+/// returning node stops them without the kill grace.
 fn container_ask(rng: &mut Rng) -> Ask {
-    let command: Vec<String> = match rng.below(3) {
-        0 => vec!["true".into()],
-        1 => vec!["sleep".into(), "0.5".into()],
-        _ => vec![
+    let long = |secs: u32| {
+        vec![
             "/bin/sh".into(),
             "-c".into(),
-            "trap 'exit 0' TERM; sleep 6 & wait".into(),
-        ],
+            format!("trap 'exit 0' TERM; sleep {secs} & wait"),
+        ]
+    };
+    let command: Vec<String> = match rng.below(4) {
+        0 => vec!["true".into()],
+        1 => vec!["sleep".into(), "0.5".into()],
+        2 => long(6),
+        _ => long(20),
     };
     let gang = rng.chance(25);
     Ask {

@@ -331,7 +331,11 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
                 run::CONTAINER_NODES_MAX
             )
         }
-        Some(n) => n,
+        Some(0) => 0,
+        Some(n) => match surge_chaos::containers::usable() {
+            Ok(()) => n,
+            Err(why) => bail!("--container-nodes {n}: {why}"),
+        },
         None => match surge_chaos::containers::usable() {
             Ok(()) => DEFAULT_CONTAINER_NODES,
             Err(why) => {
