@@ -483,11 +483,13 @@ impl<R: Runtime> Agent<R> {
     fn pass(&mut self) -> bool {
         let now = Instant::now();
         let mut observed = self.view.snapshot();
+        // The snapshot is in id order: each stop in progress is looked up, not searched for.
         self.stopping.retain(|id, (generation, until)| {
             *until > now
-                && observed
-                    .iter()
-                    .any(|o| o.id == *id && o.generation == *generation && !o.state.is_terminal())
+                && observed.binary_search_by_key(id, |o| o.id).is_ok_and(|i| {
+                    let o = &observed[i];
+                    o.generation == *generation && !o.state.is_terminal()
+                })
         });
         for o in &mut observed {
             o.owned = self.hands.owns(o.id);
@@ -653,23 +655,22 @@ impl<R: Runtime> Agent<R> {
                 .unwrap_or(i64::MAX),
             ..Default::default()
         };
-        for o in self.view.snapshot() {
+        self.view.for_each(|o| {
+            // The states a report would name (`status_from_observed`), and "starting".
             let state = match &o.state {
                 ObservedState::Starting => "starting",
-                _ => match status_from_observed(&o).state.as_str() {
-                    convert::STATE_RUNNING => "running",
-                    convert::STATE_PAUSED => "paused",
-                    convert::STATE_SUCCEEDED => "succeeded",
-                    convert::STATE_OOM_KILLED => "oom-killed",
-                    _ => "failed",
-                },
+                ObservedState::Running => "running",
+                ObservedState::Paused => "paused",
+                ObservedState::Exited { code: 0 } => "succeeded",
+                ObservedState::OomKilled => "oom-killed",
+                ObservedState::Exited { .. } | ObservedState::Failed { .. } => "failed",
             };
             *v.sandboxes.entry(state).or_default() += 1;
             if !o.state.is_terminal() {
                 v.cpu_allocated_millis += i64::try_from(o.resources.cpu_millis).unwrap_or(0);
                 v.memory_allocated_mib += i64::try_from(o.resources.memory_mib).unwrap_or(0);
             }
-        }
+        });
         if let Ok(mut g) = self.gauges.lock() {
             g.set_allocation(&self.metrics, v);
         }

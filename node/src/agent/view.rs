@@ -41,6 +41,13 @@ impl View {
         self.lock().values().cloned().collect()
     }
 
+    /// Visit every sandbox in id order, without copying them (under the lock: `f` must be quick).
+    pub fn for_each(&self, mut f: impl FnMut(&ObservedSandbox)) {
+        for o in self.lock().values() {
+            f(o);
+        }
+    }
+
     pub fn get(&self, id: SandboxId) -> Option<ObservedSandbox> {
         self.lock().get(&id).cloned()
     }
