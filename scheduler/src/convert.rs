@@ -270,24 +270,7 @@ pub fn assignments_to_pb(
         .into_iter()
         .filter_map(|a| {
             let job = state.jobs.get(&a.job)?;
-            Some(pn::Sandbox {
-                job_id: a.job,
-                index: a.index,
-                desired_state: if a.stop {
-                    "stopped"
-                } else if a.paused {
-                    "paused"
-                } else {
-                    "running"
-                }
-                .to_string(),
-                resources: Some(resources_to_pb(a.resources)),
-                template: job.spec.template.clone(),
-                command: job.spec.command.clone(),
-                env: job.spec.env.clone(),
-                generation: a.generation,
-                revision: a.revision,
-            })
+            Some(assignment_to_pb(&a, &job.spec))
         })
         .collect();
     pn::Assignments {
@@ -295,5 +278,27 @@ pub fn assignments_to_pb(
         full: true,
         sandboxes,
         removed: Vec::new(),
+    }
+}
+
+/// One sandbox of a node's desired set, of a job with `spec`.
+pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::Sandbox {
+    pn::Sandbox {
+        job_id: a.job,
+        index: a.index,
+        desired_state: if a.stop {
+            "stopped"
+        } else if a.paused {
+            "paused"
+        } else {
+            "running"
+        }
+        .to_string(),
+        resources: Some(resources_to_pb(a.resources)),
+        template: spec.template.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone(),
+        generation: a.generation,
+        revision: a.revision,
     }
 }

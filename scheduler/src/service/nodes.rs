@@ -211,20 +211,31 @@ impl NodeApi for NodesService {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let replica = self.replica.clone();
+        let hub = self.hub.clone();
         // Woken only when this node's assignments change, not on every applied entry.
         let mut changed = self.hub.subscribe(&node);
         // Resuming from the revision the node already has: nothing to send until it changes.
         let mut sent_revision = req.from_revision;
         let mut first = req.from_revision == 0;
+        // The revision the hub last woke this stream with (none yet: the first round reads the
+        // state, whatever the hub may have left for an earlier stream of the node).
+        let mut woken: Option<u64> = None;
         tokio::spawn(async move {
             loop {
-                let message = replica.read(|s, _| {
-                    let revision = s.nodes.get(&node).map(|n| n.revision)?;
-                    if !first && revision == sent_revision {
-                        return Some(None);
-                    }
-                    Some(Some(convert::assignments_to_pb(s, &node, revision)))
-                });
+                // What the hub built for this wake-up, if it did (many nodes moved at once).
+                let prebuilt = woken
+                    .and_then(|r| hub.take_prebuilt(&node, r))
+                    .filter(|m| m.revision != sent_revision);
+                let message = match prebuilt {
+                    Some(m) => Some(Some(m)),
+                    None => replica.read(|s, _| {
+                        let revision = s.nodes.get(&node).map(|n| n.revision)?;
+                        if !first && revision == sent_revision {
+                            return Some(None);
+                        }
+                        Some(Some(convert::assignments_to_pb(s, &node, revision)))
+                    }),
+                };
                 match message {
                     None => return, // the node was removed
                     Some(None) => {}
@@ -240,6 +251,7 @@ impl NodeApi for NodesService {
                     moved = changed.changed() => if moved.is_err() { return },
                     _ = tx.closed() => return,
                 }
+                woken = Some(*changed.borrow_and_update());
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
