@@ -29,7 +29,13 @@ async fn submissions_through_a_follower_survive_leader_kill() {
         .wait_converged(&c.ids(), Duration::from_secs(30))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(converged.applied_index >= 1000);
+    // 32 concurrent submitters share log entries (group commit, `service::batch`): the 1,000
+    // jobs took fewer entries than jobs.
+    assert!(
+        converged.applied_index < 1000,
+        "1,000 concurrent submissions took {} entries: nothing was batched",
+        converged.applied_index
+    );
     for id in c.ids() {
         let addr = c.addr(id).expect("addr");
         assert_eq!(jobs_on(&addr).await.len(), 1000, "replica {id}");

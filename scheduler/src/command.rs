@@ -92,7 +92,17 @@ pub enum Command {
         outcomes: Vec<OutcomeReport>,
         at_ms: u64,
     },
+    /// Several encoded commands in one log entry (group commit of the job API, see
+    /// `service::batch`). Each is applied as if it were its own entry at this index, with its
+    /// own reply; a batch inside a batch, or more than [`BATCH_COMMANDS_MAX`] commands, is
+    /// refused whole.
+    Batch {
+        commands: Vec<Vec<u8>>,
+    },
 }
+
+/// Commands in one [`Command::Batch`], at most.
+pub const BATCH_COMMANDS_MAX: usize = 1_024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
@@ -117,6 +127,8 @@ pub enum Response {
     Done,
     /// The command was refused; the state is unchanged.
     Rejected(Rejection),
+    /// One reply per command of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -35,6 +35,10 @@ pub const SCHEDULE_INTERVAL: Duration = Duration::from_millis(250);
 /// submissions costs a few plans per second, not one plan per submission.
 pub const SCHEDULE_INTERVAL_MIN: Duration = Duration::from_millis(20);
 
+/// While a queue cannot be placed and the capacity does not change, every job is planned
+/// again this often (a full plan walks every job; between them cycles plan the new ones).
+pub const FULL_PLAN_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Liveness {
     pub last_seen_ms: u64,
@@ -337,7 +341,7 @@ struct Quiet {
     fingerprint: u64,
     next_job: JobId,
     /// When the last full plan ran: all jobs are planned again at least every
-    /// [`SCHEDULE_INTERVAL`] (time-based rules such as the preemption cool-down change
+    /// [`FULL_PLAN_INTERVAL`] (index-based rules such as the preemption cool-down change
     /// without a change of capacity).
     since: Instant,
     input: placement::PlacementInput,
@@ -362,7 +366,7 @@ impl Cycle {
         let fingerprint = s.capacity_fingerprint();
         let next_job = s.jobs.keys().next_back().map_or(0, |id| id + 1);
         let quiet = quiet.filter(|q| {
-            q.fingerprint == fingerprint && now.duration_since(q.since) < SCHEDULE_INTERVAL
+            q.fingerprint == fingerprint && now.duration_since(q.since) < FULL_PLAN_INTERVAL
         });
         let (input, since, earlier) = match quiet {
             Some(q) => {
@@ -613,8 +617,8 @@ mod tests {
         assert_eq!(new_only.pending, 30, "the gauge still counts every job");
         assert_eq!(new_only.input.at_index, 3);
 
-        // Every SCHEDULE_INTERVAL all jobs are planned again.
-        let later = t0 + SCHEDULE_INTERVAL;
+        // Every FULL_PLAN_INTERVAL all jobs are planned again.
+        let later = t0 + FULL_PLAN_INTERVAL;
         let again = Cycle::prepare(&s, 3, Some(new_only.into_quiet()), later);
         assert_eq!(planned(&again), [1, 2, 3]);
 

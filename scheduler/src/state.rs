@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::command::{Command, Rejection, Response, StatusRange};
+use crate::command::{Command, Rejection, Response, StatusRange, BATCH_COMMANDS_MAX};
 use crate::model::{
     Counts, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState, Resources, RestartPolicy,
 };
@@ -222,7 +222,37 @@ impl ClusterState {
                 paused,
                 resources,
             } => self.set_sandboxes(index, job_id, first, count, paused, resources),
+            Command::Batch { commands } => self.apply_batch(index, &commands),
         }
+    }
+
+    /// Every command of a batch in order, each as if it were its own entry at `index`.
+    fn apply_batch(&mut self, index: u64, commands: &[Vec<u8>]) -> Response {
+        if commands.len() > BATCH_COMMANDS_MAX {
+            return Response::Rejected(Rejection::Invalid(format!(
+                "{} commands in one batch; at most {BATCH_COMMANDS_MAX}",
+                commands.len()
+            )));
+        }
+        let decoded: Vec<Result<Command, String>> = commands
+            .iter()
+            .map(|c| surge_raft::codec::from_bytes::<Command>(c).map_err(|e| e.to_string()))
+            .collect();
+        if decoded
+            .iter()
+            .any(|c| matches!(c, Ok(Command::Batch { .. })))
+        {
+            return Response::Rejected(Rejection::Invalid("a batch inside a batch".into()));
+        }
+        Response::Batch(
+            decoded
+                .into_iter()
+                .map(|c| match c {
+                    Ok(c) => self.apply_command(index, c),
+                    Err(e) => Response::Rejected(Rejection::Undecodable(e)),
+                })
+                .collect(),
+        )
     }
 
     fn register_node(&mut self, index: u64, spec: NodeSpec, at_ms: u64) -> Response {
@@ -265,7 +295,13 @@ impl ClusterState {
             };
         }
         // The log index is unique and increasing: a deterministic id every replica agrees on.
-        let job_id = index;
+        // Submissions batched into one entry share its index and take the ids after it (jobs
+        // are never removed, so the newest id is the largest key).
+        let job_id = self
+            .jobs
+            .keys()
+            .next_back()
+            .map_or(index, |newest| index.max(newest + 1));
         let mut job = Job {
             id: job_id,
             runs: Runs::new(spec.count, spec.per_sandbox),
@@ -1166,6 +1202,88 @@ pub(crate) mod tests {
         assert_eq!(job.state, JobState::Complete);
         assert_eq!(job.finished_at_ms, 9);
         assert!(s.assignments().is_empty());
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_as_its_own_with_its_own_reply() {
+        let mut s = ClusterState::default();
+        submit(&mut s, 1, "before");
+        let sub = |key: &str| {
+            Command::SubmitJob {
+                spec: spec(2, "eval"),
+                idempotency_key: key.into(),
+                at_ms: 7,
+            }
+            .encode()
+        };
+        let batch = Command::Batch {
+            commands: vec![
+                sub("a"),
+                sub("b"),
+                sub("a"), // a retry of "a" in the same entry: the same job
+                Command::CancelJob {
+                    job_id: 99,
+                    at_ms: 7,
+                }
+                .encode(),
+                vec![0xff, 0x00, 0x13],
+            ],
+        };
+        let r = apply(&mut s, 2, batch);
+        let Response::Batch(replies) = r else {
+            panic!("{r:?}")
+        };
+        let ids: Vec<_> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Response::JobSubmitted { job_id, .. } => Some(*job_id),
+                _ => None,
+            })
+            .collect();
+        // Jobs in one entry share its index and take the ids after it.
+        assert_eq!(ids, [2, 3, 2]);
+        assert_eq!(
+            replies[2],
+            Response::JobSubmitted {
+                job_id: 2,
+                created: false
+            }
+        );
+        assert_eq!(replies[3], Response::Rejected(Rejection::NoSuchJob(99)));
+        assert!(matches!(
+            replies[4],
+            Response::Rejected(Rejection::Undecodable(_))
+        ));
+        assert_eq!(s.jobs.len(), 3);
+        // The next entry's index is taken already: its job gets the next free id.
+        submit(&mut s, 3, "after");
+        assert_eq!(s.jobs.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+        submit(&mut s, 9, "later");
+        assert!(s.jobs.contains_key(&9), "ids follow the index again");
+
+        // Refused whole, state unchanged: a batch in a batch, or too many commands.
+        let before = s.state_hash();
+        let nested = Command::Batch {
+            commands: vec![
+                sub("c"),
+                Command::Batch {
+                    commands: vec![sub("d")],
+                }
+                .encode(),
+            ],
+        };
+        assert!(matches!(
+            apply(&mut s, 10, nested),
+            Response::Rejected(Rejection::Invalid(_))
+        ));
+        let huge = Command::Batch {
+            commands: vec![sub("e"); BATCH_COMMANDS_MAX + 1],
+        };
+        assert!(matches!(
+            apply(&mut s, 11, huge),
+            Response::Rejected(Rejection::Invalid(_))
+        ));
+        assert_eq!(s.state_hash(), before);
     }
 
     #[test]

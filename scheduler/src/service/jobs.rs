@@ -8,8 +8,9 @@ use surge_proto::jobs as pb;
 use surge_proto::jobs::jobs_server::{Jobs, JobsServer};
 use tonic::{Request, Response, Status};
 
+use super::batch::Batcher;
 use super::guard::Caller;
-use super::{invalid, now_ms, propose, Replica};
+use super::{invalid, now_ms, Replica};
 use crate::command::{Command, Response as Reply};
 use crate::convert;
 use crate::model::{JobId, JobState};
@@ -23,13 +24,17 @@ pub const WATCH_BUFFER: usize = 16;
 
 pub struct JobsService {
     replica: Replica,
+    /// Proposals go through group commit (see `batch`).
+    batcher: Batcher,
     /// Makes server-chosen idempotency keys unique within this replica's lifetime.
     key_seq: AtomicU64,
 }
 
 impl JobsService {
+    /// Needs a tokio runtime: it starts the batching task.
     pub fn new(replica: Replica) -> Self {
         JobsService {
+            batcher: Batcher::start(replica.clone()),
             replica,
             key_seq: AtomicU64::new(0),
         }
@@ -79,7 +84,7 @@ impl JobsService {
             idempotency_key: key,
             at_ms: now_ms(),
         };
-        match propose(&self.replica, command).await? {
+        match self.batcher.propose(command).await? {
             (index, Reply::JobSubmitted { job_id, created }) => Ok(pb::SubmitJobReply {
                 job_id,
                 created,
@@ -159,14 +164,13 @@ impl JobsService {
             // A job's tenant never changes: once seen as the caller's, it stays the caller's.
             self.get(caller, job_id).await?;
         }
-        match propose(
-            &self.replica,
-            Command::CancelJob {
+        match self
+            .batcher
+            .propose(Command::CancelJob {
                 job_id,
                 at_ms: now_ms(),
-            },
-        )
-        .await?
+            })
+            .await?
         {
             (_, Reply::JobCancelled { job }) => Ok(convert::job_to_pb(&job)),
             (_, other) => Err(unexpected(other)),
@@ -206,7 +210,7 @@ impl JobsService {
                     count,
                     at_ms: now_ms(),
                 };
-                propose(&self.replica, command).await?;
+                self.batcher.propose(command).await?;
                 return self.get(caller, req.job_id).await;
             }
             other => {
@@ -252,7 +256,7 @@ impl JobsService {
             paused,
             resources,
         };
-        propose(&self.replica, command).await?;
+        self.batcher.propose(command).await?;
         self.get(caller, req.job_id).await
     }
 
@@ -294,14 +298,12 @@ impl JobsService {
                 if m == 0 { u64::MAX } else { m },
             )),
         };
-        propose(
-            &self.replica,
-            Command::SetQuota {
+        self.batcher
+            .propose(Command::SetQuota {
                 tenant: req.tenant,
                 max,
-            },
-        )
-        .await?;
+            })
+            .await?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The gRPC services of the scheduler. Requests are validated and converted here; errors become
 //! [`tonic::Status`] only in these files.
 
+pub mod batch;
 pub mod decode_status;
 pub mod guard;
 pub mod hub;
@@ -42,10 +43,19 @@ pub fn rejection(r: Rejection) -> Status {
 /// Propose a command through the replicated log and decode what applying it returned.
 pub async fn propose(replica: &Replica, command: Command) -> Result<(u64, Response), Status> {
     let proposed = replica.propose(command.encode()).await?;
-    let response = Response::decode(&proposed.reply)
-        .map_err(|e| Status::internal(format!("undecodable reply from the state machine: {e}")))?;
+    answered(proposed.index, Response::decode(&proposed.reply))
+}
+
+/// What applying a command at `index` returned; the state machine's refusal is an error.
+pub fn answered(
+    index: u64,
+    response: Result<Response, surge_raft::codec::CodecError>,
+) -> Result<(u64, Response), Status> {
     match response {
-        Response::Rejected(r) => Err(rejection(r)),
-        r => Ok((proposed.index, r)),
+        Ok(Response::Rejected(r)) => Err(rejection(r)),
+        Ok(r) => Ok((index, r)),
+        Err(e) => Err(Status::internal(format!(
+            "undecodable reply from the state machine: {e}"
+        ))),
     }
 }
