@@ -4,7 +4,7 @@
 //! ```text
 //!  client ─► any replica ── RaftNode::propose ──(not leader)── Cluster.Propose ─► leader
 //!                                                                   │
-//!            leader: openraft client_write ─► LogStore::append (RocksDB, one fsync per batch)
+//!            leader: openraft client_write ─► LogStore::append (RocksDB; flusher: one fsync per group)
 //!                                                                   │ RaftTransport.AppendEntries
 //!                                                                   ▼
 //!            quorum acks ─► committed ─► StateMachineStore::apply ─► S::apply(index, bytes)
