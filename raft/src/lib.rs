@@ -4,7 +4,7 @@
 //! ```text
 //!  client ─► any replica ── RaftNode::propose ──(not leader)── Cluster.Propose ─► leader
 //!                                                                   │
-//!            leader: openraft client_write ─► LogStore::append (RocksDB; flusher: one fsync per group)
+//!            leader: openraft client_write ─► LogStore::append (RocksDB, fsync on the flusher)
 //!                                                                   │ RaftTransport.AppendEntries
 //!                                                                   ▼
 //!            quorum acks ─► committed ─► StateMachineStore::apply ─► S::apply(index, bytes)

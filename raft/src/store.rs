@@ -14,8 +14,11 @@
 //! restored and openraft re-applies the committed log after it. Every write that Raft's safety
 //! depends on (vote, truncation, purge, snapshot) is a synced write. Appended entries are either
 //! synced in `append` (one fsync per batch of entries) or, in a server, written at once and
-//! acknowledged by the flusher thread after one WAL sync for all appends queued meanwhile, so
-//! that openraft's core never waits for the disk.
+//! acknowledged by the flusher thread after a WAL sync. openraft 0.9's core still awaits each
+//! append's flush (its `append_to_log` wraps the callback into a wait), so this does not
+//! pipeline appends; it keeps the fsync off the runtime's worker threads, which also serve gRPC
+//! and replication. Should openraft stop waiting, the flusher already syncs once for every
+//! append queued since its last sync.
 
 // openraft's traits fix the error type (StorageError, ~200 bytes); the helpers share it so `?`
 // composes. It only travels on the failure path.
@@ -333,8 +336,8 @@ impl LogStore {
     }
 
     /// A log whose appends return once written and are acknowledged to openraft by a flusher
-    /// thread after one fsync for every append queued meanwhile (group commit). openraft's core
-    /// keeps replicating and accepting proposals while the disk syncs.
+    /// thread after one WAL sync for every append queued meanwhile. The sync blocks that thread,
+    /// not one of the runtime's workers (openraft 0.9's core awaits the acknowledgement).
     pub fn with_background_flush(storage: Storage) -> std::io::Result<Self> {
         let flusher = Flusher::start(storage.clone())?;
         Ok(LogStore {
