@@ -544,6 +544,23 @@ fn check_invariants(s: &ClusterState) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(CASES))]
 
+    /// Group commit must not change meaning: a batch is its commands applied one by one at the
+    /// batch's index, with the same replies, hostile commands included.
+    #[test]
+    fn a_batch_is_its_commands_applied_one_by_one(steps in proptest::collection::vec(step(), 1..20)) {
+        let (mut a, index) = seeded_state();
+        let mut b = a.clone();
+        let commands: Vec<Command> = steps.iter().map(|st| command_of(&a, index, st)).collect();
+        let batch = Command::Batch { commands: commands.iter().map(Command::encode).collect() };
+        let reply = Response::decode(&a.apply(index, &batch.encode()))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let one_by_one: Vec<Response> =
+            commands.into_iter().map(|c| b.apply_command(index, c)).collect();
+        prop_assert_eq!(reply, Response::Batch(one_by_one));
+        prop_assert!(a == b, "the batch left another state than its commands one by one");
+        check_invariants(&a)?;
+    }
+
     #[test]
     fn rejected_commands_change_nothing_and_invariants_hold(steps in proptest::collection::vec(step(), 1..30)) {
         let (mut a, first) = seeded_state();
