@@ -6,19 +6,23 @@
 //! violation and the first counter-example in full (the events that show it), so a report can be
 //! understood without the run.
 //!
-//! | checker                  | property                                                         |
-//! |--------------------------|------------------------------------------------------------------|
-//! | `acknowledged_once`      | every acknowledged submission exists exactly once, with its id,  |
-//! |                          | on every replica; no key is ever applied twice; no phantom job   |
-//! | `cancels_durable`        | an acknowledged cancel is never undone                           |
-//! | `no_overcommit`          | no node is ever allocated more than it offers                    |
-//! | `one_live_node_per_sandbox` | no two live nodes hold one sandbox's newest run; a live node   |
-//! |                          | stops an older run it still has within a grace                   |
-//! | `gang_all_or_nothing`    | no gang job ever has sandboxes active while others wait          |
-//! | `converged`              | every replica ends at the same applied index and state hash;     |
-//! |                          | replicas at one applied index never disagree on the hash         |
-//! | `liveness`               | after the faults heal, every placeable pending job is placed     |
-//! |                          | within the bound                                                 |
+//! | checker                     | property                                                      |
+//! |-----------------------------|---------------------------------------------------------------|
+//! | `acknowledged_once`         | every acknowledged submission exists exactly once, with its   |
+//! |                             | id, on every replica; no key is ever applied twice; no        |
+//! |                             | phantom job                                                   |
+//! | `cancels_durable`           | an acknowledged cancel is never undone                        |
+//! | `no_overcommit`             | no node is ever allocated more than it offers                 |
+//! | `one_live_node_per_sandbox` | no two live nodes hold one sandbox's newest run; a live node  |
+//! |                             | stops an older run it still has within a grace                |
+//! | `gang_all_or_nothing`       | no gang job ever has sandboxes active while others wait       |
+//! | `converged`                 | every replica ends at the same applied index and state hash;  |
+//! |                             | replicas at one applied index never disagree on the hash      |
+//! | `liveness`                  | after the faults heal, every placeable pending job is placed  |
+//! |                             | within the bound                                              |
+//!
+//! The real-process harness adds `containers_cleaned_up` after the run (`crate::run`): nothing
+//! of its container nodes is left on the host.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -43,6 +43,10 @@ pub const NODE_TTL_MS_DEFAULT: u64 = 10_000;
 pub const NODE_GROUPS_MAX: u32 = 64;
 /// The check, after the run, that the container nodes left nothing on the host.
 pub const LEFTOVERS_CHECKER: &str = "containers_cleaned_up";
+/// Most failed container sandboxes a report explains.
+pub const CONTAINER_FAILURES_MAX: usize = 10;
+/// How the notes that explain a failed container sandbox begin.
+const FAILURE_NOTE: &str = "failed container sandbox ";
 /// Most container node daemons one run starts.
 pub const CONTAINER_NODES_MAX: u32 = 8;
 /// What each container node offers: small, like the jobs meant for it.
@@ -151,6 +155,9 @@ pub struct ContainerFigures {
     pub succeeded: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Why sandboxes failed: state, node, exit code, message, output tail (at most
+    /// [`CONTAINER_FAILURES_MAX`]).
+    pub failures: Vec<String>,
     /// Containers, processes, mounts or cgroups of the run still on the host after the cleanup
     /// (a violation when not empty).
     pub leftovers: Vec<String>,
@@ -258,9 +265,8 @@ pub fn is_container_job(j: &JobSample) -> bool {
         .any(|c| *c == format!("{CLASS_LABEL}={CONTAINER_CLASS}"))
 }
 
-/// The container jobs of the first successful final read, by end state.
-fn container_figures(h: &History) -> ContainerFigures {
-    let mut f = ContainerFigures::default();
+/// The container jobs of the first successful final read.
+fn final_container_jobs(h: &History) -> Vec<JobSample> {
     let first = h
         .events
         .iter()
@@ -268,13 +274,36 @@ fn container_figures(h: &History) -> ContainerFigures {
             (Op::ReadJobs { jobs, .. }, Process::Final, EventType::Ok) => Some(jobs),
             _ => None,
         });
-    for j in first.into_iter().flatten().filter(|j| is_container_job(j)) {
+    first
+        .into_iter()
+        .flatten()
+        .filter(|j| is_container_job(j))
+        .cloned()
+        .collect()
+}
+
+/// The container jobs of the first successful final read, by end state, and why sandboxes
+/// failed (the notes the run recorded).
+fn container_figures(h: &History) -> ContainerFigures {
+    let mut f = ContainerFigures::default();
+    for j in final_container_jobs(h) {
         f.jobs += 1;
         f.sandboxes += u64::from(j.count);
         f.succeeded += u64::from(j.succeeded);
         f.failed += u64::from(j.failed);
         f.cancelled += u64::from(j.cancelled);
     }
+    f.failures = h
+        .events
+        .iter()
+        .filter_map(|e| match (&e.op, e.process) {
+            (Op::Note { text }, Process::Final) if text.starts_with(FAILURE_NOTE) => {
+                Some(text.clone())
+            }
+            _ => None,
+        })
+        .take(CONTAINER_FAILURES_MAX)
+        .collect();
     f
 }
 
@@ -588,6 +617,36 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             }
         }
     }
+    // Why container sandboxes failed, when some did: not a property the checkers judge (a start
+    // can fail on a loaded host), but the report says it.
+    if let Some((_, addr)) = replicas.first() {
+        let failed: Vec<(u64, u32)> = final_container_jobs(&recorder.history())
+            .iter()
+            .filter(|j| j.failed > 0)
+            .flat_map(|j| (0..j.count).map(move |i| (j.id, i)))
+            .take(CONTAINER_FAILURES_MAX * 4)
+            .collect();
+        let mut told = 0;
+        for (job, index) in failed {
+            if told >= CONTAINER_FAILURES_MAX {
+                break;
+            }
+            if let Ok(s) = workload::sandbox_info(addr, job, index).await {
+                if matches!(s.state.as_str(), "failed" | "oom-killed") {
+                    told += 1;
+                    let tail: String = {
+                        let chars: Vec<char> = s.log_tail.chars().collect();
+                        chars[chars.len().saturating_sub(200)..].iter().collect()
+                    };
+                    let text = format!(
+                        "{FAILURE_NOTE}{job}.{index} {} on node {} (generation {}): exit code {}, message {:?}, output tail {:?}",
+                        s.state, s.node, s.generation, s.exit_code, s.message, tail
+                    );
+                    recorder.record(Process::Final, EventType::Info, Op::Note { text });
+                }
+            }
+        }
+    }
     let history = recorder.history();
     let mut report = Report::from_history(cfg, &history, started.elapsed(), None);
     // A failed run keeps its data dirs and logs: the post-mortem needs them, and a replay is not
@@ -672,4 +731,87 @@ pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
         kind: GroupKind::Container,
     });
     sim.chain(containers).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_figures_count_container_jobs_and_keep_failure_notes() {
+        let job = |id, constraint: &str, succeeded, failed| JobSample {
+            id,
+            key: format!("k{id}"),
+            count: succeeded + failed,
+            succeeded,
+            failed,
+            state: "complete".into(),
+            constraints: vec![constraint.into()],
+            ..JobSample::default()
+        };
+        let h = History::from_events(vec![
+            (
+                1,
+                Process::Final,
+                EventType::Ok,
+                Op::ReadJobs {
+                    replica: 1,
+                    jobs: vec![
+                        job(1, "chaos=container", 3, 1),
+                        job(2, "chaos=sim", 5, 0),
+                        job(3, "chaos=container", 2, 0),
+                    ],
+                },
+            ),
+            (
+                2,
+                Process::Final,
+                EventType::Info,
+                Op::Note {
+                    text: format!("{FAILURE_NOTE}1.3 failed on node ctr-1-0"),
+                },
+            ),
+            (
+                3,
+                Process::Final,
+                EventType::Info,
+                Op::Note {
+                    text: "something else".into(),
+                },
+            ),
+        ]);
+        let f = container_figures(&h);
+        assert_eq!(
+            (f.jobs, f.sandboxes, f.succeeded, f.failed),
+            (2, 6, 5, 1),
+            "{f:?}"
+        );
+        assert_eq!(f.failures.len(), 1);
+        assert!(f.failures[0].contains("1.3"), "{:?}", f.failures);
+    }
+
+    #[test]
+    fn container_nodes_get_their_own_groups_and_labels() {
+        let mut cfg = ChaosConfig::new(PathBuf::from("surge"), 1);
+        cfg.container_nodes = 2;
+        let groups = node_groups(&cfg);
+        let ctr: Vec<&NodeGroup> = groups
+            .iter()
+            .filter(|g| g.kind == GroupKind::Container)
+            .collect();
+        assert_eq!(ctr.len(), 2);
+        assert!(ctr.iter().all(|g| g.count == 1
+            && g.name.starts_with("ctr-")
+            && g.args.iter().any(|a| a == "chaos=container")));
+        let sim: u32 = groups
+            .iter()
+            .filter(|g| g.kind == GroupKind::Sim)
+            .map(|g| g.count)
+            .sum();
+        assert_eq!(sim, cfg.nodes);
+        assert!(groups
+            .iter()
+            .filter(|g| g.kind == GroupKind::Sim)
+            .all(|g| g.args.iter().any(|a| a == "chaos=sim")));
+    }
 }

@@ -461,6 +461,17 @@ pub async fn read_jobs(addr: &str, tenant: &str) -> Result<Vec<JobSample>, Strin
     Ok(all)
 }
 
+/// Sandbox `job`.`index` as replica `addr` tells it (state, node, exit code, message, output).
+pub async fn sandbox_info(addr: &str, job: u64, index: u32) -> Result<pb::SandboxInfo, String> {
+    let mut c = client::jobs(addr).map_err(|e| e.to_string())?;
+    let req = pb::GetSandboxRequest { job_id: job, index };
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, c.get_sandbox(req)).await {
+        Err(_) => Err("no reply to GetSandbox within the attempt timeout".into()),
+        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
 /// Every node as replica `addr` sees it.
 pub async fn read_nodes(addr: &str) -> Result<Vec<NodeSample>, String> {
     let mut c = client::nodes(addr).map_err(|e| e.to_string())?;

@@ -439,6 +439,9 @@ fn print_table(r: &Report, replay: &str) {
             c.cancelled,
             c.leftovers.len()
         );
+        for f in &c.failures {
+            println!("             {f}");
+        }
     }
     if let Some(d) = &r.data_dir {
         println!("data:        {}", d.display());
