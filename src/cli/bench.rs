@@ -735,6 +735,9 @@ struct BurstRun {
     running_share_s: [f64; 3],
 }
 
+/// How often a burst still in progress prints its counts.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The shares of a burst whose "reported running" times are recorded.
 const RUNNING_SHARES: [f64; 3] = [0.5, 0.9, 0.99];
 
@@ -766,6 +769,7 @@ async fn burst_run(
         .job_id;
     let mut placed_s = None;
     let mut running_share_s = [None; 3];
+    let mut progress_at = Instant::now();
     let running_s;
     loop {
         let Ok(j) = jobs.get_job(pb::GetJobRequest { job_id }).await else {
@@ -780,6 +784,17 @@ async fn burst_run(
         let c = j.counts.unwrap_or_default();
         if placed_s.is_none() && c.pending == 0 {
             placed_s = Some(started.elapsed().as_secs_f64());
+        }
+        // A long burst says how it is doing (a stall looks different from a slow climb).
+        if args.output == Output::Table && progress_at.elapsed() >= PROGRESS_INTERVAL {
+            progress_at = Instant::now();
+            eprintln!(
+                "  {:.1} s: {} pending, {} placed, {} running",
+                started.elapsed().as_secs_f64(),
+                c.pending,
+                c.placed,
+                c.running
+            );
         }
         for (at, share) in running_share_s.iter_mut().zip(RUNNING_SHARES) {
             if at.is_none() && f64::from(c.running) >= share * f64::from(args.sandboxes) {
