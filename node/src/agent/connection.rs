@@ -257,6 +257,15 @@ pub fn backoff_ms(attempt: u32, seed: u64) -> u64 {
     half + mix(seed ^ u64::from(attempt)) % (half + 1)
 }
 
+/// Whether a session gives up on its replica after a failed heartbeat: once heartbeats have gone
+/// unanswered for half the node's TTL (so it moves on before the TTL runs out), or after
+/// [`HEARTBEAT_FAILURES_MAX`] failures in a row. One failure alone is not enough: the heartbeats
+/// of a whole simulating process fail together when one batch call does, and every session that
+/// ends registers again through Raft, thousands of writes on a cluster that is slow already.
+pub fn heartbeats_lost(failures: u32, unanswered_for: Duration, ttl: Duration) -> bool {
+    failures >= HEARTBEAT_FAILURES_MAX || unanswered_for >= ttl / 2
+}
+
 /// CPU rate from two cumulative samples, in millicores.
 pub fn cpu_millis_between(prev_ns: u64, now_ns: u64, elapsed: Duration) -> u64 {
     let elapsed_ns = elapsed.as_nanos();
@@ -362,17 +371,15 @@ impl<R: Runtime> Session<R> {
             .clamp(HEARTBEAT_INTERVAL_MIN_MS, HEARTBEAT_INTERVAL_MAX_MS);
         tracing::info!(node = %node_id, index = reply.index, heartbeat_interval_ms = interval_ms, "registered");
         // A hung replica must not keep this node past its TTL: heartbeats time out after a
-        // quarter of the TTL, and the session moves to another replica once failed heartbeats
-        // have used up half of it.
+        // quarter of the TTL, and the session moves to another replica once heartbeats have gone
+        // unanswered for half of it (see `heartbeats_lost`).
         let ttl_ms = if reply.ttl_ms == 0 {
             10_000
         } else {
             reply.ttl_ms
         };
         let hb_timeout = Duration::from_millis((ttl_ms / 4).max(200)).min(t);
-        let hb_failures_max = u32::try_from((ttl_ms / 2) / (interval_ms + ttl_ms / 4).max(1))
-            .unwrap_or(u32::MAX)
-            .clamp(1, HEARTBEAT_FAILURES_MAX);
+        let ttl = Duration::from_millis(ttl_ms);
 
         // The full report goes first, so the scheduler knows what survived before it hears of
         // anything new.
@@ -413,6 +420,7 @@ impl<R: Runtime> Session<R> {
         let mut heartbeat = tokio::time::interval(Duration::from_millis(interval_ms));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prev_cpu: Option<(u64, Instant)> = None;
+        let mut last_answered = Instant::now();
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
@@ -451,11 +459,14 @@ impl<R: Runtime> Session<R> {
                         Ok(r) if !r.known => {
                             return end("the scheduler does not know this node (re-registering)".into(), established);
                         }
-                        Ok(_) => failures = 0,
+                        Ok(_) => {
+                            failures = 0;
+                            last_answered = Instant::now();
+                        }
                         Err(e) => {
                             failures += 1;
                             tracing::warn!(node = %node_id, error = %e, failures, "heartbeat failed");
-                            if failures >= hb_failures_max {
+                            if heartbeats_lost(failures, last_answered.elapsed(), ttl) {
                                 return end(format!("{failures} heartbeats in a row failed: {e}"), established);
                             }
                         }
@@ -536,6 +547,22 @@ mod tests {
             .map(|n| backoff_ms(5, seed_of(&format!("sim-{n}"))))
             .collect();
         assert!(spread.len() > 10, "nodes do not reconnect in lockstep");
+    }
+
+    #[test]
+    fn a_session_outlasts_one_failed_heartbeat_but_not_half_the_ttl() {
+        let ttl = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        // Interval 1 s, each call timing out after a quarter of the TTL: one failure is ~3.5 s.
+        assert!(!heartbeats_lost(1, Duration::from_millis(3_500), ttl));
+        assert!(heartbeats_lost(2, Duration::from_millis(6_000), ttl));
+        assert!(heartbeats_lost(1, s(5), ttl), "half the TTL unanswered");
+        assert!(
+            heartbeats_lost(HEARTBEAT_FAILURES_MAX, s(0), ttl),
+            "fast failures count too"
+        );
+        // A long interval: the first failure is past half the TTL already.
+        assert!(heartbeats_lost(1, s(60), ttl));
     }
 
     #[test]
