@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use surge_chaos::client;
+use surge_chaos::containers::{self, ContainerDaemon};
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
@@ -15,26 +16,19 @@ use super::output::table;
 /// `surge node` daemons on the container runtime, stopped (and their containers removed) on drop.
 pub struct RealNodes {
     children: Vec<Child>,
-    data_dirs: Vec<PathBuf>,
+    daemons: Vec<ContainerDaemon>,
+    root: PathBuf,
 }
 
-/// Whether this host can run real container sandboxes (root and crun).
-pub fn can_run_containers() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    match Command::new("crun").arg("--version").output() {
-        Ok(o) if o.status.success() => Ok(()),
-        _ => Err("crun is not installed (scripts/setup installs it)".into()),
-    }
-}
+/// How long a real node daemon gets to exit after SIGTERM before it is killed.
+const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl RealNodes {
     pub fn start(bin: &Path, root: &Path, servers: &str, count: u32) -> anyhow::Result<Self> {
         let mut nodes = RealNodes {
             children: Vec::new(),
-            data_dirs: Vec::new(),
+            daemons: Vec::new(),
+            root: root.to_path_buf(),
         };
         for i in 0..count {
             let dir = root.join(format!("real-{i}"));
@@ -60,12 +54,16 @@ impl RealNodes {
                 .spawn()
                 .context("cannot start a real node daemon")?;
             nodes.children.push(child);
-            nodes.data_dirs.push(dir);
+            nodes.daemons.push(ContainerDaemon {
+                node: format!("real-{i}"),
+                data_dir: dir,
+            });
         }
         Ok(nodes)
     }
 
-    /// Stop the daemons, then every container they left, so nothing outlives `surge dev`.
+    /// Stop the daemons, then remove every container, mount and cgroup they left (a daemon's
+    /// sandboxes outlive it on purpose), so nothing outlives `surge dev`.
     pub async fn stop(&mut self) {
         for c in &mut self.children {
             if let Ok(pid) = libc::pid_t::try_from(c.id()) {
@@ -75,23 +73,18 @@ impl RealNodes {
                 }
             }
         }
+        let deadline = Instant::now() + DAEMON_STOP_TIMEOUT;
         for c in &mut self.children {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = c.kill();
             let _ = c.wait();
         }
         self.children.clear();
-        use surge_node::runtime::container::{ContainerConfig, ContainerRuntime};
-        use surge_node::runtime::Runtime;
-        for dir in self.data_dirs.drain(..) {
-            let Ok(rt) = ContainerRuntime::new(ContainerConfig::new(&dir)) else {
-                continue;
-            };
-            if let Ok(list) = rt.list().await {
-                for s in list {
-                    let _ = rt.stop(s.id, Duration::from_millis(500)).await;
-                    let _ = rt.remove(s.id).await;
-                }
-            }
-        }
+        let daemons = std::mem::take(&mut self.daemons);
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || containers::cleanup(&daemons, &root)).await;
     }
 }
 
@@ -100,6 +93,9 @@ impl Drop for RealNodes {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if !self.daemons.is_empty() {
+            containers::cleanup(&self.daemons, &self.root);
         }
     }
 }

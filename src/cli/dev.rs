@@ -50,6 +50,9 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         }
     };
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    // One listener for the whole run: Ctrl-C right as the demo ends must still stop everything.
+    let shutdown = super::server::shutdown_signal();
+    tokio::pin!(shutdown);
     let mut cluster = LocalCluster::new(&bin, &root, args.replicas, Some(args.port))?;
     cluster.start_all()?;
     let leader = match cluster.wait_leader(Duration::from_secs(30)).await {
@@ -76,7 +79,7 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
             &["--label", "kind=sim", "--sim-duration-ms", "5000"],
         )?;
     }
-    let real_nodes = match super::demo::can_run_containers() {
+    let real_nodes = match surge_chaos::containers::usable() {
         Ok(()) => args.real_nodes,
         Err(why) if args.real_nodes > 0 => {
             eprintln!("no real node daemons: {why}; only simulated nodes");
@@ -130,7 +133,7 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         let demo = super::demo::run(&leader_addr, args.sim_sandboxes, real_sandboxes);
         tokio::select! {
             r = demo => if let Err(e) = r { eprintln!("demo: {e:#}") },
-            _ = super::server::shutdown_signal() => {
+            _ = &mut shutdown => {
                 println!("stopping the cluster ...");
                 real.stop().await;
                 cluster.stop_all(Duration::from_secs(5));
@@ -140,8 +143,6 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         println!("\nThe cluster keeps running; Ctrl-C stops it.");
     }
 
-    let shutdown = super::server::shutdown_signal();
-    tokio::pin!(shutdown);
     let mut reported = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
