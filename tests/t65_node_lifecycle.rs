@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use surge_chaos::client;
 use surge_chaos::cluster::LocalCluster;
+use surge_chaos::containers::{self, ContainerDaemon};
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
@@ -127,37 +128,30 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Stop the daemon and remove what it left (see `Drop`); returns whatever of it is still on
+    /// the host.
+    fn remove(self) -> Vec<String> {
+        let daemon = ContainerDaemon {
+            node: self.id.clone(),
+            data_dir: self.data_dir.clone(),
+        };
+        drop(self);
+        containers::leftovers(std::slice::from_ref(&daemon), &daemon.data_dir)
+    }
+}
+
 impl Drop for Node {
-    /// Kill the daemon, then whatever containers it left (crun by its state dir), so nothing
-    /// outlives the test.
+    /// Kill the daemon, then whatever it left on the host (containers, shims, the overlay
+    /// mounts under its data dir, its `/surge/NODE` cgroups), so nothing outlives the test. Each
+    /// test names its nodes apart, since cgroups are per node id and the tests run at once.
     fn drop(&mut self) {
         self.kill();
-        let crun_root = self.data_dir.join("crun");
-        let listed = Command::new("crun")
-            .arg("--root")
-            .arg(&crun_root)
-            .args(["list", "-q"])
-            .output();
-        if let Ok(out) = listed {
-            for cid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("crun")
-                    .arg("--root")
-                    .arg(&crun_root)
-                    .args(["delete", "-f", cid])
-                    .output();
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.data_dir.join("sandboxes")) {
-            for e in entries.flatten() {
-                let rootfs = e.path().join("rootfs");
-                if let Ok(c) = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: a valid NUL-terminated path; not mounted is fine.
-                    unsafe {
-                        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-                    }
-                }
-            }
-        }
+        let daemon = ContainerDaemon {
+            node: self.id.clone(),
+            data_dir: self.data_dir.clone(),
+        };
+        containers::cleanup(std::slice::from_ref(&daemon), &self.data_dir);
     }
 }
 
@@ -404,8 +398,8 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
     let Some((c, dir, addr)) = cluster_for("template_import", NODE_TTL_MS).await else {
         return;
     };
-    let a = Node::start(dir.path(), &addr, "real-a");
-    let b = Node::start(dir.path(), &addr, "real-b");
+    let a = Node::start(dir.path(), &addr, "real-i");
+    let b = Node::start(dir.path(), &addr, "real-j");
     wait_nodes_ready(&c, &[&a, &b], &addr).await;
 
     // A flavoured copy of the default template, as a tarball, imported on node b while its
@@ -459,7 +453,7 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
             let listed = list_nodes(&addr).await?;
             listed
                 .iter()
-                .any(|n| n.node_id == "real-b" && n.templates.iter().any(|t| t == "flavoured"))
+                .any(|n| n.node_id == "real-j" && n.templates.iter().any(|t| t == "flavoured"))
                 .then_some(())
         },
     )
@@ -483,7 +477,7 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
     assert_eq!(j.state, "complete", "{j:?}");
     for i in 0..2 {
         let s = sandbox(&addr, id, i).await;
-        assert_eq!((s.node.as_str(), s.log_tail.as_str()), ("real-b", "mint\n"));
+        assert_eq!((s.node.as_str(), s.log_tail.as_str()), ("real-j", "mint\n"));
     }
 }
 
@@ -548,14 +542,14 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
     let Some((c, dir, addr)) = cluster_for("cut_off", NODE_TTL_MS).await else {
         return;
     };
-    let a = Node::start(dir.path(), &addr, "real-a");
+    let a = Node::start(dir.path(), &addr, "real-x");
     wait_nodes_ready(&c, &[&a], &addr).await;
     let id = submit(&addr, spec(1, COUNTER_SCRIPT), "moved").await;
     wait_for(&c, &[&a], "the sandbox counts on node a", || async {
         (a.counter(id, 0) > 3).then_some(())
     })
     .await;
-    let b = Node::start(dir.path(), &addr, "real-b");
+    let b = Node::start(dir.path(), &addr, "real-y");
     wait_nodes_ready(&c, &[&a, &b], &addr).await;
 
     // Freeze node a's daemon (its sandbox keeps running): past the TTL the scheduler marks it
@@ -563,7 +557,7 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
     a.signal(libc::SIGSTOP);
     let moved = wait_for(&c, &[&a, &b], "the sandbox is rescheduled on b", || async {
         let s = sandbox(&addr, id, 0).await;
-        (s.node == "real-b" && s.state == "running" && s.generation == 1).then_some(s)
+        (s.node == "real-y" && s.state == "running" && s.generation == 1).then_some(s)
     })
     .await;
     assert_eq!(moved.generation, 1);
@@ -592,7 +586,7 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
     let s = sandbox(&addr, id, 0).await;
     assert_eq!(
         (s.node.as_str(), s.state.as_str(), s.generation),
-        ("real-b", "running", 1),
+        ("real-y", "running", 1),
         "a's late report about generation 0 changed nothing"
     );
     wait_nodes_ready(&c, &[&a, &b], &addr).await;
@@ -601,4 +595,11 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
         log.contains("re-registering") || log.contains("registered"),
         "node a reconnected: {log}"
     );
+
+    // b's sandbox is still running: removing the nodes leaves nothing on the host.
+    for n in [a, b] {
+        let id = n.id.clone();
+        let left = n.remove();
+        assert!(left.is_empty(), "node {id} left behind: {left:?}");
+    }
 }
