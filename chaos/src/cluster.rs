@@ -446,13 +446,37 @@ impl LocalCluster {
         count: u32,
         args: &[&str],
     ) -> Result<(), ClusterError> {
+        let data_dir = self.root.join(format!("nodes-{group}"));
+        let count = count.to_string();
+        let runtime = ["--runtime", "sim", "--simulate", &count];
+        self.spawn_node_daemon(group, &runtime, &data_dir, args)
+    }
+
+    /// Start a real `surge node` daemon on the container runtime (crun) with id `node`, its own
+    /// data dir (`nodes-NODE` under the root) and hence its own cgroup parent (`/surge/NODE`),
+    /// talking to every replica; `args` are extra `surge node` flags (labels, CPUs, memory).
+    /// It is a node group of one: [`Self::kill_nodes`] and [`Self::pause_nodes`] take its id.
+    /// Its sandboxes outlive it (crun runs them under their own shim), as on a real host.
+    pub fn start_container_node(&mut self, node: &str, args: &[&str]) -> Result<(), ClusterError> {
+        let data_dir = self.container_node_dir(node);
+        self.spawn_node_daemon(node, &["--runtime", "container"], &data_dir, args)
+    }
+
+    /// Spawn one `surge node` process as node group `group` (its `--node-id`), logging to
+    /// `nodes-GROUP.log` under the root, niced, dying with the harness.
+    fn spawn_node_daemon(
+        &mut self,
+        group: &str,
+        runtime: &[&str],
+        data_dir: &Path,
+        args: &[&str],
+    ) -> Result<(), ClusterError> {
         let servers = self
             .replicas
             .values()
             .map(|r| r.grpc.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let data_dir = self.root.join(format!("nodes-{group}"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -461,10 +485,9 @@ impl LocalCluster {
         cmd.arg("node")
             .args(["--server", &servers])
             .args(["--node-id", group])
-            .args(["--runtime", "sim"])
-            .args(["--simulate", &count.to_string()])
+            .args(runtime)
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(data_dir)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -479,48 +502,6 @@ impl LocalCluster {
             .spawn()
             .map_err(|source| ClusterError::Spawn { id: 0, source })?;
         if let Some(mut old) = self.node_groups.insert(group.to_string(), child) {
-            reap(&mut old);
-        }
-        Ok(())
-    }
-
-    /// Start a real `surge node` daemon on the container runtime (crun) with id `node`, its own
-    /// data dir (`nodes-NODE` under the root) and hence its own cgroup parent (`/surge/NODE`),
-    /// talking to every replica; `args` are extra `surge node` flags (labels, CPUs, memory).
-    /// It is a node group of one: [`Self::kill_nodes`] and [`Self::pause_nodes`] take its id.
-    /// Its sandboxes outlive it (crun runs them under their own shim), as on a real host.
-    pub fn start_container_node(&mut self, node: &str, args: &[&str]) -> Result<(), ClusterError> {
-        let servers = self
-            .replicas
-            .values()
-            .map(|r| r.grpc.clone())
-            .collect::<Vec<_>>()
-            .join(",");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join(format!("nodes-{node}.log")))?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("node")
-            .args(["--server", &servers])
-            .args(["--node-id", node])
-            .args(["--runtime", "container"])
-            .arg("--data-dir")
-            .arg(self.container_node_dir(node))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        die_with_parent(&mut cmd);
-        lower_priority(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|source| ClusterError::Spawn { id: 0, source })?;
-        if let Some(mut old) = self.node_groups.insert(node.to_string(), child) {
             reap(&mut old);
         }
         Ok(())
