@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, dump_logs};
+use common::{bin, dump_logs, issue_cert, surge_ok};
 use surge_chaos::client::{self, Credentials};
 use surge_chaos::cluster::LocalCluster;
 use surge_proto::cluster::{ProposeRequest, RemoveMemberRequest, StatusRequest};
@@ -23,36 +23,8 @@ fn surge(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run surge")
 }
 
-fn surge_ok(args: &[&str]) -> String {
-    let out = surge(args);
-    assert!(
-        out.status.success(),
-        "surge {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
-}
-
-/// Issue a certificate with `surge cert issue`.
-fn issue(ca: &Path, out: &Path, name: &str, role: &str) {
-    surge_ok(&[
-        "cert",
-        "issue",
-        "--ca",
-        p(ca),
-        "--out",
-        p(out),
-        "--name",
-        name,
-        "--role",
-        role,
-        "--san",
-        "127.0.0.1",
-    ]);
 }
 
 /// A new token from `surge token new`, its hash appended to `file`.
@@ -255,14 +227,14 @@ fn pki() -> Pki {
 
     let (replica, node, client_dir) =
         (root.join("replica"), root.join("node"), root.join("client"));
-    issue(&ca, &replica, "replicas", "replica");
-    issue(&ca, &node, "node-host", "node");
-    issue(&ca, &client_dir, "operator", "client");
+    issue_cert(&ca, &replica, "replicas", "replica");
+    issue_cert(&ca, &node, "node-host", "node");
+    issue_cert(&ca, &client_dir, "operator", "client");
 
     let other_ca = root.join("other-ca");
     surge_ok(&["cert", "ca", "--out", p(&other_ca), "--name", "other"]);
     let rogue = root.join("rogue");
-    issue(&other_ca, &rogue, "intruder", "client");
+    issue_cert(&other_ca, &rogue, "intruder", "client");
     std::fs::copy(ca.join("ca.pem"), rogue.join("ca.pem")).expect("trust the real CA");
 
     let tokens = root.join("tokens");

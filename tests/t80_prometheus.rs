@@ -457,17 +457,6 @@ async fn prometheus_scrapes_replicas_and_nodes() {
     c.stop_all(Duration::from_secs(5));
 }
 
-/// `surge` with arguments; its stdout, or a panic with its stderr.
-fn surge_ok(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().expect("run surge");
-    assert!(
-        out.status.success(),
-        "surge {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// With `--tls-dir` the replicas' HTTP port takes only clients with a certificate of the
 /// cluster CA: the shipped `prometheus-tls.yml`, with a client certificate laid out as ansible
 /// installs it (`surge-tls/` beside the config), scrapes them. (The refusals of clients without
@@ -482,20 +471,7 @@ async fn prometheus_scrapes_tls_replicas_with_its_certificate() {
     let path = |p: &str| root.join(p).to_str().expect("utf-8 path").to_string();
     surge_ok(&["cert", "ca", "--out", &path("ca")]);
     let issue = |out: &str, name: &str, role: &str| {
-        surge_ok(&[
-            "cert",
-            "issue",
-            "--ca",
-            &path("ca"),
-            "--out",
-            &path(out),
-            "--name",
-            name,
-            "--role",
-            role,
-            "--san",
-            "127.0.0.1",
-        ]);
+        issue_cert(&root.join("ca"), &root.join(out), name, role);
     };
     issue("replica", "r", "replica");
     issue("client", "operator", "client");

@@ -1137,6 +1137,20 @@ pub(crate) mod tests {
         s.apply_command(index, c)
     }
 
+    /// Plan every pending job on the state as of `index - 1` and apply the plan at `index`.
+    fn place_pending(s: &mut ClusterState, index: u64) -> Response {
+        let plan = plan_for(s, index - 1);
+        apply(
+            s,
+            index,
+            Command::ApplyPlan {
+                plan,
+                reasons: vec![],
+                at_ms: 0,
+            },
+        )
+    }
+
     #[test]
     fn plan_places_and_status_runs_to_completion() {
         let mut s = ClusterState::default();
@@ -1298,16 +1312,7 @@ pub(crate) mod tests {
             },
         );
         submit(&mut s, 2, "fills"); // 10 x 1 CPU: fills node a
-        let plan = plan_for(&s, 2);
-        apply(
-            &mut s,
-            3,
-            Command::ApplyPlan {
-                plan,
-                reasons: vec![],
-                at_ms: 0,
-            },
-        );
+        place_pending(&mut s, 3);
         let full = s.capacity_fingerprint();
         submit(&mut s, 4, "waits");
         submit(&mut s, 5, "new");
@@ -1439,16 +1444,7 @@ pub(crate) mod tests {
             },
         );
         submit(&mut s, 3, "k");
-        let plan = plan_for(&s, 3);
-        apply(
-            &mut s,
-            4,
-            Command::ApplyPlan {
-                plan,
-                reasons: vec![],
-                at_ms: 0,
-            },
-        );
+        place_pending(&mut s, 4);
         let (victim, list) = s.assignments().into_iter().next().expect("placed");
         let before = list.len() as u32;
         apply(
@@ -1493,16 +1489,7 @@ pub(crate) mod tests {
             }
         );
         // rescheduled onto the other node with a new generation
-        let plan = plan_for(&s, 6);
-        apply(
-            &mut s,
-            7,
-            Command::ApplyPlan {
-                plan,
-                reasons: vec![],
-                at_ms: 0,
-            },
-        );
+        place_pending(&mut s, 7);
         assert_eq!(s.jobs[&3].counts.placed, 10);
         assert!(s.assignments_of(&victim).is_empty());
         assert!(s
@@ -1580,16 +1567,7 @@ pub(crate) mod tests {
             },
         );
         submit(&mut s, 2, "k"); // 10 x 1 CPU on a 10-CPU node
-        let plan = plan_for(&s, 2);
-        apply(
-            &mut s,
-            3,
-            Command::ApplyPlan {
-                plan,
-                reasons: vec![],
-                at_ms: 0,
-            },
-        );
+        place_pending(&mut s, 3);
         let grow = Command::SetSandboxes {
             job_id: 2,
             first: 0,

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use surge_chaos::client;
@@ -170,4 +170,37 @@ pub async fn get_job(addr: &str, id: u64) -> pb::Job {
         .await
         .expect("get job")
         .into_inner()
+}
+
+/// `surge` with arguments; its stdout, or a panic with its stderr.
+pub fn surge_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run surge");
+    assert!(
+        out.status.success(),
+        "surge {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue a certificate for 127.0.0.1 with `surge cert issue` from the CA in `ca`.
+pub fn issue_cert(ca: &Path, out: &Path, name: &str, role: &str) {
+    let utf8 = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    surge_ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        &utf8(ca),
+        "--out",
+        &utf8(out),
+        "--name",
+        name,
+        "--role",
+        role,
+        "--san",
+        "127.0.0.1",
+    ]);
 }

@@ -53,6 +53,19 @@ struct Held {
     stopping: Option<StopReason>,
 }
 
+impl Held {
+    /// The incarnation the runtime shows running (or paused), not being stopped.
+    fn of(o: &ObservedSandbox) -> Held {
+        Held {
+            generation: o.generation,
+            revision: o.revision,
+            resources: o.resources,
+            paused: o.state == ObservedState::Paused,
+            stopping: None,
+        }
+    }
+}
+
 /// See the module docs.
 pub struct Fleet {
     node_id: Arc<str>,
@@ -265,16 +278,7 @@ impl Fleet {
                         let state = match kept {
                             Some(o) if !o.state.is_terminal() => {
                                 // It runs after all: hold it.
-                                self.hold(
-                                    id,
-                                    Held {
-                                        generation: o.generation,
-                                        revision: o.revision,
-                                        resources: o.resources,
-                                        paused: o.state == ObservedState::Paused,
-                                        stopping: None,
-                                    },
-                                );
+                                self.hold(id, Held::of(&o));
                                 return Ok(());
                             }
                             Some(o) => o.state,
@@ -367,16 +371,7 @@ impl Fleet {
                 }
                 tracing::info!(node = %self.node_id, sandbox = %id, generation = o.generation,
                     "adopted a sandbox that survived a daemon restart");
-                self.held.insert(
-                    id,
-                    Held {
-                        generation: o.generation,
-                        revision: o.revision,
-                        resources: o.resources,
-                        paused: o.state == ObservedState::Paused,
-                        stopping: None,
-                    },
-                );
+                self.held.insert(id, Held::of(&o));
                 self.view.upsert(ObservedSandbox {
                     owned: true,
                     ..o.clone()
