@@ -260,17 +260,9 @@ async fn wait_nodes_ready(c: &LocalCluster, nodes: &[&Node], addr: &str) {
 
 /// Run the `surge` CLI against `addr`; its stdout.
 fn cli(addr: &str, args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .args(["--server", addr])
-        .output()
-        .expect("run surge");
-    assert!(
-        out.status.success(),
-        "surge {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut args = args.to_vec();
+    args.extend(["--server", addr]);
+    surge_ok(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
