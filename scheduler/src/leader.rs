@@ -344,19 +344,17 @@ struct Quiet {
     /// [`FULL_PLAN_INTERVAL`] (index-based rules such as the preemption cool-down change
     /// without a change of capacity).
     since: Instant,
+    /// The input planned from; kept without its pending jobs.
     input: placement::PlacementInput,
-    /// Pending sandboxes of the jobs before `next_job` (for the gauge).
+    /// Pending sandboxes of every job before `next_job` (for the gauge).
     pending: u64,
 }
 
-/// One cycle's planning input and what it leaves if it turns out quiet.
+/// One cycle: what it plans from (a [`Quiet`] with this cycle's pending jobs in its input, which
+/// is what the cycle leaves if its plan turns out quiet) and the reasons those jobs show now.
 struct Cycle {
-    input: placement::PlacementInput,
+    planned: Quiet,
     reasons_now: BTreeMap<u64, String>,
-    fingerprint: u64,
-    next_job: JobId,
-    since: Instant,
-    pending: u64,
 }
 
 impl Cycle {
@@ -364,7 +362,6 @@ impl Cycle {
     /// the one it saw, else every job.
     fn prepare(s: &ClusterState, applied: u64, quiet: Option<Quiet>, now: Instant) -> Cycle {
         let fingerprint = s.capacity_fingerprint();
-        let next_job = s.jobs.keys().next_back().map_or(0, |id| id + 1);
         let quiet = quiet.filter(|q| {
             q.fingerprint == fingerprint && now.duration_since(q.since) < FULL_PLAN_INTERVAL
         });
@@ -385,26 +382,22 @@ impl Cycle {
         let reasons_now = reasons_now(s, &input);
         let pending = earlier + input.pending.iter().map(|j| j.pending_count()).sum::<u64>();
         Cycle {
-            input,
+            planned: Quiet {
+                fingerprint,
+                next_job: s.jobs.keys().next_back().map_or(0, |id| id + 1),
+                since,
+                input,
+                pending,
+            },
             reasons_now,
-            fingerprint,
-            next_job,
-            since,
-            pending,
         }
     }
 
     /// What the cycle leaves when its plan placed and preempted nothing.
     fn into_quiet(self) -> Quiet {
-        let mut input = self.input;
-        input.pending = Vec::new();
-        Quiet {
-            fingerprint: self.fingerprint,
-            next_job: self.next_job,
-            since: self.since,
-            input,
-            pending: self.pending,
-        }
+        let mut quiet = self.planned;
+        quiet.input.pending = Vec::new();
+        quiet
     }
 }
 
@@ -433,13 +426,16 @@ async fn schedule(leader: std::sync::Arc<Leader>) {
         let cycle = leader
             .replica
             .read(|s, applied| Cycle::prepare(s, applied, earlier, started));
-        leader.metrics.pending_sandboxes.set(cycle.pending as i64);
+        leader
+            .metrics
+            .pending_sandboxes
+            .set(cycle.planned.pending as i64);
         last_planned_at = at;
-        if cycle.input.pending.is_empty() {
+        if cycle.planned.input.pending.is_empty() {
             quiet = Some(cycle.into_quiet());
             continue;
         }
-        let input = &cycle.input;
+        let input = &cycle.planned.input;
         let reasons_now = &cycle.reasons_now;
         let place_started = Instant::now();
         let plan = tokio::task::block_in_place(|| placement::place(input));
@@ -596,7 +592,7 @@ mod tests {
     }
 
     fn planned(c: &Cycle) -> Vec<JobId> {
-        c.input.pending.iter().map(|j| j.id).collect()
+        c.planned.input.pending.iter().map(|j| j.id).collect()
     }
 
     #[test]
@@ -607,15 +603,18 @@ mod tests {
         let t0 = Instant::now();
         let full = Cycle::prepare(&s, 2, None, t0);
         assert_eq!(planned(&full), [1, 2]);
-        assert_eq!(full.pending, 20);
+        assert_eq!(full.planned.pending, 20);
 
         // Nothing placed, no capacity change: the next cycle plans the new job only.
         submit(&mut s, 3);
         let ms = Duration::from_millis;
         let new_only = Cycle::prepare(&s, 3, Some(full.into_quiet()), t0 + ms(10));
         assert_eq!(planned(&new_only), [3]);
-        assert_eq!(new_only.pending, 30, "the gauge still counts every job");
-        assert_eq!(new_only.input.at_index, 3);
+        assert_eq!(
+            new_only.planned.pending, 30,
+            "the gauge still counts every job"
+        );
+        assert_eq!(new_only.planned.input.at_index, 3);
 
         // Every FULL_PLAN_INTERVAL all jobs are planned again.
         let later = t0 + FULL_PLAN_INTERVAL;
@@ -633,8 +632,10 @@ mod tests {
         );
         let joined = Cycle::prepare(&s, 4, Some(quiet), later + ms(1));
         assert_eq!(planned(&joined), [1, 2, 3]);
-        assert_eq!(joined.input.nodes.len(), 1);
-        assert!(!placement::place(&joined.input).placements.is_empty());
+        assert_eq!(joined.planned.input.nodes.len(), 1);
+        assert!(!placement::place(&joined.planned.input)
+            .placements
+            .is_empty());
     }
 
     #[test]
