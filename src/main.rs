@@ -1,5 +1,9 @@
 //! `surge`: one binary for the scheduler replicas, the node daemon, the client and the tools.
-//! This file only parses the command line and dispatches; the work is in `cli/` and the crates.
+//! This file only parses the command line and dispatches; `cli/` parses flags and prints, and
+//! the work is in the crates: `surge-client` (every call to a cluster), `surge-harness` (local
+//! clusters, `surge dev`, the benches), `surge-scheduler`, `surge-node`. `surge chaos` runs the
+//! separate `surge-chaos` binary, so this one links neither the fault injector nor tokio's
+//! test clock.
 
 mod cli;
 
@@ -7,7 +11,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use cli::output::Output;
+use surge_client::Client;
+use surge_harness::output::Output;
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +30,8 @@ struct Cli {
 /// Where a client command sends its request.
 #[derive(clap::Args, Clone)]
 pub struct Target {
-    /// Any replica's gRPC address (writes are forwarded to the leader).
+    /// Any replica's gRPC address, or several separated by commas: writes are forwarded to the
+    /// leader, and a call that is safe to repeat is retried at the next replica.
     #[arg(
         long,
         global = true,
@@ -170,8 +176,14 @@ enum Cmd {
         #[command(subcommand)]
         which: cli::bench::BenchCmd,
     },
-    /// Chaos run: a real cluster, a workload, faults on a seeded schedule, and checkers.
-    Chaos(cli::chaos::ChaosArgs),
+    /// Chaos run: a real cluster, a workload, faults on a seeded schedule, and checkers
+    /// (`surge chaos --help`); `surge chaos sim` is the deterministic simulator.
+    #[command(disable_help_flag = true)]
+    Chaos {
+        /// Passed to `surge-chaos`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Make the cluster CA and per-host certificates for --tls-dir.
     Cert {
         #[command(subcommand)]
@@ -197,13 +209,18 @@ fn main() {
     // daemons and the commands that run clusters ignore it and see EPIPE as an error instead.
     if matches!(
         cli.command,
-        Cmd::Server(_) | Cmd::Node(_) | Cmd::Dev(_) | Cmd::Bench { .. } | Cmd::Chaos(_)
+        Cmd::Server(_) | Cmd::Node(_) | Cmd::Dev(_) | Cmd::Bench { .. }
     ) {
         // SAFETY: still before any thread exists; SIG_IGN only changes what a write to a
         // closed socket or pipe does (it returns EPIPE).
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         }
+    }
+    if let Cmd::Chaos { args } = &cli.command {
+        let e = run_chaos(args);
+        eprintln!("error: {e:#}");
+        std::process::exit(125);
     }
     // libkrun takes over the process it starts a VM in: run it before any runtime thread exists.
     if let Cmd::VmExec(args) = cli.command {
@@ -231,67 +248,47 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    match &cli.command {
-        // Commands that start their own (open) clusters, serve, or make no calls.
-        Cmd::Server(_)
-        | Cmd::Node(_)
-        | Cmd::Dev(_)
-        | Cmd::Bench { .. }
-        | Cmd::Chaos(_)
-        | Cmd::VmExec(_)
-        | Cmd::Cert { .. }
-        | Cmd::Token { .. } => {}
-        // Every client command talks to --server with --tls-dir and --token.
-        _ => {
-            let creds = cli.security.credentials()?;
-            surge_chaos::client::set_default_credentials(creds)?;
-        }
-    }
-    match cli.command {
-        Cmd::Server(args) => cli::server::run(args, cli.security.tls()?).await,
-        Cmd::Node(args) => cli::node::run(args, cli.security.tls()?).await,
+    let Cli { command, security } = cli;
+    // Every client command talks to --server with --tls-dir and --token.
+    let client = |t: &Target| -> anyhow::Result<Client> {
+        Ok(Client::new(&t.server, security.credentials()?)?)
+    };
+    match command {
+        Cmd::Server(args) => cli::server::run(args, security.tls()?).await,
+        Cmd::Node(args) => cli::node::run(args, security.tls()?).await,
         Cmd::Cert { action } => cli::security::cert(action),
         Cmd::Token { action } => cli::security::token(action),
         Cmd::Dev(args) => cli::dev::run(args, surge_binary()?).await,
-        Cmd::Status { target } => cli::client::status(&target.server, target.output).await,
+        Cmd::Status { target } => cli::client::status(&client(&target)?, target.output).await,
         Cmd::Members { action, target } => {
-            cli::client::members(&target.server, target.output, action).await
+            cli::client::members(&client(&target)?, target.output, action).await
         }
         Cmd::Submit { args, target } => {
-            cli::client::submit(&target.server, target.output, args).await
+            cli::client::submit(&client(&target)?, target.output, args).await
         }
         Cmd::Jobs {
             tenant,
             state,
             limit,
             target,
-        } => cli::client::jobs(&target.server, target.output, tenant, state, limit).await,
-        Cmd::Job { id, watch, target } => {
-            cli::client::job(&target.server, target.output, id, watch).await
+        } => {
+            let c = client(&target)?;
+            cli::client::jobs(&c, target.output, tenant, state, limit).await
         }
-        Cmd::Cancel { id, target } => cli::client::cancel(&target.server, target.output, id).await,
-        Cmd::Nodes { target } => cli::client::nodes(&target.server, target.output).await,
+        Cmd::Job { id, watch, target } => {
+            cli::client::job(&client(&target)?, target.output, id, watch).await
+        }
+        Cmd::Cancel { id, target } => {
+            cli::client::cancel(&client(&target)?, target.output, id).await
+        }
+        Cmd::Nodes { target } => cli::client::nodes(&client(&target)?, target.output).await,
         Cmd::Pause { sandbox, target } => {
-            cli::client::update_sandboxes(
-                &target.server,
-                target.output,
-                &sandbox,
-                "pause",
-                None,
-                None,
-            )
-            .await
+            let c = client(&target)?;
+            cli::client::update_sandboxes(&c, target.output, &sandbox, "pause", None, None).await
         }
         Cmd::Resume { sandbox, target } => {
-            cli::client::update_sandboxes(
-                &target.server,
-                target.output,
-                &sandbox,
-                "resume",
-                None,
-                None,
-            )
-            .await
+            let c = client(&target)?;
+            cli::client::update_sandboxes(&c, target.output, &sandbox, "resume", None, None).await
         }
         Cmd::Resize {
             sandbox,
@@ -299,59 +296,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             memory_mib,
             target,
         } => {
-            cli::client::update_sandboxes(
-                &target.server,
-                target.output,
-                &sandbox,
-                "",
-                cpu,
-                memory_mib,
-            )
-            .await
+            let c = client(&target)?;
+            cli::client::update_sandboxes(&c, target.output, &sandbox, "", cpu, memory_mib).await
         }
         Cmd::Stop { sandbox, target } => {
-            cli::client::update_sandboxes(
-                &target.server,
-                target.output,
-                &sandbox,
-                "stop",
-                None,
-                None,
-            )
-            .await
+            let c = client(&target)?;
+            cli::client::update_sandboxes(&c, target.output, &sandbox, "stop", None, None).await
         }
         Cmd::Sandbox { sandbox, target } => {
-            cli::client::sandbox(&target.server, target.output, &sandbox).await
+            cli::client::sandbox(&client(&target)?, target.output, &sandbox).await
         }
         Cmd::Logs { sandbox, target } => {
-            cli::client::logs(&target.server, target.output, &sandbox).await
+            cli::client::logs(&client(&target)?, target.output, &sandbox).await
         }
         Cmd::Template { action } => cli::template::run(action).await,
         Cmd::Drain { node, target } => {
-            cli::client::drain(&target.server, target.output, node).await
+            cli::client::drain(&client(&target)?, target.output, node).await
         }
         Cmd::Quota {
             tenant,
             cpu,
             memory_mib,
             target,
-        } => cli::client::quota(&target.server, tenant, cpu, memory_mib).await,
-        // Handled in main() before the runtime starts; kept for completeness.
-        Cmd::VmExec(args) => cli::vm::run(args),
+        } => cli::client::quota(&client(&target)?, tenant, cpu, memory_mib).await,
+        // Handled in main() before the runtime starts.
+        Cmd::VmExec(_) | Cmd::Chaos { .. } => Ok(()),
         Cmd::Bench { which } => cli::bench::run(which, surge_binary()?).await,
-        Cmd::Chaos(args) => cli::chaos::run(args, surge_binary()?).await,
     }
-}
-
-/// Milliseconds since the Unix epoch (for unique keys in benchmarks).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// This executable, to start replicas as child processes.
 fn surge_binary() -> anyhow::Result<PathBuf> {
     Ok(std::env::current_exe()?)
+}
+
+/// `surge chaos ARGS`: replace this process with `surge-chaos ARGS`, found beside this binary
+/// (or on the PATH). Returns only when that fails.
+fn run_chaos(args: &[std::ffi::OsString]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("surge-chaos")))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from("surge-chaos"));
+    let err = std::process::Command::new(&program).args(args).exec();
+    anyhow::anyhow!(
+        "cannot run {}: {err} (it is built with the workspace: cargo build --workspace)",
+        program.display()
+    )
 }

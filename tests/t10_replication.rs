@@ -72,7 +72,7 @@ async fn submissions_through_a_follower_survive_leader_kill() {
     assert_eq!(jobs_on(&target).await.len(), 1300);
 
     // The killed replica comes back on its data dir and converges.
-    c.start(leader, surge_chaos::cluster::StartMode::Resume)
+    c.start(leader, surge_harness::cluster::StartMode::Resume)
         .expect("restart");
     c.wait_converged(&c.ids(), Duration::from_secs(30))
         .await
@@ -101,7 +101,7 @@ async fn restart_of_all_replicas_keeps_identical_state() {
 
     c.stop_all(Duration::from_secs(5));
     for id in c.ids() {
-        c.start(id, surge_chaos::cluster::StartMode::Resume)
+        c.start(id, surge_harness::cluster::StartMode::Resume)
             .expect("restart");
     }
     wait_leader(&mut c).await;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use surge_chaos::cluster::StartMode;
+use surge_harness::cluster::StartMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_replica_catches_up_by_snapshot() {

@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use surge_chaos::client;
-use surge_chaos::cluster::StartMode;
+use surge_client::open as client;
+use surge_harness::cluster::StartMode;
 use surge_proto::cluster::{RemoveMemberRequest, StatusRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +52,7 @@ async fn grow_to_five_and_shrink_to_three_under_load() {
 }
 
 async fn wait_members(
-    c: &surge_chaos::cluster::LocalCluster,
+    c: &surge_harness::cluster::LocalCluster,
     via: u64,
     n: usize,
 ) -> Vec<surge_proto::cluster::Member> {

@@ -54,7 +54,7 @@ fn port_in_use_is_refused() {
 /// Start a one-replica cluster on a data dir and stop it, so the dir holds a real cluster.
 fn formed_data_dir() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("dir");
-    let port = surge_chaos::cluster::free_port().expect("port");
+    let port = surge_harness::cluster::free_port().expect("port");
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(bin())
         .arg("server")
@@ -75,7 +75,7 @@ fn formed_data_dir() -> (tempfile::TempDir, String) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     loop {
         let ready = rt.block_on(async {
-            let mut c = surge_chaos::client::cluster(&addr).expect("client");
+            let mut c = surge_client::open::cluster(&addr).expect("client");
             c.status(surge_proto::cluster::StatusRequest {})
                 .await
                 .is_ok_and(|s| s.into_inner().leader_id == 1)
@@ -101,7 +101,7 @@ fn foreign_cluster_and_id_clash_are_refused() {
     let d = dir.path().to_str().expect("utf8");
     let other = format!(
         "127.0.0.1:{}",
-        surge_chaos::cluster::free_port().expect("port")
+        surge_harness::cluster::free_port().expect("port")
     );
 
     // Same data dir, a --bootstrap describing another cluster.

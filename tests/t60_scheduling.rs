@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use surge_chaos::client;
+use surge_client::open as client;
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
@@ -33,7 +33,7 @@ async fn job(addr: &str, id: u64) -> pb::Job {
 
 /// Wait until `ok` holds for the job; panic with the job's last state otherwise.
 async fn wait_job(
-    c: &surge_chaos::cluster::LocalCluster,
+    c: &surge_harness::cluster::LocalCluster,
     addr: &str,
     id: u64,
     what: &str,

@@ -16,9 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use surge_chaos::client;
-use surge_chaos::cluster::LocalCluster;
-use surge_chaos::containers::{self, ContainerDaemon};
+use surge_client::open as client;
+use surge_harness::cluster::LocalCluster;
+use surge_harness::containers::{self, ContainerDaemon};
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 

@@ -124,7 +124,7 @@ async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
 /// A deposed leader cut off from its peers must not acknowledge a write; every checker must pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_lose_no_acknowledged_job() {
-    if !surge_chaos::netns::available() {
+    if !surge_harness::netns::available() {
         eprintln!("skipped: partitions need network namespaces, which need root");
         return;
     }
@@ -182,7 +182,7 @@ async fn gang_stays_whole_when_its_nodes_die() {
 /// cgroup) may be left on the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_nodes_survive_kills_and_freezes() {
-    if let Err(why) = surge_chaos::containers::usable() {
+    if let Err(why) = surge_harness::containers::usable() {
         eprintln!("skipped: container nodes need root and crun: {why}");
         return;
     }

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{bin, dump_logs, issue_cert, surge_ok};
-use surge_chaos::client::{self, Credentials};
-use surge_chaos::cluster::LocalCluster;
+use surge_client::{connect as client, Credentials};
+use surge_harness::cluster::LocalCluster;
 use surge_proto::cluster::{ProposeRequest, RemoveMemberRequest, StatusRequest};
 use surge_proto::jobs as pb;
 use surge_proto::node::{DrainNodeRequest, ListNodesRequest};
@@ -59,7 +59,7 @@ async fn submit(
     tenant: &str,
     key: &str,
 ) -> Result<u64, tonic::Status> {
-    client::jobs_with(addr, c)
+    client::jobs(addr, c)
         .expect("client")
         .submit_job(pb::SubmitJobRequest {
             spec: Some(job_spec(tenant)),
@@ -70,7 +70,7 @@ async fn submit(
 }
 
 async fn get(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::Status> {
-    client::jobs_with(addr, c)
+    client::jobs(addr, c)
         .expect("client")
         .get_job(pb::GetJobRequest { job_id: id })
         .await
@@ -78,7 +78,7 @@ async fn get(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::Sta
 }
 
 async fn cancel(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::Status> {
-    client::jobs_with(addr, c)
+    client::jobs(addr, c)
         .expect("client")
         .cancel_job(pb::CancelJobRequest { job_id: id })
         .await
@@ -86,7 +86,7 @@ async fn cancel(addr: &str, c: &Credentials, id: u64) -> Result<pb::Job, tonic::
 }
 
 async fn list(addr: &str, c: &Credentials) -> Result<Vec<pb::Job>, tonic::Status> {
-    client::jobs_with(addr, c)
+    client::jobs(addr, c)
         .expect("client")
         .list_jobs(pb::ListJobsRequest {
             tenant: String::new(),
@@ -266,7 +266,7 @@ fn pki() -> Pki {
 #[test]
 fn tokens_without_tls_are_refused_at_start() {
     let pki = pki();
-    let port = surge_chaos::cluster::free_port().expect("port");
+    let port = surge_harness::cluster::free_port().expect("port");
     let listen = format!("127.0.0.1:{port}");
     let out = surge(&[
         "server",
@@ -326,7 +326,7 @@ async fn mtls_and_tokens_guard_every_link() {
     .expect("start node");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let nodes = client::nodes_with(&addr, &admin_c)
+        let nodes = client::nodes(&addr, &admin_c)
             .expect("client")
             .list_nodes(ListNodesRequest {})
             .await
@@ -385,19 +385,54 @@ async fn mtls_and_tokens_guard_every_link() {
         .await;
     assert_refused_by_tls(no_cert);
     // Plaintext to the TLS port is refused too.
-    let plain = client::cluster_with(&addr, &creds(None, Some(&pki.admin)))
+    let plain = client::cluster(&addr, &creds(None, Some(&pki.admin)))
         .expect("client")
         .status(StatusRequest {})
         .await;
     assert_refused_by_tls(plain);
+    // ... and the CLI says so in one line naming the replica, not an HTTP/2 protocol error.
+    let out = surge(&["status", "--server", &addr]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains(&format!("the replica at {addr} requires TLS")),
+        "{said}"
+    );
+    // The converse: a TLS client against a plaintext replica.
+    let open_dir = tempfile::tempdir().expect("dir");
+    let mut open = LocalCluster::new(
+        Path::new(env!("CARGO_BIN_EXE_surge")),
+        open_dir.path(),
+        1,
+        None,
+    )
+    .expect("cluster");
+    open.start_all().expect("start");
+    open.wait_leader(Duration::from_secs(30))
+        .await
+        .expect("leader");
+    let open_addr = open.addr(1).expect("addr");
+    let out = surge(&[
+        "status",
+        "--server",
+        &open_addr,
+        "--tls-dir",
+        p(&pki.root.join("client")),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && said.contains(&format!("the replica at {open_addr} does not speak TLS")),
+        "{said}"
+    );
+    drop(open);
     // --- a certificate from another CA.
-    let rogue = client::cluster_with(&addr, &creds(Some(&pki.rogue), Some(&pki.admin)))
+    let rogue = client::cluster(&addr, &creds(Some(&pki.rogue), Some(&pki.admin)))
         .expect("client")
         .status(StatusRequest {})
         .await;
     assert_refused_by_tls(rogue);
     // Positive control: the same call with the cluster's client certificate.
-    let ok = client::cluster_with(&addr, &creds(Some(&pki.client), None))
+    let ok = client::cluster(&addr, &creds(Some(&pki.client), None))
         .expect("client")
         .status(StatusRequest {})
         .await
@@ -406,7 +441,7 @@ async fn mtls_and_tokens_guard_every_link() {
 
     // --- roles: a client certificate cannot use the replicas' internal API (the raw
     // proposal path would bypass every token check), nor a node certificate the job API.
-    let propose = client::cluster_with(&addr, &admin_c)
+    let propose = client::cluster(&addr, &admin_c)
         .expect("client")
         .propose(ProposeRequest::default())
         .await;
@@ -446,7 +481,7 @@ async fn mtls_and_tokens_guard_every_link() {
     let sandbox = |who: Credentials| {
         let addr = addr.clone();
         async move {
-            client::jobs_with(&addr, &who)
+            client::jobs(&addr, &who)
                 .expect("client")
                 .get_sandbox(pb::GetSandboxRequest {
                     job_id: id,
@@ -488,7 +523,7 @@ async fn mtls_and_tokens_guard_every_link() {
         .expect("the admin sees beta's job");
 
     // --- admin-only calls with a tenant token: membership, drain, quota.
-    let remove = client::cluster_with(&addr, &alpha)
+    let remove = client::cluster(&addr, &alpha)
         .expect("client")
         .remove_member(RemoveMemberRequest { id: 99 })
         .await;
@@ -496,7 +531,7 @@ async fn mtls_and_tokens_guard_every_link() {
     let drain = |who: Credentials| {
         let addr = addr.clone();
         async move {
-            client::nodes_with(&addr, &who)
+            client::nodes(&addr, &who)
                 .expect("client")
                 .drain_node(DrainNodeRequest {
                     node_id: "n-0".into(),
@@ -508,7 +543,7 @@ async fn mtls_and_tokens_guard_every_link() {
     let quota = |who: Credentials| {
         let addr = addr.clone();
         async move {
-            client::jobs_with(&addr, &who)
+            client::jobs(&addr, &who)
                 .expect("client")
                 .set_quota(pb::SetQuotaRequest {
                     tenant: "alpha".into(),
@@ -527,7 +562,7 @@ async fn mtls_and_tokens_guard_every_link() {
     drain(admin_c.clone())
         .await
         .expect("the admin drains a node");
-    let remove = client::cluster_with(&addr, &admin_c)
+    let remove = client::cluster(&addr, &admin_c)
         .expect("client")
         .remove_member(RemoveMemberRequest { id: 99 })
         .await;

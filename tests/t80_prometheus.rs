@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use ops::*;
 use serde_json::Value;
-use surge_chaos::client;
-use surge_chaos::cluster::free_port;
+use surge_client::open as client;
+use surge_harness::cluster::free_port;
 
 /// How long Prometheus may take to be ready, and then to show each series.
 const PROMETHEUS_WAIT: Duration = Duration::from_secs(30);
@@ -479,10 +479,10 @@ async fn prometheus_scrapes_tls_replicas_with_its_certificate() {
     let client_tls = surge_security::TlsDir::load(&root.join("client")).expect("client tls");
 
     std::fs::create_dir_all(root.join("cluster")).expect("cluster dir");
-    let mut c = surge_chaos::cluster::LocalCluster::new(&bin(), &root.join("cluster"), 1, None)
+    let mut c = surge_harness::cluster::LocalCluster::new(&bin(), &root.join("cluster"), 1, None)
         .expect("plan")
         .with_args(&["--tls-dir", &path("replica")])
-        .with_credentials(client::Credentials {
+        .with_credentials(surge_client::Credentials {
             tls: Some(client_tls),
             token: None,
         });

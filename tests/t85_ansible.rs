@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ops::*;
 use serde_json::Value;
-use surge_chaos::cluster::free_port;
+use surge_harness::cluster::free_port;
 
 const HOSTS: [&str; 3] = ["host1", "host2", "host3"];
 /// Simulated nodes per host.
@@ -43,6 +43,18 @@ fn ansible_bin() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// The real uid of a process.
+fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Every process the playbooks started (process mode keeps a pid file per service), killed
@@ -249,7 +261,7 @@ fn inventory(root: &Path, binary: &Path, ports: &[Ports]) -> String {
     ansible_host: 127.0.0.1
     surge_service_manager: process
     surge_create_user: false
-    surge_server_user: root
+    surge_server_user: nobody
     surge_binary_src: {binary}
     surge_pki_dir: {root}/pki
     surge_rust_log: info
@@ -298,6 +310,8 @@ fn playbooks_bring_up_a_cluster_converge_upgrade_and_drain() {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().to_path_buf();
+    // The replicas run as `nobody`: it must reach their files under the hosts' roots.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let hosts = Hosts { root: root.clone() };
     // A copy of the binary: the build may replace the original while the test runs. Stripped
     // of the debug build's 160 MB of debug info when `strip` is there: every run checksums it.
@@ -358,6 +372,23 @@ fn playbooks_bring_up_a_cluster_converge_upgrade_and_drain() {
         !plain.status.success(),
         "a client without a certificate got in"
     );
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        said.contains(&format!("the replica at {seed} requires TLS")),
+        "a plaintext client is not told that the cluster wants TLS: {said}"
+    );
+    // The replicas run as surge_server_user in process mode too (systemd's User=); the node
+    // daemons as root.
+    for h in HOSTS {
+        let server = hosts.pid(h, "server").expect("server pid");
+        let node = hosts.pid(h, "node").expect("node pid");
+        assert_eq!(
+            uid_of(server),
+            Some(65534),
+            "{h}: surge-server is not nobody's"
+        );
+        assert_eq!(uid_of(node), Some(0), "{h}: surge-node is not root's");
+    }
     let nodes = surge(&["nodes", "-o", "json", "--server", &seed]).expect("nodes");
     let ready = nodes
         .as_array()

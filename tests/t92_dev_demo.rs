@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use surge_chaos::containers::{self, ContainerDaemon};
+use surge_harness::containers::{self, ContainerDaemon};
 
 /// Longest the CI-sized demo may take to print its summary.
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(240);
@@ -52,7 +52,7 @@ fn dev_demo_runs_the_burst_and_ctrl_c_leaves_nothing_behind() {
         }
     };
     // Replica i listens on PORT+i-1 and PORT+10+i-1.
-    let port = surge_chaos::cluster::free_port().expect("a free port");
+    let port = surge_harness::cluster::free_port().expect("a free port");
     let mut dev = Command::new(bin())
         .args(["dev", "--demo", "--replicas", "3"])
         .args(["--port", &port.to_string()])

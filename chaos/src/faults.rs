@@ -9,9 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cluster::{LocalCluster, StartMode};
 use crate::history::{EventType, Op, Process, Recorder};
-use crate::netns::Topology;
+use surge_harness::cluster::{LocalCluster, StartMode};
+use surge_harness::netns::Topology;
 
 /// A small deterministic PRNG (splitmix64, Steele et al. 2014): no global RNG anywhere, so a seed
 /// names one schedule and one workload.
@@ -72,7 +72,7 @@ pub enum FaultKind {
     /// restarted after the hold; or SIGSTOP of a container node's daemon, SIGCONT after it.
     Nodes,
     /// Replica-to-replica links cut (leader isolated, majority/minority, bridge); healed after
-    /// the hold. Needs the replicas on network namespaces ([`crate::netns`]).
+    /// the hold. Needs the replicas on network namespaces ([`surge_harness::netns`]).
     Partition,
 }
 
@@ -303,7 +303,7 @@ impl Injector<'_> {
     }
 
     /// (Re)start a node group's daemon process.
-    fn start_group(&mut self, g: &NodeGroup) -> Result<(), crate::cluster::ClusterError> {
+    fn start_group(&mut self, g: &NodeGroup) -> Result<(), surge_harness::cluster::ClusterError> {
         let args: Vec<&str> = g.args.iter().map(String::as_str).collect();
         match g.kind {
             GroupKind::Sim => self.cluster.start_sim_nodes(&g.name, g.count, &args),

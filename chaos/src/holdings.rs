@@ -9,7 +9,7 @@
 //!   new node while the old one is still live. It covers the simulated nodes, whose sandboxes
 //!   exist only inside their daemon process.
 //! * **Running copies**, from the container daemons' hosts: the containers crun holds (see
-//!   [`crate::containers::running_copies`]). This is where a node bug shows: a daemon that comes
+//!   [`surge_harness::containers::running_copies`]). This is where a node bug shows: a daemon that comes
 //!   back after a freeze or a crash and goes on running a sandbox that the scheduler has given to
 //!   another node meanwhile. The scheduler's state cannot show that (it names one node per
 //!   sandbox), only the hosts can.
@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use surge_proto::node::WatchAssignmentsRequest;
 
-use crate::client;
 use crate::history::{NodeSample, SandboxHolders, StaleCopy};
+use surge_client::open as client;
 
 /// Longest one node's assignment read may take.
 pub const ASSIGNMENTS_READ_TIMEOUT: Duration = Duration::from_secs(2);

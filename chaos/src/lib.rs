@@ -1,19 +1,18 @@
-//! Fault injection and invariant checking against real multi-process surge clusters.
+//! Fault injection and invariant checking against real multi-process surge clusters, and the
+//! deterministic simulator.
 //!
-//! [`cluster::LocalCluster`] runs replicas as separate `surge server` processes on loopback, each
-//! with its own RocksDB data dir, and can kill (`SIGKILL`), pause (`SIGSTOP`), restart, wipe and
-//! re-add them. `surge dev`, `surge bench` and the cluster tests all drive real clusters through it.
-//! `surge chaos` ([`run`]) adds simulated and container node daemons, a workload, faults on a
-//! seeded schedule and the [`checker`]s; [`sim`] is the deterministic simulator.
+//! The clusters come from `surge-harness` ([`surge_harness::cluster::LocalCluster`]: replicas as
+//! separate `surge server` processes on loopback, which it can kill, pause, restart, wipe and
+//! re-add). `surge chaos` ([`run`]) adds simulated and container node daemons, a workload, faults
+//! on a seeded schedule ([`faults`]) and the [`checker`]s over the recorded [`history`]; [`sim`]
+//! is the deterministic simulator, on tokio's paused clock. This crate is a tool, not part of the
+//! product: its binary is `surge-chaos` (which `surge chaos` runs), so the `surge` binary links
+//! neither the fault injector nor tokio's `test-util`.
 
 pub mod checker;
-pub mod client;
-pub mod cluster;
-pub mod containers;
 pub mod faults;
 pub mod history;
 pub mod holdings;
-pub mod netns;
 pub mod run;
 pub mod sim;
 pub mod workload;

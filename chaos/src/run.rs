@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::checker::{self, Violation};
-use crate::cluster::{ClusterError, LocalCluster};
-use crate::containers::{self, ContainerDaemon};
 use crate::faults::{self, FaultKind, GroupKind, Injector, NodeGroup};
 use crate::history::{EventType, History, JobSample, Op, Process, Recorder};
-use crate::netns::Net;
 use crate::workload::{self, WorkloadConfig, CLASS_LABEL, CONTAINER_CLASS, SIM_CLASS};
+use surge_harness::cluster::{ClusterError, LocalCluster};
+use surge_harness::containers::{self, ContainerDaemon};
+use surge_harness::netns::Net;
 
 /// The tenant every job of a run belongs to.
 pub const TENANT: &str = "chaos";
@@ -65,7 +65,7 @@ pub struct ChaosConfig {
     /// Node daemon processes the nodes are split over (the unit of the `nodes` fault).
     pub node_groups: u32,
     /// Real node daemons on the container runtime, besides the simulated nodes (each also a
-    /// unit of the `nodes` fault). Needs root and crun: see [`crate::containers::usable`].
+    /// unit of the `nodes` fault). Needs root and crun: see [`surge_harness::containers::usable`].
     pub container_nodes: u32,
     pub node_cpus: u32,
     pub node_memory_mib: u64,
@@ -109,7 +109,7 @@ impl ChaosConfig {
 
 /// Every fault kind; partitions only where the harness can create network namespaces (root).
 pub fn default_faults() -> Vec<FaultKind> {
-    let root = crate::netns::available();
+    let root = surge_harness::netns::available();
     faults::FAULT_KINDS
         .iter()
         .copied()

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
-use crate::client;
-use crate::containers::{self, ContainerDaemon};
 use crate::faults::Rng;
 use crate::history::{EventType, JobSample, NodeSample, Op, Process, Recorder};
 use crate::holdings;
+use surge_client::open as client;
+use surge_harness::containers::{self, ContainerDaemon};
 
 /// Longest one attempt waits for its reply; then it counts as indeterminate and is retried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -604,7 +604,19 @@ pub async fn sample_holdings(
     let copies = tokio::task::spawn_blocking(move || {
         daemons
             .iter()
-            .map(containers::running_copies)
+            .map(|d| {
+                let copies = containers::running_copies(d)?;
+                Ok(copies
+                    .into_iter()
+                    .map(|c| holdings::Holding {
+                        node: d.node.clone(),
+                        job: c.job,
+                        index: c.index,
+                        generation: c.generation,
+                        running: true,
+                    })
+                    .collect::<Vec<_>>())
+            })
             .collect::<Result<Vec<_>, String>>()
     })
     .await;

@@ -32,3 +32,18 @@ pub mod etcd {
 /// Largest gRPC message any surge service decodes or encodes (a 100k-sandbox plan is kilobytes;
 /// a snapshot is sent in chunks well below this).
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+impl jobs::Counts {
+    /// Sandboxes in a terminal state: succeeded, failed, oom-killed, lost, cancelled or
+    /// stopped. `preempted` is not one: it counts how often sandboxes went back to pending.
+    /// Every program that asks "is this job done?" (the CLI's `--watch`, the demo, the benches)
+    /// counts with this, so they agree.
+    pub fn finished(&self) -> u32 {
+        self.succeeded + self.failed() + self.cancelled + self.stopped
+    }
+
+    /// Sandboxes that ended badly: failed, oom-killed or lost.
+    pub fn failed(&self) -> u32 {
+        self.failed + self.oom_killed + self.lost
+    }
+}

@@ -1,36 +1,15 @@
-//! Client commands: status, members, submit, jobs, job, cancel, nodes.
+//! Client commands: status, members, submit, jobs, job, cancel, nodes, sandboxes. Flags and
+//! printing; the calls, their retries and the conversions are `surge_client`'s.
 
 use std::io::{IsTerminal, Write};
 
-use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
-use surge_chaos::client;
-use surge_proto::cluster::{
-    AddMemberRequest, Member, RemoveMemberRequest, StatusReply, StatusRequest,
-};
+use surge_client::{Client, Sandboxes, SubmitSpec};
+use surge_harness::output::{json as print_json, table, Output};
+use surge_proto::cluster::{AddMemberRequest, Member, RemoveMemberRequest, StatusReply};
 use surge_proto::jobs as pb;
-use surge_proto::node::ListNodesRequest;
 use surge_scheduler::api_json;
-use surge_scheduler::model::{format_cpu, parse_cpu};
-
-use super::output::{json as print_json, table, Output};
-
-/// Turn a gRPC failure into one line a person can act on.
-pub fn rpc_error(server: &str, status: tonic::Status) -> anyhow::Error {
-    match status.code() {
-        tonic::Code::Unavailable
-            if status.message().contains("connect") || status.message().contains("transport") =>
-        {
-            anyhow!(
-            "cannot reach a surge replica at {server} (is it running? set --server or SURGE_SERVER)"
-        )
-        }
-        tonic::Code::Unavailable => {
-            anyhow!("replica at {server} is unavailable: {}", status.message())
-        }
-        _ => anyhow!("{}", status.message()),
-    }
-}
+use surge_scheduler::model::format_cpu;
 
 fn members_json(members: &[Member]) -> Value {
     members
@@ -84,13 +63,8 @@ fn print_members(members: &[Member]) {
     table(&["ID", "ADDRESS", "KIND", "REACHABLE"], &rows);
 }
 
-pub async fn status(server: &str, output: Output) -> anyhow::Result<()> {
-    let mut c = client::cluster(server)?;
-    let s = c
-        .status(StatusRequest {})
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+pub async fn status(c: &Client, output: Output) -> anyhow::Result<()> {
+    let s = c.status().await?;
     match output {
         Output::Json => print_json(&status_json(&s)),
         Output::Table => {
@@ -130,16 +104,9 @@ pub enum MembersCmd {
     Remove { id: u64 },
 }
 
-pub async fn members(server: &str, output: Output, action: MembersCmd) -> anyhow::Result<()> {
-    let mut c = client::cluster(server)?;
+pub async fn members(c: &Client, output: Output, action: MembersCmd) -> anyhow::Result<()> {
     let members = match action {
-        MembersCmd::List => {
-            c.status(StatusRequest {})
-                .await
-                .map_err(|e| rpc_error(server, e))?
-                .into_inner()
-                .members
-        }
+        MembersCmd::List => c.status().await?.members,
         MembersCmd::Add {
             id,
             address,
@@ -150,18 +117,10 @@ pub async fn members(server: &str, output: Output, action: MembersCmd) -> anyhow
                 address,
                 voter: !learner,
             })
-            .await
-            .map_err(|e| rpc_error(server, e))?
-            .into_inner()
+            .await?
             .members
         }
-        MembersCmd::Remove { id } => {
-            c.remove_member(RemoveMemberRequest { id })
-                .await
-                .map_err(|e| rpc_error(server, e))?
-                .into_inner()
-                .members
-        }
+        MembersCmd::Remove { id } => c.remove_member(RemoveMemberRequest { id }).await?.members,
     };
     match output {
         Output::Json => print_json(&members_json(&members)),
@@ -215,52 +174,30 @@ pub struct SubmitArgs {
     command: Vec<String>,
 }
 
-pub fn build_submit(args: SubmitArgs) -> anyhow::Result<pb::SubmitJobRequest> {
-    let cpu_millis = parse_cpu(&args.cpu).map_err(|e| anyhow!("--cpu: {e}"))?;
-    let constraints = args
-        .constraints
-        .iter()
-        .map(|c| api_json::parse_constraint(c).map_err(|e| anyhow!("--{e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut env = std::collections::BTreeMap::new();
-    for e in &args.env {
-        let (k, v) = e
-            .split_once('=')
-            .with_context(|| format!("--env {e:?}: expected KEY=VALUE"))?;
-        env.insert(k.to_string(), v.to_string());
+impl From<SubmitArgs> for SubmitSpec {
+    fn from(a: SubmitArgs) -> SubmitSpec {
+        SubmitSpec {
+            count: a.count,
+            cpu: a.cpu,
+            memory_mib: a.memory_mib,
+            gang: a.gang,
+            priority: a.priority,
+            tenant: a.tenant,
+            constraints: a.constraints,
+            idempotency_key: a.idempotency_key.unwrap_or_default(),
+            template: a.template,
+            name: a.name,
+            spread: a.spread,
+            env: a.env,
+            restart: a.restart,
+            command: a.command,
+        }
     }
-    Ok(pb::SubmitJobRequest {
-        spec: Some(pb::JobSpec {
-            count: args.count,
-            cpu_millis,
-            memory_mib: args.memory_mib,
-            template: args.template,
-            command: args.command,
-            env,
-            priority: args.priority,
-            tenant: args.tenant,
-            gang: args.gang,
-            strategy: if args.spread {
-                pb::Strategy::Spread as i32
-            } else {
-                pb::Strategy::Binpack as i32
-            },
-            constraints,
-            restart: Some(api_json::parse_restart(&args.restart).map_err(|e| anyhow!("--{e}"))?),
-            name: args.name,
-        }),
-        idempotency_key: args.idempotency_key.unwrap_or_default(),
-    })
 }
 
-pub async fn submit(server: &str, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
-    let req = build_submit(args)?;
-    let mut c = client::jobs(server)?;
-    let r = c
-        .submit_job(req)
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+pub async fn submit(c: &Client, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
+    let req = SubmitSpec::from(args).to_request()?;
+    let r = c.submit(req).await?;
     match output {
         Output::Json => {
             print_json(&json!({"job_id": r.job_id, "created": r.created, "index": r.index}))
@@ -288,13 +225,7 @@ fn job_row(j: &pb::Job) -> Vec<String> {
         spec.count.to_string(),
         format_cpu(spec.cpu_millis),
         spec.memory_mib.to_string(),
-        format!(
-            "{}/{}/{}/{}",
-            c.pending,
-            c.running,
-            c.succeeded,
-            c.failed + c.lost
-        ),
+        format!("{}/{}/{}/{}", c.pending, c.running, c.succeeded, c.failed()),
         j.pending_reason.clone(),
     ]
 }
@@ -311,13 +242,12 @@ const JOB_HEADER: [&str; 8] = [
 ];
 
 pub async fn jobs(
-    server: &str,
+    c: &Client,
     output: Output,
     tenant: Option<String>,
     state: Option<String>,
     limit: u32,
 ) -> anyhow::Result<()> {
-    let mut c = client::jobs(server)?;
     let r = c
         .list_jobs(pb::ListJobsRequest {
             tenant: tenant.unwrap_or_default(),
@@ -325,9 +255,7 @@ pub async fn jobs(
             limit,
             before_id: 0,
         })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+        .await?;
     match output {
         Output::Json => print_json(&Value::Array(r.jobs.iter().map(job_json).collect())),
         Output::Table => table(&JOB_HEADER, &r.jobs.iter().map(job_row).collect::<Vec<_>>()),
@@ -338,14 +266,14 @@ pub async fn jobs(
 fn progress_line(j: &pb::Job) -> String {
     let c = j.counts.unwrap_or_default();
     let total = j.spec.as_ref().map(|s| s.count).unwrap_or(0).max(1);
-    let done = c.succeeded + c.failed + c.lost + c.cancelled;
-    let width = 30u32;
-    let filled = (u64::from(done) * u64::from(width) / u64::from(total)) as usize;
+    let done = c.finished();
+    let width = 30usize;
+    let filled = usize::try_from(u64::from(done.min(total)) * 30 / u64::from(total)).unwrap_or(0);
     format!(
         "job {} [{}{}] {}  pending {} placed {} running {} done {}/{}",
         j.id,
         "#".repeat(filled),
-        "-".repeat(width as usize - filled.min(width as usize)),
+        "-".repeat(width - filled.min(width)),
         j.state,
         c.pending,
         c.placed,
@@ -355,14 +283,9 @@ fn progress_line(j: &pb::Job) -> String {
     )
 }
 
-pub async fn job(server: &str, output: Output, id: u64, watch: bool) -> anyhow::Result<()> {
-    let mut c = client::jobs(server)?;
+pub async fn job(c: &Client, output: Output, id: u64, watch: bool) -> anyhow::Result<()> {
     if !watch {
-        let j = c
-            .get_job(pb::GetJobRequest { job_id: id })
-            .await
-            .map_err(|e| rpc_error(server, e))?
-            .into_inner();
+        let j = c.get_job(id).await?;
         match output {
             Output::Json => print_json(&job_json(&j)),
             Output::Table => {
@@ -374,13 +297,9 @@ pub async fn job(server: &str, output: Output, id: u64, watch: bool) -> anyhow::
         }
         return Ok(());
     }
-    let mut stream = c
-        .watch_job(pb::GetJobRequest { job_id: id })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+    let (addr, mut stream) = c.watch_job(id).await?;
     let tty = std::io::stdout().is_terminal() && output == Output::Table;
-    while let Some(j) = stream.message().await.map_err(|e| rpc_error(server, e))? {
+    while let Some(j) = c.next(&addr, &mut stream).await? {
         match output {
             Output::Json => println!("{}", job_json(&j)),
             Output::Table if tty => {
@@ -414,23 +333,9 @@ pub fn exits_line(j: &pb::Job) -> Option<String> {
     ))
 }
 
-/// `JOB.INDEX`, one sandbox.
-pub fn parse_sandbox_id(s: &str) -> anyhow::Result<(u64, u32)> {
-    match parse_sandbox(s)? {
-        (job, index, 1) => Ok((job, index)),
-        _ => Err(anyhow!(
-            "{s:?} names a whole job; give one sandbox as JOB.INDEX (e.g. {s}.0)"
-        )),
-    }
-}
-
-async fn get_sandbox(server: &str, id: &str) -> anyhow::Result<pb::SandboxInfo> {
-    let (job_id, index) = parse_sandbox_id(id)?;
-    let mut c = client::jobs(server)?;
-    Ok(c.get_sandbox(pb::GetSandboxRequest { job_id, index })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner())
+async fn get_sandbox(c: &Client, id: &str) -> anyhow::Result<pb::SandboxInfo> {
+    let (job_id, index) = Sandboxes::parse_one(id)?;
+    Ok(c.get_sandbox(job_id, index).await?)
 }
 
 fn time_ms(ms: u64) -> String {
@@ -459,8 +364,8 @@ fn time_ms(ms: u64) -> String {
 }
 
 /// `surge sandbox JOB.INDEX`: state, node, resources, exit code, times, output tail.
-pub async fn sandbox(server: &str, output: Output, id: &str) -> anyhow::Result<()> {
-    let s = get_sandbox(server, id).await?;
+pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = get_sandbox(c, id).await?;
     match output {
         Output::Json => print_json(
             &serde_json::to_value(api_json::SandboxJson::from(&s)).unwrap_or(Value::Null),
@@ -515,8 +420,8 @@ fn no_log_reason(s: &pb::SandboxInfo) -> String {
 }
 
 /// `surge logs JOB.INDEX`: the tail of stdout/stderr the node reported when the sandbox ended.
-pub async fn logs(server: &str, output: Output, id: &str) -> anyhow::Result<()> {
-    let s = get_sandbox(server, id).await?;
+pub async fn logs(c: &Client, output: Output, id: &str) -> anyhow::Result<()> {
+    let s = get_sandbox(c, id).await?;
     match output {
         Output::Json => print_json(&json!({
             "id": format!("{}.{}", s.job_id, s.index),
@@ -541,13 +446,8 @@ pub async fn logs(server: &str, output: Output, id: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub async fn cancel(server: &str, output: Output, id: u64) -> anyhow::Result<()> {
-    let mut c = client::jobs(server)?;
-    let j = c
-        .cancel_job(pb::CancelJobRequest { job_id: id })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+pub async fn cancel(c: &Client, output: Output, id: u64) -> anyhow::Result<()> {
+    let j = c.cancel_job(id).await?;
     match output {
         Output::Json => print_json(&job_json(&j)),
         Output::Table => println!("job {} {}", j.id, j.state),
@@ -555,17 +455,12 @@ pub async fn cancel(server: &str, output: Output, id: u64) -> anyhow::Result<()>
     Ok(())
 }
 
-pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
-    let mut c = client::nodes(server)?;
-    let r = c
-        .list_nodes(ListNodesRequest {})
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
+    let nodes = c.list_nodes().await?;
     let res = |r: Option<surge_proto::node::Resources>| r.unwrap_or_default();
     match output {
         Output::Json => print_json(&Value::Array(
-            r.nodes
+            nodes
                 .iter()
                 .map(|n| {
                     let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
@@ -581,8 +476,7 @@ pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
                 .collect(),
         )),
         Output::Table => {
-            let rows: Vec<Vec<String>> = r
-                .nodes
+            let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
                     let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
@@ -617,40 +511,17 @@ pub async fn nodes(server: &str, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `JOB` (every sandbox of the job) or `JOB.INDEX` (one sandbox).
-pub fn parse_sandbox(s: &str) -> anyhow::Result<(u64, u32, u32)> {
-    match s.split_once('.') {
-        None => Ok((
-            s.parse()
-                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
-            0,
-            0,
-        )),
-        Some((j, i)) => Ok((
-            j.parse()
-                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
-            i.parse()
-                .with_context(|| format!("{s:?} is not JOB or JOB.INDEX"))?,
-            1,
-        )),
-    }
-}
-
 /// pause, resume or resize sandboxes.
 pub async fn update_sandboxes(
-    server: &str,
+    c: &Client,
     output: Output,
     sandbox: &str,
     action: &str,
     cpu: Option<String>,
     memory_mib: Option<u64>,
 ) -> anyhow::Result<()> {
-    let (job_id, first_index, count) = parse_sandbox(sandbox)?;
-    let cpu_millis = match cpu {
-        Some(c) => parse_cpu(&c).map_err(|e| anyhow!("--cpu: {e}"))?,
-        None => 0,
-    };
-    let mut c = client::jobs(server)?;
+    let (job_id, first_index, count) = Sandboxes::parse(sandbox)?.range();
+    let cpu_millis = surge_client::convert::cpu_millis(cpu.as_deref())?;
     let j = c
         .update_sandboxes(pb::UpdateSandboxesRequest {
             job_id,
@@ -660,9 +531,7 @@ pub async fn update_sandboxes(
             cpu_millis,
             memory_mib: memory_mib.unwrap_or(0),
         })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+        .await?;
     match output {
         Output::Json => print_json(&job_json(&j)),
         Output::Table => table(&JOB_HEADER, &[job_row(&j)]),
@@ -670,13 +539,8 @@ pub async fn update_sandboxes(
     Ok(())
 }
 
-pub async fn drain(server: &str, output: Output, node: String) -> anyhow::Result<()> {
-    let mut c = client::nodes(server)?;
-    let n = c
-        .drain_node(surge_proto::node::DrainNodeRequest { node_id: node })
-        .await
-        .map_err(|e| rpc_error(server, e))?
-        .into_inner();
+pub async fn drain(c: &Client, output: Output, node: String) -> anyhow::Result<()> {
+    let n = c.drain_node(node).await?;
     match output {
         Output::Json => print_json(&json!({"node_id": n.node_id, "state": n.state})),
         Output::Table => println!("node {} {}", n.node_id, n.state),
@@ -685,23 +549,18 @@ pub async fn drain(server: &str, output: Output, node: String) -> anyhow::Result
 }
 
 pub async fn quota(
-    server: &str,
+    c: &Client,
     tenant: String,
     cpu: Option<String>,
     memory_mib: Option<u64>,
 ) -> anyhow::Result<()> {
-    let cpu_millis = match cpu {
-        Some(c) => parse_cpu(&c).map_err(|e| anyhow!("--cpu: {e}"))?,
-        None => 0,
-    };
-    let mut c = client::jobs(server)?;
+    let cpu_millis = surge_client::convert::cpu_millis(cpu.as_deref())?;
     c.set_quota(pb::SetQuotaRequest {
         tenant: tenant.clone(),
         cpu_millis,
         memory_mib: memory_mib.unwrap_or(0),
     })
-    .await
-    .map_err(|e| rpc_error(server, e))?;
+    .await?;
     if cpu_millis == 0 && memory_mib.unwrap_or(0) == 0 {
         println!("tenant {tenant}: no quota");
     } else {

@@ -1,10 +1,12 @@
-//! `surge dev`: a whole local cluster in one command.
+//! `surge dev`: a whole local cluster in one command. Flags and printing; the cluster is
+//! `surge_harness::dev`, the demo `surge_harness::demo`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
-use surge_chaos::cluster::LocalCluster;
+use anyhow::Context;
+use surge_harness::demo::DemoReport;
+use surge_harness::dev::{DevCluster, DevConfig};
+use surge_harness::output::table;
 
 #[derive(clap::Args)]
 pub struct DevArgs {
@@ -35,9 +37,6 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
-    if !matches!(args.replicas, 1 | 3 | 5) {
-        bail!("--replicas: use 1, 3 or 5 (an odd number keeps a majority)");
-    }
     let temp;
     let root = match &args.data_dir {
         Some(d) => d.clone(),
@@ -49,54 +48,101 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
             temp.path().to_path_buf()
         }
     };
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     // One listener for the whole run: Ctrl-C right as the demo ends must still stop everything.
     let shutdown = super::server::shutdown_signal();
     tokio::pin!(shutdown);
-    let mut cluster = LocalCluster::new(&bin, &root, args.replicas, Some(args.port))?;
-    cluster.start_all()?;
-    let leader = match cluster.wait_leader(Duration::from_secs(30)).await {
-        Ok(l) => l,
-        Err(e) => {
-            for id in cluster.ids() {
-                eprintln!("--- replica {id} log ---\n{}", cluster.log_tail(id, 15));
-            }
-            bail!("the cluster did not elect a leader: {e}");
-        }
+    let cfg = DevConfig {
+        root: root.clone(),
+        replicas: args.replicas,
+        port: args.port,
+        sim_nodes: args.sim_nodes,
+        real_nodes: args.real_nodes,
     };
-    let servers = cluster
-        .ids()
-        .into_iter()
-        .filter_map(|id| cluster.addr(id).ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let per_process = 500;
-    for g in 0..args.sim_nodes.div_ceil(per_process) {
-        let n = per_process.min(args.sim_nodes - g * per_process);
-        cluster.start_sim_nodes(
-            &format!("sim{g}"),
-            n,
-            &["--label", "kind=sim", "--sim-duration-ms", "5000"],
-        )?;
+    let mut dev = DevCluster::start(&cfg, &bin).await?;
+    if let Some(why) = &dev.no_real_nodes {
+        eprintln!("no real node daemons: {why}; only simulated nodes");
     }
-    let real_nodes = match surge_chaos::containers::usable() {
-        Ok(()) => args.real_nodes,
-        Err(why) if args.real_nodes > 0 => {
-            eprintln!("no real node daemons: {why}; only simulated nodes");
+    banner(&dev, &args, &root, &bin)?;
+    if args.demo {
+        dev.wait_for_nodes((args.sim_nodes + dev.real_nodes) as usize)
+            .await?;
+        let real_sandboxes = if dev.real_nodes > 0 {
+            args.real_sandboxes
+        } else {
             0
+        };
+        println!();
+        println!(
+            "demo: a burst of {} simulated 1-CPU sandboxes and {real_sandboxes} real container sandboxes",
+            args.sim_sandboxes
+        );
+        let leader_addr = dev.cluster.addr(dev.leader)?;
+        let demo = surge_harness::demo::run(&leader_addr, args.sim_sandboxes, real_sandboxes);
+        tokio::select! {
+            r = demo => match r {
+                Ok(report) => print_demo(&report),
+                Err(e) => eprintln!("demo: {e:#}"),
+            },
+            _ = &mut shutdown => {
+                println!("stopping the cluster ...");
+                dev.stop().await;
+                return Ok(());
+            }
         }
-        Err(_) => 0,
-    };
-    let mut real = super::demo::RealNodes::start(&bin, &root, &servers, real_nodes)?;
+        println!("\nThe cluster keeps running; Ctrl-C stops it.");
+    }
+
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                for (id, log) in dev.newly_exited(&mut reported) {
+                    eprintln!("replica {id} exited; its log:\n{log}");
+                }
+            }
+        }
+    }
+    println!("stopping the cluster ...");
+    dev.stop().await;
+    Ok(())
+}
+
+/// How a newcomer runs `surge` from a shell: `surge` where the one on the PATH is this binary,
+/// else this binary's full path.
+fn invocation(bin: &std::path::Path) -> String {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("surge"))
+            .find(|p| p.is_file())
+    });
+    let same = on_path
+        .and_then(|p| p.canonicalize().ok())
+        .zip(bin.canonicalize().ok())
+        .is_some_and(|(a, b)| a == b);
+    if same {
+        "surge".to_string()
+    } else {
+        bin.display().to_string()
+    }
+}
+
+fn banner(
+    dev: &DevCluster,
+    args: &DevArgs,
+    root: &std::path::Path,
+    bin: &std::path::Path,
+) -> anyhow::Result<()> {
     println!(
-        "surge dev: {} scheduler replicas, {} simulated nodes, {real_nodes} real nodes; data in {}",
+        "surge dev: {} scheduler replicas, {} simulated nodes, {} real nodes; data in {}",
         args.replicas,
         args.sim_nodes,
+        dev.real_nodes,
         root.display()
     );
-    for id in cluster.ids() {
-        let r = cluster.replica(id)?;
-        let mark = if id == leader { " (leader)" } else { "" };
+    for id in dev.cluster.ids() {
+        let r = dev.cluster.replica(id)?;
+        let mark = if id == dev.leader { " (leader)" } else { "" };
         println!(
             "  replica {id}  grpc {}  metrics http://{}/metrics  log {}{mark}",
             r.grpc,
@@ -108,83 +154,48 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         "  security: none. No TLS and no tokens: anyone who reaches these ports can use the \
          cluster (a production cluster runs with --tls-dir and --tokens; see README, Security)"
     );
+    let surge = invocation(bin);
     println!();
-    println!("  export SURGE_SERVER={}", cluster.addr(1)?);
-    println!("  surge status; surge submit --count 10 --cpu 0.5 --mem 512 -- sh -c 'echo hi'");
+    println!("  export SURGE_SERVER={}", dev.servers());
+    println!("  {surge} status");
+    println!("  {surge} submit --count 10 --cpu 0.5 --mem 512 --constraint kind=sim -- rl-episode");
+    if dev.real_nodes > 0 {
+        println!(
+            "  {surge} submit --count 2 --cpu 0.1 --mem 64 --constraint kind=real -- sh -c 'echo hi'"
+        );
+    }
     println!();
     println!("Ctrl-C stops the cluster.");
-    if args.demo {
-        wait_for_nodes(
-            &cluster.addr(leader)?,
-            (args.sim_nodes + real_nodes) as usize,
-        )
-        .await?;
-        let real_sandboxes = if real_nodes > 0 {
-            args.real_sandboxes
-        } else {
-            0
-        };
-        println!();
-        println!(
-            "demo: a burst of {} simulated 1-CPU sandboxes and {real_sandboxes} real container sandboxes",
-            args.sim_sandboxes
-        );
-        let leader_addr = cluster.addr(leader)?;
-        let demo = super::demo::run(&leader_addr, args.sim_sandboxes, real_sandboxes);
-        tokio::select! {
-            r = demo => if let Err(e) = r { eprintln!("demo: {e:#}") },
-            _ = &mut shutdown => {
-                println!("stopping the cluster ...");
-                real.stop().await;
-                cluster.stop_all(Duration::from_secs(5));
-                return Ok(());
-            }
-        }
-        println!("\nThe cluster keeps running; Ctrl-C stops it.");
-    }
-
-    let mut reported = std::collections::BTreeSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                for id in cluster.ids() {
-                    let running = cluster.replica_running(id);
-                    if !running && reported.insert(id) {
-                        eprintln!("replica {id} exited; its log:\n{}", cluster.log_tail(id, 10));
-                    }
-                }
-            }
-        }
-    }
-    println!("stopping the cluster ...");
-    real.stop().await;
-    cluster.stop_all(Duration::from_secs(5));
     Ok(())
 }
 
-/// Wait until `n` nodes are ready (registration of hundreds of nodes takes a few seconds).
-async fn wait_for_nodes(addr: &str, n: usize) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    loop {
-        let ready = match surge_chaos::client::nodes(addr)?
-            .list_nodes(surge_proto::node::ListNodesRequest {})
-            .await
-        {
-            Ok(r) => r
-                .into_inner()
-                .nodes
-                .iter()
-                .filter(|x| x.state == "ready")
-                .count(),
-            Err(_) => 0,
-        };
-        if ready >= n {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("only {ready} of {n} nodes registered within 2 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+fn secs(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "-".into())
+}
+
+fn print_demo(r: &DemoReport) {
+    println!();
+    let rows: Vec<Vec<String>> = r
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.label.to_string(),
+                j.tracker.count.to_string(),
+                secs(j.tracker.placed_s),
+                secs(j.tracker.started_s),
+                secs(j.tracker.done_s),
+            ]
+        })
+        .collect();
+    table(
+        &["JOB", "SANDBOXES", "ALL PLACED", "ALL STARTED", "ALL DONE"],
+        &rows,
+    );
+    println!();
+    println!(
+        "capacity released {} after submit; CPU utilisation at peak {:.0}%",
+        secs(r.released_s),
+        r.peak_utilisation * 100.0
+    );
 }

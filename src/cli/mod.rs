@@ -1,13 +1,9 @@
-//! The subcommands' implementations.
+//! The subcommands: flags, and printing what the crates return.
 
 pub mod bench;
-pub mod chaos;
 pub mod client;
-pub mod demo;
 pub mod dev;
-pub mod etcd;
 pub mod node;
-pub mod output;
 pub mod security;
 pub mod server;
 pub mod template;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use surge_chaos::client::Credentials;
+use surge_client::Credentials;
 use surge_security::certs::{self, CA_CERT_FILE, CA_KEY_FILE, CERT_FILE, KEY_FILE};
 use surge_security::{Access, Role, TlsDir};
 

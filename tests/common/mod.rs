@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use surge_chaos::client;
-use surge_chaos::cluster::LocalCluster;
+use surge_client::open as client;
+use surge_harness::cluster::LocalCluster;
 use surge_proto::jobs as pb;
 
 pub fn bin() -> PathBuf {

@@ -1,7 +1,6 @@
-//! Thin gRPC client helpers for talking to replicas, with the credentials a secured cluster
-//! asks for: a `--tls-dir` (mutual TLS) and a bearer token.
+//! Channels to one replica, with the credentials a secured cluster asks for: a `--tls-dir`
+//! (mutual TLS) and a bearer token. Credentials are always passed in; nothing is global.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use surge_proto::cluster::cluster_client::ClusterClient;
@@ -52,31 +51,8 @@ impl tonic::service::Interceptor for Bearer {
 /// A channel to a replica with the caller's token on every call.
 pub type Conn = InterceptedService<Channel, Bearer>;
 
-/// The `surge` CLI's credentials (`--tls-dir`, `--token`), set once before its first call;
-/// what [`cluster`], [`jobs`] and [`nodes`] present. Unset, they present nothing.
-static DEFAULT_CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
-
-#[derive(Debug, thiserror::Error)]
-#[error("the default client credentials were already set")]
-pub struct AlreadySet;
-
-/// Set the process's default credentials, once.
-pub fn set_default_credentials(creds: Credentials) -> Result<(), AlreadySet> {
-    DEFAULT_CREDENTIALS.set(creds).map_err(|_| AlreadySet)
-}
-
-fn default_credentials() -> Credentials {
-    DEFAULT_CREDENTIALS.get().cloned().unwrap_or_default()
-}
-
-/// A lazily connected channel to the replica at `addr` (`host:port`), with the default
-/// credentials' TLS settings.
-pub fn channel(addr: &str) -> Result<Channel, ConnectError> {
-    channel_with(addr, &default_credentials())
-}
-
 /// A lazily connected channel to `addr`, over mutual TLS when `creds` has a TLS dir.
-pub fn channel_with(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError> {
+pub fn channel(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError> {
     let uri = surge_security::tls::uri_for(addr, creds.tls.is_some());
     let mut endpoint =
         Endpoint::from_shared(uri).map_err(|_| ConnectError::BadAddress(addr.to_string()))?;
@@ -95,7 +71,8 @@ pub fn channel_with(addr: &str, creds: &Credentials) -> Result<Channel, ConnectE
         .connect_lazy())
 }
 
-fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
+/// A channel to `addr` that adds the caller's token to every call.
+pub fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
     let bearer = match &creds.token {
         None => Bearer(None),
         Some(t) => Bearer(Some(
@@ -104,32 +81,47 @@ fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
                 .map_err(|_| ConnectError::BadToken)?,
         )),
     };
-    Ok(InterceptedService::new(channel_with(addr, creds)?, bearer))
+    Ok(InterceptedService::new(channel(addr, creds)?, bearer))
 }
 
-pub fn cluster_with(addr: &str, creds: &Credentials) -> Result<ClusterClient<Conn>, ConnectError> {
+/// The cluster API (status, membership) of the replica at `addr`.
+pub fn cluster(addr: &str, creds: &Credentials) -> Result<ClusterClient<Conn>, ConnectError> {
     Ok(ClusterClient::new(conn(addr, creds)?)
         .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
 }
 
-pub fn jobs_with(addr: &str, creds: &Credentials) -> Result<JobsClient<Conn>, ConnectError> {
+/// The job API of the replica at `addr`.
+pub fn jobs(addr: &str, creds: &Credentials) -> Result<JobsClient<Conn>, ConnectError> {
     Ok(JobsClient::new(conn(addr, creds)?)
         .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
 }
 
-pub fn nodes_with(addr: &str, creds: &Credentials) -> Result<NodeApiClient<Conn>, ConnectError> {
+/// The node API (list, drain) of the replica at `addr`.
+pub fn nodes(addr: &str, creds: &Credentials) -> Result<NodeApiClient<Conn>, ConnectError> {
     Ok(NodeApiClient::new(conn(addr, creds)?)
         .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
 }
 
-pub fn cluster(addr: &str) -> Result<ClusterClient<Conn>, ConnectError> {
-    cluster_with(addr, &default_credentials())
-}
+/// Calls to an open cluster (no TLS, no token): what tests, benches and `surge dev` use against
+/// the clusters they start themselves. A secured cluster needs [`crate::Client`] or the functions
+/// above with [`Credentials`].
+pub mod open {
+    use super::*;
 
-pub fn jobs(addr: &str) -> Result<JobsClient<Conn>, ConnectError> {
-    jobs_with(addr, &default_credentials())
-}
+    const NONE: &Credentials = &Credentials {
+        tls: None,
+        token: None,
+    };
 
-pub fn nodes(addr: &str) -> Result<NodeApiClient<Conn>, ConnectError> {
-    nodes_with(addr, &default_credentials())
+    pub fn cluster(addr: &str) -> Result<ClusterClient<Conn>, ConnectError> {
+        super::cluster(addr, NONE)
+    }
+
+    pub fn jobs(addr: &str) -> Result<JobsClient<Conn>, ConnectError> {
+        super::jobs(addr, NONE)
+    }
+
+    pub fn nodes(addr: &str) -> Result<NodeApiClient<Conn>, ConnectError> {
+        super::nodes(addr, NONE)
+    }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster::free_port;
 use anyhow::{bail, Context};
-use surge_chaos::cluster::free_port;
 use surge_proto::etcd as pb;
 use tonic::transport::{Channel, Endpoint};
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use surge_proto::cluster::{StatusReply, StatusRequest};
 
-use crate::client;
 use crate::netns::{Net, NetError};
+use surge_client as client;
 
 /// Most replicas one local cluster runs.
 pub const REPLICAS_MAX: u64 = 9;
@@ -347,7 +347,8 @@ impl LocalCluster {
 
     pub async fn status(&self, id: u64) -> Result<StatusReply, String> {
         let addr = self.addr(id).map_err(|e| e.to_string())?;
-        let mut c = client::cluster_with(&addr, &self.credentials).map_err(|e| e.to_string())?;
+        let mut c =
+            client::connect::cluster(&addr, &self.credentials).map_err(|e| e.to_string())?;
         let call = c.status(StatusRequest {});
         match tokio::time::timeout(Duration::from_secs(3), call).await {
             Err(_) => Err(format!("replica {id} did not answer status")),

@@ -1,17 +1,46 @@
-//! `surge chaos`: a real cluster, a workload, faults on a seeded schedule, and checkers. The work
-//! is in `surge_chaos::run`; this file parses flags, prints the replay command and the report.
+//! `surge-chaos` (run as `surge chaos`): a real cluster, a workload, faults on a seeded
+//! schedule, and checkers; `surge chaos sim` is the deterministic simulator. The work is in
+//! `surge_chaos::run` and `surge_chaos::sim`; this file parses flags, prints the replay command
+//! and the report. It is its own binary so that the product binary links neither the fault
+//! injector nor tokio's `test-util` (the simulator's paused clock).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::Parser;
 use surge_chaos::faults::{self, FaultKind};
 use surge_chaos::run::{self, ChaosConfig, Report};
+use surge_harness::output::{self, Output};
 
-use crate::cli::output::{self, Output};
+fn main() {
+    // A daemon-like process: a peer that went away must not kill it (see `surge`'s main).
+    // SAFETY: called before any thread exists; SIG_IGN only changes what a write to a closed
+    // socket or pipe does (it returns EPIPE).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let args = ChaosArgs::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = surge_harness::surge_binary().and_then(|bin| runtime.block_on(run(args, bin)));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
 
-#[derive(clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
+/// Chaos run: a real cluster, a workload, faults on a seeded schedule, and checkers.
+#[derive(clap::Parser)]
+#[command(name = "surge chaos", version, args_conflicts_with_subcommands = true)]
 pub struct ChaosArgs {
     #[command(subcommand)]
     command: Option<ChaosCommand>,
@@ -300,11 +329,11 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
         return run_sim(sim).await;
     }
     let kinds = faults::parse_kinds(&args.faults)?;
-    if args.replicas == 0 || args.replicas > surge_chaos::cluster::REPLICAS_MAX {
+    if args.replicas == 0 || args.replicas > surge_harness::cluster::REPLICAS_MAX {
         bail!(
             "--replicas {}: between 1 and {}",
             args.replicas,
-            surge_chaos::cluster::REPLICAS_MAX
+            surge_harness::cluster::REPLICAS_MAX
         );
     }
     if args.nodes == 0 || args.clients == 0 {
@@ -332,11 +361,11 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
             )
         }
         Some(0) => 0,
-        Some(n) => match surge_chaos::containers::usable() {
+        Some(n) => match surge_harness::containers::usable() {
             Ok(()) => n,
             Err(why) => bail!("--container-nodes {n}: {why}"),
         },
-        None => match surge_chaos::containers::usable() {
+        None => match surge_harness::containers::usable() {
             Ok(()) => DEFAULT_CONTAINER_NODES,
             Err(why) => {
                 eprintln!("no container nodes: {why}");

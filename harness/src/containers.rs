@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::holdings::Holding;
-
 /// One container node daemon of a run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerDaemon {
@@ -153,10 +151,18 @@ pub fn containers(d: &ContainerDaemon) -> Result<Vec<CrunContainer>, String> {
     parse_crun_list(&crun(d, &["list", "--format", "json"])?)
 }
 
+/// One sandbox a daemon's crun runs, and the generation its bundle records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunningCopy {
+    pub job: u64,
+    pub index: u32,
+    pub generation: u64,
+}
+
 /// What daemon `d` runs right now, as crun sees it: every container that is not stopped, with
 /// the generation its bundle records. This is the ground truth of a double run: a sandbox the
 /// scheduler placed once but two hosts execute shows here and nowhere else.
-pub fn running_copies(d: &ContainerDaemon) -> Result<Vec<Holding>, String> {
+pub fn running_copies(d: &ContainerDaemon) -> Result<Vec<RunningCopy>, String> {
     let mut out = Vec::new();
     for c in containers(d)? {
         if !matches!(c.status.as_str(), "created" | "running" | "paused") {
@@ -174,12 +180,10 @@ pub fn running_copies(d: &ContainerDaemon) -> Result<Vec<Holding>, String> {
             .ok()
             .and_then(|m| m.get("generation").and_then(|g| g.as_u64()))
             .ok_or_else(|| format!("{}/meta.json has no generation", c.bundle.display()))?;
-        out.push(Holding {
-            node: d.node.clone(),
+        out.push(RunningCopy {
             job,
             index,
             generation,
-            running: true,
         });
     }
     Ok(out)
