@@ -12,9 +12,8 @@ use surge_raft::metrics::RaftMetrics;
 use surge_raft::store::{Applied, LogStore, StateMachineStore, Storage};
 use surge_raft::types::{Command as RaftCommand, NodeId, Raft};
 use surge_scheduler::command::{Command, Response};
-use surge_scheduler::leader::{coalesce, for_the_log, planning_input};
+use surge_scheduler::leader::{self, coalesce, CoreConfig, Leader, PlantedBug};
 use surge_scheduler::model::{JobSpec, NodeSpec, NodeState, Resources, RestartPolicy, Strategy};
-use surge_scheduler::placement;
 use surge_scheduler::runs::SandboxState;
 use surge_scheduler::ClusterState;
 use tokio::task::JoinHandle;
@@ -25,11 +24,6 @@ use crate::history::{EventType, JobSample, NodeSample, Op, Process, SandboxHolde
 
 /// How long a client or node waits for one proposal before calling its outcome unknown.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// The scheduler's planning tick (the real loop wakes on every applied change, at most every
-/// 20 ms; a coarser tick keeps the simulated message count, and so seeds/s, reasonable).
-const SCHEDULE_TICK: Duration = Duration::from_millis(100);
-/// How often the leader checks node TTLs (as `leader::watch_liveness`).
-const LIVENESS_TICK_MS: u64 = 500;
 /// How often a node daemon heartbeats, reads its assignments and reports.
 const NODE_TICK_MS: (u64, u64) = (200, 300);
 /// How often the sampler reads one replica's nodes and jobs.
@@ -52,14 +46,60 @@ enum ProposeError {
 struct Replica {
     raft: Raft,
     state: Arc<RwLock<Applied<ClusterState>>>,
-    duties: JoinHandle<()>,
+    /// The production leader shell and core, driven through [`SimHost`].
+    leader: Arc<Leader<SimHost>>,
+}
+
+/// One simulated replica as the leader's shell sees it: the simulated Raft, its applied state,
+/// proposals through [`Sim::propose`] and the simulated clock.
+struct SimHost {
+    sim: Arc<Sim>,
+    id: NodeId,
+    state: Arc<RwLock<Applied<ClusterState>>>,
+    applied: tokio::sync::watch::Receiver<u64>,
+}
+
+impl leader::Host for SimHost {
+    fn is_leader(&self) -> bool {
+        self.sim.is_leader(self.id)
+    }
+
+    fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&ClusterState, u64) -> R) -> R {
+        let guard = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let applied = guard.last_applied.map(|l| l.index).unwrap_or(0);
+        f(&guard.app, applied)
+    }
+
+    async fn propose(&self, command: &Command) -> Result<(u64, Response), leader::ProposeError> {
+        match self.sim.propose(self.id, command).await {
+            // The simulated proposal does not return the index; the shell only logs it.
+            Ok(r) => Ok((0, r)),
+            Err(ProposeError::Refused(e) | ProposeError::Unknown(e)) => {
+                Err(leader::ProposeError::NotCommitted(e))
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sim.world.now_ms()
+    }
 }
 
 struct Daemon {
     up: bool,
     /// Sandboxes this daemon runs: (job, index, generation) -> simulated time it ends.
     running: BTreeMap<(u64, u32, u64), u64>,
-    last_heartbeat_ms: u64,
 }
 
 pub(super) struct Sim {
@@ -161,7 +201,6 @@ impl Sim {
                     Daemon {
                         up: true,
                         running: BTreeMap::new(),
-                        last_heartbeat_ms: 0,
                     },
                 )
             })
@@ -242,7 +281,7 @@ impl Sim {
         let metrics =
             Arc::new(RaftMetrics::new(&registry).map_err(|e| SimError::Storage(e.to_string()))?);
         let log = LogStore::new(storage.clone());
-        let (sm, state, _applied) =
+        let (sm, state, applied) =
             StateMachineStore::open(storage, ClusterState::default(), metrics)
                 .map_err(|e| SimError::Storage(e.to_string()))?;
         let timeout = self.election_timeout_ms.get(&id).copied().unwrap_or(200);
@@ -268,13 +307,27 @@ impl Sim {
             .await
             .map_err(|e| SimError::Storage(e.to_string()))?;
         self.world.set_running(id, raft.clone());
-        let duties = tokio::spawn(leader_duties(self.clone(), id));
+        let host = SimHost {
+            sim: self.clone(),
+            id,
+            state: state.clone(),
+            applied,
+        };
+        let core = CoreConfig {
+            planted: match self.cfg.inject {
+                Some(InjectedBug::StaleQuietPlanner) => Some(PlantedBug::StaleQuiet),
+                _ => None,
+            },
+            ..CoreConfig::new(self.cfg.node_ttl_ms)
+        };
+        let leader = Leader::start_with(host, core, &registry)
+            .map_err(|e| SimError::Storage(e.to_string()))?;
         lock(&self.replicas).insert(
             id,
             Replica {
                 raft,
                 state,
-                duties,
+                leader,
             },
         );
         self.world.trace(&format!("open replica {id}"));
@@ -285,7 +338,7 @@ impl Sim {
         self.world.set_crashed(id);
         let replica = lock(&self.replicas).remove(&id);
         if let Some(r) = replica {
-            r.duties.abort();
+            r.leader.stop();
             if let Err(e) = r.raft.shutdown().await {
                 tracing::debug!(id, error = %e, "shutdown of a crashed replica");
             }
@@ -328,6 +381,22 @@ impl Sim {
         Err(ProposeError::Refused(
             "forwarded without reaching the leader".into(),
         ))
+    }
+
+    /// A node's heartbeat reaches the leader side of every running replica (a real one reaches
+    /// one replica, which forwards it to the leader; recording it everywhere is the simpler
+    /// equivalent: only the leader acts on it).
+    fn heartbeat(&self, node: &str) {
+        let running = lock(&self.daemons)
+            .get(node)
+            .map_or(0, |d| u32::try_from(d.running.len()).unwrap_or(u32::MAX));
+        let leaders: Vec<Arc<Leader<SimHost>>> = lock(&self.replicas)
+            .values()
+            .map(|r| r.leader.clone())
+            .collect();
+        for l in leaders {
+            l.heartbeat(node, Resources::default(), running);
+        }
     }
 
     fn random_replica(&self) -> NodeId {
@@ -382,7 +451,7 @@ impl Sim {
             t.abort();
         }
         for r in lock(&self.replicas).values() {
-            r.duties.abort();
+            r.leader.stop();
         }
         self.converge().await;
         if let Some(bug) = self.cfg.inject {
@@ -623,6 +692,8 @@ impl Sim {
 
     fn inject(&self, bug: InjectedBug) {
         match bug {
+            // Planted in the leader's core at start (`CoreConfig::planted`).
+            InjectedBug::StaleQuietPlanner => {}
             InjectedBug::LoseAcknowledgedJob => {
                 // Corrupt replica 2's state behind Raft's back: drop the first acknowledged job.
                 let Some(job) = lock(&self.acked).first().copied() else {
@@ -686,73 +757,6 @@ enum Heal {
 // ---------------------------------------------------------------------------------------------
 // Tasks
 
-/// What `scheduler::leader` does on the leader, against the simulated replica: TTLs of nodes
-/// and the plan → ApplyPlan loop, with the same pure parts (`placement::place`, `reasons_of`).
-async fn leader_duties(sim: Arc<Sim>, id: NodeId) {
-    let mut leading_since: Option<u64> = None;
-    let mut last_planned_at = 0u64;
-    let mut next_liveness_ms = 0u64;
-    loop {
-        tokio::time::sleep(SCHEDULE_TICK).await;
-        if !sim.is_leader(id) {
-            leading_since = None;
-            continue;
-        }
-        let now = sim.world.now_ms();
-        // A new leader gives every node a full TTL from now (as `watch_liveness` does).
-        let since = *leading_since.get_or_insert(now);
-        if now >= next_liveness_ms {
-            next_liveness_ms = now + LIVENESS_TICK_MS;
-            let silent: Vec<String> = {
-                let daemons = lock(&sim.daemons);
-                sim.read(id, |s, _| {
-                    s.nodes
-                        .values()
-                        .filter(|n| n.state != NodeState::Down)
-                        .filter(|n| {
-                            let seen = daemons
-                                .get(&n.spec.id)
-                                .map(|d| d.last_heartbeat_ms)
-                                .unwrap_or(0)
-                                .max(since);
-                            now.saturating_sub(seen) > sim.cfg.node_ttl_ms
-                        })
-                        .map(|n| n.spec.id.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
-            };
-            for node in silent {
-                let c = Command::SetNodeState {
-                    node,
-                    state: NodeState::Down,
-                    at_ms: now,
-                };
-                let _ = sim.propose(id, &c).await;
-            }
-        }
-        let Some(Some((input, reasons_now))) = sim.read(id, |s, applied| {
-            (applied != last_planned_at).then(|| planning_input(s, applied))
-        }) else {
-            continue;
-        };
-        last_planned_at = input.at_index;
-        if input.pending.is_empty() {
-            continue;
-        }
-        let (plan, reasons) = for_the_log(placement::place(&input), &reasons_now);
-        if plan.placements.is_empty() && plan.preemptions.is_empty() && reasons.is_empty() {
-            continue;
-        }
-        let c = Command::ApplyPlan {
-            plan,
-            reasons,
-            at_ms: sim.world.now_ms(),
-        };
-        let _ = sim.propose(id, &c).await;
-    }
-}
-
 /// A node daemon on the `sim` runtime: heartbeats, registers (again after being marked down),
 /// runs what it is assigned for a seeded while, and reports Running, then Succeeded or Failed.
 async fn daemon(sim: Arc<Sim>, node: String) {
@@ -768,8 +772,8 @@ async fn daemon(sim: Arc<Sim>, node: String) {
                 registered = false;
                 continue;
             }
-            me.last_heartbeat_ms = now;
         }
+        sim.heartbeat(&node);
         let Some(leader) = sim.leader() else { continue };
         let Some((state, assigned)) = sim.read(leader, |s, _| {
             (s.nodes.get(&node).map(|n| n.state), s.assignments_of(&node))
@@ -825,11 +829,11 @@ async fn daemon(sim: Arc<Sim>, node: String) {
         if updates.is_empty() {
             continue;
         }
-        let c = Command::ReportStatus {
-            reports: coalesce(&node, updates),
-            at_ms: now,
-        };
-        let _ = sim.propose(leader, &c).await;
+        // Through the leader's report batcher, as `Nodes.ReportStatus` does.
+        let batcher = lock(&sim.replicas).get(&leader).map(|r| r.leader.clone());
+        if let Some(batcher) = batcher {
+            let _ = batcher.report(coalesce(&node, updates), Vec::new()).await;
+        }
     }
 }
 
