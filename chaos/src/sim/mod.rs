@@ -5,7 +5,7 @@
 //!   ┌──────────────────────────────────────────────────────────────────────────────────┐
 //!   │ replica 1..3: openraft::Raft + surge_raft::store (RocksDB on tmpfs)              │
 //!   │               + surge_scheduler::ClusterState       ◄── net::SimNetwork ──►      │
-//!   │               + leader duties (TTL, placement::place → ApplyPlan)                │
+//!   │               + surge_scheduler::leader::Leader (the production shell and core)  │
 //!   │ node daemons (register, run assignments, report)    clients (submit, cancel)     │
 //!   │ fault schedule (crash/restart, partitions, loss, daemons leaving)   sampler      │
 //!   └──────────────────── every decision drawn from World's one SimRng ────────────────┘
@@ -16,6 +16,12 @@
 //! real-process harness uses, plus a digest of everything that happened (every message hop with
 //! its simulated time and fate, every fault, every history event, the final state hashes): the
 //! same seed gives the same digest, which is what `tests/t72_sim.rs` asserts.
+//!
+//! **The leader is production code.** Each replica runs `surge_scheduler::leader::Leader`, the
+//! same async shell and pure core a real replica runs (TTLs, the incremental planner, report
+//! batching), through a `leader::Host` over the simulated replica whose clock is the paused
+//! tokio clock. Bugs planted in that core (`InjectedBug::StaleQuietPlanner`) are thus bugs of
+//! the code that ships.
 //!
 //! **Sources of nondeterminism and what is done about each.**
 //! - Time: only tokio's clock is read, and it is paused; surge code under test takes its clock
@@ -69,6 +75,39 @@ pub const SEEDS_MAX: u64 = 10_000_000;
 pub enum InjectedBug {
     /// Before the final reads, replica 2 silently forgets the first acknowledged job.
     LoseAcknowledgedJob,
+    /// The leader's planner (the production core, `surge_scheduler::leader::core`) keeps a
+    /// quiet queue quiet after the capacity changed: jobs that waited stay pending.
+    StaleQuietPlanner,
+}
+
+impl InjectedBug {
+    /// Every bug, for `--inject`.
+    pub const ALL: [InjectedBug; 2] = [
+        InjectedBug::LoseAcknowledgedJob,
+        InjectedBug::StaleQuietPlanner,
+    ];
+
+    /// The name `--inject` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            InjectedBug::LoseAcknowledgedJob => "lose-acknowledged-job",
+            InjectedBug::StaleQuietPlanner => "stale-quiet-planner",
+        }
+    }
+}
+
+impl std::str::FromStr for InjectedBug {
+    type Err = SimError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        InjectedBug::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = InjectedBug::ALL.iter().map(|b| b.name()).collect();
+                SimError::Config(format!("no bug named {s}; known: {}", names.join(", ")))
+            })
+    }
 }
 
 /// The shape of one simulated run; the seed decides everything else.
@@ -179,8 +218,8 @@ pub fn replay_command(seed: u64, cfg: &SimConfig) -> String {
     if cfg.fault_phase_ms != d.fault_phase_ms {
         cmd.push_str(&format!(" --fault-ms {}", cfg.fault_phase_ms));
     }
-    if cfg.inject == Some(InjectedBug::LoseAcknowledgedJob) {
-        cmd.push_str(" --inject lose-acknowledged-job");
+    if let Some(bug) = cfg.inject {
+        cmd.push_str(&format!(" --inject {}", bug.name()));
     }
     cmd
 }
@@ -337,3 +376,6 @@ impl SweepReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

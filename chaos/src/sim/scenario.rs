@@ -12,24 +12,20 @@ use surge_raft::metrics::RaftMetrics;
 use surge_raft::store::{Applied, LogStore, StateMachineStore, Storage};
 use surge_raft::types::{Command as RaftCommand, NodeId, Raft};
 use surge_scheduler::command::{Command, Response};
-use surge_scheduler::leader::{coalesce, for_the_log, planning_input};
-use surge_scheduler::model::{JobSpec, NodeSpec, NodeState, Resources, RestartPolicy, Strategy};
-use surge_scheduler::placement;
-use surge_scheduler::runs::SandboxState;
+use surge_scheduler::leader::{self, CoreConfig, Leader, PlantedBug};
+use surge_scheduler::model::{NodeSpec, Resources};
 use surge_scheduler::ClusterState;
 use tokio::task::JoinHandle;
 
+mod tasks;
+
+use self::tasks::{client, daemon, sampler};
 use super::net::{Conditions, SimNetwork, World};
 use super::{InjectedBug, SimConfig, SimError};
-use crate::history::{EventType, JobSample, NodeSample, Op, Process, SandboxHolders};
+use crate::history::{EventType, JobSample, NodeSample, Op, Process};
 
 /// How long a client or node waits for one proposal before calling its outcome unknown.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// The scheduler's planning tick (the real loop wakes on every applied change, at most every
-/// 20 ms; a coarser tick keeps the simulated message count, and so seeds/s, reasonable).
-const SCHEDULE_TICK: Duration = Duration::from_millis(100);
-/// How often the leader checks node TTLs (as `leader::watch_liveness`).
-const LIVENESS_TICK_MS: u64 = 500;
 /// How often a node daemon heartbeats, reads its assignments and reports.
 const NODE_TICK_MS: (u64, u64) = (200, 300);
 /// How often the sampler reads one replica's nodes and jobs.
@@ -52,14 +48,60 @@ enum ProposeError {
 struct Replica {
     raft: Raft,
     state: Arc<RwLock<Applied<ClusterState>>>,
-    duties: JoinHandle<()>,
+    /// The production leader shell and core, driven through [`SimHost`].
+    leader: Arc<Leader<SimHost>>,
+}
+
+/// One simulated replica as the leader's shell sees it: the simulated Raft, its applied state,
+/// proposals through [`Sim::propose`] and the simulated clock.
+struct SimHost {
+    sim: Arc<Sim>,
+    id: NodeId,
+    state: Arc<RwLock<Applied<ClusterState>>>,
+    applied: tokio::sync::watch::Receiver<u64>,
+}
+
+impl leader::Host for SimHost {
+    fn is_leader(&self) -> bool {
+        self.sim.is_leader(self.id)
+    }
+
+    fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&ClusterState, u64) -> R) -> R {
+        let guard = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let applied = guard.last_applied.map(|l| l.index).unwrap_or(0);
+        f(&guard.app, applied)
+    }
+
+    async fn propose(&self, command: &Command) -> Result<(u64, Response), leader::ProposeError> {
+        match self.sim.propose(self.id, command).await {
+            // The simulated proposal does not return the index; the shell only logs it.
+            Ok(r) => Ok((0, r)),
+            Err(ProposeError::Refused(e) | ProposeError::Unknown(e)) => {
+                Err(leader::ProposeError::NotCommitted(e))
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sim.world.now_ms()
+    }
 }
 
 struct Daemon {
     up: bool,
     /// Sandboxes this daemon runs: (job, index, generation) -> simulated time it ends.
     running: BTreeMap<(u64, u32, u64), u64>,
-    last_heartbeat_ms: u64,
 }
 
 pub(super) struct Sim {
@@ -161,7 +203,6 @@ impl Sim {
                     Daemon {
                         up: true,
                         running: BTreeMap::new(),
-                        last_heartbeat_ms: 0,
                     },
                 )
             })
@@ -242,7 +283,7 @@ impl Sim {
         let metrics =
             Arc::new(RaftMetrics::new(&registry).map_err(|e| SimError::Storage(e.to_string()))?);
         let log = LogStore::new(storage.clone());
-        let (sm, state, _applied) =
+        let (sm, state, applied) =
             StateMachineStore::open(storage, ClusterState::default(), metrics)
                 .map_err(|e| SimError::Storage(e.to_string()))?;
         let timeout = self.election_timeout_ms.get(&id).copied().unwrap_or(200);
@@ -268,13 +309,27 @@ impl Sim {
             .await
             .map_err(|e| SimError::Storage(e.to_string()))?;
         self.world.set_running(id, raft.clone());
-        let duties = tokio::spawn(leader_duties(self.clone(), id));
+        let host = SimHost {
+            sim: self.clone(),
+            id,
+            state: state.clone(),
+            applied,
+        };
+        let core = CoreConfig {
+            planted: match self.cfg.inject {
+                Some(InjectedBug::StaleQuietPlanner) => Some(PlantedBug::StaleQuiet),
+                _ => None,
+            },
+            ..CoreConfig::new(self.cfg.node_ttl_ms)
+        };
+        let leader = Leader::start_with(host, core, &registry)
+            .map_err(|e| SimError::Storage(e.to_string()))?;
         lock(&self.replicas).insert(
             id,
             Replica {
                 raft,
                 state,
-                duties,
+                leader,
             },
         );
         self.world.trace(&format!("open replica {id}"));
@@ -285,7 +340,7 @@ impl Sim {
         self.world.set_crashed(id);
         let replica = lock(&self.replicas).remove(&id);
         if let Some(r) = replica {
-            r.duties.abort();
+            r.leader.stop();
             if let Err(e) = r.raft.shutdown().await {
                 tracing::debug!(id, error = %e, "shutdown of a crashed replica");
             }
@@ -328,6 +383,22 @@ impl Sim {
         Err(ProposeError::Refused(
             "forwarded without reaching the leader".into(),
         ))
+    }
+
+    /// A node's heartbeat reaches the leader side of every running replica (a real one reaches
+    /// one replica, which forwards it to the leader; recording it everywhere is the simpler
+    /// equivalent: only the leader acts on it).
+    fn heartbeat(&self, node: &str) {
+        let running = lock(&self.daemons)
+            .get(node)
+            .map_or(0, |d| u32::try_from(d.running.len()).unwrap_or(u32::MAX));
+        let leaders: Vec<Arc<Leader<SimHost>>> = lock(&self.replicas)
+            .values()
+            .map(|r| r.leader.clone())
+            .collect();
+        for l in leaders {
+            l.heartbeat(node, Resources::default(), running);
+        }
     }
 
     fn random_replica(&self) -> NodeId {
@@ -382,7 +453,7 @@ impl Sim {
             t.abort();
         }
         for r in lock(&self.replicas).values() {
-            r.duties.abort();
+            r.leader.stop();
         }
         self.converge().await;
         if let Some(bug) = self.cfg.inject {
@@ -623,6 +694,8 @@ impl Sim {
 
     fn inject(&self, bug: InjectedBug) {
         match bug {
+            // Planted in the leader's core at start (`CoreConfig::planted`).
+            InjectedBug::StaleQuietPlanner => {}
             InjectedBug::LoseAcknowledgedJob => {
                 // Corrupt replica 2's state behind Raft's back: drop the first acknowledged job.
                 let Some(job) = lock(&self.acked).first().copied() else {
@@ -681,380 +754,4 @@ enum Heal {
     Partition,
     Network,
     Node(String),
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tasks
-
-/// What `scheduler::leader` does on the leader, against the simulated replica: TTLs of nodes
-/// and the plan → ApplyPlan loop, with the same pure parts (`placement::place`, `reasons_of`).
-async fn leader_duties(sim: Arc<Sim>, id: NodeId) {
-    let mut leading_since: Option<u64> = None;
-    let mut last_planned_at = 0u64;
-    let mut next_liveness_ms = 0u64;
-    loop {
-        tokio::time::sleep(SCHEDULE_TICK).await;
-        if !sim.is_leader(id) {
-            leading_since = None;
-            continue;
-        }
-        let now = sim.world.now_ms();
-        // A new leader gives every node a full TTL from now (as `watch_liveness` does).
-        let since = *leading_since.get_or_insert(now);
-        if now >= next_liveness_ms {
-            next_liveness_ms = now + LIVENESS_TICK_MS;
-            let silent: Vec<String> = {
-                let daemons = lock(&sim.daemons);
-                sim.read(id, |s, _| {
-                    s.nodes
-                        .values()
-                        .filter(|n| n.state != NodeState::Down)
-                        .filter(|n| {
-                            let seen = daemons
-                                .get(&n.spec.id)
-                                .map(|d| d.last_heartbeat_ms)
-                                .unwrap_or(0)
-                                .max(since);
-                            now.saturating_sub(seen) > sim.cfg.node_ttl_ms
-                        })
-                        .map(|n| n.spec.id.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
-            };
-            for node in silent {
-                let c = Command::SetNodeState {
-                    node,
-                    state: NodeState::Down,
-                    at_ms: now,
-                };
-                let _ = sim.propose(id, &c).await;
-            }
-        }
-        let Some(Some((input, reasons_now))) = sim.read(id, |s, applied| {
-            (applied != last_planned_at).then(|| planning_input(s, applied))
-        }) else {
-            continue;
-        };
-        last_planned_at = input.at_index;
-        if input.pending.is_empty() {
-            continue;
-        }
-        let (plan, reasons) = for_the_log(placement::place(&input), &reasons_now);
-        if plan.placements.is_empty() && plan.preemptions.is_empty() && reasons.is_empty() {
-            continue;
-        }
-        let c = Command::ApplyPlan {
-            plan,
-            reasons,
-            at_ms: sim.world.now_ms(),
-        };
-        let _ = sim.propose(id, &c).await;
-    }
-}
-
-/// A node daemon on the `sim` runtime: heartbeats, registers (again after being marked down),
-/// runs what it is assigned for a seeded while, and reports Running, then Succeeded or Failed.
-async fn daemon(sim: Arc<Sim>, node: String) {
-    let mut registered = false;
-    loop {
-        let tick = sim.rng(|r| r.range(NODE_TICK_MS.0, NODE_TICK_MS.1));
-        tokio::time::sleep(Duration::from_millis(tick)).await;
-        let now = sim.world.now_ms();
-        {
-            let mut d = lock(&sim.daemons);
-            let Some(me) = d.get_mut(&node) else { return };
-            if !me.up {
-                registered = false;
-                continue;
-            }
-            me.last_heartbeat_ms = now;
-        }
-        let Some(leader) = sim.leader() else { continue };
-        let Some((state, assigned)) = sim.read(leader, |s, _| {
-            (s.nodes.get(&node).map(|n| n.state), s.assignments_of(&node))
-        }) else {
-            continue;
-        };
-        if !registered || state.is_none() || state == Some(NodeState::Down) {
-            let c = Command::RegisterNode {
-                node: node_spec(&node),
-                at_ms: now,
-            };
-            let via = sim.random_replica();
-            registered = matches!(sim.propose(via, &c).await, Ok(Response::NodeRegistered));
-            continue;
-        }
-        let mut updates = Vec::new();
-        {
-            let mut d = lock(&sim.daemons);
-            let Some(me) = d.get_mut(&node) else { return };
-            let wanted: std::collections::BTreeSet<(u64, u32, u64)> = assigned
-                .iter()
-                .map(|a| (a.job, a.index, a.generation))
-                .collect();
-            me.running.retain(|k, _| wanted.contains(k));
-            for a in &assigned {
-                let key = (a.job, a.index, a.generation);
-                match me.running.get(&key) {
-                    None => {
-                        let lasts = sim.world.rng(|r| r.range(500, 4_000));
-                        me.running.insert(key, now + lasts);
-                        updates.push((
-                            a.job,
-                            a.index,
-                            a.generation,
-                            SandboxState::Running,
-                            0,
-                            None,
-                        ));
-                    }
-                    Some(&ends) if ends <= now => {
-                        let failed = sim.world.rng(|r| r.chance(100));
-                        let (st, code) = if failed {
-                            (SandboxState::Failed, 1)
-                        } else {
-                            (SandboxState::Succeeded, 0)
-                        };
-                        updates.push((a.job, a.index, a.generation, st, code, None));
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
-        if updates.is_empty() {
-            continue;
-        }
-        let c = Command::ReportStatus {
-            reports: coalesce(&node, updates),
-            at_ms: now,
-        };
-        let _ = sim.propose(leader, &c).await;
-    }
-}
-
-/// Every 250 ms: one replica's nodes and jobs (for the overcommit and gang checkers), and every
-/// running replica's applied index and state hash (two replicas at the same index must agree:
-/// the `converged` checker's check of deterministic apply, during the run, not only at its end).
-async fn sampler(sim: Arc<Sim>) {
-    loop {
-        tokio::time::sleep(SAMPLE_TICK).await;
-        for replica in sim.world.running() {
-            if let Some((applied_index, state_hash)) = sim.read(replica, |s, a| (a, s.hash())) {
-                sim.record(
-                    Process::Sampler,
-                    EventType::Ok,
-                    Op::ReplicaStatus {
-                        replica,
-                        applied_index,
-                        state_hash,
-                    },
-                );
-            }
-        }
-        let id = sim.random_replica();
-        if let Some((checked, doubles)) = sim.read(id, |s, _| live_holders(s)) {
-            sim.record(
-                Process::Sampler,
-                EventType::Ok,
-                Op::ReadAssignments {
-                    replica: id,
-                    checked,
-                    running: 0,
-                    doubles,
-                    stale: Vec::new(),
-                },
-            );
-        }
-        if let Some((jobs, nodes)) = sim.read(id, |s, _| samples(s)) {
-            sim.record(
-                Process::Sampler,
-                EventType::Ok,
-                Op::ReadJobs { replica: id, jobs },
-            );
-            sim.record(
-                Process::Sampler,
-                EventType::Ok,
-                Op::ReadNodes { replica: id, nodes },
-            );
-        }
-    }
-}
-
-/// How many (live node, sandbox) assignments `s` holds, and every sandbox assigned to more than
-/// one live node (ready or draining).
-fn live_holders(s: &ClusterState) -> (u64, Vec<SandboxHolders>) {
-    let mut holders: BTreeMap<(u64, u32), Vec<String>> = BTreeMap::new();
-    let mut checked = 0u64;
-    for (id, node) in &s.nodes {
-        if !matches!(node.state, NodeState::Ready | NodeState::Draining) {
-            continue;
-        }
-        for a in s.assignments_of(id) {
-            checked += 1;
-            holders
-                .entry((a.job, a.index))
-                .or_default()
-                .push(id.clone());
-        }
-    }
-    let doubles = holders
-        .into_iter()
-        .filter(|(_, nodes)| nodes.len() > 1)
-        .map(|((job, index), nodes)| SandboxHolders { job, index, nodes })
-        .collect();
-    (checked, doubles)
-}
-
-/// A workload client: submissions under idempotency keys, retried as a real client retries
-/// (same key), and some cancels of acknowledged jobs.
-async fn client(sim: Arc<Sim>, c: u32) {
-    let p = Process::Client(c);
-    for i in 0..sim.cfg.jobs_per_client {
-        let pause = sim.rng(|r| r.range(100, 1_500));
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        if sim.world.now_ms() >= sim.cfg.fault_phase_ms {
-            return;
-        }
-        let key = format!("c{c}-{i}");
-        let spec = sim.rng(|r| {
-            let gang = r.chance(250);
-            JobSpec {
-                name: key.clone(),
-                // Gangs up to 8 wide: some fill the cluster, so placement must wait or preempt.
-                count: u32::try_from(r.range(1, if gang { 9 } else { 5 })).unwrap_or(1),
-                per_sandbox: Resources::new(
-                    r.pick(&[250, 500, 1_000, 2_000]).unwrap_or(500),
-                    r.pick(&[256, 512, 1_024]).unwrap_or(256),
-                ),
-                template: "busybox".into(),
-                command: vec!["true".into()],
-                env: BTreeMap::new(),
-                // Mixed priorities, so the planner preempts (and must keep gangs whole doing so).
-                priority: r.pick(&[0, 0, 5, 10]).unwrap_or(0),
-                tenant: "sim".into(),
-                gang,
-                strategy: if r.chance(300) {
-                    Strategy::Spread
-                } else {
-                    Strategy::Binpack
-                },
-                constraints: vec![],
-                restart: if r.chance(250) {
-                    RestartPolicy::OnFailure { max_restarts: 2 }
-                } else {
-                    RestartPolicy::Never
-                },
-            }
-        });
-        let mut acked = None;
-        for _attempt in 0..ATTEMPTS_MAX {
-            let via = sim.random_replica();
-            sim.record(
-                p,
-                EventType::Invoke,
-                Op::Submit {
-                    key: key.clone(),
-                    replica: via,
-                    gang: spec.gang,
-                    count: spec.count,
-                    cpu_millis: spec.per_sandbox.cpu_millis,
-                    memory_mib: spec.per_sandbox.memory_mib,
-                },
-            );
-            let cmd = Command::SubmitJob {
-                spec: spec.clone(),
-                idempotency_key: key.clone(),
-                at_ms: sim.world.now_ms(),
-            };
-            let error = |kind, error: String| {
-                sim.record(
-                    p,
-                    kind,
-                    Op::Error {
-                        about: key.clone(),
-                        error,
-                    },
-                )
-            };
-            match sim.propose(via, &cmd).await {
-                Ok(Response::JobSubmitted { job_id, created }) => {
-                    sim.record(
-                        p,
-                        EventType::Ok,
-                        Op::Submitted {
-                            key: key.clone(),
-                            job_id,
-                            created,
-                        },
-                    );
-                    acked = Some(job_id);
-                    break;
-                }
-                Ok(other) => {
-                    error(EventType::Fail, format!("refused: {other:?}"));
-                    break;
-                }
-                Err(ProposeError::Refused(e)) => error(EventType::Fail, e),
-                Err(ProposeError::Unknown(e)) => error(EventType::Info, e),
-            }
-            let backoff = sim.rng(|r| r.range(100, 600));
-            tokio::time::sleep(Duration::from_millis(backoff)).await;
-        }
-        let Some(job_id) = acked else { continue };
-        lock(&sim.acked).push(job_id);
-        if !sim.rng(|r| r.chance(250)) {
-            continue;
-        }
-        let pause = sim.rng(|r| r.range(0, 1_500));
-        tokio::time::sleep(Duration::from_millis(pause)).await;
-        for _attempt in 0..ATTEMPTS_MAX {
-            let via = sim.random_replica();
-            sim.record(
-                p,
-                EventType::Invoke,
-                Op::Cancel {
-                    job_id,
-                    replica: via,
-                },
-            );
-            let cmd = Command::CancelJob {
-                job_id,
-                at_ms: sim.world.now_ms(),
-            };
-            let about = format!("job {job_id}");
-            match sim.propose(via, &cmd).await {
-                Ok(Response::JobCancelled { job }) => {
-                    sim.record(
-                        p,
-                        EventType::Ok,
-                        Op::Cancelled {
-                            job_id,
-                            state: job.state.as_str().to_string(),
-                        },
-                    );
-                    break;
-                }
-                Ok(other) => {
-                    sim.record(
-                        p,
-                        EventType::Fail,
-                        Op::Error {
-                            about,
-                            error: format!("refused: {other:?}"),
-                        },
-                    );
-                    break;
-                }
-                Err(ProposeError::Refused(error)) => {
-                    sim.record(p, EventType::Fail, Op::Error { about, error })
-                }
-                Err(ProposeError::Unknown(error)) => {
-                    sim.record(p, EventType::Info, Op::Error { about, error })
-                }
-            }
-            let backoff = sim.rng(|r| r.range(100, 600));
-            tokio::time::sleep(Duration::from_millis(backoff)).await;
-        }
-    }
 }

@@ -419,8 +419,10 @@ impl<R: Runtime> NodeAgent<R> {
                     agent.hands.tick(Instant::now());
                 }
                 () = tokio::time::sleep_until(next_pass_at), if ready => {
-                    dirty = agent.pass();
-                    next_pass_at = Instant::now() + Duration::from_millis(PASS_INTERVAL_MIN_MS);
+                    // The loop reads the clock once per pass; the pass decides on that reading.
+                    let now = Instant::now();
+                    dirty = agent.pass(now);
+                    next_pass_at = now + Duration::from_millis(PASS_INTERVAL_MIN_MS);
                 }
             }
         };
@@ -479,9 +481,9 @@ async fn rescan_templates(
 }
 
 impl<R: Runtime> Agent<R> {
-    /// One reconcile pass; returns whether another is needed right away (starts were capped).
-    fn pass(&mut self) -> bool {
-        let now = Instant::now();
+    /// One reconcile pass at `now` (stop deadlines and start decisions are stamped with it);
+    /// returns whether another is needed right away (starts were capped).
+    fn pass(&mut self, now: Instant) -> bool {
         let mut observed = self.view.snapshot();
         // The snapshot is in id order: each stop in progress is looked up, not searched for.
         self.stopping.retain(|id, (generation, until)| {
@@ -514,7 +516,7 @@ impl<R: Runtime> Agent<R> {
             if matches!(action, Action::Start { .. }) {
                 forgotten.remove(&id);
             }
-            if self.dispatch(action) == Dispatched::Forget {
+            if self.dispatch(action, now) == Dispatched::Forget {
                 forgotten.insert(id);
             }
         }
@@ -525,7 +527,7 @@ impl<R: Runtime> Agent<R> {
         starts >= self.config.policy.starts_max_per_pass
     }
 
-    fn dispatch(&mut self, action: Action) -> Dispatched {
+    fn dispatch(&mut self, action: Action, now: Instant) -> Dispatched {
         let view = self.view.clone();
         match action {
             Action::Start {
@@ -552,7 +554,7 @@ impl<R: Runtime> Agent<R> {
                 };
                 let cmd = OwnerCommand::Start {
                     req,
-                    decided_at: Instant::now(),
+                    decided_at: now,
                 };
                 if !self.send(id, cmd) {
                     // Not handed over: let the next pass decide again.
@@ -590,8 +592,8 @@ impl<R: Runtime> Agent<R> {
                 let generation = view.get(id).map(|o| o.generation);
                 if self.send(id, OwnerCommand::Stop { grace_ms, reason }) {
                     if let Some(g) = generation {
-                        let until = Instant::now()
-                            + Duration::from_millis(grace_ms.saturating_add(STOP_SLACK_MS));
+                        let until =
+                            now + Duration::from_millis(grace_ms.saturating_add(STOP_SLACK_MS));
                         self.stopping.insert(id, (g, until));
                     }
                 }
