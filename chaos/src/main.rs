@@ -118,7 +118,8 @@ pub struct SimArgs {
     /// Simulated node daemons.
     #[arg(long, default_value_t = surge_chaos::sim::SimConfig::default().nodes)]
     nodes: u32,
-    /// Plant a bug to watch the checkers catch it: lose-acknowledged-job.
+    /// Plant a bug to watch the checkers catch it: lose-acknowledged-job or
+    /// stale-quiet-planner (a quiet cycle in the real leader core that ignores capacity changes).
     #[arg(long, value_parser = parse_bug)]
     inject: Option<surge_chaos::sim::InjectedBug>,
     /// Stop at the first failing seed.
@@ -151,10 +152,7 @@ pub fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
 }
 
 fn parse_bug(s: &str) -> Result<surge_chaos::sim::InjectedBug, String> {
-    match s {
-        "lose-acknowledged-job" => Ok(surge_chaos::sim::InjectedBug::LoseAcknowledgedJob),
-        other => Err(format!("unknown bug {other:?}: lose-acknowledged-job")),
-    }
+    s.parse().map_err(|e: surge_chaos::sim::SimError| e.to_string())
 }
 
 /// `surge chaos sim`: sweep the seeds on a blocking thread (each seed builds its own
