@@ -117,3 +117,36 @@ async fn restart_of_all_replicas_keeps_identical_state() {
         assert_all_present_once(&c.addr(id).expect("addr"), &acked).await;
     }
 }
+
+/// The CLI, pointed at a follower whose leader has just died, neither fails nor blames the
+/// follower: reads on a follower ask the leader for a read index, and while there is none the
+/// follower answers "unavailable"; the client retries until a new leader answers. With a list of
+/// replicas, a dead first replica is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_rides_out_a_leader_kill_and_names_the_replica_that_failed() {
+    let (mut c, _dir, leader) = cluster(3, &[]).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
+    let via = c.addr(follower).expect("addr");
+    let dead = c.addr(leader).expect("addr");
+    c.kill(leader).expect("kill the leader");
+    let listed = surge_ok(&["jobs", "-o", "json", "--server", &via]);
+    assert!(listed.trim_start().starts_with('['), "{listed}");
+    // A list whose first replica is dead: the call goes on to the next one.
+    let servers = format!("{dead},{via}");
+    let status = surge_ok(&["status", "-o", "json", "--server", &servers]);
+    assert!(status.contains("\"leader\""), "{status}");
+    // The dead replica alone: the error names it and says it cannot be reached.
+    let out = std::process::Command::new(bin())
+        .args(["status", "--server", &dead])
+        .output()
+        .expect("run surge");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains(&format!("cannot reach a surge replica at {dead}")),
+        "{said}"
+    );
+}

@@ -20,6 +20,7 @@
 pub mod connect;
 pub mod convert;
 mod error;
+pub mod probe;
 
 use std::future::Future;
 use std::time::Duration;
@@ -37,10 +38,13 @@ pub use error::ClientError;
 /// Replica addresses one client accepts (`--server a,b,c`).
 pub const SERVERS_MAX: usize = 16;
 /// Attempts of one retryable call, across the replicas given.
-pub const ATTEMPTS_MAX: u32 = 6;
-/// Wait before the second attempt; doubles per attempt. Six attempts span ~3 s, longer than
-/// an election.
+pub const ATTEMPTS_MAX: u32 = 8;
+/// Wait before the second attempt; doubles per attempt up to [`RETRY_BACKOFF_MAX`].
 pub const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// No retry starts later than this after the first attempt: longer than an election on a busy
+/// machine, short enough that a person waiting at a prompt is told what is wrong.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(8);
 
 /// Whether a call may be sent again after a retryable failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,32 +113,63 @@ impl Client {
         Ok(connect::nodes(&self.servers[0], &self.creds)?)
     }
 
-    fn fail(&self, addr: &str, status: tonic::Status) -> ClientError {
-        ClientError::from_status(addr, self.creds.tls.is_some(), status)
+    /// Classify a failed call; a failure on this side of a connection that did open is checked
+    /// for a TLS mismatch by asking the port what it speaks ([`probe`]).
+    async fn fail(&self, addr: &str, status: tonic::Status) -> ClientError {
+        let tls = self.creds.tls.is_some();
+        let err = ClientError::from_status(addr, tls, status);
+        if let ClientError::Unreachable { .. } = err {
+            match (probe::speaks(addr).await, tls) {
+                (Some(probe::Speaks::Tls), false) => {
+                    return ClientError::TlsRequired {
+                        addr: addr.to_string(),
+                    }
+                }
+                (Some(probe::Speaks::PlainHttp2), true) => {
+                    return ClientError::TlsUnexpected {
+                        addr: addr.to_string(),
+                    }
+                }
+                _ => {}
+            }
+        }
+        err
     }
 
     /// Run `f` against the replicas in turn until it succeeds, fails for good, or (for a call
-    /// that is safe to repeat) [`ATTEMPTS_MAX`] attempts have failed; the error names the
-    /// replica of the last attempt.
+    /// that is safe to repeat) [`ATTEMPTS_MAX`] attempts or [`RETRY_WINDOW`] have passed; the
+    /// error names the replica of the last attempt.
     async fn call<T, F, Fut>(&self, repeat: Repeat, mut f: F) -> Result<T, ClientError>
     where
         F: FnMut(String) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
+        let started = tokio::time::Instant::now();
         let mut backoff = RETRY_BACKOFF_FIRST;
         let mut attempt = 0u32;
         loop {
             let addr = &self.servers[attempt as usize % self.servers.len()];
             let err = match f(addr.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(status) => self.fail(addr, status),
+                Err(status) => self.fail(addr, status).await,
             };
             attempt += 1;
-            if repeat == Repeat::Never || !err.is_retryable() || attempt >= ATTEMPTS_MAX {
+            // A replica that cannot be reached at all is worth another try only when there is
+            // another replica to try; one that answered "unavailable" (between leaders) is
+            // worth waiting for.
+            let worth = match &err {
+                ClientError::Unreachable { .. } => self.servers.len() > 1,
+                e => e.is_retryable(),
+            };
+            if repeat == Repeat::Never
+                || !worth
+                || attempt >= ATTEMPTS_MAX
+                || started.elapsed() + backoff > RETRY_WINDOW
+            {
                 return Err(err);
             }
             tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
+            backoff = backoff.saturating_mul(2).min(RETRY_BACKOFF_MAX);
         }
     }
 
@@ -249,7 +284,10 @@ impl Client {
         addr: &str,
         stream: &mut tonic::Streaming<T>,
     ) -> Result<Option<T>, ClientError> {
-        stream.message().await.map_err(|s| self.fail(addr, s))
+        match stream.message().await {
+            Ok(m) => Ok(m),
+            Err(s) => Err(self.fail(addr, s).await),
+        }
     }
 
     pub async fn cancel_job(&self, job_id: u64) -> Result<pb::Job, ClientError> {

@@ -568,3 +568,32 @@ pub async fn quota(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_counts_every_terminal_state_as_done() {
+        // Stopped and oom-killed sandboxes are done: the old count (succeeded + failed + lost
+        // + cancelled) left such a job short of N/N forever.
+        let j = pb::Job {
+            id: 9,
+            spec: Some(pb::JobSpec {
+                count: 4,
+                ..Default::default()
+            }),
+            counts: Some(pb::Counts {
+                succeeded: 1,
+                stopped: 2,
+                oom_killed: 1,
+                preempted: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let line = progress_line(&j);
+        assert!(line.contains("done 4/4"), "{line}");
+        assert!(line.contains(&"#".repeat(30)), "{line}");
+    }
+}
