@@ -250,7 +250,11 @@ impl Cgroup {
             write(&self.memory, "memory.max", memory_bytes.to_string())?;
             write(&self.cpu, "cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
         } else {
-            write(&self.memory, "memory.limit_in_bytes", memory_bytes.to_string())?;
+            write(
+                &self.memory,
+                "memory.limit_in_bytes",
+                memory_bytes.to_string(),
+            )?;
             write(&self.cpu, "cpu.cfs_period_us", CPU_PERIOD_US.to_string())?;
             write(&self.cpu, "cpu.cfs_quota_us", quota.to_string())?;
         }

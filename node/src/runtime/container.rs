@@ -534,7 +534,8 @@ impl Runtime for ContainerRuntime {
         if sb.record().paused {
             return Ok(());
         }
-        self.crun.run(&[OsStr::new("pause"), OsStr::new(&container_id(id))])
+        self.crun
+            .run(&[OsStr::new("pause"), OsStr::new(&container_id(id))])
             .await?;
         sb.update(|r| r.paused = true)
     }
@@ -544,7 +545,8 @@ impl Runtime for ContainerRuntime {
         if !sb.record().paused {
             return Ok(());
         }
-        self.crun.run(&[OsStr::new("resume"), OsStr::new(&container_id(id))])
+        self.crun
+            .run(&[OsStr::new("resume"), OsStr::new(&container_id(id))])
             .await?;
         sb.update(|r| r.paused = false)
     }
@@ -566,22 +568,23 @@ impl Runtime for ContainerRuntime {
             let shares =
                 OsString::from(format!("--cpu-share={}", cpu_shares(resources.cpu_millis)));
             let cid = OsString::from(container_id(id));
-            self.crun.run(&[
-                OsStr::new("update"),
-                &memory,
-                &quota,
-                &period,
-                &shares,
-                &cid,
-            ])
-            .await
-            .map_err(|e| RuntimeError::ResizeRejected {
-                id,
-                resources,
-                reason: format!(
-                    "{e} (a memory limit below current usage is refused by the kernel)"
-                ),
-            })?;
+            self.crun
+                .run(&[
+                    OsStr::new("update"),
+                    &memory,
+                    &quota,
+                    &period,
+                    &shares,
+                    &cid,
+                ])
+                .await
+                .map_err(|e| RuntimeError::ResizeRejected {
+                    id,
+                    resources,
+                    reason: format!(
+                        "{e} (a memory limit below current usage is refused by the kernel)"
+                    ),
+                })?;
         }
         sb.update(|r| {
             r.resources = resources;

@@ -61,8 +61,8 @@ use super::supervise::{
     pidfd_open, process_start_ticks, Record, RecordExtra, Sandboxes, Supervised, Supervisor,
 };
 use super::{
-    read_tail, ExitReport, ObservedSandbox, Resources, Runtime, RuntimeError,
-    SandboxHandle, SandboxId, StartRequest, Usage, LOG_TAIL_MAX_BYTES, MIB,
+    read_tail, ExitReport, ObservedSandbox, Resources, Runtime, RuntimeError, SandboxHandle,
+    SandboxId, StartRequest, Usage, LOG_TAIL_MAX_BYTES, MIB,
 };
 use crate::template::Templates;
 
@@ -278,16 +278,13 @@ impl KrunRuntime {
     fn watch_exit(vm: &Arc<Vm>) {
         let mut slot = lock(&vm.watcher);
         if slot.is_none() {
-            *slot = spawner::spawn_waiter(vm.id, vm.record().extra.process().0, vm.file("exit.json"));
+            *slot =
+                spawner::spawn_waiter(vm.id, vm.record().extra.process().0, vm.file("exit.json"));
         }
     }
 
     /// VM directory, root filesystem, vm.json, cgroup, state.json.
-    fn prepare(
-        &self,
-        req: &StartRequest,
-        dir: &Path,
-    ) -> Result<Record<VmRecord>, RuntimeError> {
+    fn prepare(&self, req: &StartRequest, dir: &Path) -> Result<Record<VmRecord>, RuntimeError> {
         let ctx = |what: &str| format!("sandbox {}: {what}", req.id);
         let template = template_dir(&self.templates, &req.spec.template)?;
         std::fs::create_dir_all(dir).map_err(|e| RuntimeError::io(ctx("create the VM dir"), e))?;
@@ -547,7 +544,9 @@ impl Runtime for KrunRuntime {
         let overhead = VMM_OVERHEAD_MIB * MIB;
         Ok(Usage {
             memory_bytes: u.working_set_bytes.saturating_sub(overhead),
-            memory_limit_bytes: u.limit_bytes.map_or(u64::MAX, |l| l.saturating_sub(overhead)),
+            memory_limit_bytes: u
+                .limit_bytes
+                .map_or(u64::MAX, |l| l.saturating_sub(overhead)),
             cpu_usage_ns: u.cpu_usage_ns,
         })
     }

@@ -43,7 +43,9 @@ use super::{
 const START_ERROR_TAIL_BYTES: usize = 4096;
 
 /// What a runtime keeps in its record beyond the common fields.
-pub trait RecordExtra: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait RecordExtra:
+    Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
     /// The supervised process: pid and start time (clock ticks since boot); `(0, 0)` before
     /// it is spawned.
     fn process(&self) -> (u32, u64);
@@ -412,4 +414,3 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // holds it, so the OwnedFd is its only owner and closes it once.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
-

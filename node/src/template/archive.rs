@@ -184,8 +184,7 @@ pub fn check_archive(tarball: &Path) -> Result<TreeSize, TemplateError> {
     }
     // Read what follows the end-of-archive blocks (tar pads to its record size), so the
     // decompressor finishes instead of dying of a closed pipe.
-    std::io::copy(&mut stdout, &mut std::io::sink())
-        .map_err(io(format!("run {command}")))?;
+    std::io::copy(&mut stdout, &mut std::io::sink()).map_err(io(format!("run {command}")))?;
     drop(stdout);
     let out = child
         .wait_with_output()
@@ -233,7 +232,11 @@ fn check_stream(tarball: &Path, reader: impl Read) -> Result<TreeSize, TemplateE
             MemberKind::Other
         };
         let mut names = vec![entry.path_bytes().into_owned()];
-        let mut links: Vec<Vec<u8>> = entry.link_name_bytes().map(|l| l.into_owned()).into_iter().collect();
+        let mut links: Vec<Vec<u8>> = entry
+            .link_name_bytes()
+            .map(|l| l.into_owned())
+            .into_iter()
+            .collect();
         let header = entry.header();
         let (header_name, header_link) = (
             header.path_bytes().into_owned(),

@@ -3,8 +3,7 @@ use super::*;
 mod archives;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("surge-template-{name}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("surge-template-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir

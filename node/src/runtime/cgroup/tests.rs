@@ -122,10 +122,18 @@ fn usage_and_oom_evidence_from_cgroup_files() {
     std::fs::create_dir_all(&v1.memory).expect("mkdir");
     std::fs::create_dir_all(&v1.cpu).expect("mkdir");
     write(&v1.memory, "memory.usage_in_bytes", "5000\n");
-    write(&v1.memory, "memory.stat", "inactive_file 9\ntotal_inactive_file 1000\n");
+    write(
+        &v1.memory,
+        "memory.stat",
+        "inactive_file 9\ntotal_inactive_file 1000\n",
+    );
     write(&v1.memory, "memory.limit_in_bytes", "67108864\n");
     write(&v1.cpuacct, "cpuacct.usage", "123\n");
-    write(&v1.memory, "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
+    write(
+        &v1.memory,
+        "memory.oom_control",
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+    );
     assert_eq!(
         v1.usage(),
         Some(CgroupUsage {
@@ -136,5 +144,8 @@ fn usage_and_oom_evidence_from_cgroup_files() {
     );
     assert!(v1.oom_killed());
     v1.remove();
-    assert!(v1.memory.exists(), "a cgroup with files stays (rmdir, not rm -r)");
+    assert!(
+        v1.memory.exists(),
+        "a cgroup with files stays (rmdir, not rm -r)"
+    );
 }

@@ -151,12 +151,7 @@ impl Crun {
     /// Start the shim of a sandbox whose bundle is ready, in its own session (it outlives a
     /// daemon restart). Returns its pid; the child is not awaited: tokio reaps it when it exits,
     /// and the daemon follows it by pidfd.
-    pub fn spawn_shim(
-        &self,
-        id: SandboxId,
-        bundle: &Path,
-        cid: &str,
-    ) -> Result<u32, RuntimeError> {
+    pub fn spawn_shim(&self, id: SandboxId, bundle: &Path, cid: &str) -> Result<u32, RuntimeError> {
         let open = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)

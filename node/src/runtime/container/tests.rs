@@ -5,10 +5,10 @@ use super::*;
 use crate::runtime::cgroup::parse_limit;
 use crate::runtime::supervise::parse_start_ticks;
 use crate::runtime::SandboxSpec;
+use crate::runtime::{guard_memory, MemoryGrowthPolicy, MemoryHeadroom};
+use crate::testing::{is_root, unavailable};
 use serde_json::json;
 use std::process::Stdio;
-use crate::testing::{is_root, unavailable};
-use crate::runtime::{guard_memory, MemoryGrowthPolicy, MemoryHeadroom};
 use std::time::Instant;
 
 #[test]
@@ -475,7 +475,8 @@ async fn resize_changes_the_cgroup_limits() {
     rt.start(req(6, 0, "sleep 60", 64)).await.expect("start");
     let sb = rt.get(id).expect("record");
     let read = |dir: &Path, v1: &str, v2: &str| {
-        std::fs::read_to_string(dir.join(if sb.cgroup.dirs.v2 { v2 } else { v1 })).expect("cgroup file")
+        std::fs::read_to_string(dir.join(if sb.cgroup.dirs.v2 { v2 } else { v1 }))
+            .expect("cgroup file")
     };
     assert_eq!(
         parse_limit(&read(

@@ -87,8 +87,8 @@ pub fn dlopen(name: &str, global: bool) -> Result<&'static Library, LoadError> {
     // SAFETY: loading runs the library's initialisers. The names passed here are libkrun and
     // libkrunfw (from the operator's configuration or the library search path), whose
     // initialisers only set up their own statics; nothing else is loaded through this function.
-    let lib = unsafe { UnixLibrary::open(Some(name), flags) }
-        .map_err(|e| LoadError(e.to_string()))?;
+    let lib =
+        unsafe { UnixLibrary::open(Some(name), flags) }.map_err(|e| LoadError(e.to_string()))?;
     Ok(Box::leak(Box::new(Library::from(lib))))
 }
 

@@ -166,7 +166,12 @@ fn a_plain_rootfs_archive_passes_with_its_size() {
     let busybox = vec![0u8; 1000];
     let global = pax_record("comment", b"made by a test");
     let bytes = archive(&[
-        (EntryType::XGlobalHeader, b"pax_global_header", None, &global),
+        (
+            EntryType::XGlobalHeader,
+            b"pax_global_header",
+            None,
+            &global,
+        ),
         (EntryType::Directory, b"./", None, b""),
         (EntryType::Directory, b"./bin/", None, b""),
         (EntryType::Regular, b"./bin/busybox", None, &busybox),
@@ -174,7 +179,12 @@ fn a_plain_rootfs_archive_passes_with_its_size() {
         (EntryType::Symlink, b"./bin/sh", Some(b"/bin/busybox"), b""),
         (EntryType::Link, b"./bin/ash", Some(b"./bin/busybox"), b""),
         (EntryType::Char, b"./dev/null", None, b""),
-        (EntryType::Regular, b"./etc/file with spaces", None, &[b'x'; 24]),
+        (
+            EntryType::Regular,
+            b"./etc/file with spaces",
+            None,
+            &[b'x'; 24],
+        ),
         // What `tar --list` showed as a symlink line: only a name to the tar crate.
         (EntryType::Regular, b"./etc/a -> b", None, b""),
     ]);
