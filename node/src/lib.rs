@@ -15,9 +15,12 @@
 //! - [`agent`]: the `surge node` daemon: session with the scheduler, one owner task per sandbox,
 //!   batched status reports, metrics.
 //! - [`detect`]: host CPUs, memory, and whether hardware virtualization is really there.
+//! - [`testing`]: for tests here and in other crates: [`testing::unavailable`] skips a test on
+//!   a host without root, crun or busybox, and fails it in CI.
 
 pub mod agent;
 pub mod detect;
 pub mod reconcile;
 pub mod runtime;
 pub mod template;
+pub mod testing;

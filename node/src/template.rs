@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod archive;
+
+pub use archive::{check_members, Member, MemberKind};
+
 pub const TEMPLATE_NAME_MAX: usize = 64;
 /// Templates one node may hold: the most a node may declare when it registers (the scheduler's
 /// `TEMPLATES_PER_NODE_MAX`).
@@ -306,9 +310,10 @@ impl Templates {
         })
     }
 
-    /// Unpack a tarball (any compression `tar` recognises) as a new template. Its listing is
-    /// checked first: no absolute or `..` member, none that goes through a symlink of the
-    /// archive, and at most [`TEMPLATE_BYTES_MAX`] of content.
+    /// Unpack a tarball (any compression `tar` recognises) as a new template. Its members are
+    /// checked first (see [`check_members`]): no absolute or `..` member, none that goes through
+    /// a symlink of the archive, no hard link out of it, and at most [`TEMPLATE_BYTES_MAX`] of
+    /// content. GNU tar then unpacks it, keeping numeric owners and modes.
     pub fn import_tarball(&self, name: &str, tarball: &Path) -> Result<PathBuf, TemplateError> {
         validate_name(name)?;
         if !tarball.is_file() {
@@ -316,16 +321,7 @@ impl Templates {
                 path: tarball.to_owned(),
             });
         }
-        let listing = command_output(
-            Command::new("tar")
-                .arg("--list")
-                .arg("--verbose")
-                .arg("--numeric-owner")
-                .arg("--quoting-style=escape")
-                .arg("--file")
-                .arg(tarball),
-        )?;
-        let size = check_tar_listing(tarball, &listing)?;
+        let size = archive::check_archive(tarball)?;
         check_size(tarball, size)?;
         self.install(name, |staging| {
             run(Command::new("tar")
@@ -412,7 +408,7 @@ pub struct TreeSize {
     pub entries: u64,
 }
 
-fn check_size(path: &Path, size: TreeSize) -> Result<(), TemplateError> {
+pub(crate) fn check_size(path: &Path, size: TreeSize) -> Result<(), TemplateError> {
     if size.bytes > TEMPLATE_BYTES_MAX {
         return Err(TemplateError::TooLarge {
             path: path.to_owned(),
@@ -451,118 +447,6 @@ fn tree_size(root: &Path) -> Result<TreeSize, TemplateError> {
                 return Ok(size);
             }
         }
-    }
-    Ok(size)
-}
-
-/// Undo `tar --quoting-style=escape` for the characters that matter to a path check.
-fn unescape_tar_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut chars = name.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('t') => out.push('\t'),
-            Some('\\') => out.push('\\'),
-            Some(other) => {
-                out.push('\\');
-                out.push(other);
-            }
-            None => out.push('\\'),
-        }
-    }
-    out
-}
-
-/// A member path, relative to the archive root, with `./` and empty components dropped;
-/// `Err` says why it would land outside the root.
-fn member_components(name: &str) -> Result<Vec<&str>, &'static str> {
-    if name.starts_with('/') {
-        return Err("is an absolute path");
-    }
-    let mut parts = Vec::new();
-    for c in name.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err("contains `..`"),
-            c => parts.push(c),
-        }
-    }
-    Ok(parts)
-}
-
-/// Check a `tar --list --verbose --numeric-owner --quoting-style=escape` listing and return
-/// the content size. Pure, so the rules are tested without archives.
-///
-/// A line: `MODE UID/GID SIZE DATE TIME NAME[ -> TARGET | link to TARGET]`; devices show
-/// `MAJOR,MINOR` where the size goes.
-pub fn check_tar_listing(path: &Path, listing: &str) -> Result<TreeSize, TemplateError> {
-    let escapes = |member: &str, why| TemplateError::Escapes {
-        path: path.to_owned(),
-        member: member.to_owned(),
-        why,
-    };
-    let mut size = TreeSize::default();
-    let mut symlinks: std::collections::HashSet<Vec<String>> = Default::default();
-    for line in listing.lines().filter(|l| !l.trim().is_empty()) {
-        let mut rest = line;
-        let mut head = Vec::with_capacity(5);
-        for _ in 0..5 {
-            let trimmed = rest.trim_start();
-            let end = trimmed.find(' ').unwrap_or(trimmed.len());
-            head.push(&trimmed[..end]);
-            rest = &trimmed[end..];
-        }
-        let rest = rest.strip_prefix(' ').unwrap_or(rest);
-        let kind = head[0].chars().next().unwrap_or('-');
-        let (name, target) = match kind {
-            'l' => match rest.split_once(" -> ") {
-                Some((n, t)) => (n, Some(t)),
-                None => (rest, None),
-            },
-            'h' => match rest.split_once(" link to ") {
-                Some((n, t)) => (n, Some(t)),
-                None => (rest, None),
-            },
-            _ => (rest, None),
-        };
-        let name = unescape_tar_name(name);
-        let parts = member_components(&name).map_err(|why| escapes(&name, why))?;
-        // Writing through a symlink the archive made earlier would land wherever it points.
-        for depth in 1..parts.len() {
-            let prefix: Vec<String> = parts[..depth].iter().map(|s| (*s).to_owned()).collect();
-            if symlinks.contains(&prefix) {
-                return Err(escapes(&name, "goes through a symlink of the same archive"));
-            }
-        }
-        match (kind, target) {
-            ('l', _) => {
-                symlinks.insert(parts.iter().map(|s| (*s).to_owned()).collect());
-            }
-            ('h', Some(t)) => {
-                member_components(&unescape_tar_name(t)).map_err(|why| {
-                    escapes(
-                        &name,
-                        if why == "contains `..`" {
-                            "is a hard link whose target contains `..`"
-                        } else {
-                            "is a hard link to an absolute path"
-                        },
-                    )
-                })?;
-            }
-            ('-', _) => {
-                size.bytes = size
-                    .bytes
-                    .saturating_add(head[2].parse::<u64>().unwrap_or(0));
-            }
-            _ => {}
-        }
-        size.entries += 1;
     }
     Ok(size)
 }
@@ -609,19 +493,6 @@ fn finish_rootfs(source: &Path, staging: &Path) -> Result<(), TemplateError> {
     Ok(())
 }
 
-fn command_output(cmd: &mut Command) -> Result<String, TemplateError> {
-    let command = format!("{cmd:?}");
-    let out = cmd.output().map_err(io(format!("run {command}")))?;
-    if !out.status.success() {
-        return Err(TemplateError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn run(cmd: &mut Command) -> Result<(), TemplateError> {
     let command = format!("{cmd:?}");
     let out = cmd.output().map_err(io(format!("run {command}")))?;
@@ -636,200 +507,4 @@ fn run(cmd: &mut Command) -> Result<(), TemplateError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("surge-template-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        dir
-    }
-
-    #[test]
-    fn names_are_validated() {
-        for ok in ["busybox", "python-3.12", "a", "ubuntu_24.04"] {
-            assert!(validate_name(ok).is_ok(), "{ok}");
-        }
-        let long = "x".repeat(TEMPLATE_NAME_MAX + 1);
-        for bad in [
-            "",
-            "..",
-            ".",
-            ".hidden",
-            "a/b",
-            "../etc",
-            "a b",
-            "a,b",
-            "a:b",
-            long.as_str(),
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn tar_listings_that_escape_are_refused() {
-        let p = Path::new("t.tar");
-        let ok = "drwxr-xr-x 0/0               0 2024-01-01 00:00 ./\n\
-                  drwxr-xr-x 0/0               0 2024-01-01 00:00 ./bin/\n\
-                  -rwxr-xr-x 0/0         1000000 2024-01-01 00:00 ./bin/busybox\n\
-                  lrwxrwxrwx 0/0               0 2024-01-01 00:00 ./bin/sh -> /bin/busybox\n\
-                  hrwxr-xr-x 0/0               0 2024-01-01 00:00 ./bin/ash link to ./bin/busybox\n\
-                  crw-rw-rw- 0/0             1,3 2024-01-01 00:00 ./dev/null\n\
-                  -rw-r--r-- 0/0              24 2024-01-01 00:00 ./etc/file with spaces\n";
-        let size = check_tar_listing(p, ok).expect("a plain rootfs listing passes");
-        assert_eq!(size.bytes, 1_000_024);
-        assert_eq!(size.entries, 7);
-        let line = |name: &str| format!("-rw-r--r-- 0/0 5 2024-01-01 00:00 {name}\n");
-        for (bad, why) in [
-            (line("/etc/passwd"), "absolute"),
-            (line("../outside"), ".."),
-            (line("./a/../../outside"), ".."),
-            (
-                "lrwxrwxrwx 0/0 0 2024-01-01 00:00 ./etc -> /etc\n".to_owned()
-                    + &line("./etc/passwd"),
-                "symlink",
-            ),
-            (
-                "hrw-r--r-- 0/0 0 2024-01-01 00:00 ./x link to /etc/shadow\n".to_owned(),
-                "hard link",
-            ),
-        ] {
-            match check_tar_listing(p, &bad) {
-                Err(e @ TemplateError::Escapes { .. }) => {
-                    assert!(e.to_string().contains("escapes its root"), "{e}");
-                    let _ = why;
-                }
-                other => panic!("{why}: {bad:?} gave {other:?}"),
-            }
-        }
-        let huge = line("./big").replace(" 5 ", &format!(" {} ", TEMPLATE_BYTES_MAX + 1));
-        let size = check_tar_listing(p, &huge).expect("listing");
-        assert!(matches!(
-            check_size(p, size),
-            Err(TemplateError::TooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn imports_fail_with_reasons() {
-        let data = scratch("bad-imports");
-        let templates = Templates::new(&data);
-        let missing = data.join("nope");
-        let e = templates.import("x", &missing).expect_err("missing path");
-        assert!(matches!(e, TemplateError::SourceMissing { .. }), "{e}");
-        assert!(matches!(
-            templates.import("bad/name", &data),
-            Err(TemplateError::InvalidName { .. })
-        ));
-        // a directory holding one wrapping directory is not a root filesystem
-        let wrapped = data.join("wrapped");
-        std::fs::create_dir_all(wrapped.join("rootfs/bin")).expect("mkdir");
-        let e = templates.import("wrapped", &wrapped).expect_err("wrapped");
-        assert!(
-            matches!(e, TemplateError::NotARootfs { .. }) && e.to_string().contains("rootfs"),
-            "{e}"
-        );
-        assert!(
-            templates.list().expect("list").is_empty(),
-            "nothing half-made is listed"
-        );
-        // real archives that escape: an absolute member and a `..` member (tar -P keeps them)
-        let victim = data.join("victim");
-        std::fs::write(&victim, "host file").expect("write");
-        let abs = data.join("abs.tar");
-        run(Command::new("tar")
-            .arg("-P")
-            .arg("-cf")
-            .arg(&abs)
-            .arg(&victim))
-        .expect("tar -P");
-        let e = templates.import("abs", &abs).expect_err("absolute member");
-        assert!(matches!(e, TemplateError::Escapes { .. }), "{e}");
-        let dotdot = data.join("dotdot.tar");
-        run(Command::new("tar")
-            .arg("-P")
-            .arg("-cf")
-            .arg(&dotdot)
-            .arg("-C")
-            .arg(&wrapped)
-            .arg("../victim"))
-        .expect("tar ..");
-        let e = templates
-            .import("dotdot", &dotdot)
-            .expect_err("dotdot member");
-        assert!(matches!(e, TemplateError::Escapes { .. }), "{e}");
-        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "host file");
-        assert!(templates.list().expect("list").is_empty());
-        std::fs::remove_dir_all(&data).expect("cleanup");
-    }
-
-    #[test]
-    fn applet_list_parsing_drops_junk() {
-        assert_eq!(
-            parse_applet_list("sh\n\n sleep \n../x\n.\necho\n"),
-            vec!["sh", "sleep", "echo"]
-        );
-    }
-
-    #[test]
-    fn busybox_template_then_import_and_list() {
-        if !Path::new(HOST_BUSYBOX).is_file() {
-            eprintln!("SKIP: {HOST_BUSYBOX} missing; apt-get install -y busybox-static");
-            return;
-        }
-        let data = scratch("bb");
-        let templates = Templates::new(&data);
-        let bb = templates.ensure_busybox().expect("busybox template");
-        assert_eq!(templates.ensure_busybox().expect("idempotent"), bb);
-        for applet in ["sh", "sleep", "echo", "cat", "yes", "head", "dd"] {
-            let link = bb.join("bin").join(applet);
-            assert_eq!(
-                std::fs::read_link(&link).expect("applet link"),
-                Path::new("busybox"),
-                "{applet}"
-            );
-        }
-        let out = Command::new(bb.join("bin/sh"))
-            .args(["-c", "echo ok"])
-            .output()
-            .expect("run template sh");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
-
-        templates.import_dir("copy", &bb).expect("import dir");
-        assert!(matches!(
-            templates.import_dir("copy", &bb),
-            Err(TemplateError::Exists { .. })
-        ));
-        let tarball = data.join("bb.tar");
-        run(Command::new("tar")
-            .arg("-cf")
-            .arg(&tarball)
-            .arg("-C")
-            .arg(&bb)
-            .arg("."))
-        .expect("tar");
-        templates
-            .import_tarball("from-tar", &tarball)
-            .expect("import tarball");
-        assert!(templates
-            .path("from-tar")
-            .expect("path")
-            .join("bin/busybox")
-            .is_file());
-        assert!(templates
-            .import_tarball("broken", &data.join("missing.tar"))
-            .is_err());
-        assert_eq!(
-            templates.list().expect("list"),
-            vec!["busybox", "copy", "from-tar"]
-        );
-        assert!(matches!(
-            templates.path("nope"),
-            Err(TemplateError::NotFound { .. })
-        ));
-        std::fs::remove_dir_all(&data).expect("cleanup");
-    }
-}
+mod tests;

@@ -747,13 +747,13 @@ async fn pauses_resumes_and_stops_on_request_with(hands: Hands) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_exit_code_and_log_tail_are_reported() {
     use surge_node::runtime::container::{ContainerConfig, ContainerRuntime};
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP container test: needs root");
+    use surge_node::testing::{is_root, unavailable};
+    if !is_root() {
+        unavailable("container test: needs root (namespaces, cgroups, overlay mounts)");
         return;
     }
     if !Path::new(surge_node::template::HOST_BUSYBOX).is_file() {
-        eprintln!("SKIP container test: /bin/busybox missing; apt-get install -y busybox-static");
+        unavailable("container test: /bin/busybox missing; apt-get install -y busybox-static");
         return;
     }
     let data = tempfile::tempdir().expect("tmp");
@@ -762,7 +762,7 @@ async fn container_exit_code_and_log_tail_are_reported() {
     let runtime = match ContainerRuntime::new(config) {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            eprintln!("SKIP container test: {e}");
+            unavailable(&format!("container test: {e}"));
             return;
         }
     };

@@ -3,7 +3,14 @@
 //!
 //! * [`container::ContainerRuntime`]: OCI containers through `crun` (namespaces + cgroups) for hosts
 //!   without hardware virtualization;
+//! * [`krun::KrunRuntime`]: a libkrun microVM per sandbox, for hosts with hardware virtualization;
 //! * [`sim::SimRuntime`]: no process at all, a simulated lifetime, for scale tests and `surge bench`.
+//!
+//! The two process-backed runtimes share their skeleton: [`cgroup`] (finding the v1/v2
+//! hierarchies, one sandbox's limits, usage and OOM evidence), [`supervise`] (the on-disk record,
+//! liveness by pid and start time, re-adoption, list, finalize, exit reports, remove) and
+//! [`sandbox_dir`] (atomic JSON records, the overlay root, the template). What each does its own
+//! way (crun and its shim; the VMM process and libkrun) stays in its module.
 //!
 //! The trait uses `impl Future + Send` return types (async functions in a trait), so it is not
 //! object-safe: the agent is generic over `R: Runtime`, and `main` picks the implementation once
@@ -25,10 +32,12 @@ use tokio::sync::mpsc;
 
 pub use crate::reconcile::{ObservedSandbox, ObservedState, Resources, SandboxId, SandboxSpec};
 
+pub mod cgroup;
 pub mod container;
 pub mod krun;
 pub mod sandbox_dir;
 pub mod sim;
+pub mod supervise;
 
 /// Bytes of stdout and of stderr kept for an exit report.
 pub const LOG_TAIL_MAX_BYTES: usize = 64 * 1024;

@@ -10,7 +10,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::container::parse_start_ticks;
 use super::{ObservedState, RuntimeError, SandboxId};
 use crate::template::{TemplateError, Templates, DEFAULT_TEMPLATE};
 
@@ -24,11 +23,6 @@ pub struct Final {
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values are plain records; a panic elsewhere does not make them unusable.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Start time of a process that has not exited (zombies count as exited).
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
@@ -131,7 +125,8 @@ pub fn mount_overlay(
     ))
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
     let target = cstring(target)?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    // SAFETY: every pointer is a NUL-terminated C string (two literals, `target` and `options`
+    // owned by this frame) that outlives the call; mount(2) only reads them.
     let rc = unsafe {
         libc::mount(
             c"overlay".as_ptr(),
@@ -147,10 +142,20 @@ pub fn mount_overlay(
     Ok(())
 }
 
+/// Whether `path` is the root of a mount (its device differs from its parent's).
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(me), Some(parent)) = (std::fs::metadata(path), path.parent()) else {
+        return false;
+    };
+    std::fs::metadata(parent).is_ok_and(|p| p.dev() != me.dev())
+}
+
 /// Lazily unmount; not mounted is fine.
 pub fn unmount(target: &Path) {
     let Ok(t) = cstring(target) else { return };
-    // SAFETY: `t` is a valid NUL-terminated path.
+    // SAFETY: `t` is a NUL-terminated path owned by this frame for the whole call; umount2 only
+    // reads it.
     let _ = unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
 }
 

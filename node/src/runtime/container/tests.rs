@@ -1,98 +1,67 @@
-//! Pure parts first; then real containers (root + crun + busybox-static), skipped with a message
-//! when those are missing.
+//! Pure parts first; then real containers (root + crun + busybox-static): where those are
+//! missing they are skipped with a message, and fail in CI (`testing::unavailable`).
 
 use super::*;
+use crate::runtime::cgroup::parse_limit;
+use crate::runtime::supervise::parse_start_ticks;
+use crate::runtime::SandboxSpec;
 use crate::runtime::{guard_memory, MemoryGrowthPolicy, MemoryHeadroom};
+use crate::testing::{is_root, unavailable};
+use serde_json::json;
+use std::process::Stdio;
 use std::time::Instant;
 
 #[test]
-fn cgroup_mounts_and_layouts() {
+fn sandbox_cgroups_as_crun_holds_them() {
     let hybrid = "\
-30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
 31 30 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 32 30 0:28 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
-34 30 0:30 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
 ";
-    let mounts = parse_cgroup_mounts(hybrid);
-    assert_eq!(mounts.len(), 4);
-    assert_eq!(mounts[2].controllers, vec!["cpu", "cpuacct"]);
-    assert!(
-        mounts[3].controllers.is_empty(),
-        "name=systemd is not a controller"
-    );
-    let with_hugetlb = CgroupLayout::from_mounts(&mounts, |_| "hugetlb\n".into()).expect("layout");
-    assert_eq!(
-        with_hugetlb,
-        CgroupLayout::V1 {
-            memory: "/sys/fs/cgroup/memory".into(),
-            cpu: "/sys/fs/cgroup/cpu,cpuacct".into(),
-            cpuacct: "/sys/fs/cgroup/cpu,cpuacct".into(),
-            hide_unified: Some("/sys/fs/cgroup/unified".into()),
-        }
-    );
-    let empty_unified = CgroupLayout::from_mounts(&mounts, |_| "\n".into()).expect("layout");
-    assert!(matches!(
-        empty_unified,
-        CgroupLayout::V1 {
-            hide_unified: None,
-            ..
-        }
-    ));
-
+    let v1 = CgroupLayout::from_mounts(&parse_cgroup_mounts(hybrid), |_| "hugetlb\n".into())
+        .expect("layout");
     let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
     let layout = CgroupLayout::from_mounts(&parse_cgroup_mounts(v2), |_| "cpu memory pids".into())
         .expect("v2");
-    assert_eq!(
-        layout,
-        CgroupLayout::V2 {
-            root: "/sys/fs/cgroup".into()
-        }
-    );
     let cg = SandboxCgroup::new(&layout, "/surge", "surge-42-7");
     assert_eq!(cg.crun_path, "/surge/surge-42-7/ctr");
-    assert_eq!(cg.memory, Path::new("/sys/fs/cgroup/surge/surge-42-7/ctr"));
+    assert_eq!(
+        cg.dirs.memory,
+        Path::new("/sys/fs/cgroup/surge/surge-42-7/ctr")
+    );
+    assert!(cg.dirs.v2);
     assert_eq!(
         cg.owned.as_deref(),
         Some(Path::new("/sys/fs/cgroup/surge/surge-42-7"))
     );
-    let cg1 = SandboxCgroup::new(&with_hugetlb, "/surge/", "surge-42-7");
+    let cg1 = SandboxCgroup::new(&v1, "/surge/", "surge-42-7");
     assert_eq!(cg1.crun_path, "/surge/surge-42-7");
     assert_eq!(
-        cg1.memory,
+        cg1.dirs.memory,
         Path::new("/sys/fs/cgroup/memory/surge/surge-42-7")
     );
-    assert!(CgroupLayout::from_mounts(&[], |_| String::new()).is_err());
+    assert_eq!(cg1.owned, None);
 }
 
 #[test]
-fn cgroup_file_parsing() {
-    assert_eq!(
-        parse_keyed("low 0\nhigh 2\nmax 5\noom 1\noom_kill 1\n", "oom_kill"),
-        Some(1)
-    );
-    assert_eq!(
-        parse_keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"),
-        Some(3)
-    );
-    assert_eq!(
-        parse_keyed("total_inactive_file 4096\n", "inactive_file"),
-        None
-    );
-    assert_eq!(parse_limit("max\n"), None);
-    assert_eq!(
-        parse_limit("9223372036854771712\n"),
-        None,
-        "v1's 'unlimited'"
-    );
-    assert_eq!(parse_limit("67108864\n"), Some(64 * MIB));
+fn records_and_ids() {
     let stat =
         "1234 (sh (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 100";
     assert_eq!(parse_start_ticks(stat), Some(987_654));
     assert_eq!(parse_start_ticks(&stat.replace(") S ", ") Z ")), None);
-    assert_eq!((cpu_quota_us(1500), cpu_shares(1500)), (150_000, 1536));
-    assert_eq!((cpu_quota_us(1), cpu_shares(1)), (1000, 2));
     assert_eq!(container_id(SandboxId::new(42, 7)), "surge-42-7");
+    // meta.json keeps the layout of records written before the shared record type, so a new
+    // daemon re-adopts what an older one started.
+    let old = r#"{"id":{"job":5,"index":2},"generation":3,"revision":4,"resources":{"cpu_millis":500,"memory_mib":64},
+        "spec":{"template":"busybox","command":[],"env":[],"cpu_millis":500,"memory_mib":64},
+        "shim_pid":77,"shim_start_ticks":99,"paused":true}"#;
+    let r: Record<ShimRecord> = serde_json::from_str(old).expect("an old meta.json");
+    assert_eq!((r.generation, r.revision, r.paused), (3, 4, true));
+    assert_eq!(r.extra.process(), (77, 99));
+    assert_eq!(r.extra.cgroup_parent, None);
+    let back = serde_json::to_value(&r).expect("encode");
+    assert_eq!(back["shim_pid"], 77);
+    assert_eq!(back["id"], serde_json::to_value(r.id).expect("id"));
 }
 
 #[test]
@@ -165,13 +134,16 @@ fn oci_spec_has_isolation_and_limits() {
 
 /// A runtime on a fresh data dir, or `None` (with a printed reason) when this host cannot run one.
 fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root (namespaces, cgroups, overlay mounts)");
+    if !is_root() {
+        unavailable(&format!(
+            "{test}: needs root (namespaces, cgroups, overlay mounts)"
+        ));
         return None;
     }
     if !Path::new(crate::template::HOST_BUSYBOX).is_file() {
-        eprintln!("SKIP {test}: /bin/busybox missing; apt-get install -y busybox-static");
+        unavailable(&format!(
+            "{test}: /bin/busybox missing; apt-get install -y busybox-static"
+        ));
         return None;
     }
     let data = std::env::temp_dir().join(format!("surge-ct-{test}-{}", std::process::id()));
@@ -179,7 +151,7 @@ fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     match ContainerRuntime::new(ContainerConfig::new(&data)) {
         Ok(rt) => Some((rt, data)),
         Err(RuntimeError::Command { stderr, .. }) => {
-            eprintln!("SKIP {test}: {stderr}");
+            unavailable(&format!("{test}: {stderr}"));
             None
         }
         Err(e) => panic!("container runtime unusable on this host: {e}"),
@@ -503,11 +475,12 @@ async fn resize_changes_the_cgroup_limits() {
     rt.start(req(6, 0, "sleep 60", 64)).await.expect("start");
     let sb = rt.get(id).expect("record");
     let read = |dir: &Path, v1: &str, v2: &str| {
-        std::fs::read_to_string(dir.join(if sb.cgroup.v2 { v2 } else { v1 })).expect("cgroup file")
+        std::fs::read_to_string(dir.join(if sb.cgroup.dirs.v2 { v2 } else { v1 }))
+            .expect("cgroup file")
     };
     assert_eq!(
         parse_limit(&read(
-            &sb.cgroup.memory,
+            &sb.cgroup.dirs.memory,
             "memory.limit_in_bytes",
             "memory.max"
         )),
@@ -520,13 +493,13 @@ async fn resize_changes_the_cgroup_limits() {
     rt.resize(id, bigger, 2).await.expect("resize");
     assert_eq!(
         parse_limit(&read(
-            &sb.cgroup.memory,
+            &sb.cgroup.dirs.memory,
             "memory.limit_in_bytes",
             "memory.max"
         )),
         Some(200 * MIB)
     );
-    let cpu = read(&sb.cgroup.cpu, "cpu.cfs_quota_us", "cpu.max");
+    let cpu = read(&sb.cgroup.dirs.cpu, "cpu.cfs_quota_us", "cpu.max");
     assert_eq!(cpu.split_whitespace().next(), Some("150000"), "{cpu}");
     let status = rt.status(id).await.expect("status");
     assert_eq!((status.resources, status.revision), (bigger, 2));
@@ -679,9 +652,9 @@ async fn start_latency() {
     write_json_atomic(&bundle.join("config.json"), &config).expect("config.json");
     let mut direct = Vec::new();
     for i in 0..STARTS {
-        let mut cmd = rt.command(rt.config.crun.as_os_str(), false);
+        let mut cmd = rt.crun.command(rt.crun.binary().as_os_str(), false);
         cmd.arg("--root")
-            .arg(rt.crun_root())
+            .arg(rt.crun.root())
             .args(["run", "--bundle"])
             .arg(&bundle)
             .arg(format!("direct-{i}"));

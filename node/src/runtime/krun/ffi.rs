@@ -1,20 +1,25 @@
 //! The libkrun C API, behind a small trait so the VM setup can be tested with a recorder and the
 //! build needs no VMM.
 //!
-//! **Why dlopen.** The crates.io `libkrun` crate is not a binding: it *is* the VMM (krun-vmm,
-//! krun-devices, vm-memory, kvm-ioctls, an embedded guest init), built as a `cdylib` + `lib`.
+//! **Why load at run time.** The crates.io `libkrun` crate is not a binding: it *is* the VMM
+//! (krun-vmm, krun-devices, vm-memory, kvm-ioctls, an embedded guest init), built as a `cdylib`
+//! and a `lib`.
 //! Linking it into `surge` adds a large dependency tree to every build of the workspace, on
 //! every developer machine and in CI, for a runtime that only hosts with hardware
 //! virtualization can use (not this build machine). So `surge` loads `libkrun.so.1` at run time
-//! with `dlopen`: the build needs nothing, hosts with libkrun installed get microVMs, and a host
-//! without it gets a clear "install libkrun" message from runtime selection.
+//! (`dlopen`, through the `libloading` crate's typed symbols): the build needs nothing, hosts
+//! with libkrun installed get microVMs, and a host without it gets a clear "install libkrun"
+//! message from runtime selection.
 //!
 //! libkrun itself `dlopen`s its guest kernel, `libkrunfw.so.5`, by soname when the context is
 //! created; `vm-exec` pre-loads the file it was given by path so the soname lookup finds it
 //! whatever `LD_LIBRARY_PATH` says (glibc matches already-loaded objects by soname).
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
+
+use libloading::os::unix::{Library as UnixLibrary, RTLD_GLOBAL, RTLD_LOCAL, RTLD_NOW};
+use libloading::{Library, Symbol};
 
 /// libkrun reads every string array it is given as a slice of this many pointers (stopping at
 /// the first null), so the arrays we pass are padded with nulls to this length.
@@ -54,18 +59,18 @@ type FnPath = unsafe extern "C" fn(u32, *const c_char) -> i32;
 type FnExec =
     unsafe extern "C" fn(u32, *const c_char, *const *const c_char, *const *const c_char) -> i32;
 
-/// libkrun loaded with `dlopen`. The handle is never closed: the process ends in
-/// `krun_start_enter`, and unloading a VMM is not something anyone needs.
+/// libkrun loaded at run time. The library is never unloaded (see [`dlopen`]), so its symbols
+/// live as long as the process.
 pub struct DlKrun {
-    set_log_level: FnU32,
-    create_ctx: FnVoid,
-    free_ctx: FnU32,
-    set_vm_config: FnVmConfig,
-    set_root: FnPath,
-    set_workdir: FnPath,
-    set_exec: FnExec,
-    set_console_output: FnPath,
-    start_enter: FnU32,
+    set_log_level: Symbol<'static, FnU32>,
+    create_ctx: Symbol<'static, FnVoid>,
+    free_ctx: Symbol<'static, FnU32>,
+    set_vm_config: Symbol<'static, FnVmConfig>,
+    set_root: Symbol<'static, FnPath>,
+    set_workdir: Symbol<'static, FnPath>,
+    set_exec: Symbol<'static, FnExec>,
+    set_console_output: Symbol<'static, FnPath>,
+    start_enter: Symbol<'static, FnU32>,
 }
 
 /// Why libkrun (or libkrunfw) could not be loaded.
@@ -73,59 +78,46 @@ pub struct DlKrun {
 #[error("{0}")]
 pub struct LoadError(pub String);
 
-fn dlerror_text() -> String {
-    // SAFETY: dlerror returns null or a pointer to a NUL-terminated string valid until the next
-    // dl* call on this thread; it is copied immediately.
-    let p = unsafe { libc::dlerror() };
-    if p.is_null() {
-        return "unknown dlopen error".to_owned();
-    }
-    // SAFETY: non-null, NUL-terminated (see above).
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+/// Load a library by path or soname with `RTLD_NOW` (and `RTLD_GLOBAL` when `global`, so a
+/// later soname lookup by another library finds it). The library is leaked on purpose: the
+/// process either ends in `krun_start_enter` or only probed for libkrun, and unloading a VMM
+/// (a Rust cdylib with thread-local destructors) is something nobody needs and few survive.
+pub fn dlopen(name: &str, global: bool) -> Result<&'static Library, LoadError> {
+    let flags = RTLD_NOW | if global { RTLD_GLOBAL } else { RTLD_LOCAL };
+    // SAFETY: loading runs the library's initialisers. The names passed here are libkrun and
+    // libkrunfw (from the operator's configuration or the library search path), whose
+    // initialisers only set up their own statics; nothing else is loaded through this function.
+    let lib =
+        unsafe { UnixLibrary::open(Some(name), flags) }.map_err(|e| LoadError(e.to_string()))?;
+    Ok(Box::leak(Box::new(Library::from(lib))))
 }
 
-/// `dlopen(name, RTLD_NOW | flags)`.
-pub fn dlopen(name: &str, global: bool) -> Result<*mut c_void, LoadError> {
-    let c = CString::new(name).map_err(|_| LoadError(format!("{name:?} contains NUL")))?;
-    let flags = libc::RTLD_NOW
-        | if global {
-            libc::RTLD_GLOBAL
-        } else {
-            libc::RTLD_LOCAL
-        };
-    // SAFETY: `c` is a valid NUL-terminated string; dlopen runs the library's constructors,
-    // which for libkrun/libkrunfw only initialise their own statics.
-    let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
-    if h.is_null() {
-        return Err(LoadError(dlerror_text()));
-    }
-    Ok(h)
-}
-
-fn sym(handle: *mut c_void, name: &CStr) -> Result<*mut c_void, LoadError> {
-    // SAFETY: `handle` came from a successful dlopen and is never closed; `name` is NUL-terminated.
-    let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
-    if p.is_null() {
-        return Err(LoadError(format!(
-            "libkrun has no symbol {} (too old? libkrun >= 1.9 is needed)",
-            name.to_string_lossy()
-        )));
-    }
-    Ok(p)
+/// The function `name` of libkrun, typed as `T`.
+///
+/// # Safety
+/// `T` must be the exact C signature of `name` in `include/libkrun.h`.
+unsafe fn sym<T>(lib: &'static Library, name: &[u8]) -> Result<Symbol<'static, T>, LoadError> {
+    // SAFETY: the caller guarantees `T` matches the symbol's C type; `name` ends in NUL.
+    unsafe { lib.get::<T>(name) }.map_err(|e| {
+        LoadError(format!(
+            "libkrun has no symbol {} (too old? libkrun >= 1.9 is needed): {e}",
+            String::from_utf8_lossy(name.strip_suffix(b"\0").unwrap_or(name))
+        ))
+    })
 }
 
 impl DlKrun {
     /// Load libkrun from `path`, or by soname from the library search path.
     pub fn load(path: Option<&Path>) -> Result<Self, LoadError> {
-        let handle = match path {
+        let lib = match path {
             Some(p) => dlopen(&p.to_string_lossy(), false)?,
             None => {
                 let mut errors = Vec::new();
                 let mut found = None;
                 for name in LIBKRUN_SONAMES {
                     match dlopen(name, false) {
-                        Ok(h) => {
-                            found = Some(h);
+                        Ok(lib) => {
+                            found = Some(lib);
                             break;
                         }
                         Err(e) => errors.push(e.0),
@@ -134,43 +126,20 @@ impl DlKrun {
                 found.ok_or_else(|| LoadError(errors.join("; ")))?
             }
         };
-        // SAFETY: (all transmutes below) each symbol is the libkrun function of that name, whose C
-        // signature (include/libkrun.h) is exactly the function pointer type it is cast to.
+        // SAFETY: each type below is the C signature of that libkrun function as declared in
+        // include/libkrun.h (int32_t returns, uint32_t ctx ids, uint8_t vCPUs, uint32_t MiB,
+        // `const char *` strings and `const char *const[]` arrays), with the C ABI.
         unsafe {
             Ok(Self {
-                set_log_level: std::mem::transmute::<*mut c_void, FnU32>(sym(
-                    handle,
-                    c"krun_set_log_level",
-                )?),
-                create_ctx: std::mem::transmute::<*mut c_void, FnVoid>(sym(
-                    handle,
-                    c"krun_create_ctx",
-                )?),
-                free_ctx: std::mem::transmute::<*mut c_void, FnU32>(sym(handle, c"krun_free_ctx")?),
-                set_vm_config: std::mem::transmute::<*mut c_void, FnVmConfig>(sym(
-                    handle,
-                    c"krun_set_vm_config",
-                )?),
-                set_root: std::mem::transmute::<*mut c_void, FnPath>(sym(
-                    handle,
-                    c"krun_set_root",
-                )?),
-                set_workdir: std::mem::transmute::<*mut c_void, FnPath>(sym(
-                    handle,
-                    c"krun_set_workdir",
-                )?),
-                set_exec: std::mem::transmute::<*mut c_void, FnExec>(sym(
-                    handle,
-                    c"krun_set_exec",
-                )?),
-                set_console_output: std::mem::transmute::<*mut c_void, FnPath>(sym(
-                    handle,
-                    c"krun_set_console_output",
-                )?),
-                start_enter: std::mem::transmute::<*mut c_void, FnU32>(sym(
-                    handle,
-                    c"krun_start_enter",
-                )?),
+                set_log_level: sym(lib, b"krun_set_log_level\0")?,
+                create_ctx: sym(lib, b"krun_create_ctx\0")?,
+                free_ctx: sym(lib, b"krun_free_ctx\0")?,
+                set_vm_config: sym(lib, b"krun_set_vm_config\0")?,
+                set_root: sym(lib, b"krun_set_root\0")?,
+                set_workdir: sym(lib, b"krun_set_workdir\0")?,
+                set_exec: sym(lib, b"krun_set_exec\0")?,
+                set_console_output: sym(lib, b"krun_set_console_output\0")?,
+                start_enter: sym(lib, b"krun_start_enter\0")?,
             })
         }
     }
@@ -178,43 +147,50 @@ impl DlKrun {
 
 impl KrunApi for DlKrun {
     fn set_log_level(&self, level: u32) -> i32 {
-        // SAFETY: plain integer argument.
-        unsafe { (self.set_log_level)(level) }
+        // SAFETY: the symbol has this type (see `load`); an integer argument, so libkrun reads
+        // no memory of ours.
+        unsafe { (*self.set_log_level)(level) }
     }
     fn create_ctx(&self) -> i32 {
-        // SAFETY: no arguments.
-        unsafe { (self.create_ctx)() }
+        // SAFETY: the symbol has this type (see `load`) and takes no arguments.
+        unsafe { (*self.create_ctx)() }
     }
     fn free_ctx(&self, ctx: u32) -> i32 {
-        // SAFETY: plain integer argument; an unknown id returns -ENOENT.
-        unsafe { (self.free_ctx)(ctx) }
+        // SAFETY: the symbol has this type (see `load`); an integer argument (an unknown id
+        // returns -ENOENT, it is not dereferenced).
+        unsafe { (*self.free_ctx)(ctx) }
     }
     fn set_vm_config(&self, ctx: u32, vcpus: u8, ram_mib: u32) -> i32 {
-        // SAFETY: plain integer arguments.
-        unsafe { (self.set_vm_config)(ctx, vcpus, ram_mib) }
+        // SAFETY: the symbol has this type (see `load`); integer arguments only.
+        unsafe { (*self.set_vm_config)(ctx, vcpus, ram_mib) }
     }
     fn set_root(&self, ctx: u32, root: &CStr) -> i32 {
-        // SAFETY: `root` is NUL-terminated and outlives the call; libkrun copies it.
-        unsafe { (self.set_root)(ctx, root.as_ptr()) }
+        // SAFETY: the symbol has this type (see `load`); `root` is a NUL-terminated string that
+        // outlives the call, and libkrun copies it before returning.
+        unsafe { (*self.set_root)(ctx, root.as_ptr()) }
     }
     fn set_workdir(&self, ctx: u32, dir: &CStr) -> i32 {
-        // SAFETY: as for set_root.
-        unsafe { (self.set_workdir)(ctx, dir.as_ptr()) }
+        // SAFETY: the symbol has this type (see `load`); `dir` is NUL-terminated, outlives the
+        // call, and libkrun copies it.
+        unsafe { (*self.set_workdir)(ctx, dir.as_ptr()) }
     }
     fn set_exec(&self, ctx: u32, path: &CStr, argv: &[CString], envp: &[CString]) -> i32 {
         let argv = c_array(argv);
         let envp = c_array(envp);
-        // SAFETY: both arrays are null-terminated and KRUN_ARRAY_SLOTS long (libkrun reads that
-        // many slots), their strings outlive the call, and libkrun copies what it reads.
-        unsafe { (self.set_exec)(ctx, path.as_ptr(), argv.as_ptr(), envp.as_ptr()) }
+        // SAFETY: the symbol has this type (see `load`). Both arrays are null-terminated and
+        // KRUN_ARRAY_SLOTS long (libkrun reads that many slots), their strings outlive the call,
+        // and libkrun copies what it reads.
+        unsafe { (*self.set_exec)(ctx, path.as_ptr(), argv.as_ptr(), envp.as_ptr()) }
     }
     fn set_console_output(&self, ctx: u32, path: &CStr) -> i32 {
-        // SAFETY: as for set_root.
-        unsafe { (self.set_console_output)(ctx, path.as_ptr()) }
+        // SAFETY: the symbol has this type (see `load`); `path` is NUL-terminated, outlives the
+        // call, and libkrun copies it.
+        unsafe { (*self.set_console_output)(ctx, path.as_ptr()) }
     }
     fn start_enter(&self, ctx: u32) -> i32 {
-        // SAFETY: plain integer argument. On success libkrun runs the VM in this process and
-        // exits it with the guest's status; it returns only on a setup error.
-        unsafe { (self.start_enter)(ctx) }
+        // SAFETY: the symbol has this type (see `load`); an integer argument. On success libkrun
+        // runs the VM in this process and exits it with the guest's status; it returns only on
+        // a setup error.
+        unsafe { (*self.start_enter)(ctx) }
     }
 }

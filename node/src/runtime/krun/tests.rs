@@ -12,6 +12,8 @@ use super::vm::{
     build, configure, guest_env, guest_ram_mib, vcpus_for, VmConfig, VmError, VmParams,
 };
 use super::*;
+use crate::detect::Virtualization;
+use crate::runtime::{ObservedState, SandboxSpec};
 use crate::template::DEFAULT_TEMPLATE;
 
 fn spec(command: &[&str], env: &[(&str, &str)]) -> SandboxSpec {
@@ -403,15 +405,14 @@ struct Fixture {
 
 impl Fixture {
     fn new(test: &str) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED {test}: needs root (cgroups)");
+        if !crate::testing::is_root() {
+            crate::testing::unavailable(&format!("{test}: needs root (cgroups)"));
             return None;
         }
         let layout = match CgroupLayout::detect() {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("SKIPPED {test}: no usable cgroups ({e})");
+                crate::testing::unavailable(&format!("{test}: no usable cgroups ({e})"));
                 return None;
             }
         };
@@ -552,7 +553,7 @@ async fn fake_vm_pause_resume_resize_stop() {
         rt.status(id).await.expect("status").state,
         ObservedState::Running
     );
-    let cg = VmCgroup::new(&fx.layout, &fx.parent, id);
+    let cg = vm_cgroup(&fx.layout, &fx.parent, id);
     let procs = std::fs::read_to_string(cg.memory.join("cgroup.procs")).expect("procs");
     assert!(
         procs.lines().any(|l| l == pid.to_string()),
@@ -710,6 +711,8 @@ fn real_libkrun_accepts_the_context() {
     let api = match ffi::DlKrun::load(path.as_deref()) {
         Ok(api) => api,
         Err(e) => {
+            // Not `testing::unavailable`: libkrun is optional on every machine (the container
+            // runtime is the default), so CI has none to insist on.
             eprintln!("SKIPPED real_libkrun_accepts_the_context: no libkrun ({e}); set SURGE_TEST_LIBKRUN=/path/to/libkrun.so");
             return;
         }
@@ -739,6 +742,9 @@ async fn boot_a_microvm() {
     };
     let host = KrunHost::probe(&fx.data);
     if let Some(why) = unavailable_reason(&virt, &host) {
+        // A hardware limit, not a missing tool: no setup makes a host without usable hardware
+        // virtualization (this build machine's /dev/kvm cannot boot a guest) run a microVM, so
+        // this skips everywhere, CI included, instead of going through `testing::unavailable`.
         eprintln!("SKIPPED boot_a_microvm: this host cannot boot a microVM: {why}");
         return;
     }
