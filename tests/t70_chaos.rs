@@ -125,7 +125,7 @@ async fn kills_pauses_and_restarts_lose_no_acknowledged_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_lose_no_acknowledged_job() {
     if !surge_harness::netns::available() {
-        eprintln!("skipped: partitions need network namespaces, which need root");
+        surge_node::testing::unavailable("partitions need network namespaces, which need root");
         return;
     }
     let seed = seed_or(71);
@@ -183,7 +183,7 @@ async fn gang_stays_whole_when_its_nodes_die() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_nodes_survive_kills_and_freezes() {
     if let Err(why) = surge_harness::containers::usable() {
-        eprintln!("skipped: container nodes need root and crun: {why}");
+        surge_node::testing::unavailable(&format!("container nodes need root and crun: {why}"));
         return;
     }
     let mut cfg = config(seed_or(76), "nodes,kill", Duration::from_secs(40));

@@ -320,7 +320,9 @@ mod tests {
         let mut net = match Net::create(&[1, 2, 3]) {
             Ok(n) => n,
             Err(NetError::NotRoot(uid)) => {
-                eprintln!("skipped: network namespaces need root, running as uid {uid}");
+                surge_node::testing::unavailable(&format!(
+                    "network namespaces need root, running as uid {uid}"
+                ));
                 return;
             }
             Err(e) => panic!("creating the test network: {e}"),
@@ -334,7 +336,7 @@ mod tests {
                 .map(|o| o.status.success())
         };
         if ping(&net, 1, 2).is_err() {
-            eprintln!("skipped: no busybox (scripts/setup installs busybox-static)");
+            surge_node::testing::unavailable("no busybox (scripts/setup installs busybox-static)");
             return;
         }
         assert!(

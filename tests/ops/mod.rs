@@ -39,10 +39,10 @@ pub fn debian_tool(name: &str) -> Option<PathBuf> {
     match (status, which(name)) {
         (_, Some(p)) => Some(p),
         (status, None) => {
-            eprintln!(
-                "SKIPPED: {name} is not installed and scripts/setup could not install it \
-                 ({status:?}); install Debian's `prometheus` package to run this test"
-            );
+            surge_node::testing::unavailable(&format!(
+                "{name} is not installed and scripts/setup could not install it ({status:?}); \
+                 install Debian's `prometheus` package to run this test"
+            ));
             None
         }
     }
