@@ -1,5 +1,5 @@
 use super::*;
-use crate::history::{EventType as T, Process as P, SandboxHolders};
+use crate::history::{EventType as T, NodeSample, Process as P, SandboxHolders};
 
 fn submit(key: &str) -> Op {
     Op::Submit {
@@ -450,4 +450,88 @@ fn placeable_counts_a_gang_across_nodes() {
         &nodes
     ));
     assert!(checked(&History::default(), "liveness").is_some());
+}
+
+#[test]
+fn one_pass_finds_what_each_checker_finds() {
+    // One history that breaks several properties at once.
+    let mut events = vec![
+        (1, P::Client(0), T::Invoke, submit("a")),
+        (2, P::Client(0), T::Ok, acked("a", 7)),
+        (3, P::Client(0), T::Ok, acked("a", 8)),
+        (
+            4,
+            P::Watch,
+            T::Ok,
+            Op::ReadJobs {
+                replica: 1,
+                jobs: vec![gang(5, 4, 3, 1)],
+            },
+        ),
+        (
+            5,
+            P::Sampler,
+            T::Ok,
+            Op::ReadNodes {
+                replica: 1,
+                nodes: vec![node("n-1", 4500)],
+            },
+        ),
+    ];
+    events.extend(reads(&[job(7, "a")]));
+    let h = History::from_events(events);
+    let each: Vec<Violation> = CHECKERS.iter().filter_map(|(_, c)| c(&h)).collect();
+    let names: Vec<&str> = each.iter().map(|v| v.checker.as_str()).collect();
+    assert!(
+        [
+            "acknowledged_once",
+            "no_overcommit",
+            "gang_all_or_nothing",
+            "converged"
+        ]
+        .iter()
+        .all(|n| names.contains(n)),
+        "{names:?}"
+    );
+    assert_eq!(check_all(&h), each);
+}
+
+#[test]
+fn samples_keep_every_job_a_sample_checker_judges() {
+    use crate::history::in_flight;
+    // A partial gang (gang_all_or_nothing) and a pending job (liveness) are kept.
+    assert!(in_flight(&gang(5, 4, 3, 1)));
+    assert!(in_flight(&JobSample {
+        pending: 1,
+        running: 0,
+        ..job(7, "a")
+    }));
+    // A job with nothing pending or on a node can break neither.
+    let done = JobSample {
+        running: 0,
+        cancelled: 1,
+        state: "cancelled".into(),
+        ..job(8, "b")
+    };
+    assert!(!in_flight(&done));
+    assert!(!placeable(&done, &[node("n-1", 0)]));
+}
+
+#[test]
+fn a_key_keeps_a_bounded_number_of_operations() {
+    let mut events = vec![];
+    for t in 0..(KEY_EVENTS_MAX as u64 * 3) {
+        events.push((t, P::Client(0), T::Invoke, submit("a")));
+    }
+    events.push((10_000, P::Client(0), T::Ok, acked("a", 7)));
+    events.extend(reads(&[]));
+    let v = acknowledged_once(&History::from_events(events)).expect("a lost submission");
+    let shown = v.counterexample["operations_on_key"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(shown, KEY_EVENTS_MAX);
+    assert_eq!(
+        v.counterexample["operations_not_shown"],
+        KEY_EVENTS_MAX as u64 * 2 + 1
+    );
 }
