@@ -382,7 +382,7 @@ fn record_loop<F: Fold>(
         }
     }
     if let Some(Err(err)) = out.as_mut().map(std::io::Write::flush) {
-        write_error.get_or_insert(err);
+        write_error = write_error.or(Some(err));
     }
     Recorded {
         fold,
