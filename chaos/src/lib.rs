@@ -13,6 +13,8 @@ pub mod checker;
 pub mod faults;
 pub mod history;
 pub mod holdings;
+pub mod memory;
+pub mod report;
 pub mod run;
 pub mod sim;
 pub mod workload;

@@ -89,7 +89,8 @@ pub struct ChaosArgs {
     /// Keep the temp dir with the data dirs and logs.
     #[arg(long)]
     keep: bool,
-    /// Write the whole history here as JSON lines, one event a line.
+    /// Write the whole history here as JSON lines, one event a line, as the run goes (default:
+    /// history.jsonl in the run's directory, kept with it).
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
     /// Output format.
@@ -389,12 +390,9 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
     cfg.liveness_bound = args.liveness_bound;
     cfg.dir = args.dir.clone();
     cfg.keep = args.keep;
+    cfg.history = args.history.clone();
 
-    let (report, history) = run::run(&cfg).await.context("chaos run")?;
-    if let Some(path) = &args.history {
-        write_history(path, &history)
-            .with_context(|| format!("writing the history to {}", path.display()))?;
-    }
+    let report = run::run(&cfg).await.context("chaos run")?;
     match args.output {
         Output::Json => {
             let mut v = serde_json::to_value(&report)?;
@@ -418,17 +416,6 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    Ok(())
-}
-
-fn write_history(path: &std::path::Path, h: &surge_chaos::history::History) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for e in &h.events {
-        serde_json::to_writer(&mut f, e)?;
-        f.write_all(b"\n")?;
-    }
-    f.flush()?;
     Ok(())
 }
 
@@ -471,8 +458,28 @@ fn print_table(r: &Report, replay: &str) {
             println!("             {f}");
         }
     }
+    let m = &r.memory;
+    let peaks = |by: Vec<(String, u64)>| -> String {
+        by.iter()
+            .map(|(who, kib)| format!("{who} {} MiB", kib / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "memory:      harness peak {} MiB; replicas {}",
+        m.harness_peak_rss_kib / 1024,
+        peaks(
+            m.replica_peak_rss_kib
+                .iter()
+                .map(|(id, kib)| (id.to_string(), *kib))
+                .collect()
+        )
+    );
     if let Some(d) = &r.data_dir {
         println!("data:        {}", d.display());
+    }
+    if let Some(h) = &r.history {
+        println!("history:     {}", h.display());
     }
     println!();
     let rows: Vec<Vec<String>> = r

@@ -9,21 +9,27 @@
 //!           ──> stop everything ──> remove the container nodes' containers, mounts, cgroups
 //! ```
 //!
-//! Every step records what it saw in the [`History`]; the checkers then judge the history alone.
-//! The last step is judged apart: anything of the container nodes still on the host after it is
-//! a `containers_cleaned_up` violation.
+//! Every step records what it saw in the history; the checkers judge the history alone. The
+//! history is not kept in memory: the [`Recorder`] streams it to `history.jsonl` in the run's
+//! directory (or the file [`ChaosConfig::history`] names) and folds the checkers and the report's
+//! counts over it as it goes ([`RunFold`]), so a run of hours holds what the checkers keep, not
+//! every sample. The last step is judged apart: anything of the container nodes still on the host
+//! after it is a `containers_cleaned_up` violation.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::checker::{self, Violation};
 use crate::faults::{self, FaultKind, GroupKind, Injector, NodeGroup};
-use crate::history::{EventType, History, JobSample, Op, Process, Recorder};
+use crate::history::{EventType, Op, Process, Recorder};
+use crate::memory::{MemoryFigures, MemoryWatch};
+use crate::report::FAILURE_NOTE;
+pub use crate::report::{
+    is_container_job, ContainerFigures, Operations, Report, RunFacts, RunFold,
+    CONTAINER_FAILURES_MAX,
+};
 use crate::workload::{self, WorkloadConfig, CLASS_LABEL, CONTAINER_CLASS, SIM_CLASS};
 use surge_harness::cluster::{ClusterError, LocalCluster};
 use surge_harness::containers::{self, ContainerDaemon};
@@ -43,10 +49,12 @@ pub const NODE_TTL_MS_DEFAULT: u64 = 10_000;
 pub const NODE_GROUPS_MAX: u32 = 64;
 /// The check, after the run, that the container nodes left nothing on the host.
 pub const LEFTOVERS_CHECKER: &str = "containers_cleaned_up";
-/// Most failed container sandboxes a report explains.
-pub const CONTAINER_FAILURES_MAX: usize = 10;
-/// How the notes that explain a failed container sandbox begin.
-const FAILURE_NOTE: &str = "failed container sandbox ";
+/// Most idempotency keys one run's workload may use (clients x operations per client). The
+/// checkers keep a few events per key (`acknowledged_once`), so this bounds their memory: at the
+/// default (4 clients x 100,000) a few hundred MB at most; the workload of an hour uses ~60,000.
+pub const KEYS_MAX: u64 = 1_000_000;
+/// The history file in the run's directory, unless [`ChaosConfig::history`] names another.
+pub const HISTORY_FILE: &str = "history.jsonl";
 /// Most container node daemons one run starts.
 pub const CONTAINER_NODES_MAX: u32 = 8;
 /// What each container node offers: small, like the jobs meant for it.
@@ -80,6 +88,9 @@ pub struct ChaosConfig {
     /// unless `keep`).
     pub dir: Option<PathBuf>,
     pub keep: bool,
+    /// Where the history goes, as JSON lines (default: [`HISTORY_FILE`] in the run's directory,
+    /// removed with it).
+    pub history: Option<PathBuf>,
 }
 
 impl ChaosConfig {
@@ -103,6 +114,7 @@ impl ChaosConfig {
             sample_every: Duration::from_millis(400),
             dir: None,
             keep: false,
+            history: None,
         }
     }
 }
@@ -121,190 +133,10 @@ pub fn default_faults() -> Vec<FaultKind> {
 pub enum ChaosError {
     #[error("cannot set up the cluster: {0}")]
     Cluster(#[from] ClusterError),
-    #[error("cannot create the run directory: {0}")]
+    #[error("cannot create the run directory or the history file: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Setup(String),
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Operations {
-    pub ok: u64,
-    pub fail: u64,
-    pub info: u64,
-    pub submissions_acknowledged: u64,
-    pub keys_submitted: u64,
-    pub cancels_acknowledged: u64,
-    /// Reads of every job or every node (sampler, watchers, liveness, final reads).
-    pub samples: u64,
-    /// Samples of which live node holds which sandbox (`one_live_node_per_sandbox`).
-    pub assignment_samples: u64,
-    /// Holdings (node, sandbox run) those samples looked at.
-    pub assignments_checked: u64,
-    /// Of those, runs seen running on a container daemon's host.
-    pub container_runs_seen: u64,
-    pub events: u64,
-}
-
-/// The container nodes of a run and what their sandboxes did.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ContainerFigures {
-    /// Container jobs in the first final read, and their sandboxes by end state.
-    pub jobs: u64,
-    pub sandboxes: u64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub cancelled: u64,
-    /// Why sandboxes failed: state, node, exit code, message, output tail (at most
-    /// [`CONTAINER_FAILURES_MAX`]).
-    pub failures: Vec<String>,
-    /// Containers, processes, mounts or cgroups of the run still on the host after the cleanup
-    /// (a violation when not empty).
-    pub leftovers: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub seed: u64,
-    pub duration_ms: u64,
-    pub elapsed_ms: u64,
-    pub faults: BTreeMap<String, u64>,
-    pub faults_total: u64,
-    pub operations: Operations,
-    /// Real node daemons on the container runtime.
-    pub container_nodes: u32,
-    pub containers: ContainerFigures,
-    pub checkers: Vec<String>,
-    pub violations: Vec<Violation>,
-    /// "pass" or "fail".
-    pub verdict: String,
-    /// Where the data dirs and logs are, when kept.
-    pub data_dir: Option<PathBuf>,
-}
-
-impl Report {
-    pub fn from_history(
-        cfg: &ChaosConfig,
-        h: &History,
-        elapsed: Duration,
-        data_dir: Option<PathBuf>,
-    ) -> Self {
-        let violations = checker::check_all(h);
-        let (ok, fail, info) = h.client_outcomes();
-        let mut keys = std::collections::BTreeSet::new();
-        let mut acked = std::collections::BTreeSet::new();
-        let mut cancels = 0;
-        let mut samples = 0;
-        let (mut assignment_samples, mut assignments_checked, mut container_runs_seen) = (0, 0, 0);
-        for e in &h.events {
-            match (&e.op, e.kind) {
-                (Op::Submit { key, .. }, EventType::Invoke) => {
-                    keys.insert(key.clone());
-                }
-                (Op::Submitted { key, .. }, EventType::Ok) => {
-                    acked.insert(key.clone());
-                }
-                (Op::Cancelled { .. }, EventType::Ok) => cancels += 1,
-                (Op::ReadJobs { .. } | Op::ReadNodes { .. }, EventType::Ok) => samples += 1,
-                (
-                    Op::ReadAssignments {
-                        checked, running, ..
-                    },
-                    EventType::Ok,
-                ) => {
-                    assignment_samples += 1;
-                    assignments_checked += checked;
-                    container_runs_seen += running;
-                }
-                _ => {}
-            }
-        }
-        let faults = h.faults_by_kind();
-        Report {
-            seed: cfg.seed,
-            duration_ms: u64::try_from(cfg.duration.as_millis()).unwrap_or(u64::MAX),
-            elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            faults_total: faults.values().sum(),
-            faults,
-            operations: Operations {
-                ok,
-                fail,
-                info,
-                submissions_acknowledged: acked.len() as u64,
-                keys_submitted: keys.len() as u64,
-                cancels_acknowledged: cancels,
-                samples,
-                assignment_samples,
-                assignments_checked,
-                container_runs_seen,
-                events: h.events.len() as u64,
-            },
-            container_nodes: cfg.container_nodes,
-            containers: container_figures(h),
-            checkers: checker::CHECKERS
-                .iter()
-                .map(|(n, _)| n.to_string())
-                .chain((cfg.container_nodes > 0).then(|| LEFTOVERS_CHECKER.to_string()))
-                .collect(),
-            verdict: if violations.is_empty() {
-                "pass"
-            } else {
-                "fail"
-            }
-            .to_string(),
-            violations,
-            data_dir,
-        }
-    }
-}
-
-/// Whether a job sample is meant for the container nodes.
-pub fn is_container_job(j: &JobSample) -> bool {
-    j.constraints
-        .iter()
-        .any(|c| *c == format!("{CLASS_LABEL}={CONTAINER_CLASS}"))
-}
-
-/// The container jobs of the first successful final read.
-fn final_container_jobs(h: &History) -> Vec<JobSample> {
-    let first = h
-        .events
-        .iter()
-        .find_map(|e| match (&e.op, e.process, e.kind) {
-            (Op::ReadJobs { jobs, .. }, Process::Final, EventType::Ok) => Some(jobs),
-            _ => None,
-        });
-    first
-        .into_iter()
-        .flatten()
-        .filter(|j| is_container_job(j))
-        .cloned()
-        .collect()
-}
-
-/// The container jobs of the first successful final read, by end state, and why sandboxes
-/// failed (the notes the run recorded).
-fn container_figures(h: &History) -> ContainerFigures {
-    let mut f = ContainerFigures::default();
-    for j in final_container_jobs(h) {
-        f.jobs += 1;
-        f.sandboxes += u64::from(j.count);
-        f.succeeded += u64::from(j.succeeded);
-        f.failed += u64::from(j.failed);
-        f.cancelled += u64::from(j.cancelled);
-    }
-    f.failures = h
-        .events
-        .iter()
-        .filter_map(|e| match (&e.op, e.process) {
-            (Op::Note { text }, Process::Final) if text.starts_with(FAILURE_NOTE) => {
-                Some(text.clone())
-            }
-            _ => None,
-        })
-        .take(CONTAINER_FAILURES_MAX)
-        .collect();
-    f
 }
 
 /// Removes the container nodes' work from the host when dropped (after the daemons are dead:
@@ -357,14 +189,21 @@ async fn wait_nodes_ready(addr: &str, n: usize) -> Result<(), ChaosError> {
     )))
 }
 
-/// Start the cluster, run workload and faults, heal, check. Returns the report and the history.
-/// Must be called from a long-lived thread (the replicas die with the thread that started them).
-pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
+/// Start the cluster, run workload and faults, heal, check. Returns the report (which says where
+/// the history is, when kept). Must be called from a long-lived thread (the replicas die with the
+/// thread that started them).
+pub async fn run(cfg: &ChaosConfig) -> Result<Report, ChaosError> {
     let started = Instant::now();
     if cfg.container_nodes > CONTAINER_NODES_MAX {
         return Err(ChaosError::Setup(format!(
             "{} container nodes; at most {CONTAINER_NODES_MAX}",
             cfg.container_nodes
+        )));
+    }
+    if u64::from(cfg.clients).saturating_mul(cfg.ops_max_per_client) > KEYS_MAX {
+        return Err(ChaosError::Setup(format!(
+            "{} clients x {} operations: at most {KEYS_MAX} keys in one run",
+            cfg.clients, cfg.ops_max_per_client
         )));
     }
     let mut tmp = None;
@@ -439,8 +278,13 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
         "nodes ready"
     );
 
-    let recorder = Recorder::new();
+    let history_path = cfg
+        .history
+        .clone()
+        .unwrap_or_else(|| root.join(HISTORY_FILE));
+    let (recorder, recording) = Recorder::start(Some(&history_path), RunFold::default())?;
     let deadline = Instant::now() + cfg.duration;
+    let (stop_memory, memory) = watch_memory(Instant::now());
     let stop_watches = Arc::new(AtomicBool::new(false));
     let work = tokio::spawn(workload::run(
         WorkloadConfig {
@@ -580,6 +424,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     // Final reads: every job on every replica. A read may meet a replica that is still catching
     // up or an election after the last heal; like a client, the harness retries it for a while,
     // and only a replica that never answers counts against the run.
+    let mut failed_container_jobs: Option<Vec<(u64, u32)>> = None;
     for (id, addr) in &replicas {
         let until = Instant::now() + FINAL_READ_TIMEOUT;
         let read = loop {
@@ -599,11 +444,21 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             }
         };
         match read {
-            Ok(jobs) => recorder.record(
-                Process::Final,
-                EventType::Ok,
-                Op::ReadJobs { replica: *id, jobs },
-            ),
+            Ok(jobs) => {
+                if failed_container_jobs.is_none() {
+                    failed_container_jobs = Some(
+                        jobs.iter()
+                            .filter(|j| is_container_job(j) && j.failed > 0)
+                            .map(|j| (j.id, j.count))
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                recorder.record(
+                    Process::Final,
+                    EventType::Ok,
+                    Op::ReadJobs { replica: *id, jobs },
+                )
+            }
             Err(e) => {
                 recorder.record(
                     Process::Final,
@@ -620,10 +475,10 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     // Why container sandboxes failed, when some did: not a property the checkers judge (a start
     // can fail on a loaded host), but the report says it.
     if let Some((_, addr)) = replicas.first() {
-        let failed: Vec<(u64, u32)> = final_container_jobs(&recorder.history())
+        let failed: Vec<(u64, u32)> = failed_container_jobs
             .iter()
-            .filter(|j| j.failed > 0)
-            .flat_map(|j| (0..j.count).map(move |i| (j.id, i)))
+            .flatten()
+            .flat_map(|&(job, count)| (0..count).map(move |i| (job, i)))
             .take(CONTAINER_FAILURES_MAX * 4)
             .collect();
         let mut told = 0;
@@ -647,8 +502,32 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             }
         }
     }
-    let history = recorder.history();
-    let mut report = Report::from_history(cfg, &history, started.elapsed(), None);
+    // The children still run: their peaks are read now.
+    let _ = stop_memory.send(());
+    let memory = match memory.await {
+        Ok(watch) => watch.finish(),
+        Err(e) => {
+            tracing::warn!("the memory sampler ended abnormally: {e}");
+            MemoryFigures::default()
+        }
+    };
+    let recorded = recording.finish();
+    if let Some(e) = &recorded.write_error {
+        // The checkers saw every event; only the file is incomplete.
+        tracing::warn!(
+            "the history file {} is incomplete: {e}",
+            history_path.display()
+        );
+    }
+    let facts = RunFacts {
+        seed: cfg.seed,
+        duration: cfg.duration,
+        elapsed: started.elapsed(),
+        container_nodes: cfg.container_nodes,
+        memory,
+    };
+    let mut report = Report::new(facts, &recorded.fold);
+    drop(recorded);
     // A failed run keeps its data dirs and logs: the post-mortem needs them, and a replay is not
     // exact (the schedule is, the timing of the processes is not).
     let keep = cfg.keep || cfg.dir.is_some() || !report.violations.is_empty();
@@ -657,6 +536,9 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
             t.disable_cleanup(true);
         }
         report.data_dir = Some(root.clone());
+    }
+    if keep || cfg.history.is_some() {
+        report.history = Some(history_path);
     }
     if !report.violations.is_empty() {
         for id in cluster.ids() {
@@ -685,7 +567,30 @@ pub async fn run(cfg: &ChaosConfig) -> Result<(Report, History), ChaosError> {
     report.containers.leftovers = left;
     drop(cleanup);
     drop(tmp);
-    Ok((report, history))
+    Ok(report)
+}
+
+/// Sample the run's memory (see [`crate::memory`]) until told to stop; the task returns the
+/// watch, whose `finish` takes a last sample.
+fn watch_memory(
+    started: Instant,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<MemoryWatch>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut watch = MemoryWatch::new(started);
+        loop {
+            watch.sample();
+            tokio::select! {
+                _ = &mut stopped => break,
+                _ = tokio::time::sleep(watch.every()) => {}
+            }
+        }
+        watch
+    });
+    (stop, task)
 }
 
 /// The simulated nodes split as evenly as possible over the groups (`g0`, `g1`, ...), then one
@@ -736,59 +641,6 @@ pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn container_figures_count_container_jobs_and_keep_failure_notes() {
-        let job = |id, constraint: &str, succeeded, failed| JobSample {
-            id,
-            key: format!("k{id}"),
-            count: succeeded + failed,
-            succeeded,
-            failed,
-            state: "complete".into(),
-            constraints: vec![constraint.into()],
-            ..JobSample::default()
-        };
-        let h = History::from_events(vec![
-            (
-                1,
-                Process::Final,
-                EventType::Ok,
-                Op::ReadJobs {
-                    replica: 1,
-                    jobs: vec![
-                        job(1, "chaos=container", 3, 1),
-                        job(2, "chaos=sim", 5, 0),
-                        job(3, "chaos=container", 2, 0),
-                    ],
-                },
-            ),
-            (
-                2,
-                Process::Final,
-                EventType::Info,
-                Op::Note {
-                    text: format!("{FAILURE_NOTE}1.3 failed on node ctr-1-0"),
-                },
-            ),
-            (
-                3,
-                Process::Final,
-                EventType::Info,
-                Op::Note {
-                    text: "something else".into(),
-                },
-            ),
-        ]);
-        let f = container_figures(&h);
-        assert_eq!(
-            (f.jobs, f.sandboxes, f.succeeded, f.failed),
-            (2, 6, 5, 1),
-            "{f:?}"
-        );
-        assert_eq!(f.failures.len(), 1);
-        assert!(f.failures[0].contains("1.3"), "{:?}", f.failures);
-    }
 
     #[test]
     fn container_nodes_get_their_own_groups_and_labels() {

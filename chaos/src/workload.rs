@@ -13,7 +13,7 @@ use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
 use crate::faults::Rng;
-use crate::history::{EventType, JobSample, NodeSample, Op, Process, Recorder};
+use crate::history::{in_flight, EventType, JobSample, NodeSample, Op, Process, Recorder};
 use crate::holdings;
 use surge_client::open as client;
 use surge_harness::containers::{self, ContainerDaemon};
@@ -24,6 +24,9 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RETRY_FOR: Duration = Duration::from_secs(30);
 /// Most jobs one read of the sampler pages through.
 pub const SAMPLE_JOBS_MAX: usize = 100_000;
+/// Most gang jobs watched at once. A watcher lives until its job ends, which is when a client
+/// cancels it, and a cancel can give up: a gang beyond this is judged by the sampler alone.
+pub const WATCHES_MAX: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct WorkloadConfig {
@@ -135,12 +138,14 @@ fn completion_of(status: &tonic::Status) -> EventType {
 /// Run the clients until the deadline (or `ops_max`); returns when all are done.
 pub async fn run(cfg: WorkloadConfig, recorder: Recorder) {
     let cfg = Arc::new(cfg);
+    let watches = Arc::new(tokio::sync::Semaphore::new(WATCHES_MAX));
     let mut tasks = Vec::new();
     for c in 0..cfg.clients {
         let cfg = cfg.clone();
         let recorder = recorder.clone();
+        let watches = watches.clone();
         tasks.push(tokio::spawn(async move {
-            client_loop(&cfg, c, &recorder).await
+            client_loop(&cfg, c, &recorder, &watches).await
         }));
     }
     for t in tasks {
@@ -156,7 +161,12 @@ pub async fn run(cfg: WorkloadConfig, recorder: Recorder) {
     }
 }
 
-async fn client_loop(cfg: &WorkloadConfig, me: u32, recorder: &Recorder) {
+async fn client_loop(
+    cfg: &WorkloadConfig,
+    me: u32,
+    recorder: &Recorder,
+    watches: &Arc<tokio::sync::Semaphore>,
+) {
     let mut rng = Rng::fork(cfg.seed, 0xC11E_0000 + u64::from(me));
     // This client's jobs that are not cancelled yet, oldest first.
     let mut live: Vec<u64> = Vec::new();
@@ -178,13 +188,17 @@ async fn client_loop(cfg: &WorkloadConfig, me: u32, recorder: &Recorder) {
             if let Some(id) = submit(cfg, me, &mut rng, recorder, &key, &a).await {
                 live.push(id);
                 if a.gang {
-                    let replicas = cfg.replicas.clone();
-                    let stop = cfg.stop_watches.clone();
-                    let recorder = recorder.clone();
+                    // Drawn whether or not a watcher starts: a seed names one workload.
                     let first = rng.next_u64();
-                    tokio::spawn(
-                        async move { watch_gang(id, first, replicas, stop, recorder).await },
-                    );
+                    if let Ok(permit) = watches.clone().try_acquire_owned() {
+                        let replicas = cfg.replicas.clone();
+                        let stop = cfg.stop_watches.clone();
+                        let recorder = recorder.clone();
+                        tokio::spawn(async move {
+                            watch_gang(id, first, replicas, stop, recorder).await;
+                            drop(permit);
+                        });
+                    }
                 }
             }
         }
@@ -522,12 +536,13 @@ pub async fn observe(
             return None;
         }
     };
+    // Only the jobs in flight go into the history: see `Op::ReadJobs`.
     recorder.record(
         process,
         EventType::Ok,
         Op::ReadJobs {
             replica,
-            jobs: jobs.clone(),
+            jobs: jobs.iter().filter(|j| in_flight(j)).cloned().collect(),
         },
     );
     let nodes = match read_nodes(addr).await {
