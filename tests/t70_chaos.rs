@@ -277,7 +277,7 @@ async fn soak_keeps_the_harness_memory_flat() {
     let seed = seed_or(77);
     let mut cfg = config(seed, "all", Duration::from_secs(180));
     cfg.faults = run::default_faults();
-    if surge_chaos::containers::usable().is_ok() {
+    if surge_harness::containers::usable().is_ok() {
         cfg.container_nodes = 2;
     }
     let replay = replay(&cfg);
