@@ -18,6 +18,7 @@ use serde::Deserialize;
 use surge_proto::jobs as pb;
 
 use crate::api_json::{JobJson, SubmitJson};
+use crate::service::error::JobApiError;
 use crate::service::guard::{decide, Caller, Guard, Need, Peer};
 use crate::service::jobs::JobsService;
 use crate::service::Replica;
@@ -48,7 +49,7 @@ impl FromRequestParts<HttpState> for JobCaller {
         let peer = request_peer(state.guard.tls, parts.extensions.get::<Peer>().cloned());
         decide(Need::Jobs, &peer, &state.guard.bearer(&parts.headers))
             .map(JobCaller)
-            .map_err(error)
+            .map_err(|s| error(s))
     }
 }
 
@@ -134,27 +135,13 @@ async fn json_errors(response: Response) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-/// A gRPC status as an HTTP error with a JSON body `{"error": "..."}`.
-fn error(status: tonic::Status) -> Response {
-    use tonic::Code;
-    let code = match status.code() {
-        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (code, Json(serde_json::json!({"error": status.message()}))).into_response()
+fn bad_request(msg: String) -> Response {
+    JobApiError::Invalid(msg).into_response()
 }
 
-fn bad_request(msg: String) -> Response {
-    error(tonic::Status::invalid_argument(msg))
+/// Any job-API error (or a status from the guard) as HTTP: the status and `{"error": "..."}`.
+fn error(e: impl Into<JobApiError>) -> Response {
+    e.into().into_response()
 }
 
 /// The submission body as a [`SubmitJson`]. Only a JSON object is one: serde would also take
