@@ -49,7 +49,7 @@ impl FromRequestParts<HttpState> for JobCaller {
         let peer = request_peer(state.guard.tls, parts.extensions.get::<Peer>().cloned());
         decide(Need::Jobs, &peer, &state.guard.bearer(&parts.headers))
             .map(JobCaller)
-            .map_err(|s| error(s))
+            .map_err(error)
     }
 }
 
