@@ -390,3 +390,111 @@ async fn undecodable_bytes_are_invalid_argument() {
     .expect("a valid request through the raw codec is accepted");
     drop(cluster);
 }
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`); the status and body.
+async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    // A body over the cap may be refused before it is read; the answer still comes.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `{"error": "..."}` with a non-empty message, or the test fails with what came instead.
+fn json_error(what: &str, body: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body:?}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error: {body}"));
+    assert!(!msg.is_empty(), "{what}: empty error");
+    msg.to_string()
+}
+
+/// The HTTP job API refuses what is not a job with a JSON error and the status that says why:
+/// a body that is not a JSON object, a malformed constraint, a body over the cap, unknown paths
+/// and methods, a bad query and a bad job id. Control: a valid submission is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_are_json_and_non_objects_are_refused() {
+    let (cluster, _dir, leader) = common::cluster(1, &[]).await;
+    let addr = cluster.replica(leader).expect("replica").http.clone();
+    let json = "application/json";
+
+    // Not a JSON object: an array used to create a job.
+    for body in ["[1,2,3]", "[]", "7", "null"] {
+        let (code, text) = http(&addr, "POST", "/v1/jobs", json, body.as_bytes()).await;
+        assert_eq!(code, 400, "{body}: {text}");
+        let msg = json_error(body, &text);
+        assert!(msg.contains("JSON object"), "{body}: {msg}");
+    }
+    // A malformed constraint is refused with the syntax, not queued forever.
+    for c in ["os==", "=linux", "os"] {
+        let body = serde_json::json!({"count": 1, "template": "busybox", "command": ["true"],
+                                      "constraints": [c]})
+        .to_string();
+        let (code, text) = http(&addr, "POST", "/v1/jobs", json, body.as_bytes()).await;
+        assert_eq!(code, 400, "{c}: {text}");
+        let msg = json_error(c, &text);
+        assert!(msg.contains("KEY=VALUE or KEY!=VALUE"), "{c}: {msg}");
+    }
+    // Over the 1 MiB cap.
+    let big = vec![b' '; scheduler_body_max() + 1];
+    let (code, text) = http(&addr, "POST", "/v1/jobs", json, &big).await;
+    assert_eq!(code, 413, "{text}");
+    json_error("oversized body", &text);
+    // Unknown path, method not allowed, bad query, bad id, bad content.
+    for (method, path, want) in [
+        ("GET", "/v2/nothing", 404),
+        ("PUT", "/v1/jobs", 405),
+        ("PATCH", "/v1/jobs/1", 405),
+        ("GET", "/v1/jobs?limit=many", 400),
+        ("GET", "/v1/jobs?colour=red", 400),
+        ("GET", "/v1/jobs/not-a-number", 400),
+        ("GET", "/v1/jobs/424242", 404),
+    ] {
+        let (code, text) = http(&addr, method, path, json, b"").await;
+        assert_eq!(code, want, "{method} {path}: {text}");
+        json_error(&format!("{method} {path}"), &text);
+    }
+    let (code, text) = http(&addr, "POST", "/v1/jobs", "text/plain", b"count=1").await;
+    assert_eq!(code, 400, "{text}");
+    json_error("not JSON", &text);
+
+    // Control: a valid submission through the same client is created.
+    let body = serde_json::json!({"count": 1, "template": "busybox", "command": ["true"],
+                                  "constraints": ["os=linux"]})
+    .to_string();
+    let (code, text) = http(&addr, "POST", "/v1/jobs", json, body.as_bytes()).await;
+    assert_eq!(code, 201, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert!(v["job_id"].as_u64().is_some(), "{text}");
+    drop(cluster);
+}
+
+fn scheduler_body_max() -> usize {
+    surge_scheduler::http::BODY_BYTES_MAX
+}

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use surge_proto::jobs as pb;
 
 use crate::model::parse_cpu;
+use crate::validate;
 
 /// CPUs as a number of cores (`0.5`) or a string (`"0.5"`, `"500m"`).
 #[derive(Clone, Debug, Deserialize)]
@@ -81,15 +82,15 @@ pub struct SubmitJson {
     pub idempotency_key: String,
 }
 
+/// `KEY=VALUE` or `KEY!=VALUE` (see [`validate::CONSTRAINT_SYNTAX`]); the parts are checked by
+/// the shared validation, which gRPC submissions pass too.
 pub fn parse_constraint(s: &str) -> Result<pb::Constraint, String> {
     let (key, op, value) = if let Some((k, v)) = s.split_once("!=") {
         (k, "!=", v)
     } else if let Some((k, v)) = s.split_once('=') {
         (k, "=", v)
     } else {
-        return Err(format!(
-            "constraint {s:?}: expected KEY=VALUE or KEY!=VALUE"
-        ));
+        return Err(format!("constraint {s:?}: {}", validate::CONSTRAINT_SYNTAX));
     };
     Ok(pb::Constraint {
         key: key.trim().to_string(),

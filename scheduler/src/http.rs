@@ -7,22 +7,26 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Deserialize;
 use surge_proto::jobs as pb;
 
 use crate::api_json::{JobJson, SubmitJson};
+use crate::service::error::JobApiError;
 use crate::service::guard::{decide, Caller, Guard, Need, Peer};
 use crate::service::jobs::JobsService;
 use crate::service::Replica;
 
 /// Largest JSON request body.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Most bytes of a plain-text error body (axum's own rejections) carried into the JSON error.
+pub const ERROR_TEXT_BYTES_MAX: usize = 4096;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -33,16 +37,35 @@ pub struct HttpState {
     pub guard: Arc<Guard>,
 }
 
-impl HttpState {
-    /// The job API's access decision: the connection's certificate role (with TLS; a request
-    /// that reached here without one is refused, never taken for plaintext) and the token.
-    fn caller(
-        &self,
-        headers: &HeaderMap,
-        peer: Option<Extension<Peer>>,
-    ) -> Result<Caller, Box<Response>> {
-        let peer = request_peer(self.guard.tls, peer.map(|Extension(p)| p));
-        decide(Need::Jobs, &peer, &self.guard.bearer(headers)).map_err(|s| Box::new(error(s)))
+/// The caller of a job-API request: the connection's certificate role (with TLS; a request
+/// that reached here without one is refused, never taken for plaintext) and the bearer token,
+/// decided as the gRPC job API decides. Refusal is the JSON error.
+struct JobCaller(Caller);
+
+impl FromRequestParts<HttpState> for JobCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, Response> {
+        let peer = request_peer(state.guard.tls, parts.extensions.get::<Peer>().cloned());
+        decide(Need::Jobs, &peer, &state.guard.bearer(&parts.headers))
+            .map(JobCaller)
+            .map_err(error)
+    }
+}
+
+/// The `{id}` of a job path, a number (else a JSON 400).
+struct JobIdParam(u64);
+
+impl FromRequestParts<HttpState> for JobIdParam {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, Response> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        raw.parse()
+            .map(JobIdParam)
+            .map_err(|_| bad_request(format!("job id {raw:?} is not a number")))
     }
 }
 
@@ -63,46 +86,86 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs", get(list_jobs).post(submit_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/watch", get(watch_job))
+        .fallback(no_route)
+        // After the routes and the fallback, so it sees every answer: axum's own (405, 413,
+        // query and path rejections) are plain text, and every error of this API is JSON.
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
 
-/// A gRPC status as an HTTP error with a JSON body `{"error": "..."}`.
-fn error(status: tonic::Status) -> Response {
-    use tonic::Code;
-    let code = match status.code() {
-        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+async fn no_route() -> Response {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "no such path; the job API is /v1/jobs",
+    )
+}
+
+fn json_error(code: StatusCode, message: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// An error answer that is not JSON yet becomes `{"error": TEXT}`, TEXT its plain-text body
+/// (axum's rejection reason) or, when it has none, the status's reason phrase.
+async fn json_errors(response: Response) -> Response {
+    let code = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(code.is_client_error() || code.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, ERROR_TEXT_BYTES_MAX)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        code.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
     };
-    (code, Json(serde_json::json!({"error": status.message()}))).into_response()
+    let body = serde_json::json!({ "error": message }).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 fn bad_request(msg: String) -> Response {
-    error(tonic::Status::invalid_argument(msg))
+    JobApiError::Invalid(msg).into_response()
+}
+
+/// Any job-API error (or a status from the guard) as HTTP: the status and `{"error": "..."}`.
+fn error(e: impl Into<JobApiError>) -> Response {
+    e.into().into_response()
+}
+
+/// The submission body as a [`SubmitJson`]. Only a JSON object is one: serde would also take
+/// a sequence for a struct, and `[1,2,3]` became a job.
+fn submission(body: &[u8]) -> Result<SubmitJson, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("request body: {e}"))?;
+    if !value.is_object() {
+        return Err(
+            "request body: must be a JSON object, e.g. {\"count\": 1, \"template\": \"busybox\"}"
+                .to_string(),
+        );
+    }
+    serde_json::from_value(value).map_err(|e| format!("request body: {e}"))
 }
 
 async fn submit_job(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    peer: Option<Extension<Peer>>,
+    JobCaller(caller): JobCaller,
     body: axum::body::Bytes,
 ) -> Response {
-    let caller = match state.caller(&headers, peer) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let parsed: SubmitJson = match serde_json::from_slice(&body) {
+    let parsed = match submission(&body) {
         Ok(p) => p,
-        Err(e) => return bad_request(format!("request body: {e}")),
+        Err(e) => return bad_request(e),
     };
     let req = match parsed.into_request() {
         Ok(r) => r,
@@ -138,14 +201,9 @@ struct ListQuery {
 
 async fn list_jobs(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    peer: Option<Extension<Peer>>,
+    JobCaller(caller): JobCaller,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let caller = match state.caller(&headers, peer) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let req = pb::ListJobsRequest {
         tenant: q.tenant,
         state: q.state,
@@ -158,25 +216,11 @@ async fn list_jobs(
     }
 }
 
-fn job_id(raw: &str) -> Result<u64, Box<Response>> {
-    raw.parse()
-        .map_err(|_| Box::new(bad_request(format!("job id {raw:?} is not a number"))))
-}
-
 async fn get_job(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    peer: Option<Extension<Peer>>,
-    Path(id): Path<String>,
+    JobCaller(caller): JobCaller,
+    JobIdParam(id): JobIdParam,
 ) -> Response {
-    let caller = match state.caller(&headers, peer) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let id = match job_id(&id) {
-        Ok(i) => i,
-        Err(r) => return *r,
-    };
     match state.jobs.get(&caller, id).await {
         Ok(j) => Json(JobJson::from(&j)).into_response(),
         Err(s) => error(s),
@@ -185,18 +229,9 @@ async fn get_job(
 
 async fn cancel_job(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    peer: Option<Extension<Peer>>,
-    Path(id): Path<String>,
+    JobCaller(caller): JobCaller,
+    JobIdParam(id): JobIdParam,
 ) -> Response {
-    let caller = match state.caller(&headers, peer) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let id = match job_id(&id) {
-        Ok(i) => i,
-        Err(r) => return *r,
-    };
     match state.jobs.cancel(&caller, id).await {
         Ok(j) => Json(JobJson::from(&j)).into_response(),
         Err(s) => error(s),
@@ -206,18 +241,9 @@ async fn cancel_job(
 /// Newline-delimited JSON: the job now, then every change, until it ends.
 async fn watch_job(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    peer: Option<Extension<Peer>>,
-    Path(id): Path<String>,
+    JobCaller(caller): JobCaller,
+    JobIdParam(id): JobIdParam,
 ) -> Response {
-    let caller = match state.caller(&headers, peer) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let id = match job_id(&id) {
-        Ok(i) => i,
-        Err(r) => return *r,
-    };
     let rx = match state.jobs.watch(&caller, id).await {
         Ok(rx) => rx,
         Err(s) => return error(s),
@@ -296,5 +322,17 @@ mod tests {
             &crate::service::guard::Bearer::NotChecked,
         );
         assert_eq!(passed.ok(), Some(Caller::Admin));
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_submission() {
+        for body in ["[1,2,3]", "[]", "1", "\"x\"", "null", "true"] {
+            let e = submission(body.as_bytes()).expect_err(body);
+            assert!(e.contains("must be a JSON object"), "{body}: {e}");
+        }
+        assert!(submission(b"{").is_err());
+        // Control: an object is one.
+        let ok = submission(br#"{"count": 2}"#).expect("an object parses");
+        assert_eq!(ok.count, 2);
     }
 }

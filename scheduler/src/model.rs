@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runs::SandboxState;
+
 pub type JobId = u64;
 
 pub use crate::placement::{Attribute, Constraint, Operator, Resources, Strategy};
@@ -173,6 +175,58 @@ pub struct Counts {
     pub stopped: u32,
 }
 
+impl Counts {
+    /// Count `n` more sandboxes in `state`.
+    pub fn add(&mut self, state: SandboxState, n: u32) {
+        let slot = match state {
+            SandboxState::Pending => &mut self.pending,
+            SandboxState::Placed => &mut self.placed,
+            SandboxState::Running => &mut self.running,
+            SandboxState::Paused => &mut self.paused,
+            SandboxState::Succeeded => &mut self.succeeded,
+            SandboxState::Failed => &mut self.failed,
+            SandboxState::OomKilled => &mut self.oom_killed,
+            SandboxState::Lost => &mut self.lost,
+            SandboxState::Cancelled => &mut self.cancelled,
+            SandboxState::Stopped => &mut self.stopped,
+        };
+        *slot = slot.saturating_add(n);
+    }
+
+    /// Sandboxes holding resources on a node: placed, running or paused.
+    pub fn active(&self) -> u32 {
+        self.placed
+            .saturating_add(self.running)
+            .saturating_add(self.paused)
+    }
+
+    /// Sandboxes that ended and will not run again: every terminal state of
+    /// [`SandboxState::is_terminal`] (succeeded, failed, oom_killed, lost, cancelled, stopped).
+    /// `preempted` is not among them: it is cumulative, and a preempted sandbox went back to
+    /// pending, where it is counted again.
+    pub fn finished(&self) -> u32 {
+        [
+            self.succeeded,
+            self.failed,
+            self.oom_killed,
+            self.lost,
+            self.cancelled,
+            self.stopped,
+        ]
+        .into_iter()
+        .fold(0, u32::saturating_add)
+    }
+
+    /// Sandboxes that ended badly: exited non-zero (the `failed` field), were OOM-killed, or were
+    /// lost with their node. Cancelled and stopped sandboxes ended at a user's request and are
+    /// not failures. A job with any of these ends `failed` rather than `complete`.
+    pub fn failed(&self) -> u32 {
+        self.failed
+            .saturating_add(self.oom_killed)
+            .saturating_add(self.lost)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
@@ -237,5 +291,41 @@ mod tests {
         assert_eq!(format_cpu(1500), "1.5");
         assert_eq!(format_cpu(2000), "2");
         assert_eq!(format_cpu(250), "0.25");
+    }
+
+    #[test]
+    fn finished_counts_every_terminal_state_and_failed_only_the_bad_ends() {
+        let states = [
+            SandboxState::Pending,
+            SandboxState::Placed,
+            SandboxState::Running,
+            SandboxState::Paused,
+            SandboxState::Succeeded,
+            SandboxState::Failed,
+            SandboxState::OomKilled,
+            SandboxState::Lost,
+            SandboxState::Cancelled,
+            SandboxState::Stopped,
+        ];
+        for (i, state) in states.into_iter().enumerate() {
+            let mut c = Counts {
+                preempted: 100,
+                ..Counts::default()
+            };
+            let n = i as u32 + 1;
+            c.add(state, n);
+            let finished = if state.is_terminal() { n } else { 0 };
+            assert_eq!(c.finished(), finished, "{state:?}");
+            let bad = matches!(
+                state,
+                SandboxState::Failed | SandboxState::OomKilled | SandboxState::Lost
+            );
+            assert_eq!(c.failed(), if bad { n } else { 0 }, "{state:?}");
+            assert_eq!(
+                c.active(),
+                if state.is_active() { n } else { 0 },
+                "{state:?}"
+            );
+        }
     }
 }

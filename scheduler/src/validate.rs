@@ -101,6 +101,14 @@ fn resources(field: &str, r: Resources, cpu_max: u64, mem_max: u64) -> Result<()
     Ok(())
 }
 
+/// The accepted constraint syntax, quoted in every refusal of one.
+pub const CONSTRAINT_SYNTAX: &str = "write KEY=VALUE or KEY!=VALUE, where KEY is os, arch, pool \
+     or a node label key and VALUE is letters, digits and . _ - : / (e.g. os=linux, gpu!=none)";
+
+/// A constraint placement can match: a key that is a name, `=` with a non-empty value, or `!=`
+/// (satisfied when the attribute differs or, for a label, is absent) with a value that may be
+/// empty. The value takes the characters of a name: `os==linux` would otherwise become a job
+/// waiting forever for a node whose os is `=linux`.
 fn constraints(list: &[Constraint]) -> Result<(), Invalid> {
     if list.len() > CONSTRAINTS_MAX {
         return Err(invalid(
@@ -109,15 +117,15 @@ fn constraints(list: &[Constraint]) -> Result<(), Invalid> {
         ));
     }
     for (i, c) in list.iter().enumerate() {
-        name(&format!("constraints[{i}].key"), constraint_key(c))?;
-        if c.value.len() > NAME_BYTES_MAX {
-            return Err(invalid(format!("constraints[{i}].value"), "too long"));
-        }
-        if c.operator == Operator::Equal && c.value.is_empty() {
-            return Err(invalid(
-                format!("constraints[{i}].value"),
-                "must not be empty",
-            ));
+        let field = format!("constraints[{i}]");
+        let with_syntax = |e: Invalid| invalid(&field, format!("{} ({CONSTRAINT_SYNTAX})", e));
+        name("key", constraint_key(c)).map_err(with_syntax)?;
+        match (c.operator, c.value.is_empty()) {
+            (Operator::Equal, true) => {
+                return Err(with_syntax(invalid("value", "must not be empty")));
+            }
+            (Operator::NotEqual, true) => {}
+            (_, false) => name("value", &c.value).map_err(with_syntax)?,
         }
     }
     Ok(())

@@ -684,3 +684,53 @@ fn hostile_steps_are_refused_and_plain_ones_applied() {
         "refused {refused}, applied {applied}"
     );
 }
+
+/// Malformed constraints are refused at submit with the accepted syntax, through the CLI/HTTP
+/// string form and through gRPC's parts alike; a job constrained to `os==` would otherwise wait
+/// forever for a node whose os is "=".
+#[test]
+fn malformed_constraints_are_refused_with_the_syntax() {
+    let spec_with = |c: pb::Constraint| pb::JobSpec {
+        count: 1,
+        cpu_millis: 500,
+        memory_mib: 64,
+        template: "busybox".into(),
+        command: vec!["true".into()],
+        tenant: "eval".into(),
+        constraints: vec![c],
+        ..Default::default()
+    };
+    let submit = |c: pb::Constraint| {
+        job_spec_from_pb(spec_with(c)).and_then(|s| validate::job_spec(&s).map(|()| s))
+    };
+    for text in ["os==", "=linux", "os", "os==linux", "gpu!=a=b", " = "] {
+        let refused = match surge_scheduler::api_json::parse_constraint(text) {
+            Err(e) => e,
+            Ok(c) => submit(c)
+                .expect_err(&format!("{text:?} must be refused"))
+                .to_string(),
+        };
+        assert!(
+            refused.contains("KEY=VALUE or KEY!=VALUE"),
+            "{text:?}: {refused}"
+        );
+    }
+    // gRPC carries the parts: an empty key, or `=` with an empty value, is refused the same way.
+    for (key, op, value) in [("", "=", "linux"), ("os", "==", ""), ("os", "=", "a b")] {
+        let c = pb::Constraint {
+            key: key.into(),
+            op: op.into(),
+            value: value.into(),
+        };
+        let refused = submit(c).expect_err(&format!("{key:?} {op:?} {value:?}"));
+        assert!(
+            refused.to_string().contains("KEY=VALUE or KEY!=VALUE"),
+            "{refused}"
+        );
+    }
+    // Control: well-formed constraints pass, including `!=` with an empty value (label present).
+    for text in ["os=linux", "gpu!=none", "zone=eu-west-1a", "gpu!="] {
+        let c = surge_scheduler::api_json::parse_constraint(text).expect("parses");
+        submit(c).unwrap_or_else(|e| panic!("{text:?} refused: {e}"));
+    }
+}

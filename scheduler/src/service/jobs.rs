@@ -9,8 +9,9 @@ use surge_proto::jobs::jobs_server::{Jobs, JobsServer};
 use tonic::{Request, Response, Status};
 
 use super::batch::Batcher;
+use super::error::JobApiError;
 use super::guard::Caller;
-use super::{invalid, now_ms, Replica};
+use super::{now_ms, Replica};
 use crate::command::{Command, Response as Reply};
 use crate::convert;
 use crate::model::{JobId, JobState};
@@ -53,21 +54,21 @@ impl JobsService {
         &self,
         caller: &Caller,
         req: pb::SubmitJobRequest,
-    ) -> Result<pb::SubmitJobReply, Status> {
+    ) -> Result<pb::SubmitJobReply, JobApiError> {
         let mut spec = req
             .spec
-            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+            .ok_or_else(|| JobApiError::Invalid("spec: missing".into()))?;
         if let Some(t) = caller.tenant() {
             if spec.tenant.is_empty() {
                 spec.tenant = t.to_string();
             } else if spec.tenant != t {
-                return Err(Status::permission_denied(format!(
+                return Err(JobApiError::PermissionDenied(format!(
                     "this token is tenant {t}'s; it cannot submit as tenant {}",
                     spec.tenant
                 )));
             }
         }
-        let spec = convert::job_spec_from_pb(spec).map_err(invalid)?;
+        let spec = convert::job_spec_from_pb(spec).map_err(JobApiError::from)?;
         let key = if req.idempotency_key.is_empty() {
             format!(
                 "auto:{}:{}:{}",
@@ -76,7 +77,7 @@ impl JobsService {
                 self.key_seq.fetch_add(1, Ordering::Relaxed)
             )
         } else {
-            validate::idempotency_key(&req.idempotency_key).map_err(invalid)?;
+            validate::idempotency_key(&req.idempotency_key).map_err(JobApiError::from)?;
             req.idempotency_key
         };
         let command = Command::SubmitJob {
@@ -96,7 +97,7 @@ impl JobsService {
 
     /// Another tenant's job is "no job", exactly as a job that does not exist: a tenant learns
     /// nothing about the others.
-    pub async fn get(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, Status> {
+    pub async fn get(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, JobApiError> {
         self.replica.linearizable_read().await?;
         self.replica
             .read(|s, _| {
@@ -112,10 +113,10 @@ impl JobsService {
         &self,
         caller: &Caller,
         mut req: pb::ListJobsRequest,
-    ) -> Result<pb::ListJobsReply, Status> {
+    ) -> Result<pb::ListJobsReply, JobApiError> {
         if let Some(t) = caller.tenant() {
             if !req.tenant.is_empty() && req.tenant != t {
-                return Err(Status::permission_denied(format!(
+                return Err(JobApiError::PermissionDenied(format!(
                     "this token is tenant {t}'s; it cannot list tenant {}'s jobs",
                     req.tenant
                 )));
@@ -125,7 +126,7 @@ impl JobsService {
         let state = match req.state.as_str() {
             "" => None,
             s => Some(JobState::parse(s).ok_or_else(|| {
-                Status::invalid_argument(format!(
+                JobApiError::Invalid(format!(
                     "state: unknown {s:?}; use pending, running, complete, failed or cancelled"
                 ))
             })?),
@@ -133,7 +134,7 @@ impl JobsService {
         let limit = match req.limit {
             0 => LIST_LIMIT_DEFAULT,
             n if n > LIST_LIMIT_MAX => {
-                return Err(Status::invalid_argument(format!(
+                return Err(JobApiError::Invalid(format!(
                     "limit: at most {LIST_LIMIT_MAX}"
                 )))
             }
@@ -159,7 +160,7 @@ impl JobsService {
         Ok(pb::ListJobsReply { jobs })
     }
 
-    pub async fn cancel(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, Status> {
+    pub async fn cancel(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, JobApiError> {
         if caller.tenant().is_some() {
             // A job's tenant never changes: once seen as the caller's, it stays the caller's.
             self.get(caller, job_id).await?;
@@ -181,7 +182,7 @@ impl JobsService {
         &self,
         caller: &Caller,
         req: pb::UpdateSandboxesRequest,
-    ) -> Result<pb::Job, Status> {
+    ) -> Result<pb::Job, JobApiError> {
         if caller.tenant().is_some() {
             self.get(caller, req.job_id).await?;
         }
@@ -200,8 +201,8 @@ impl JobsService {
             "resume" => Some(false),
             "stop" => {
                 if req.cpu_millis != 0 || req.memory_mib != 0 {
-                    return Err(Status::invalid_argument(
-                        "stop takes no new resources; stop and resize are separate requests",
+                    return Err(JobApiError::Invalid(
+                        "stop takes no new resources; stop and resize are separate requests".into(),
                     ));
                 }
                 let command = Command::StopSandboxes {
@@ -214,7 +215,7 @@ impl JobsService {
                 return self.get(caller, req.job_id).await;
             }
             other => {
-                return Err(Status::invalid_argument(format!(
+                return Err(JobApiError::Invalid(format!(
                     "action: unknown {other:?}; use pause, resume or stop"
                 )))
             }
@@ -237,16 +238,16 @@ impl JobsService {
                 if r.cpu_millis > validate::CPU_MILLIS_MAX
                     || r.memory_mib > validate::MEMORY_MIB_MAX
                 {
-                    return Err(Status::invalid_argument(
-                        "resize: more than one sandbox may have",
+                    return Err(JobApiError::Invalid(
+                        "resize: more than one sandbox may have".into(),
                     ));
                 }
                 Some(r)
             }
         };
         if paused.is_none() && resources.is_none() {
-            return Err(Status::invalid_argument(
-                "nothing to change: give an action or new resources",
+            return Err(JobApiError::Invalid(
+                "nothing to change: give an action or new resources".into(),
             ));
         }
         let command = Command::SetSandboxes {
@@ -265,7 +266,7 @@ impl JobsService {
         &self,
         caller: &Caller,
         req: pb::GetSandboxRequest,
-    ) -> Result<pb::SandboxInfo, Status> {
+    ) -> Result<pb::SandboxInfo, JobApiError> {
         self.replica.linearizable_read().await?;
         let found = self.replica.read(|s, _| {
             s.jobs
@@ -275,7 +276,7 @@ impl JobsService {
         });
         match found {
             None => Err(no_job(req.job_id)),
-            Some((count, None)) => Err(Status::not_found(format!(
+            Some((count, None)) => Err(JobApiError::NotFound(format!(
                 "job {} has sandboxes {}.0 to {}.{}; there is no {}.{}",
                 req.job_id,
                 req.job_id,
@@ -288,8 +289,8 @@ impl JobsService {
         }
     }
 
-    pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), Status> {
-        validate::name("tenant", &req.tenant).map_err(invalid)?;
+    pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), JobApiError> {
+        validate::name("tenant", &req.tenant).map_err(JobApiError::from)?;
         let max = match (req.cpu_millis, req.memory_mib) {
             (0, 0) => None,
             // One dimension left at 0 is unlimited.
@@ -312,7 +313,7 @@ impl JobsService {
         &self,
         caller: &Caller,
         job_id: JobId,
-    ) -> Result<tokio::sync::mpsc::Receiver<pb::Job>, Status> {
+    ) -> Result<tokio::sync::mpsc::Receiver<pb::Job>, JobApiError> {
         let first = self.get(caller, job_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let replica = self.replica.clone();
@@ -342,12 +343,12 @@ impl JobsService {
     }
 }
 
-fn no_job(job_id: JobId) -> Status {
-    Status::not_found(format!("no job {job_id}"))
+fn no_job(job_id: JobId) -> JobApiError {
+    JobApiError::NotFound(format!("no job {job_id}"))
 }
 
-fn unexpected(r: Reply) -> Status {
-    Status::internal(format!("unexpected reply from the state machine: {r:?}"))
+fn unexpected(r: Reply) -> JobApiError {
+    JobApiError::Internal(format!("unexpected reply from the state machine: {r:?}"))
 }
 
 type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;

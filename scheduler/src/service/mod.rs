@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod decode_status;
+pub mod error;
 pub mod guard;
 pub mod hub;
 pub mod jobs;

@@ -21,12 +21,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+mod fill;
+mod index;
+#[cfg(test)]
+mod tests;
+
 use crate::placement::fairshare::{dominant_share, JobOrder, QueuedJob};
 use crate::placement::feasible::{self, ClassShortage};
-use crate::placement::rank::{self, Dim, FreeIndex};
+use crate::placement::rank::{Dim, FreeIndex};
 use crate::placement::{
     Allocation, Constraint, IndexRun, JobRequest, NodeView, Placement, PlacementInput, Plan,
-    Reason, Resources, Strategy, Unplaced,
+    Reason, Resources, Unplaced,
 };
 
 /// Nodes scored per run (from the class index; a job with a template also gets up to half of them from
@@ -467,96 +472,6 @@ impl<'a> Engine<'a> {
         s
     }
 
-    /// The feasibility class of a constraint set, built on first use.
-    fn class_for(&mut self, constraints: &[Constraint]) -> usize {
-        // Most jobs give their constraints already sorted (or none): look up without allocating.
-        if constraints.windows(2).all(|w| w[0] < w[1]) {
-            if let Some(&id) = self.class_ids.get(constraints) {
-                return id;
-            }
-        }
-        let mut key = constraints.to_vec();
-        key.sort();
-        key.dedup();
-        if let Some(&id) = self.class_ids.get(&key) {
-            return id;
-        }
-        let members: Vec<u32> = (0..self.nodes.len() as u32)
-            .filter(|&n| feasible::statically_feasible(self.nodes[n as usize], &key))
-            .collect();
-        let index = self.build_index(&members);
-        let id = self.classes.len();
-        self.classes.push(Class {
-            nodes: members,
-            index,
-        });
-        self.class_ids.insert(key, id);
-        id
-    }
-
-    /// The index over the class's nodes that hold `template`, if any do.
-    fn template_index_for(&mut self, class: usize, template: &str) -> Option<usize> {
-        if template.is_empty() {
-            return None;
-        }
-        if let Some(&found) = self
-            .template_indices
-            .get(&class)
-            .and_then(|m| m.get(template))
-        {
-            return found;
-        }
-        let members: Vec<u32> = self.classes[class]
-            .nodes
-            .iter()
-            .copied()
-            .filter(|&n| self.nodes[n as usize].templates.contains(template))
-            .collect();
-        let found = if members.is_empty() {
-            None
-        } else {
-            Some(self.build_index(&members))
-        };
-        self.template_indices
-            .entry(class)
-            .or_default()
-            .insert(template.to_string(), found);
-        found
-    }
-
-    fn build_index(&mut self, members: &[u32]) -> usize {
-        let id = self.indices.len();
-        let entries: Vec<(u32, Resources)> = members
-            .iter()
-            .filter(|&&n| self.state[n as usize].slots > 0)
-            .map(|&n| (n, self.state[n as usize].free))
-            .collect();
-        self.indices.push(FreeIndex::build(&entries));
-        for &n in members {
-            self.memberships[n as usize].push(id);
-        }
-        id
-    }
-
-    /// Changes a node's free capacity, keeping every index that holds it in order.
-    pub(super) fn set_node(&mut self, node: u32, new: NodeState, record: bool) {
-        let old = self.state[node as usize];
-        if record {
-            self.undo.push(Undo::Node { node, state: old });
-        }
-        for &idx in &self.memberships[node as usize] {
-            let index = &mut self.indices[idx];
-            if old.slots > 0 {
-                index.remove(node, old.free);
-            }
-            if new.slots > 0 {
-                index.insert(node, new.free);
-            }
-        }
-        self.state[node as usize] = new;
-        self.epoch += 1;
-    }
-
     pub(super) fn add_tenant_usage(&mut self, tenant: usize, delta: Resources, add: bool) {
         let Some(t) = self.tenants.get_mut(tenant) else {
             return;
@@ -614,162 +529,6 @@ impl<'a> Engine<'a> {
             });
         }
     }
-
-    fn fits_on(&self, node: u32, per: &Resources) -> u64 {
-        let st = &self.state[node as usize];
-        feasible::fits(&st.free, st.slots, per)
-    }
-
-    fn holds_template(&self, ctx: &JobCtx<'_>, node: u32) -> bool {
-        ctx.template_index
-            .is_some_and(|t| self.memberships[node as usize].contains(&t))
-    }
-
-    fn score_run(&self, ctx: &JobCtx<'_>, node: u32, k: u64) -> u64 {
-        let st = &self.state[node as usize];
-        let free_after = st
-            .free
-            .saturating_sub(ctx.job.per_sandbox.saturating_mul(k));
-        let holds = self.holds_template(ctx, node);
-        rank::score(
-            ctx.job.strategy,
-            &free_after,
-            &self.nodes[node as usize].allocatable,
-            holds,
-        )
-    }
-
-    /// Places up to `want` sandboxes without preemption; returns how many were placed.
-    pub(super) fn place_runs(&mut self, ctx: &mut JobCtx<'_>, want: u64) -> u64 {
-        match ctx.job.strategy {
-            Strategy::Binpack => self.place_binpack(ctx, want),
-            Strategy::Spread => self.place_spread(ctx, want),
-        }
-    }
-
-    /// Best fit: score a bounded set of the tightest-fitting nodes, fill the best one with one run,
-    /// repeat. After its run a node is either full for this job or the job is done, so each iteration
-    /// makes progress.
-    fn place_binpack(&mut self, ctx: &mut JobCtx<'_>, want: u64) -> u64 {
-        let per = ctx.job.per_sandbox;
-        let class_index = self.classes[ctx.class].index;
-        let mut placed = 0;
-        // (node, how many fit)
-        let mut candidates: Vec<(u32, u64)> = Vec::with_capacity(CANDIDATES_MAX);
-        while placed < want {
-            candidates.clear();
-            let sources = [
-                (ctx.template_index, CANDIDATES_MAX / 2),
-                (Some(class_index), CANDIDATES_MAX),
-            ];
-            for (index, limit) in sources {
-                let Some(index) = index else { continue };
-                for n in self.indices[index].tightest(ctx.dim, &per) {
-                    if candidates.len() >= limit {
-                        break;
-                    }
-                    let fit = self.fits_on(n, &per);
-                    if fit > 0 && !candidates.iter().any(|c| c.0 == n) {
-                        candidates.push((n, fit));
-                    }
-                }
-            }
-            let remaining = want - placed;
-            let best = candidates
-                .iter()
-                .map(|&(n, fit)| {
-                    let k = fit.min(remaining);
-                    (self.score_run(ctx, n, k), std::cmp::Reverse(n), k)
-                })
-                .max();
-            let Some((_, std::cmp::Reverse(node), k)) = best else {
-                break;
-            };
-            self.place_on(ctx, node, k);
-            placed += k;
-        }
-        placed
-    }
-
-    /// Spread: take up to `want` of the emptiest fitting nodes (those holding the template first),
-    /// rank them by spread score, and share the job between them round-robin — every node gets the
-    /// same count, capped by what fits, the remainder one each to the best-ranked. If all of them fill
-    /// up, take the next batch.
-    fn place_spread(&mut self, ctx: &mut JobCtx<'_>, want: u64) -> u64 {
-        let per = ctx.job.per_sandbox;
-        let mut placed = 0;
-        while placed < want {
-            let remaining = want - placed;
-            let limit = usize::try_from(remaining).unwrap_or(usize::MAX);
-            let mut chosen: BTreeSet<u32> = BTreeSet::new();
-            let mut candidates: Vec<u32> = Vec::new();
-            let class_index = self.classes[ctx.class].index;
-            for idx in ctx
-                .template_index
-                .into_iter()
-                .chain(std::iter::once(class_index))
-            {
-                for n in self.indices[idx].emptiest(ctx.dim) {
-                    if candidates.len() >= limit {
-                        break;
-                    }
-                    if self.fits_on(n, &per) > 0 && chosen.insert(n) {
-                        candidates.push(n);
-                    }
-                }
-            }
-            if candidates.is_empty() {
-                break;
-            }
-            let mut ranked: Vec<(u64, u32, u64)> = candidates
-                .iter()
-                .map(|&n| (self.score_run(ctx, n, 1), n, self.fits_on(n, &per)))
-                .collect();
-            ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            let fits: Vec<u64> = ranked.iter().map(|r| r.2).collect();
-            let shares = water_fill(&fits, remaining);
-            let mut round = 0;
-            for ((_, node, _), share) in ranked.iter().zip(shares) {
-                self.place_on(ctx, *node, share);
-                round += share;
-            }
-            placed += round;
-            if round == 0 {
-                break;
-            }
-        }
-        placed
-    }
-}
-
-/// Round-robin shares: the largest level `L` such that `sum(min(fit_i, L)) <= total`, then one more to
-/// each node with room, in order, until `total` is reached. `fits` is in rank order.
-pub(crate) fn water_fill(fits: &[u64], total: u64) -> Vec<u64> {
-    let sum_at = |level: u64| {
-        fits.iter()
-            .fold(0u64, |acc, &f| acc.saturating_add(f.min(level)))
-    };
-    let (mut lo, mut hi) = (0u64, fits.iter().copied().max().unwrap_or(0));
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if sum_at(mid) <= total {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    let mut shares: Vec<u64> = fits.iter().map(|&f| f.min(lo)).collect();
-    let mut left = total.saturating_sub(shares.iter().sum());
-    for (share, &fit) in shares.iter_mut().zip(fits) {
-        if left == 0 {
-            break;
-        }
-        if fit > *share {
-            *share += 1;
-            left -= 1;
-        }
-    }
-    shares
 }
 
 fn in_cooldown(input: &PlacementInput, a: &Allocation) -> bool {
@@ -835,73 +594,4 @@ pub(crate) fn normalize_runs(pending: &[IndexRun], taken: &[IndexRun]) -> Vec<In
             Some(IndexRun::new(first, count))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalize_merges_and_subtracts() {
-        let pending = [
-            IndexRun::new(10, 5),
-            IndexRun::new(0, 4),
-            IndexRun::new(3, 3),
-            IndexRun::new(20, 0),
-        ];
-        assert_eq!(
-            normalize_runs(&pending, &[]),
-            vec![IndexRun::new(0, 6), IndexRun::new(10, 5)]
-        );
-        let taken = [IndexRun::new(2, 2), IndexRun::new(12, 10)];
-        assert_eq!(
-            normalize_runs(&pending, &taken),
-            vec![
-                IndexRun::new(0, 2),
-                IndexRun::new(4, 2),
-                IndexRun::new(10, 2)
-            ]
-        );
-    }
-
-    #[test]
-    fn water_fill_is_round_robin_capped_by_fit() {
-        assert_eq!(water_fill(&[10, 10, 10], 7), vec![3, 2, 2]);
-        assert_eq!(water_fill(&[1, 10, 10], 7), vec![1, 3, 3]);
-        assert_eq!(water_fill(&[1, 2], 10), vec![1, 2]);
-        assert_eq!(water_fill(&[5, 5, 5], 2), vec![1, 1, 0]);
-    }
-
-    #[test]
-    fn take_indices_spans_runs() {
-        let job = JobRequest {
-            id: 1,
-            tenant: "t".into(),
-            priority: 0,
-            pending: vec![],
-            per_sandbox: Resources::new(1, 1),
-            template: String::new(),
-            gang: false,
-            strategy: Strategy::Binpack,
-            constraints: vec![],
-            submitted_index: 0,
-        };
-        let mut ctx = JobCtx {
-            job: &job,
-            tenant: 0,
-            class: 0,
-            template_index: None,
-            dim: Dim::Cpu,
-            runs: vec![IndexRun::new(0, 3), IndexRun::new(10, 3)],
-            cursor_run: 0,
-            cursor_offset: 0,
-        };
-        assert_eq!(ctx.take_indices(2), vec![IndexRun::new(0, 2)]);
-        assert_eq!(
-            ctx.take_indices(3),
-            vec![IndexRun::new(2, 1), IndexRun::new(10, 2)]
-        );
-        assert_eq!(ctx.take_indices(5), vec![IndexRun::new(12, 1)]);
-        assert_eq!(ctx.take_indices(1), vec![]);
-    }
 }
