@@ -338,6 +338,43 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
         "{table}"
     );
 
+    // A command that does not exist never starts: the sandbox fails with the runtime's message
+    // and no exit code (it used to show `exit code 0`).
+    let mut missing = spec(1, "");
+    missing.command = vec!["rl-episode".into()];
+    let never = submit(&addr, missing, "never-starts").await;
+    let j = wait_for(&c, &[&node], "the job ends", || async {
+        let j = job(&addr, never).await;
+        matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+    })
+    .await;
+    assert_eq!(j.state, "failed", "{j:?}");
+    assert!(
+        j.exits.len() == 1 && j.exits[0].start_failed,
+        "{:?}",
+        j.exits
+    );
+    let s = sandbox(&addr, never, 0).await;
+    assert!(s.start_failed, "{s:?}");
+    assert!(
+        s.message.contains("rl-episode"),
+        "the runtime's message: {s:?}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&cli(
+        &addr,
+        &["sandbox", &format!("{never}.0"), "-o", "json"],
+    ))
+    .expect("JSON");
+    assert_eq!(json["exit_code"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["start_failed"], true, "{json}");
+    let shown = cli(&addr, &["job", &never.to_string()]);
+    assert!(
+        shown.contains("1 failed (never started)"),
+        "surge job: {shown}"
+    );
+    let table = cli(&addr, &["sandbox", &format!("{never}.0")]);
+    assert!(table.contains("the command never started"), "{table}");
+
     // surge stop: sandbox 0 handles SIGTERM and exits 0; sandbox 1 ignores it and is killed
     // after the grace period. Both end `stopped`, with their exit status, and are not restarted.
     let script = "i=${SURGE_SANDBOX_ID#*.}; if [ $i = 1 ]; then trap '' TERM; \

@@ -175,8 +175,10 @@ pub struct CountsJson {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ExitJson {
     pub state: String,
-    pub exit_code: i32,
+    /// `null` when these sandboxes never ran their command (`start_failed`).
+    pub exit_code: Option<i32>,
     pub count: u32,
+    pub start_failed: bool,
 }
 
 /// A job as JSON.
@@ -242,8 +244,9 @@ impl From<&pb::Job> for JobJson {
                 .iter()
                 .map(|e| ExitJson {
                     state: e.state.clone(),
-                    exit_code: e.exit_code,
+                    exit_code: (!e.start_failed).then_some(e.exit_code),
                     count: e.count,
+                    start_failed: e.start_failed,
                 })
                 .collect(),
         }
@@ -263,7 +266,9 @@ pub struct SandboxJson {
     pub generation: u64,
     pub cpu_millis: u64,
     pub memory_mib: u64,
-    pub exit_code: i32,
+    /// `null` when the command never ran (`start_failed`; `message` says why).
+    pub exit_code: Option<i32>,
+    pub start_failed: bool,
     pub restarts: u32,
     pub submitted_at_ms: u64,
     pub finished_at_ms: u64,
@@ -284,7 +289,8 @@ impl From<&pb::SandboxInfo> for SandboxJson {
             generation: s.generation,
             cpu_millis: s.cpu_millis,
             memory_mib: s.memory_mib,
-            exit_code: s.exit_code,
+            exit_code: (!s.start_failed).then_some(s.exit_code),
+            start_failed: s.start_failed,
             restarts: s.restarts,
             submitted_at_ms: s.submitted_at_ms,
             finished_at_ms: s.finished_at_ms,

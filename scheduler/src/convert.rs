@@ -8,7 +8,7 @@ use crate::model::{
     constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
     RestartPolicy, Strategy,
 };
-use crate::runs::SandboxState;
+use crate::runs::{SandboxState, EXIT_NOT_RUN};
 use crate::state::NodeUsage;
 use crate::validate::{self, Invalid};
 
@@ -154,8 +154,9 @@ pub fn exits_of(job: &Job) -> Vec<pb::ExitSummary> {
         .into_iter()
         .map(|((state, exit_code), count)| pb::ExitSummary {
             state: state.as_str().to_string(),
-            exit_code,
+            exit_code: wire_exit_code(exit_code),
             count,
+            start_failed: exit_code == EXIT_NOT_RUN,
         })
         .collect();
     out.sort_by_key(|e| std::cmp::Reverse(e.count));
@@ -188,14 +189,24 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         cpu_millis: run.resources.cpu_millis,
         memory_mib: run.resources.memory_mib,
         desired_state: desired.to_string(),
-        exit_code: run.exit_code,
+        exit_code: wire_exit_code(run.exit_code),
         restarts: run.restarts,
         submitted_at_ms: job.submitted_at_ms,
         finished_at_ms,
         message: outcome.map(|o| o.message.clone()).unwrap_or_default(),
         log_tail: outcome.map(|o| o.log_tail.clone()).unwrap_or_default(),
         log_kept: outcome.is_some(),
+        start_failed: run.exit_code == EXIT_NOT_RUN,
     })
+}
+
+/// The exit code as the wire carries it: 0 for a command that never ran (`start_failed`).
+fn wire_exit_code(exit_code: i32) -> i32 {
+    if exit_code == EXIT_NOT_RUN {
+        0
+    } else {
+        exit_code
+    }
 }
 
 pub fn job_to_pb(job: &Job) -> pb::Job {

@@ -80,6 +80,11 @@ impl SandboxState {
     }
 }
 
+/// The exit code recorded for a sandbox whose command never ran (the runtime could not start
+/// it). No process exits with it (exit statuses are 0..=255, signals 128+N), and the wire shows
+/// it as `start_failed` with no exit code.
+pub const EXIT_NOT_RUN: i32 = i32::MIN;
+
 /// A contiguous range of a job's sandboxes that agree on everything below.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Run {
@@ -98,6 +103,7 @@ pub struct Run {
     pub paused: bool,
     /// Desired: stopped (`surge stop`); the node stops it gracefully and it ends `Stopped`.
     pub stop: bool,
+    /// The command's exit code; [`EXIT_NOT_RUN`] for a sandbox whose command never ran.
     pub exit_code: i32,
     /// Restarts after failure so far (for the restart policy).
     pub restarts: u32,

@@ -323,7 +323,13 @@ pub fn exits_line(j: &pb::Job) -> Option<String> {
     let parts: Vec<String> = j
         .exits
         .iter()
-        .map(|e| format!("{} {} (exit {})", e.count, e.state, e.exit_code))
+        .map(|e| {
+            if e.start_failed {
+                format!("{} {} (never started)", e.count, e.state)
+            } else {
+                format!("{} {} (exit {})", e.count, e.state, e.exit_code)
+            }
+        })
         .collect();
     Some(format!(
         "ended: {}  (see `surge sandbox {}.INDEX` and `surge logs {}.INDEX`)",
@@ -385,7 +391,11 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
                 s.state.as_str(),
                 "succeeded" | "failed" | "oom-killed" | "stopped" | "lost" | "cancelled"
             ) {
-                println!("exit code  {}", s.exit_code);
+                if s.start_failed {
+                    println!("exit code  none: the command never started");
+                } else {
+                    println!("exit code  {}", s.exit_code);
+                }
             }
             println!("submitted  {}", time_ms(s.submitted_at_ms));
             println!("finished   {}", time_ms(s.finished_at_ms));
@@ -426,7 +436,8 @@ pub async fn logs(c: &Client, output: Output, id: &str) -> anyhow::Result<()> {
         Output::Json => print_json(&json!({
             "id": format!("{}.{}", s.job_id, s.index),
             "state": s.state,
-            "exit_code": s.exit_code,
+            "exit_code": (!s.start_failed).then_some(s.exit_code),
+            "start_failed": s.start_failed,
             "log_tail": s.log_tail,
             "log_kept": s.log_kept,
         })),

@@ -278,6 +278,7 @@ pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
         resources: Some(resources_to_pb(o.resources)),
         log_tail: String::new(),
         generation: o.generation,
+        start_failed: false,
     }
 }
 
@@ -337,6 +338,7 @@ pub fn status_start_failed(
         resources: Some(resources_to_pb(resources)),
         log_tail: String::new(),
         generation,
+        start_failed: true,
     }
 }
 

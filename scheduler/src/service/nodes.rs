@@ -278,6 +278,11 @@ impl NodeApi for NodesService {
         let mut outcomes = Vec::new();
         for u in &req.updates {
             let state = state_of(&u.state)?;
+            let exit_code = if u.start_failed {
+                crate::runs::EXIT_NOT_RUN
+            } else {
+                u.exit_code
+            };
             if state.is_terminal() && (!u.log_tail.is_empty() || !u.message.is_empty()) {
                 outcomes.push(OutcomeReport {
                     node: req.node_id.clone(),
@@ -285,7 +290,7 @@ impl NodeApi for NodesService {
                     index: u.index,
                     generation: u.generation,
                     state,
-                    exit_code: u.exit_code,
+                    exit_code,
                     message: outcomes::head(&u.message, outcomes::MESSAGE_BYTES_MAX).to_owned(),
                     log_tail: outcomes::tail(&u.log_tail, outcomes::TAIL_BYTES_MAX).to_owned(),
                 });
@@ -295,7 +300,7 @@ impl NodeApi for NodesService {
                 u.index,
                 u.generation,
                 state,
-                u.exit_code,
+                exit_code,
                 resources(u.resources),
             ));
         }

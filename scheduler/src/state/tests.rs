@@ -911,3 +911,27 @@ proptest! {
         }
     }
 }
+
+/// A sandbox whose command never ran carries no exit code: its run records `EXIT_NOT_RUN`, and
+/// the wire says `start_failed` with exit code 0, per sandbox and in the job's exit summary.
+#[test]
+fn a_sandbox_that_never_started_has_no_exit_code() {
+    use crate::runs::EXIT_NOT_RUN;
+    let mut s = ClusterState::default();
+    let job = placed_on_a(&mut s, 2);
+    let reports = vec![
+        range(0, 1, SandboxState::Failed, EXIT_NOT_RUN),
+        range(1, 1, SandboxState::Failed, 0),
+    ];
+    apply(&mut s, 4, Command::ReportStatus { reports, at_ms: 5 });
+    let j = &s.jobs[&job];
+    let never = crate::convert::sandbox_to_pb(j, 0).expect("sandbox 0");
+    assert!(never.start_failed, "{never:?}");
+    assert_eq!(never.exit_code, 0);
+    let ran = crate::convert::sandbox_to_pb(j, 1).expect("sandbox 1");
+    assert!(!ran.start_failed, "{ran:?}");
+    let exits = crate::convert::exits_of(j);
+    assert_eq!(exits.len(), 2, "{exits:?}");
+    assert!(exits.iter().any(|e| e.start_failed && e.exit_code == 0));
+    assert!(exits.iter().any(|e| !e.start_failed && e.exit_code == 0));
+}
