@@ -152,7 +152,8 @@ pub fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
 }
 
 fn parse_bug(s: &str) -> Result<surge_chaos::sim::InjectedBug, String> {
-    s.parse().map_err(|e: surge_chaos::sim::SimError| e.to_string())
+    s.parse()
+        .map_err(|e: surge_chaos::sim::SimError| e.to_string())
 }
 
 /// `surge chaos sim`: sweep the seeds on a blocking thread (each seed builds its own
