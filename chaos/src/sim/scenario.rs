@@ -693,7 +693,7 @@ impl Sim {
     fn inject(&self, bug: InjectedBug) {
         match bug {
             // Planted in the leader's core at start (`CoreConfig::planted`).
-            InjectedBug::StaleQuietPlanner => {}
+            InjectedBug::StaleQuietPlanner | InjectedBug::NodeOversizedStarts => {}
             InjectedBug::LoseAcknowledgedJob => {
                 // Corrupt replica 2's state behind Raft's back: drop the first acknowledged job.
                 let Some(job) = lock(&self.acked).first().copied() else {

@@ -30,7 +30,7 @@ use super::owner::{own, OwnerCommand, OwnerContext, OWNER_INBOX_MAX, STOP_SLACK_
 use super::report::ReportEvent;
 use super::view::View;
 use super::NodeConfig;
-use crate::reconcile::{reconcile, Action, ObservedSandbox, ObservedState, SandboxId};
+use crate::reconcile::{reconcile, Action, ObservedSandbox, ObservedState, Resources, SandboxId};
 use crate::runtime::sim::SimRuntime;
 use crate::runtime::{Runtime, StartRequest};
 
@@ -55,6 +55,13 @@ pub(super) enum Hands<R> {
     Fleet(Fleet),
 }
 
+/// A bug planted in the node core on purpose, for the simulator alone: a sweep must catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePlantedBug {
+    /// Sandboxes start with twice the resources the scheduler assigned (and report them).
+    OversizedStarts,
+}
+
 /// One node's decision state: see the module docs.
 pub struct NodeCore<R> {
     config: NodeConfig,
@@ -66,6 +73,7 @@ pub struct NodeCore<R> {
     /// sandbox as already ended, so it does not ask again while the grace period runs.
     stopping: HashMap<SandboxId, (u64, Instant)>,
     gauges: Arc<Mutex<NodeGauges>>,
+    planted: Option<NodePlantedBug>,
 }
 
 impl NodeCore<SimRuntime> {
@@ -110,7 +118,13 @@ impl<R: Runtime> NodeCore<R> {
             hands,
             stopping: HashMap::new(),
             gauges,
+            planted: None,
         }
+    }
+
+    /// Plant `bug` (the simulator's `--inject`; never set by the real daemon).
+    pub fn plant(&mut self, bug: NodePlantedBug) {
+        self.planted = Some(bug);
     }
 
     /// Fold one assignments message into the desired set (entries this node cannot understand
@@ -220,6 +234,13 @@ impl<R: Runtime> NodeCore<R> {
                 spec,
                 resources,
             } => {
+                let resources = match self.planted {
+                    Some(NodePlantedBug::OversizedStarts) => Resources {
+                        cpu_millis: resources.cpu_millis.saturating_mul(2),
+                        memory_mib: resources.memory_mib.saturating_mul(2),
+                    },
+                    None => resources,
+                };
                 view.upsert(ObservedSandbox {
                     id,
                     generation,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use surge_node::agent::node_core::NodeCore;
+use surge_node::agent::node_core::{NodeCore, NodePlantedBug};
 use surge_node::agent::report::{Outbox, ReportEvent, REPORT_BATCH_MAX};
 use surge_node::agent::{AgentError, NodeConfig, NodeMetrics};
 use surge_node::runtime::sim::{SimProfile, SimRuntime};
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::{lock, node_spec, samples, ProposeError, Sim, ATTEMPTS_MAX, NODE_TICK_MS, SAMPLE_TICK};
 use crate::history::{EventType, Op, Process, SandboxHolders};
+use crate::sim::InjectedBug;
 
 /// How long a simulated sandbox runs by itself (simulated milliseconds, drawn per start).
 const SANDBOX_RUN_MS: (u64, u64) = (500, 4_000);
@@ -123,8 +124,12 @@ impl SimNode {
         };
         let config = NodeConfig::new(node, allocatable);
         let metrics = Arc::new(NodeMetrics::new()?);
+        let mut core = NodeCore::simulated(config, Arc::new(runtime), metrics);
+        if sim.cfg.inject == Some(InjectedBug::NodeOversizedStarts) {
+            core.plant(NodePlantedBug::OversizedStarts);
+        }
         Ok(SimNode {
-            core: NodeCore::simulated(config, Arc::new(runtime), metrics),
+            core,
             outbox: Outbox::default(),
         })
     }
