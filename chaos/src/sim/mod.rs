@@ -6,7 +6,7 @@
 //!   │ replica 1..3: openraft::Raft + surge_raft::store (RocksDB on tmpfs)              │
 //!   │               + surge_scheduler::ClusterState       ◄── net::SimNetwork ──►      │
 //!   │               + surge_scheduler::leader::Leader (the production shell and core)  │
-//!   │ node daemons (register, run assignments, report)    clients (submit, cancel)     │
+//!   │ node daemons: surge_node NodeCore + Fleet           clients (submit, cancel)     │
 //!   │ fault schedule (crash/restart, partitions, loss, daemons leaving)   sampler      │
 //!   └──────────────────── every decision drawn from World's one SimRng ────────────────┘
 //!        history ──► crate::checker::check_all        network + final states ──► digest
@@ -22,6 +22,15 @@
 //! batching), through a `leader::Host` over the simulated replica whose clock is the paused
 //! tokio clock. Bugs planted in that core (`InjectedBug::StaleQuietPlanner`) are thus bugs of
 //! the code that ships.
+//!
+//! **So are the node daemons.** Each runs `surge_node::agent::node_core::NodeCore`, the part of
+//! the real node agent that turns the desired set into reconciler actions, over the simulated
+//! fleet and runtime (`scenario/tasks.rs`, `SimNode`): the assignments come from the leader's
+//! applied state as `WatchAssignments` would send them, sandbox ends from the fleet's timer
+//! queue on the paused clock, status reports through the real reporter's `Outbox` to the
+//! leader's report batcher. How long a sandbox runs and whether it fails are drawn from the
+//! seed when it starts. A bug planted in that core (`InjectedBug::NodeOversizedStarts`) is a
+//! bug of the shipped node code.
 //!
 //! **Sources of nondeterminism and what is done about each.**
 //! - Time: only tokio's clock is read, and it is paused; surge code under test takes its clock
@@ -78,13 +87,17 @@ pub enum InjectedBug {
     /// The leader's planner (the production core, `surge_scheduler::leader::core`) keeps a
     /// quiet queue quiet after the capacity changed: jobs that waited stay pending.
     StaleQuietPlanner,
+    /// The node core (the production `surge_node::agent::node_core`) starts sandboxes with twice
+    /// the resources assigned, and reports them: nodes end up allocated beyond what they offer.
+    NodeOversizedStarts,
 }
 
 impl InjectedBug {
     /// Every bug, for `--inject`.
-    pub const ALL: [InjectedBug; 2] = [
+    pub const ALL: [InjectedBug; 3] = [
         InjectedBug::LoseAcknowledgedJob,
         InjectedBug::StaleQuietPlanner,
+        InjectedBug::NodeOversizedStarts,
     ];
 
     /// The name `--inject` takes.
@@ -92,6 +105,7 @@ impl InjectedBug {
         match self {
             InjectedBug::LoseAcknowledgedJob => "lose-acknowledged-job",
             InjectedBug::StaleQuietPlanner => "stale-quiet-planner",
+            InjectedBug::NodeOversizedStarts => "node-oversized-starts",
         }
     }
 }

@@ -100,8 +100,8 @@ impl leader::Host for SimHost {
 
 struct Daemon {
     up: bool,
-    /// Sandboxes this daemon runs: (job, index, generation) -> simulated time it ends.
-    running: BTreeMap<(u64, u32, u64), u64>,
+    /// Sandboxes the daemon's node core holds alive (what its heartbeat says).
+    sandboxes: u32,
 }
 
 pub(super) struct Sim {
@@ -202,7 +202,7 @@ impl Sim {
                     node_id(i),
                     Daemon {
                         up: true,
-                        running: BTreeMap::new(),
+                        sandboxes: 0,
                     },
                 )
             })
@@ -389,9 +389,7 @@ impl Sim {
     /// one replica, which forwards it to the leader; recording it everywhere is the simpler
     /// equivalent: only the leader acts on it).
     fn heartbeat(&self, node: &str) {
-        let running = lock(&self.daemons)
-            .get(node)
-            .map_or(0, |d| u32::try_from(d.running.len()).unwrap_or(u32::MAX));
+        let running = lock(&self.daemons).get(node).map_or(0, |d| d.sandboxes);
         let leaders: Vec<Arc<Leader<SimHost>>> = lock(&self.replicas)
             .values()
             .map(|r| r.leader.clone())
@@ -557,7 +555,7 @@ impl Sim {
                         match d.get_mut(&node) {
                             Some(daemon) if daemon.up => {
                                 daemon.up = false;
-                                daemon.running.clear();
+                                daemon.sandboxes = 0;
                                 true
                             }
                             _ => false,
@@ -695,7 +693,7 @@ impl Sim {
     fn inject(&self, bug: InjectedBug) {
         match bug {
             // Planted in the leader's core at start (`CoreConfig::planted`).
-            InjectedBug::StaleQuietPlanner => {}
+            InjectedBug::StaleQuietPlanner | InjectedBug::NodeOversizedStarts => {}
             InjectedBug::LoseAcknowledgedJob => {
                 // Corrupt replica 2's state behind Raft's back: drop the first acknowledged job.
                 let Some(job) = lock(&self.acked).first().copied() else {

@@ -34,6 +34,20 @@ fn a_stale_quiet_planner_in_the_leader_core_fails_the_sweep() {
 }
 
 #[test]
+fn oversized_starts_in_the_node_core_fail_the_sweep() {
+    let cfg = SimConfig {
+        inject: Some(InjectedBug::NodeOversizedStarts),
+        ..SimConfig::default()
+    };
+    let (dirty, checkers) = failed(&cfg);
+    assert!(!dirty.is_empty(), "the planted node bug went unnoticed");
+    assert!(
+        checkers.iter().any(|c| c == "no_overcommit"),
+        "doubled reservations show as overcommitted nodes: {checkers:?}"
+    );
+}
+
+#[test]
 fn bugs_parse_by_their_replay_names() {
     for bug in InjectedBug::ALL {
         let parsed: InjectedBug = bug.name().parse().expect("a known name");

@@ -16,6 +16,10 @@
 //! and [`NodeMetrics`], then `NodeAgent::new(..).run(stop)`. `surge node` does this through
 //! [`run_daemon`], once per node (`--simulate N` runs N of them in one process).
 //!
+//! The loop's decisions live in [`node_core::NodeCore`] (desired set, view, one reconcile pass at
+//! an explicit `now`, the hands that carry actions out); this file wires it to the session, the
+//! reporter and the clock. The deterministic simulator (`surge-chaos`) drives the same type.
+//!
 //! The rules that keep it safe:
 //! * **Restart-proof.** On start the agent lists the runtime and re-adopts what still runs. It
 //!   changes nothing until the first *full* desired set arrives; then the reconciler stops what
@@ -40,17 +44,17 @@ pub mod daemon;
 pub mod fleet;
 pub mod heartbeats;
 pub mod metrics;
+pub mod node_core;
 pub mod owner;
 pub mod report;
 pub mod view;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use surge_proto::node as pn;
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use config::{DaemonConfig, RuntimeChoice, RuntimeFlag};
@@ -58,17 +62,16 @@ pub use connection::Replicas;
 pub use daemon::run_daemon;
 pub use metrics::NodeMetrics;
 
-use crate::reconcile::{
-    reconcile, Action, ObservedSandbox, ObservedState, ReconcilePolicy, Resources, SandboxId,
-};
+use crate::reconcile::{ReconcilePolicy, Resources};
 use crate::runtime::sim::SimRuntime;
-use crate::runtime::{MemoryGrowthPolicy, MemoryHeadroom, Runtime, RuntimeError, StartRequest};
+use crate::runtime::{MemoryGrowthPolicy, MemoryHeadroom, Runtime, RuntimeError};
 use crate::template::TemplateError;
 use connection::{Session, ASSIGNMENTS_QUEUE_MAX, CALL_TIMEOUT_MS};
-use convert::{resources_to_pb, status_from_observed, DesiredSet};
+use convert::{resources_to_pb, status_from_observed};
 use fleet::Fleet;
-use metrics::{GaugeValues, NodeGauges};
-use owner::{own, OwnerCommand, OwnerContext, OWNER_INBOX_MAX, STOP_SLACK_MS};
+use metrics::NodeGauges;
+use node_core::{Hands, NodeCore};
+use owner::OwnerContext;
 use report::{ReportEvent, Reporter, REPORT_QUEUE_MAX};
 use view::View;
 
@@ -79,8 +82,6 @@ pub const RESYNC_INTERVAL_MS: u64 = 1_000;
 pub const TEMPLATE_RESCAN_INTERVAL_MS: u64 = 2_000;
 /// ... and at most once per this interval, however many changes arrive (coalescing).
 pub const PASS_INTERVAL_MIN_MS: u64 = 10;
-/// Exit code a stopping sandbox is assumed to end with until its owner reports (SIGTERM).
-const STOPPING_EXIT_CODE: i32 = 128 + 15;
 /// Control messages queued for the reporter (connect, disconnect).
 const REPORTER_CONTROL_MAX: usize = 4;
 
@@ -197,11 +198,6 @@ impl NodeConfig {
     }
 }
 
-struct OwnerHandle {
-    inbox: mpsc::Sender<OwnerCommand>,
-    task: JoinHandle<()>,
-}
-
 /// One node: see the module docs.
 pub struct NodeAgent<R> {
     config: NodeConfig,
@@ -210,32 +206,6 @@ pub struct NodeAgent<R> {
     metrics: Arc<NodeMetrics>,
     /// `Some`: a simulated node whose actions the fleet carries out (no task per sandbox).
     fleet: Option<Arc<SimRuntime>>,
-}
-
-/// Who carries out the reconciler's actions.
-enum Hands<R> {
-    /// One owner task per sandbox (`owner.rs`): every real runtime.
-    Owners {
-        ctx: Arc<OwnerContext<R>>,
-        owners: HashMap<SandboxId, OwnerHandle>,
-        /// Owners told to finish (after a final `Forget`); a successor for the id waits for them.
-        retiring: HashMap<SandboxId, JoinHandle<()>>,
-    },
-    /// The simulated fleet (`fleet.rs`): commands carried out at once, ends from one timer queue.
-    Fleet(Fleet),
-}
-
-/// The agent loop's state.
-struct Agent<R> {
-    config: NodeConfig,
-    metrics: Arc<NodeMetrics>,
-    view: Arc<View>,
-    desired: DesiredSet,
-    hands: Hands<R>,
-    /// Stops handed to owners: `(generation, until)`. Until then the reconciler sees the
-    /// sandbox as already ended, so it does not ask again while the grace period runs.
-    stopping: HashMap<SandboxId, (u64, Instant)>,
-    gauges: Arc<Mutex<NodeGauges>>,
 }
 
 impl NodeAgent<SimRuntime> {
@@ -367,15 +337,7 @@ impl<R: Runtime> NodeAgent<R> {
             },
         };
         let resync_interval = config.resync_interval;
-        let mut agent = Agent {
-            config,
-            metrics: metrics.clone(),
-            view: view.clone(),
-            desired: DesiredSet::default(),
-            hands,
-            stopping: HashMap::new(),
-            gauges,
-        };
+        let mut agent = NodeCore::new(config, metrics.clone(), view.clone(), hands, gauges);
 
         let mut resync = tokio::time::interval(resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -385,13 +347,13 @@ impl<R: Runtime> NodeAgent<R> {
         let result = loop {
             // The fleet's reports go to the reporter in order; it drains its queue while it
             // sends, so this wait is short.
-            for event in agent.hands.take_events() {
+            for event in agent.take_events() {
                 if report_tx.send(event).await.is_err() {
                     break;
                 }
             }
-            let ready = dirty && agent.desired.is_complete();
-            let due = agent.hands.due();
+            let ready = dirty && agent.is_complete();
+            let due = agent.due();
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break Ok(()),
@@ -405,18 +367,13 @@ impl<R: Runtime> NodeAgent<R> {
                             reason: "the scheduler session task ended".into(),
                         });
                     };
-                    let applied = agent.desired.apply(&a);
-                    for e in &applied.rejected {
-                        tracing::error!(node = %node_id, error = %e, "assignment ignored");
-                    }
-                    tracing::debug!(node = %node_id, revision = a.revision, full = a.full,
-                        upserted = applied.upserted, removed = applied.removed, "assignments");
+                    agent.apply(&a);
                     dirty = true;
                 }
                 () = view.changed.notified() => dirty = true,
                 _ = resync.tick() => dirty = true,
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    agent.hands.tick(Instant::now());
+                    agent.tick(Instant::now());
                 }
                 () = tokio::time::sleep_until(next_pass_at), if ready => {
                     // The loop reads the clock once per pass; the pass decides on that reading.
@@ -429,15 +386,13 @@ impl<R: Runtime> NodeAgent<R> {
 
         // Leave the sandboxes running; a new agent re-adopts them. Owners are cut off mid-call,
         // as a crash would, which the runtimes tolerate (their state is on disk or in memory).
-        agent.hands.abort();
+        agent.abort();
         session.abort();
         reporter.abort();
         if let Some(r) = rescan {
             r.abort();
         }
-        if let Ok(mut g) = agent.gauges.lock() {
-            g.clear(&metrics);
-        }
+        agent.clear_gauges();
         result
     }
 }
@@ -478,303 +433,4 @@ async fn rescan_templates(
             Err(e) => tracing::warn!(node = %node_id, error = %e, "listing templates panicked"),
         }
     }
-}
-
-impl<R: Runtime> Agent<R> {
-    /// One reconcile pass at `now` (stop deadlines and start decisions are stamped with it);
-    /// returns whether another is needed right away (starts were capped).
-    fn pass(&mut self, now: Instant) -> bool {
-        let mut observed = self.view.snapshot();
-        // The snapshot is in id order: each stop in progress is looked up, not searched for.
-        self.stopping.retain(|id, (generation, until)| {
-            *until > now
-                && observed.binary_search_by_key(id, |o| o.id).is_ok_and(|i| {
-                    let o = &observed[i];
-                    o.generation == *generation && !o.state.is_terminal()
-                })
-        });
-        for o in &mut observed {
-            o.owned = self.hands.owns(o.id);
-            if self
-                .stopping
-                .get(&o.id)
-                .is_some_and(|(g, _)| *g == o.generation)
-            {
-                o.state = ObservedState::Exited {
-                    code: STOPPING_EXIT_CODE,
-                };
-            }
-        }
-        let actions = reconcile(self.desired.iter(), &observed, &self.config.policy);
-        let starts = actions
-            .iter()
-            .filter(|a| matches!(a, Action::Start { .. }))
-            .count();
-        let mut forgotten = HashSet::new();
-        for action in actions {
-            let id = action.id();
-            if matches!(action, Action::Start { .. }) {
-                forgotten.remove(&id);
-            }
-            if self.dispatch(action, now) == Dispatched::Forget {
-                forgotten.insert(id);
-            }
-        }
-        for id in forgotten {
-            self.hands.retire(id);
-        }
-        self.update_gauges();
-        starts >= self.config.policy.starts_max_per_pass
-    }
-
-    fn dispatch(&mut self, action: Action, now: Instant) -> Dispatched {
-        let view = self.view.clone();
-        match action {
-            Action::Start {
-                id,
-                generation,
-                revision,
-                spec,
-                resources,
-            } => {
-                view.upsert(ObservedSandbox {
-                    id,
-                    generation,
-                    revision,
-                    state: ObservedState::Starting,
-                    resources,
-                    owned: true,
-                });
-                let req = StartRequest {
-                    id,
-                    generation,
-                    revision,
-                    spec,
-                    resources,
-                };
-                let cmd = OwnerCommand::Start {
-                    req,
-                    decided_at: now,
-                };
-                if !self.send(id, cmd) {
-                    // Not handed over: let the next pass decide again.
-                    view.remove(id, generation);
-                }
-                Dispatched::Other
-            }
-            Action::Adopt { id } => {
-                if !self.hands.owns(id) {
-                    self.send(id, OwnerCommand::Adopt);
-                }
-                Dispatched::Other
-            }
-            Action::Forget { id } => {
-                let Some(o) = view.get(id) else {
-                    return Dispatched::Other;
-                };
-                if self.send(
-                    id,
-                    OwnerCommand::Forget {
-                        generation: o.generation,
-                    },
-                ) {
-                    view.remove(id, o.generation);
-                    Dispatched::Forget
-                } else {
-                    Dispatched::Other
-                }
-            }
-            Action::Stop {
-                id,
-                grace_ms,
-                reason,
-            } => {
-                let generation = view.get(id).map(|o| o.generation);
-                if self.send(id, OwnerCommand::Stop { grace_ms, reason }) {
-                    if let Some(g) = generation {
-                        let until =
-                            now + Duration::from_millis(grace_ms.saturating_add(STOP_SLACK_MS));
-                        self.stopping.insert(id, (g, until));
-                    }
-                }
-                Dispatched::Other
-            }
-            Action::Pause { id } | Action::Resume { id } => {
-                let pause = matches!(action, Action::Pause { .. });
-                let cmd = if pause {
-                    OwnerCommand::Pause
-                } else {
-                    OwnerCommand::Resume
-                };
-                if self.send(id, cmd) {
-                    if let Some(o) = view.get(id) {
-                        view.update(id, o.generation, |o| {
-                            o.state = if pause {
-                                ObservedState::Paused
-                            } else {
-                                ObservedState::Running
-                            }
-                        });
-                    }
-                }
-                Dispatched::Other
-            }
-            Action::Resize {
-                id,
-                resources,
-                revision,
-            } => {
-                if self.send(
-                    id,
-                    OwnerCommand::Resize {
-                        resources,
-                        revision,
-                    },
-                ) {
-                    if let Some(o) = view.get(id) {
-                        view.update(id, o.generation, |o| {
-                            o.resources = resources;
-                            o.revision = revision;
-                        });
-                    }
-                }
-                Dispatched::Other
-            }
-        }
-    }
-
-    /// Hand `cmd` to the sandbox's owner, starting one if there is none. `false`: not handed over
-    /// (the owner's inbox is full; the next pass decides again).
-    fn send(&mut self, id: SandboxId, cmd: OwnerCommand) -> bool {
-        self.hands.send(&self.config.node_id, id, cmd)
-    }
-
-    fn update_gauges(&self) {
-        let mut v = GaugeValues {
-            cpu_allocatable_millis: i64::try_from(self.config.allocatable.cpu_millis)
-                .unwrap_or(i64::MAX),
-            memory_allocatable_mib: i64::try_from(self.config.allocatable.memory_mib)
-                .unwrap_or(i64::MAX),
-            ..Default::default()
-        };
-        self.view.for_each(|o| {
-            // The states a report would name (`status_from_observed`), and "starting".
-            let state = match &o.state {
-                ObservedState::Starting => "starting",
-                ObservedState::Running => "running",
-                ObservedState::Paused => "paused",
-                ObservedState::Exited { code: 0 } => "succeeded",
-                ObservedState::OomKilled => "oom-killed",
-                ObservedState::Exited { .. } | ObservedState::Failed { .. } => "failed",
-            };
-            *v.sandboxes.entry(state).or_default() += 1;
-            if !o.state.is_terminal() {
-                v.cpu_allocated_millis += i64::try_from(o.resources.cpu_millis).unwrap_or(0);
-                v.memory_allocated_mib += i64::try_from(o.resources.memory_mib).unwrap_or(0);
-            }
-        });
-        if let Ok(mut g) = self.gauges.lock() {
-            g.set_allocation(&self.metrics, v);
-        }
-    }
-}
-
-impl<R: Runtime> Hands<R> {
-    fn owns(&self, id: SandboxId) -> bool {
-        match self {
-            Hands::Owners { owners, .. } => owners.contains_key(&id),
-            Hands::Fleet(f) => f.owns(id),
-        }
-    }
-
-    /// Hand `cmd` over (see [`Agent::send`]).
-    fn send(&mut self, node_id: &str, id: SandboxId, cmd: OwnerCommand) -> bool {
-        let (ctx, owners, retiring) = match self {
-            Hands::Fleet(f) => {
-                f.execute(id, cmd);
-                return true;
-            }
-            Hands::Owners {
-                ctx,
-                owners,
-                retiring,
-            } => (ctx, owners, retiring),
-        };
-        let cmd = match owners.get(&id) {
-            Some(h) => match h.inbox.try_send(cmd) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(cmd)) => {
-                    tracing::debug!(node = %node_id, sandbox = %id, command = ?cmd,
-                        "owner busy; deciding again on the next pass");
-                    return false;
-                }
-                // The owner ended (it panicked): replace it.
-                Err(mpsc::error::TrySendError::Closed(cmd)) => {
-                    owners.remove(&id);
-                    cmd
-                }
-            },
-            None => cmd,
-        };
-        let (tx, rx) = mpsc::channel(OWNER_INBOX_MAX);
-        let predecessor = retiring.remove(&id);
-        let task = tokio::spawn(own(ctx.clone(), id, predecessor, cmd, rx));
-        owners.insert(id, OwnerHandle { inbox: tx, task });
-        true
-    }
-
-    /// The sandbox was forgotten: its owner finishes its queue, then ends.
-    fn retire(&mut self, id: SandboxId) {
-        if let Hands::Owners {
-            owners, retiring, ..
-        } = self
-        {
-            if let Some(h) = owners.remove(&id) {
-                drop(h.inbox);
-                retiring.insert(id, h.task);
-            }
-            retiring.retain(|_, t| !t.is_finished());
-        }
-    }
-
-    fn take_events(&mut self) -> Vec<ReportEvent> {
-        match self {
-            Hands::Fleet(f) => f.take_events(),
-            Hands::Owners { .. } => Vec::new(),
-        }
-    }
-
-    fn due(&self) -> Option<Instant> {
-        match self {
-            Hands::Fleet(f) => f.due(),
-            Hands::Owners { .. } => None,
-        }
-    }
-
-    fn tick(&mut self, now: Instant) {
-        if let Hands::Fleet(f) = self {
-            f.tick(now);
-        }
-    }
-
-    /// Cut every owner off (the daemon stops; sandboxes are left running).
-    fn abort(&mut self) {
-        if let Hands::Owners {
-            owners, retiring, ..
-        } = self
-        {
-            for (_, h) in owners.drain() {
-                h.task.abort();
-            }
-            for (_, t) in retiring.drain() {
-                t.abort();
-            }
-        }
-    }
-}
-
-#[derive(PartialEq, Eq)]
-enum Dispatched {
-    Forget,
-    Other,
 }
