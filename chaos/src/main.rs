@@ -276,18 +276,15 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
 /// `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 60s, 2m, 500ms)"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    // A bare number is seconds, as it always was here; anything else is humantime's syntax.
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too large"));
     }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 60s, 2m, 500ms, 1h30m): {e}"))
 }
 
 /// Container nodes of a run where the host can run them and `--container-nodes` is not given.
@@ -301,11 +298,7 @@ fn kinds_spec(kinds: &[FaultKind]) -> String {
 }
 
 fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
+    humantime::format_duration(d).to_string().replace(' ', "")
 }
 
 fn replay(args: &ChaosArgs, seed: u64, kinds: &[FaultKind], container_nodes: u32) -> String {
@@ -517,6 +510,20 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("7 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn durations_round_trip_through_the_replay_line() {
+        for d in [
+            Duration::from_secs(90),
+            Duration::from_millis(1500),
+            Duration::from_secs(3600),
+            Duration::from_secs(5400),
+        ] {
+            let text = format_duration(d);
+            assert!(!text.contains(' '), "{text}");
+            assert_eq!(parse_duration(&text), Ok(d), "{text}");
+        }
     }
 
     #[test]

@@ -9,7 +9,93 @@ use crate::runs::SandboxState;
 
 pub type JobId = u64;
 
-pub use crate::placement::{Attribute, Constraint, Operator, Resources, Strategy};
+pub use crate::placement::{Attribute, Constraint, Operator, Strategy};
+
+/// CPU and memory. CPU in thousandths of a core, memory in MiB.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_mib: u64,
+}
+
+impl Resources {
+    pub const ZERO: Resources = Resources {
+        cpu_millis: 0,
+        memory_mib: 0,
+    };
+
+    pub const fn new(cpu_millis: u64, memory_mib: u64) -> Self {
+        Resources {
+            cpu_millis,
+            memory_mib,
+        }
+    }
+
+    pub const fn is_zero(&self) -> bool {
+        self.cpu_millis == 0 && self.memory_mib == 0
+    }
+
+    pub const fn saturating_add(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
+            memory_mib: self.memory_mib.saturating_add(other.memory_mib),
+        }
+    }
+
+    pub const fn saturating_sub(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_mib: self.memory_mib.saturating_sub(other.memory_mib),
+        }
+    }
+
+    pub fn checked_add(self, other: Resources) -> Option<Resources> {
+        Some(Resources {
+            cpu_millis: self.cpu_millis.checked_add(other.cpu_millis)?,
+            memory_mib: self.memory_mib.checked_add(other.memory_mib)?,
+        })
+    }
+
+    pub fn checked_sub(self, other: Resources) -> Option<Resources> {
+        Some(Resources {
+            cpu_millis: self.cpu_millis.checked_sub(other.cpu_millis)?,
+            memory_mib: self.memory_mib.checked_sub(other.memory_mib)?,
+        })
+    }
+
+    /// `self * n` per dimension, saturating.
+    pub const fn saturating_mul(self, n: u64) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_mul(n),
+            memory_mib: self.memory_mib.saturating_mul(n),
+        }
+    }
+
+    /// True when `self` fits inside `capacity` in every dimension.
+    pub const fn fits_in(&self, capacity: &Resources) -> bool {
+        self.cpu_millis <= capacity.cpu_millis && self.memory_mib <= capacity.memory_mib
+    }
+
+    /// How many copies of `per` fit in `self`. A zero dimension of `per` does not limit; if `per` is zero
+    /// in both dimensions the answer is `u64::MAX` (callers bound it by caps or reject such requests).
+    pub const fn count_fitting(&self, per: &Resources) -> u64 {
+        let by_cpu = match self.cpu_millis.checked_div(per.cpu_millis) {
+            Some(n) => n,
+            None => u64::MAX,
+        };
+        let by_mem = match self.memory_mib.checked_div(per.memory_mib) {
+            Some(n) => n,
+            None => u64::MAX,
+        };
+        if by_cpu < by_mem {
+            by_cpu
+        } else {
+            by_mem
+        }
+    }
+}
 
 /// `1500` -> `"1.5"`, `500` -> `"0.5"`, `2000` -> `"2"`.
 pub fn format_cpu(cpu_millis: u64) -> String {

@@ -348,25 +348,20 @@ fn time_ms(ms: u64) -> String {
     if ms == 0 {
         return "-".to_string();
     }
-    let secs = ms / 1000;
-    let (d, rem) = (secs / 86_400, secs % 86_400);
-    // Days since the epoch to a civil date (Howard Hinnant's algorithm), UTC.
-    let z = d as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
+    let at = i128::from(ms) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(at) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{ms} ms after the epoch"),
+    }
 }
 
 /// `surge sandbox JOB.INDEX`: state, node, resources, exit code, times, output tail.
@@ -583,6 +578,14 @@ pub async fn quota(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_utc_dates_to_the_millisecond() {
+        assert_eq!(time_ms(0), "-");
+        assert_eq!(time_ms(1), "1970-01-01 00:00:00.001 UTC");
+        assert_eq!(time_ms(951_782_400_123), "2000-02-29 00:00:00.123 UTC");
+        assert_eq!(time_ms(1_796_169_600_000), "2026-12-02 00:00:00.000 UTC");
+    }
 
     #[test]
     fn watch_counts_every_terminal_state_as_done() {

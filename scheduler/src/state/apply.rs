@@ -473,7 +473,11 @@ impl ClusterState {
             if let Some(p) = paused {
                 run.paused = p;
             }
-            if let Some(r) = resources {
+            // A resize changes sandboxes that hold a node, the ones the fit check above
+            // counted. A pending sandbox is placed (and verified) at the job's size: resizing it
+            // here would book more than placement planned for and overcommit its node (found by
+            // `rejected_commands_change_nothing_and_invariants_hold`).
+            if let Some(r) = resources.filter(|_| run.state.is_active()) {
                 run.resources = r;
             }
             run.revision = index;
