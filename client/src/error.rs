@@ -53,9 +53,10 @@ impl ClientError {
             {
                 return ClientError::TlsUnexpected { addr };
             }
-            if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
-                return ClientError::Unreachable { addr };
-            }
+            // Whatever code the transport's failure got (unavailable, unknown, or "operation
+            // was canceled" when the connection dropped mid-handshake), no replica answered:
+            // the caller probes the port to tell a TLS mismatch from a dead replica.
+            return ClientError::Unreachable { addr };
         }
         match status.code() {
             tonic::Code::Unavailable => ClientError::Unavailable {

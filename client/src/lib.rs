@@ -118,7 +118,12 @@ impl Client {
     async fn fail(&self, addr: &str, status: tonic::Status) -> ClientError {
         let tls = self.creds.tls.is_some();
         let err = ClientError::from_status(addr, tls, status);
-        if let ClientError::Unreachable { .. } = err {
+        let ambiguous = matches!(err, ClientError::Unreachable { .. })
+            || matches!(
+                err.code(),
+                Some(tonic::Code::Cancelled | tonic::Code::Unknown)
+            );
+        if ambiguous {
             match (probe::speaks(addr).await, tls) {
                 (Some(probe::Speaks::Tls), false) => {
                     return ClientError::TlsRequired {
