@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
+use tokio::io::AsyncReadExt;
 
 /// Longest the probe takes, connect and answer together.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -42,7 +44,7 @@ pub async fn speaks(addr: &str) -> Option<Speaks> {
         .unwrap_or(addr);
     let ask = async {
         let mut s = tokio::net::TcpStream::connect(hostport).await.ok()?;
-        s.write_all(PREFACE).await.ok()?;
+        send_without_sigpipe(&s).await?;
         let mut buf = [0u8; 16];
         let mut got = 0;
         while got < 9 {
@@ -61,6 +63,26 @@ pub async fn speaks(addr: &str) -> Option<Speaks> {
         .await
         .ok()
         .flatten()
+}
+
+/// Send the preface with `MSG_NOSIGNAL`: a TLS server may close the connection before the
+/// write, and the CLI keeps SIGPIPE's default action (so `surge jobs | head` ends quietly), which
+/// a plain write to a closed socket would turn into a silent death with nothing said.
+async fn send_without_sigpipe(s: &tokio::net::TcpStream) -> Option<()> {
+    s.writable().await.ok()?;
+    let fd = s.as_raw_fd();
+    // SAFETY: `fd` is the open socket `s` owns for the whole call; the pointer and length
+    // describe the static PREFACE; send(2) only reads them. A fresh connection's send buffer
+    // takes the 33 bytes whole, so a short or would-block send is treated as "cannot tell".
+    let sent = unsafe {
+        libc::send(
+            fd,
+            PREFACE.as_ptr().cast(),
+            PREFACE.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    (usize::try_from(sent).ok() == Some(PREFACE.len())).then_some(())
 }
 
 #[cfg(test)]
