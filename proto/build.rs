@@ -11,9 +11,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/jobs.proto",
         "proto/node.proto",
         "proto/etcd.proto",
+        "proto/sandbox.proto",
     ];
     tonic_prost_build::configure()
         .btree_map(".")
+        // Exec output and file chunks pass through the replica's proxy without a copy.
+        .bytes(".surge.sandbox")
         .compile_protos(&protos, &["proto"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

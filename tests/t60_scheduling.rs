@@ -5,9 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use surge_client::open as client;
 use surge_proto::jobs as pb;
-use surge_proto::node::ListNodesRequest;
 
 fn spec(count: u32, cpu_millis: u64, priority: i32, gang: bool) -> pb::JobSpec {
     pb::JobSpec {
@@ -56,13 +54,11 @@ async fn wait_job(
 async fn wait_nodes_ready(addr: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let nodes = client::nodes(addr)
+        let nodes = surge_client::Client::open(addr)
             .expect("client")
-            .list_nodes(ListNodesRequest {})
+            .list_nodes()
             .await
-            .expect("list nodes")
-            .into_inner()
-            .nodes;
+            .expect("list nodes");
         if nodes.iter().filter(|n| n.state == "ready").count() >= n {
             return;
         }
@@ -95,13 +91,11 @@ async fn ten_thousand_sandboxes_land_on_fifty_nodes() {
     assert_eq!(j.state, "running");
     // No node holds more than it offers, and the job is spread over several nodes (bin-packing
     // fills nodes: 10,000 x 0.5 CPU needs at least 40 of them).
-    let nodes = client::nodes(&addr)
+    let nodes = surge_client::Client::open(&addr)
         .expect("client")
-        .list_nodes(ListNodesRequest {})
+        .list_nodes()
         .await
-        .expect("list")
-        .into_inner()
-        .nodes;
+        .expect("list");
     let mut used_nodes = 0;
     let mut total = 0;
     for n in &nodes {
@@ -192,13 +186,11 @@ async fn silent_node_is_marked_down_and_its_sandboxes_rescheduled() {
     // Past the TTL a-0 is down, and the 8 sandboxes run again on b-0.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let nodes = client::nodes(&addr)
+        let nodes = surge_client::Client::open(&addr)
             .expect("client")
-            .list_nodes(ListNodesRequest {})
+            .list_nodes()
             .await
-            .expect("list")
-            .into_inner()
-            .nodes;
+            .expect("list");
         let a = nodes.iter().find(|n| n.node_id == "a-0").expect("a-0");
         let b = nodes.iter().find(|n| n.node_id == "b-0").expect("b-0");
         let j = job(&addr, id).await;

@@ -213,12 +213,11 @@ async fn cluster_for(
 }
 
 async fn sandbox(addr: &str, job_id: u64, index: u32) -> pb::SandboxInfo {
-    client::jobs(addr)
+    surge_client::Client::open(addr)
         .expect("client")
-        .get_sandbox(pb::GetSandboxRequest { job_id, index })
+        .get_sandbox(job_id, index)
         .await
         .expect("get sandbox")
-        .into_inner()
 }
 
 fn dump(c: &LocalCluster, nodes: &[&Node]) {

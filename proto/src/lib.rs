@@ -4,6 +4,7 @@
 //! - [`cluster`]: status, membership, and the replicas' internal forwarding calls;
 //! - [`jobs`]: the batch job API (submit, get, list, cancel, watch);
 //! - [`node`]: the node daemon's API (register, heartbeat, assignments, status reports);
+//! - [`sandbox`]: exec and files of running sandboxes (clients -> replica -> node);
 //! - [`etcd`]: a few calls of etcd's v3 API, for the benchmark that compares surge with etcd.
 
 #![allow(clippy::all)]
@@ -22,6 +23,10 @@ pub mod jobs {
 
 pub mod node {
     tonic::include_proto!("surge.node");
+}
+
+pub mod sandbox {
+    tonic::include_proto!("surge.sandbox");
 }
 
 /// The subset of etcd's v3 API that `surge bench raft` drives for its side-by-side comparison.

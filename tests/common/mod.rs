@@ -149,27 +149,27 @@ pub async fn assert_all_present_once(addr: &str, acked: &BTreeMap<String, u64>) 
 }
 
 /// Submit one job; its id.
+/// Through the retrying client: a leader change mid-test (a busy CI machine) is waited out, as
+/// any client would.
 pub async fn submit_spec(addr: &str, spec: pb::JobSpec, key: &str) -> u64 {
-    client::jobs(addr)
+    surge_client::Client::open(addr)
         .expect("client")
-        .submit_job(pb::SubmitJobRequest {
+        .submit(pb::SubmitJobRequest {
             spec: Some(spec),
             idempotency_key: key.into(),
         })
         .await
         .expect("submit")
-        .into_inner()
         .job_id
 }
 
 /// One job as the replica at `addr` sees it.
 pub async fn get_job(addr: &str, id: u64) -> pb::Job {
-    client::jobs(addr)
+    surge_client::Client::open(addr)
         .expect("client")
-        .get_job(pb::GetJobRequest { job_id: id })
+        .get_job(id)
         .await
         .expect("get job")
-        .into_inner()
 }
 
 /// `surge` with arguments; its stdout, or a panic with its stderr.

@@ -72,6 +72,7 @@ use super::{
 use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
 pub mod crun;
+mod io;
 pub mod oci;
 
 use crun::Crun;

@@ -70,6 +70,7 @@ pub mod exec;
 pub mod exit;
 pub mod ffi;
 pub mod host;
+mod io;
 pub mod spawner;
 pub mod vm;
 

@@ -34,6 +34,7 @@ pub use crate::reconcile::{ObservedSandbox, ObservedState, Resources, SandboxId,
 
 pub mod cgroup;
 pub mod container;
+pub mod io;
 pub mod krun;
 pub mod sandbox_dir;
 pub mod sim;

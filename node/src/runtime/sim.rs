@@ -59,6 +59,8 @@ pub struct SimRuntime {
     sandboxes: Mutex<HashMap<SandboxId, SimSandbox>>,
     profile: Box<ProfileFn>,
     start_delay: Duration,
+    /// Exec and files ([`io`]).
+    io: io::SimIo,
 }
 
 #[derive(Debug)]
@@ -229,7 +231,14 @@ impl SimRuntime {
             sandboxes: Mutex::new(HashMap::new()),
             profile: Box::new(profile),
             start_delay: Duration::ZERO,
+            io: io::SimIo::default(),
         }
+    }
+
+    /// What every exec does: wait `delay`, print `stdout`, exit 0.
+    pub fn with_exec(mut self, delay: Duration, stdout: bytes::Bytes) -> Self {
+        self.io.exec = io::SimExec { delay, stdout };
+        self
     }
 
     /// Simulated start latency.
@@ -424,6 +433,8 @@ impl SimRuntime {
             });
         }
         map.remove(&id);
+        drop(map);
+        self.io.forget(id);
         Ok(())
     }
 
@@ -547,5 +558,6 @@ impl Runtime for SimRuntime {
     }
 }
 
+mod io;
 #[cfg(test)]
 mod tests;
