@@ -389,11 +389,15 @@ mod tests {
         s.timeout = Duration::ZERO;
         assert!(s
             .validate()
-            .unwrap_err()
+            .expect_err("an error")
             .to_string()
             .contains("timeout of 0"));
         s.timeout = Duration::from_secs(3 * 24 * 3600);
-        assert!(s.validate().unwrap_err().to_string().contains("longer"));
+        assert!(s
+            .validate()
+            .expect_err("an error")
+            .to_string()
+            .contains("longer"));
         let mut s = spec(&["true"]);
         s.env.insert("A=B".into(), "x".into());
         assert!(s.validate().is_err());
@@ -410,7 +414,7 @@ mod tests {
     fn archive_members_are_checked() {
         use std::path::Path;
         use tar::EntryType as T;
-        let ok = check_member(Path::new("./a/b.txt"), T::Regular).unwrap();
+        let ok = check_member(Path::new("./a/b.txt"), T::Regular).expect("ok");
         assert_eq!(
             ok,
             (vec!["a".to_string(), "b.txt".to_string()], MemberKind::File)

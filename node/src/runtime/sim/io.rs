@@ -495,7 +495,7 @@ mod tests {
             resources: Resources::default(),
         })
         .await
-        .unwrap();
+        .expect("ok");
         (rt, id)
     }
 
@@ -511,14 +511,14 @@ mod tests {
 
     async fn write(rt: &SimRuntime, id: SandboxId, path: &str, data: &'static [u8]) -> u64 {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from_static(data)).await.unwrap();
+        tx.send(Bytes::from_static(data)).await.expect("ok");
         drop(tx);
         let spec = WriteSpec {
             path: path.into(),
             mode: 0o644,
             make_parents: true,
         };
-        rt.write_file(id, spec, rx).await.unwrap()
+        rt.write_file(id, spec, rx).await.expect("ok")
     }
 
     async fn read(rt: &SimRuntime, id: SandboxId, path: &str) -> Result<Vec<u8>, IoError> {
@@ -531,7 +531,7 @@ mod tests {
             v
         });
         rt.read_file(id, path.into(), tx).await?;
-        Ok(got.await.unwrap())
+        Ok(got.await.expect("ok"))
     }
 
     #[tokio::test(start_paused = true)]
@@ -539,7 +539,7 @@ mod tests {
         let (rt, id) = running().await;
         let (_ctl, rx) = mpsc::channel(1);
         let (tx, mut out) = mpsc::channel(8);
-        let st = rt.exec(id, spec("true", 1000), rx, tx).await.unwrap();
+        let st = rt.exec(id, spec("true", 1000), rx, tx).await.expect("ok");
         assert_eq!((st.code, st.timed_out), (0, false));
         assert_eq!(
             out.recv().await,
@@ -547,7 +547,7 @@ mod tests {
         );
         let (_ctl, rx) = mpsc::channel(1);
         let (tx, _out) = mpsc::channel(8);
-        let st = rt.exec(id, spec("true", 1), rx, tx).await.unwrap();
+        let st = rt.exec(id, spec("true", 1), rx, tx).await.expect("ok");
         assert!(st.timed_out);
         assert_eq!(st.signal, Some(9));
         // A missing sandbox is named.
@@ -556,7 +556,7 @@ mod tests {
         let err = rt
             .exec(SandboxId::new(9, 9), spec("true", 1000), rx, tx)
             .await
-            .unwrap_err();
+            .expect_err("an error");
         assert!(matches!(err, IoError::NoSandbox(_)), "{err}");
     }
 
@@ -564,29 +564,32 @@ mod tests {
     async fn files_round_trip_and_stay_inside() {
         let (rt, id) = running().await;
         assert_eq!(write(&rt, id, "/work/a/b.txt", b"data").await, 4);
-        assert_eq!(read(&rt, id, "/work/a/b.txt").await.unwrap(), b"data");
+        assert_eq!(read(&rt, id, "/work/a/b.txt").await.expect("ok"), b"data");
         // `..` at the root stays at the root.
-        assert_eq!(read(&rt, id, "/../../work/a/b.txt").await.unwrap(), b"data");
+        assert_eq!(
+            read(&rt, id, "/../../work/a/b.txt").await.expect("ok"),
+            b"data"
+        );
         assert!(matches!(
-            read(&rt, id, "/nope").await.unwrap_err(),
+            read(&rt, id, "/nope").await.expect_err("an error"),
             IoError::NotFound { .. }
         ));
-        let listing = rt.list_dir(id, "/work/a".into()).await.unwrap();
+        let listing = rt.list_dir(id, "/work/a".into()).await.expect("ok");
         assert_eq!(listing.entries.len(), 1);
         assert_eq!(listing.entries[0].name, "b.txt");
         // A directory round trip through tar.
         let (tx, mut rx) = mpsc::channel(64);
-        rt.download(id, "/work".into(), tx).await.unwrap();
+        rt.download(id, "/work".into(), tx).await.expect("ok");
         let mut tarball = Vec::new();
         while let Some(c) = rx.recv().await {
             tarball.extend_from_slice(&c);
         }
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from(tarball)).await.unwrap();
+        tx.send(Bytes::from(tarball)).await.expect("ok");
         drop(tx);
-        let stats = rt.upload(id, "/copy".into(), rx).await.unwrap();
+        let stats = rt.upload(id, "/copy".into(), rx).await.expect("ok");
         assert_eq!(stats.files, 1);
-        assert_eq!(read(&rt, id, "/copy/a/b.txt").await.unwrap(), b"data");
+        assert_eq!(read(&rt, id, "/copy/a/b.txt").await.expect("ok"), b"data");
     }
 
     #[tokio::test(start_paused = true)]
@@ -596,8 +599,8 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_size(1);
         h.set_cksum();
-        b.append_data(&mut h, "ok.txt", &b"x"[..]).unwrap();
-        let mut raw = b.into_inner().unwrap();
+        b.append_data(&mut h, "ok.txt", &b"x"[..]).expect("ok");
+        let mut raw = b.into_inner().expect("ok");
         // A second member named ../escape (written by hand: the builder refuses such names).
         let mut h = tar::Header::new_gnu();
         h.as_old_mut().name[..9].copy_from_slice(b"../escape");
@@ -608,9 +611,12 @@ mod tests {
         raw.extend_from_slice(&[b'y'; 512]);
         raw.extend_from_slice(&[0; 1024]);
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Bytes::from(raw)).await.unwrap();
+        tx.send(Bytes::from(raw)).await.expect("ok");
         drop(tx);
-        let err = rt.upload(id, "/dst".into(), rx).await.unwrap_err();
+        let err = rt
+            .upload(id, "/dst".into(), rx)
+            .await
+            .expect_err("an error");
         assert!(err.to_string().contains(".."), "{err}");
         assert!(
             read(&rt, id, "/dst/ok.txt").await.is_err(),
