@@ -37,6 +37,7 @@
 //!   every `resync_interval` anyway; a command dropped because an inbox was full is simply
 //!   decided again on the next pass.
 
+pub mod activity;
 pub mod config;
 pub mod connection;
 pub mod convert;
