@@ -145,6 +145,22 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a command in a running sandbox (JOB.INDEX), streaming its output; exits with the
+    /// command's status (124 after --timeout, 128+N for signal N, 125 when surge failed).
+    Exec {
+        #[command(flatten)]
+        args: cli::io::ExecArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Copy a file or a directory into or out of a running sandbox:
+    /// `surge cp ./repo 12.0:/work/repo`, `surge cp 12.0:/work/out ./out`.
+    Cp {
+        #[command(flatten)]
+        args: cli::io::CpArgs,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Manage the root filesystems sandboxes boot from, on this node.
     Template {
         #[command(subcommand)]
@@ -309,6 +325,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Logs { sandbox, target } => {
             cli::client::logs(&client(&target)?, target.output, &sandbox).await
         }
+        Cmd::Exec { args, target } => {
+            let code = match client(&target) {
+                Ok(c) => cli::io::exec(&c, target.output, args).await,
+                Err(e) => Err(e),
+            };
+            let code = code.unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                cli::io::EXIT_SURGE_ERROR
+            });
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            std::process::exit(code);
+        }
+        Cmd::Cp { args, target } => cli::io::cp(&client(&target)?, target.output, args).await,
         Cmd::Template { action } => cli::template::run(action).await,
         Cmd::Drain { node, target } => {
             cli::client::drain(&client(&target)?, target.output, node).await

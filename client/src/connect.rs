@@ -6,6 +6,7 @@ use std::time::Duration;
 use surge_proto::cluster::cluster_client::ClusterClient;
 use surge_proto::jobs::jobs_client::JobsClient;
 use surge_proto::node::node_api_client::NodeApiClient;
+use surge_proto::sandbox::sandbox_io_client::SandboxIoClient;
 use surge_security::TlsDir;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -53,6 +54,21 @@ pub type Conn = InterceptedService<Channel, Bearer>;
 
 /// A lazily connected channel to `addr`, over mutual TLS when `creds` has a TLS dir.
 pub fn channel(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError> {
+    Ok(endpoint(addr, creds)?
+        .timeout(REQUEST_TIMEOUT)
+        .connect_lazy())
+}
+
+/// A channel for exec and files: no per-call timeout (an exec runs as long as its own timeout
+/// says; an upload as long as its bytes take), keepalive pings instead to notice a dead peer.
+pub fn io_channel(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError> {
+    Ok(endpoint(addr, creds)?
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect_lazy())
+}
+
+fn endpoint(addr: &str, creds: &Credentials) -> Result<Endpoint, ConnectError> {
     let uri = surge_security::tls::uri_for(addr, creds.tls.is_some());
     let mut endpoint =
         Endpoint::from_shared(uri).map_err(|_| ConnectError::BadAddress(addr.to_string()))?;
@@ -64,15 +80,28 @@ pub fn channel(addr: &str, creds: &Credentials) -> Result<Channel, ConnectError>
                 reason: e.to_string(),
             })?;
     }
-    Ok(endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy())
+    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
 }
 
 /// A channel to `addr` that adds the caller's token to every call.
 pub fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
+    Ok(InterceptedService::new(
+        channel(addr, creds)?,
+        bearer(creds)?,
+    ))
+}
+
+/// The exec and files API of the replica at `addr` (see [`io_channel`]).
+pub fn sandbox_io(addr: &str, creds: &Credentials) -> Result<SandboxIoClient<Conn>, ConnectError> {
+    Ok(SandboxIoClient::new(InterceptedService::new(
+        io_channel(addr, creds)?,
+        bearer(creds)?,
+    ))
+    .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(surge_proto::MESSAGE_BYTES_MAX))
+}
+
+fn bearer(creds: &Credentials) -> Result<Bearer, ConnectError> {
     let bearer = match &creds.token {
         None => Bearer(None),
         Some(t) => Bearer(Some(
@@ -81,7 +110,7 @@ pub fn conn(addr: &str, creds: &Credentials) -> Result<Conn, ConnectError> {
                 .map_err(|_| ConnectError::BadToken)?,
         )),
     };
-    Ok(InterceptedService::new(channel(addr, creds)?, bearer))
+    Ok(bearer)
 }
 
 /// The cluster API (status, membership) of the replica at `addr`.
@@ -123,5 +152,9 @@ pub mod open {
 
     pub fn nodes(addr: &str) -> Result<NodeApiClient<Conn>, ConnectError> {
         super::nodes(addr, NONE)
+    }
+
+    pub fn sandbox_io(addr: &str) -> Result<SandboxIoClient<Conn>, ConnectError> {
+        super::sandbox_io(addr, NONE)
     }
 }

@@ -20,6 +20,7 @@
 pub mod connect;
 pub mod convert;
 mod error;
+pub mod io;
 pub mod probe;
 
 use std::future::Future;
@@ -30,6 +31,7 @@ use surge_proto::cluster::{
 };
 use surge_proto::jobs as pb;
 use surge_proto::node as npb;
+use surge_proto::sandbox::sandbox_io_client::SandboxIoClient;
 
 pub use connect::{open, Conn, ConnectError, Credentials, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
 pub use convert::{Sandboxes, SubmitSpec};
@@ -50,6 +52,9 @@ pub const RETRY_WINDOW: Duration = Duration::from_secs(8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Repeat {
     Safe,
+    /// Again only when no replica was reached, so nothing can have happened (an exec whose
+    /// input is all in memory).
+    Unsent,
     Never,
 }
 
@@ -58,6 +63,9 @@ enum Repeat {
 pub struct Client {
     servers: Vec<String>,
     creds: Credentials,
+    /// One exec-and-files connection per replica, kept: an agent's loop of execs pays no
+    /// connection set-up per call.
+    io: Vec<SandboxIoClient<Conn>>,
 }
 
 impl Client {
@@ -81,12 +89,15 @@ impl Client {
             )));
         }
         // Check every address now, so a typo fails before the first call.
+        let mut io = Vec::with_capacity(list.len());
         for s in &list {
             connect::channel(s, &creds)?;
+            io.push(connect::sandbox_io(s, &creds)?);
         }
         Ok(Client {
             servers: list,
             creds,
+            io,
         })
     }
 
@@ -164,6 +175,7 @@ impl Client {
             // worth waiting for.
             let worth = match &err {
                 ClientError::Unreachable { .. } => self.servers.len() > 1,
+                _ if repeat == Repeat::Unsent => false,
                 e => e.is_retryable(),
             };
             if repeat == Repeat::Never
@@ -176,6 +188,22 @@ impl Client {
             tokio::time::sleep(backoff).await;
             backoff = backoff.saturating_mul(2).min(RETRY_BACKOFF_MAX);
         }
+    }
+
+    /// The exec and files client of the replica at `addr` (one of [`Client::servers`]).
+    fn io_at(&self, addr: &str) -> Result<SandboxIoClient<Conn>, tonic::Status> {
+        self.servers
+            .iter()
+            .position(|s| s == addr)
+            .map(|i| self.io[i].clone())
+            .ok_or_else(|| {
+                tonic::Status::invalid_argument(format!("{addr} is not a server of this client"))
+            })
+    }
+
+    /// A failure in the middle of a stream, as an error of this cluster.
+    fn answer(&self, status: tonic::Status) -> ClientError {
+        ClientError::from_status(&self.servers.join(","), self.creds.tls.is_some(), status)
     }
 
     fn jobs_at(&self, addr: &str) -> Result<pb::jobs_client::JobsClient<Conn>, tonic::Status> {

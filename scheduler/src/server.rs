@@ -10,6 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::http;
 use crate::service::guard::{Guard, GuardLayer};
+use crate::service::io_proxy::IoProxy;
 use crate::service::jobs::JobsService;
 use crate::service::nodes::NodesService;
 use crate::state::ClusterState;
@@ -137,6 +138,10 @@ pub async fn run(
         .map_err(|e| ServerError::Start(StartError::Metrics(e)))?;
     let (transport, cluster) = surge_raft::service::services(replica.clone());
     let jobs = Arc::new(JobsService::new(replica.clone()));
+    let io = Arc::new(IoProxy::new(
+        replica.clone(),
+        config.tls.as_ref().map(TlsDir::client_config),
+    ));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(tls.server_config())?;
@@ -154,6 +159,7 @@ pub async fn run(
                 .max_decoding_message_size(surge_proto::MESSAGE_BYTES_MAX),
         )
         .add_service(NodesService::new(replica.clone(), leader.clone()).into_server())
+        .add_service(io.clone().into_server_arc())
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
 

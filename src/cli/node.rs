@@ -57,6 +57,20 @@ pub struct NodeArgs {
     /// Exit code of a simulated sandbox.
     #[arg(long, default_value_t = 0)]
     sim_exit_code: i32,
+    /// How long a simulated exec takes.
+    #[arg(long, default_value_t = 1)]
+    sim_exec_ms: u64,
+    /// Bytes of output a simulated exec prints.
+    #[arg(long, default_value_t = 0)]
+    sim_exec_output_bytes: usize,
+    /// Where this node serves exec and files to the replicas (gRPC; mutual TLS with
+    /// --tls-dir). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The address replicas dial for exec and files (default: the --listen address; required
+    /// when listening on 0.0.0.0 or [::]).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
 }
 
 pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow::Result<()> {
@@ -92,7 +106,12 @@ pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow:
         simulate: args.simulate,
         sim_duration_ms: args.sim_duration_ms,
         sim_exit_code: args.sim_exit_code,
+        sim_exec_ms: args.sim_exec_ms,
+        sim_exec_output_bytes: args.sim_exec_output_bytes,
+        listen: args.listen,
+        advertise: args.advertise,
         tls: tls.as_ref().map(surge_security::TlsDir::client_config),
+        server_tls: tls.as_ref().map(surge_security::TlsDir::server_config),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut daemon = tokio::spawn(run_daemon(cfg, stop_rx));

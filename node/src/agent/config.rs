@@ -223,6 +223,9 @@ pub fn hostname() -> String {
 }
 
 /// Everything `surge node` was asked to do (the CLI's flags, checked).
+/// Output of one simulated exec, at most.
+pub const SIM_EXEC_OUTPUT_MAX: usize = 16 * 1024 * 1024;
+
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     pub servers: Vec<String>,
@@ -241,8 +244,16 @@ pub struct DaemonConfig {
     pub simulate: Option<u32>,
     pub sim_duration_ms: u64,
     pub sim_exit_code: i32,
+    /// Simulated execs: how long they take and how many bytes they print.
+    pub sim_exec_ms: u64,
+    pub sim_exec_output_bytes: usize,
+    /// Where the I/O service (exec and files) listens, and the address replicas dial.
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
     /// Mutual TLS to the replicas (`--tls-dir`: a node certificate and the cluster CA).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The same certificate serving the I/O service (replica certificates only may call).
+    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl DaemonConfig {
@@ -259,6 +270,18 @@ impl DaemonConfig {
             return Err(AgentError::Invalid(format!(
                 "--start-concurrency {}: expected 1 to {START_CONCURRENCY_MAX}",
                 self.start_concurrency
+            )));
+        }
+        if self.sim_exec_output_bytes > SIM_EXEC_OUTPUT_MAX {
+            return Err(AgentError::Invalid(format!(
+                "--sim-exec-output-bytes {}: at most {SIM_EXEC_OUTPUT_MAX}",
+                self.sim_exec_output_bytes
+            )));
+        }
+        if self.listen.ip().is_unspecified() && self.advertise.is_none() {
+            return Err(AgentError::Invalid(format!(
+                "--listen {} accepts on every interface; pass --advertise HOST:PORT, the address replicas dial",
+                self.listen
             )));
         }
         if let Some(n) = self.simulate {

@@ -8,12 +8,16 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use std::collections::HashMap;
+
 use super::config::{allocatable, choose_runtime, DaemonConfig, RuntimeChoice};
 use super::connection::Replicas;
+use super::io_server::{self, Hosted, IoService};
 use super::metrics::{self, NodeMetrics};
 use super::{AgentError, NodeAgent, NodeConfig};
 use crate::detect::detect_host;
 use crate::runtime::container::{ContainerConfig, ContainerRuntime};
+use crate::runtime::io::SandboxIo;
 use crate::runtime::krun::{KrunConfig, KrunHost, KrunRuntime};
 use crate::runtime::sim::{SimProfile, SimRuntime};
 use crate::runtime::Runtime;
@@ -37,6 +41,27 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
     };
     let replicas = Arc::new(Replicas::new(&cfg.servers, cfg.tls.as_ref())?);
     let host = detect_host();
+    let io_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| {
+            AgentError::Invalid(format!("cannot listen on --listen {}: {e}", cfg.listen))
+        })?;
+    let address = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => io_listener
+            .local_addr()
+            .map_err(|e| AgentError::Invalid(format!("--listen {}: {e}", cfg.listen)))?
+            .to_string(),
+    };
+    let io = IoPlan {
+        listener: io_listener,
+        tls: cfg.server_tls.clone(),
+        stop: stop.clone(),
+    };
+    let exec_output = bytes::Bytes::from(vec![b'x'; cfg.sim_exec_output_bytes]);
+    let exec_delay = Duration::from_millis(cfg.sim_exec_ms);
+    let sim =
+        |profile: SimProfile| SimRuntime::new(profile).with_exec(exec_delay, exec_output.clone());
 
     if let Some(n) = cfg.simulate {
         let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, true)?;
@@ -55,18 +80,23 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
         // Hundreds of nodes in one process: one heartbeat call per replica, not one per node.
         replicas.batch_heartbeats(super::heartbeats::BATCH_TIMEOUT);
         let mut nodes = JoinSet::new();
+        let mut hosted = HashMap::new();
         for i in 0..n {
-            let mut node = node_config(&cfg, format!("{}-{i}", cfg.node_id), allocatable);
+            let mut node = node_config(&cfg, format!("{}-{i}", cfg.node_id), allocatable, &address);
             node.first_replica = usize::try_from(i).unwrap_or(0);
-            // At scale: no task, channel or timer per sandbox, and no memory guard polling.
-            let agent = NodeAgent::simulated(
-                node,
-                Arc::new(SimRuntime::new(profile)),
-                replicas.clone(),
-                metrics.clone(),
+            let runtime = Arc::new(sim(profile));
+            hosted.insert(
+                node.node_id.clone(),
+                Hosted {
+                    runtime: runtime.clone(),
+                    activity: node.activity.clone(),
+                },
             );
+            // At scale: no task, channel or timer per sandbox, and no memory guard polling.
+            let agent = NodeAgent::simulated(node, runtime, replicas.clone(), metrics.clone());
             nodes.spawn(agent.run(stop.clone()));
         }
+        let _io = io.serve(hosted);
         return wait_all(nodes).await;
     }
 
@@ -88,8 +118,8 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                 exit_code: cfg.sim_exit_code,
                 ..SimProfile::default()
             };
-            let node = node_config(&cfg, cfg.node_id.clone(), allocatable);
-            run_one(node, SimRuntime::new(profile), replicas, metrics, stop).await
+            let node = node_config(&cfg, cfg.node_id.clone(), allocatable, &address);
+            run_one(node, sim(profile), replicas, metrics, io).await
         }
         RuntimeChoice::Container => {
             let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
@@ -110,10 +140,10 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                 node: cfg.node_id.clone(),
                 reason: format!("preparing the container runtime panicked: {e}"),
             })??;
-            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
+            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable, &address);
             node.templates = templates;
             node.template_data_dir = Some(data_dir.clone());
-            run_one(node, runtime, replicas, metrics, stop).await
+            run_one(node, runtime, replicas, metrics, io).await
         }
         RuntimeChoice::Krun => {
             let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
@@ -130,10 +160,10 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                 node: cfg.node_id.clone(),
                 reason: format!("preparing the krun runtime panicked: {e}"),
             })??;
-            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable);
+            let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable, &address);
             node.templates = templates;
             node.template_data_dir = Some(data_dir.clone());
-            run_one(node, runtime, replicas, metrics, stop).await
+            run_one(node, runtime, replicas, metrics, io).await
         }
     }
 }
@@ -173,9 +203,10 @@ fn node_config(
     cfg: &DaemonConfig,
     node_id: String,
     allocatable: crate::reconcile::Resources,
+    address: &str,
 ) -> NodeConfig {
     let mut node = NodeConfig::new(node_id, allocatable);
-    node.address = cfg.metrics.map(|a| a.to_string()).unwrap_or_default();
+    node.address = address.to_owned();
     node.labels = cfg.labels.clone();
     node.pool = cfg.pool.clone();
     node.max_sandboxes = cfg.max_sandboxes;
@@ -184,18 +215,47 @@ fn node_config(
     node
 }
 
-async fn run_one<R: Runtime>(
+async fn run_one<R: Runtime + SandboxIo>(
     node: NodeConfig,
     runtime: R,
     replicas: Arc<Replicas>,
     metrics: Arc<NodeMetrics>,
-    stop: watch::Receiver<bool>,
+    io: IoPlan,
 ) -> Result<(), AgentError> {
-    tracing::info!(node = %node.node_id, runtime = runtime.name(),
+    tracing::info!(node = %node.node_id, runtime = runtime.name(), address = %node.address,
         cpu_millis = node.allocatable.cpu_millis, memory_mib = node.allocatable.memory_mib, "node starting");
-    NodeAgent::new(node, Arc::new(runtime), replicas, metrics)
+    let runtime = Arc::new(runtime);
+    let stop = io.stop.clone();
+    let hosted = HashMap::from([(
+        node.node_id.clone(),
+        Hosted {
+            runtime: runtime.clone(),
+            activity: node.activity.clone(),
+        },
+    )]);
+    let _io = io.serve(hosted);
+    NodeAgent::new(node, runtime, replicas, metrics)
         .run(stop)
         .await
+}
+
+/// The I/O service's listener, waiting for the nodes it will serve.
+struct IoPlan {
+    listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    stop: watch::Receiver<bool>,
+}
+
+impl IoPlan {
+    /// Serve exec and files for `nodes` until stop; the task ends with the returned guard.
+    fn serve<R: Runtime + SandboxIo>(self, nodes: HashMap<String, Hosted<R>>) -> AbortOnDrop<()> {
+        let service = IoService::new(nodes, self.tls.is_some());
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = io_server::serve(self.listener, service, self.tls, self.stop).await {
+                tracing::error!(error = %e, "the I/O service (exec and files) stopped");
+            }
+        }))
+    }
 }
 
 async fn wait_all(mut nodes: JoinSet<Result<(), AgentError>>) -> Result<(), AgentError> {

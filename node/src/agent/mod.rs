@@ -44,6 +44,7 @@ pub mod convert;
 pub mod daemon;
 pub mod fleet;
 pub mod heartbeats;
+pub mod io_server;
 pub mod metrics;
 pub mod node_core;
 pub mod owner;
@@ -133,7 +134,7 @@ pub enum AgentError {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_id: String,
-    /// Where the node can be reached (informational for the scheduler).
+    /// Where the node's I/O service (exec and files) is reached: replicas dial it.
     pub address: String,
     pub allocatable: Resources,
     pub labels: BTreeMap<String, String>,
@@ -154,6 +155,8 @@ pub struct NodeConfig {
     pub resync_interval: Duration,
     /// Replica to try first: nodes of one process spread their sessions over the replicas.
     pub first_replica: usize,
+    /// Sandboxes used through the I/O service since the last report (idle timeouts).
+    pub activity: Arc<activity::Activity>,
 }
 
 impl NodeConfig {
@@ -176,6 +179,7 @@ impl NodeConfig {
             call_timeout: Duration::from_millis(CALL_TIMEOUT_MS),
             resync_interval: Duration::from_millis(RESYNC_INTERVAL_MS),
             first_replica: 0,
+            activity: Arc::default(),
         }
     }
 

@@ -12,7 +12,7 @@
 //! | Raft transport, `Cluster.Propose/ReadIndex` | replica            | -                       |
 //! | node daemon calls (register, heartbeat...) | node, replica      | -                       |
 //! | `Cluster.Status/Ping`                       | any                | -                       |
-//! | job API, `ListNodes`                        | client             | tenant or admin         |
+//! | job API, `ListNodes`, exec and files       | client             | tenant or admin         |
 //! | membership, `DrainNode`, `SetQuota`         | client (or replica) | admin                  |
 //!
 //! A replica certificate counts as admin for membership because a joining replica adds itself.
@@ -95,6 +95,7 @@ pub fn need_of(path: &str) -> Need {
         ("surge.node.NodeApi", "DrainNode") => Need::Admin,
         ("surge.jobs.Jobs", "SetQuota") => Need::Admin,
         ("surge.jobs.Jobs", _) => Need::Jobs,
+        ("surge.sandbox.SandboxIo", _) => Need::Jobs,
         _ => Need::Unknown,
     }
 }

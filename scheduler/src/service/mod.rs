@@ -6,6 +6,7 @@ pub mod decode_status;
 pub mod error;
 pub mod guard;
 pub mod hub;
+pub mod io_proxy;
 pub mod jobs;
 pub mod nodes;
 

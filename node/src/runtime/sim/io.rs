@@ -1,6 +1,6 @@
 //! Exec and files of simulated sandboxes, for benchmarks that drive tens of thousands of them.
-//! An exec waits a configured delay and prints a configured output (`cat` echoes its stdin
-//! instead); files live in memory, per sandbox, capped at [`SIM_FS_BYTES_MAX`] and
+//! An exec waits a configured delay and prints a configured output (`cat` with stdin echoes
+//! its stdin instead); files live in memory, per sandbox, capped at [`SIM_FS_BYTES_MAX`] and
 //! [`SIM_FS_ENTRIES_MAX`], and are forgotten with the sandbox.
 
 use std::collections::{BTreeMap, HashMap};
@@ -276,7 +276,13 @@ impl SandboxIo for SimRuntime {
                 duration: started.elapsed(),
             });
         }
-        for chunk in self.io.exec.stdout.chunks(CHUNK_BYTES) {
+        // `cat` printed its stdin instead.
+        let stdout = if echo {
+            Bytes::new()
+        } else {
+            self.io.exec.stdout.clone()
+        };
+        for chunk in stdout.chunks(CHUNK_BYTES) {
             out.send(ExecOutput::Stdout(Bytes::copy_from_slice(chunk)))
                 .await
                 .map_err(|_| cancelled())?;

@@ -1,0 +1,245 @@
+//! Exec and files through the replicas, end to end: real replicas, simulated nodes serving the
+//! node I/O service over gRPC (the container runtime's own tests cover real processes).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use surge_client::io::Exec;
+use surge_client::Client;
+use surge_proto::jobs as pb;
+
+/// A running sandbox on simulated nodes whose execs print `out_bytes` bytes after 5 ms.
+async fn running_sandbox(
+    out_bytes: usize,
+) -> (
+    surge_harness::cluster::LocalCluster,
+    tempfile::TempDir,
+    u64,
+    u64,
+) {
+    let (mut c, dir, leader) = cluster(3, &[]).await;
+    let out = out_bytes.to_string();
+    c.start_sim_nodes(
+        "n",
+        2,
+        &[
+            "--sim-duration-ms",
+            "600000",
+            "--sim-exec-ms",
+            "5",
+            "--sim-exec-output-bytes",
+            &out,
+        ],
+    )
+    .expect("nodes");
+    let addr = c.addr(leader).expect("addr");
+    let id = submit_spec(
+        &addr,
+        pb::JobSpec {
+            count: 4,
+            cpu_millis: 100,
+            memory_mib: 64,
+            template: "busybox".into(),
+            command: vec!["sleep".into(), "600".into()],
+            tenant: "t".into(),
+            ..Default::default()
+        },
+        "io",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = get_job(&addr, id).await;
+        if j.counts.unwrap_or_default().running == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running: {j:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (c, dir, leader, id)
+}
+
+fn follower(c: &surge_harness::cluster::LocalCluster, leader: u64) -> String {
+    let f = c
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("a follower");
+    c.addr(f).expect("addr")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_files_work_through_a_follower() {
+    let (c, _dir, leader, job) = running_sandbox(1024).await;
+    let via = Client::open(&follower(&c, leader)).expect("client");
+    // Exec: the node's output comes back whole, with the exit status.
+    let r = via
+        .exec_output(job, 0, &Exec::new(["true"]), None, 1 << 20)
+        .await
+        .expect("exec");
+    assert_eq!(r.exit.exit_code, 0);
+    assert_eq!(r.stdout.len(), 1024);
+    // stdin streams in: the simulated `cat` echoes it.
+    let r = via
+        .exec_output(
+            job,
+            1,
+            &Exec::new(["cat"]),
+            Some(Bytes::from_static(b"hello")),
+            1 << 20,
+        )
+        .await
+        .expect("exec cat");
+    assert_eq!(r.stdout, b"hello");
+    // Files: write, read back, list.
+    via.write_file_bytes(job, 2, "/work/a.txt", Bytes::from_static(b"data"), 0o600)
+        .await
+        .expect("write");
+    let back = via
+        .read_file_bytes(job, 2, "/work/a.txt", 1 << 20)
+        .await
+        .expect("read");
+    assert_eq!(back, b"data");
+    let listing = via.list_dir(job, 2, "/work").await.expect("list");
+    assert_eq!(listing.entries.len(), 1);
+    assert_eq!(listing.entries[0].name, "a.txt");
+    // Another sandbox does not share the file.
+    let err = via
+        .read_file_bytes(job, 3, "/work/a.txt", 1 << 20)
+        .await
+        .expect_err("not in 3");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_exec_calls_get_clear_errors() {
+    let (c, _dir, leader, job) = running_sandbox(0).await;
+    let addr = c.addr(leader).expect("addr");
+    let cl = Client::open(&addr).expect("client");
+    let missing = cl
+        .exec_output(job + 100, 0, &Exec::new(["true"]), None, 1024)
+        .await
+        .expect_err("no such job");
+    assert_eq!(missing.code(), Some(tonic::Code::NotFound));
+    assert!(missing.to_string().contains("no job"), "{missing}");
+    let beyond = cl
+        .exec_output(job, 99, &Exec::new(["true"]), None, 1024)
+        .await
+        .expect_err("no such index");
+    assert!(beyond.to_string().contains("there is no"), "{beyond}");
+    let mut zero = Exec::new(["true"]);
+    zero.timeout = Some(Duration::ZERO);
+    let e = cl
+        .exec_output(job, 0, &zero, None, 1024)
+        .await
+        .expect_err("timeout 0");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let e = cl
+        .exec_output(job, 0, &Exec::new(["a\0b"]), None, 1024)
+        .await
+        .expect_err("NUL");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let e = cl
+        .read_file_bytes(job, 0, "relative/path", 1024)
+        .await
+        .expect_err("relative");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    // A stopped sandbox takes no exec, and says why.
+    cl.update_sandboxes(pb::UpdateSandboxesRequest {
+        job_id: job,
+        first_index: 1,
+        count: 1,
+        action: "stop".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("stop");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        match cl
+            .exec_output(job, 1, &Exec::new(["true"]), None, 1024)
+            .await
+        {
+            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => break e,
+            other => {
+                assert!(Instant::now() < deadline, "still exec-able: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(e.to_string().contains("1"), "{e}");
+    // The others are unharmed.
+    let ok = cl
+        .exec_output(job, 0, &Exec::new(["true"]), None, 1024)
+        .await
+        .expect("exec 0");
+    assert_eq!(ok.exit.exit_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_execs_and_copies() {
+    let (c, dir, leader, job) = running_sandbox(3).await;
+    let addr = c.addr(leader).expect("addr");
+    let out = std::process::Command::new(bin())
+        .args(["exec", "--server", &addr, &format!("{job}.0"), "--", "true"])
+        .output()
+        .expect("surge exec");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"xxx");
+    let timed_out = std::process::Command::new(bin())
+        .args([
+            "exec",
+            "--server",
+            &addr,
+            "--timeout",
+            "1ms",
+            &format!("{job}.0"),
+            "--",
+            "true",
+        ])
+        .output()
+        .expect("surge exec");
+    assert_eq!(timed_out.status.code(), Some(124), "{timed_out:?}");
+    assert!(String::from_utf8_lossy(&timed_out.stderr).contains("timeout"));
+    let missing = std::process::Command::new(bin())
+        .args(["exec", "--server", &addr, "999.0", "--", "true"])
+        .output()
+        .expect("surge exec");
+    assert_eq!(missing.status.code(), Some(125), "{missing:?}");
+    // A directory up and back down.
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    std::fs::write(src.join("sub/f.txt"), b"payload").expect("write");
+    surge_ok(&[
+        "cp",
+        "--server",
+        &addr,
+        src.to_str().expect("utf8"),
+        &format!("{job}.1:/work/repo"),
+    ]);
+    let back = dir.path().join("back");
+    surge_ok(&[
+        "cp",
+        "--server",
+        &addr,
+        &format!("{job}.1:/work/repo"),
+        back.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        std::fs::read(back.join("sub/f.txt")).expect("read back"),
+        b"payload"
+    );
+    // A single file down.
+    let one = dir.path().join("one.txt");
+    surge_ok(&[
+        "cp",
+        "--server",
+        &addr,
+        &format!("{job}.1:/work/repo/sub/f.txt"),
+        one.to_str().expect("utf8"),
+    ]);
+    assert_eq!(std::fs::read(&one).expect("read"), b"payload");
+}
