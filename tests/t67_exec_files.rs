@@ -243,3 +243,80 @@ async fn the_cli_execs_and_copies() {
     ]);
     assert_eq!(std::fs::read(&one).expect("read"), b"payload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_execs_and_moves_files() {
+    let (c, _dir, leader, job) = running_sandbox(4).await;
+    let f = c
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("follower");
+    let http_addr = c.replica(f).expect("replica").http.clone();
+    let json = "application/json";
+    let base = format!("/v1/jobs/{job}/sandboxes/0");
+    let (code, body) = http(
+        &http_addr,
+        "POST",
+        &format!("{base}/exec"),
+        json,
+        br#"{"command": ["true"], "timeout_ms": 5000}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["stdout"], "xxxx", "{v}");
+    let (code, body) = http(
+        &http_addr,
+        "PUT",
+        &format!("{base}/files?path=/w/x.txt&mode=600"),
+        "application/octet-stream",
+        b"file body",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "GET",
+        &format!("{base}/files?path=/w/x.txt"),
+        json,
+        b"",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "file body"));
+    let (code, body) = http(&http_addr, "GET", &format!("{base}/dir?path=/w"), json, b"").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["entries"][0]["name"], "x.txt", "{v}");
+    // Errors are JSON with the status that says why.
+    let (code, body) = http(
+        &http_addr,
+        "POST",
+        &format!("/v1/jobs/{job}/sandboxes/77/exec"),
+        json,
+        br#"{"command": ["true"]}"#,
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("there is no"), "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "POST",
+        &format!("{base}/exec"),
+        json,
+        br#"{"command": []}"#,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "GET",
+        &format!("{base}/files?path=/nope"),
+        json,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("error"), "{body}");
+}

@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::http;
 use surge_chaos::sim::SimRng;
 use surge_proto::jobs as pb;
 use surge_proto::jobs::jobs_client::JobsClient;
@@ -389,39 +390,6 @@ async fn undecodable_bytes_are_invalid_argument() {
     .await
     .expect("a valid request through the raw codec is accepted");
     drop(cluster);
-}
-
-/// One HTTP/1.1 request over a fresh connection (`Connection: close`); the status and body.
-async fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &[u8],
-) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("write head");
-    // A body over the cap may be refused before it is read; the answer still comes.
-    let _ = stream.write_all(body).await;
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// `{"error": "..."}` with a non-empty message, or the test fails with what came instead.

@@ -35,12 +35,14 @@ pub struct HttpState {
     pub jobs: Arc<JobsService>,
     /// The same tokens as the gRPC job API: `authorization: Bearer TOKEN`.
     pub guard: Arc<Guard>,
+    /// Exec and files ([`crate::http_io`]).
+    pub io: Arc<crate::service::io_proxy::IoProxy>,
 }
 
 /// The caller of a job-API request: the connection's certificate role (with TLS; a request
 /// that reached here without one is refused, never taken for plaintext) and the bearer token,
 /// decided as the gRPC job API decides. Refusal is the JSON error.
-struct JobCaller(Caller);
+pub(crate) struct JobCaller(pub(crate) Caller);
 
 impl FromRequestParts<HttpState> for JobCaller {
     type Rejection = Response;
@@ -86,6 +88,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs", get(list_jobs).post(submit_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/watch", get(watch_job))
+        .merge(crate::http_io::routes())
         .fallback(no_route)
         // After the routes and the fallback, so it sees every answer: axum's own (405, 413,
         // query and path rejections) are plain text, and every error of this API is JSON.

@@ -17,6 +17,7 @@ pub mod api_json;
 pub mod command;
 pub mod convert;
 pub mod http;
+pub mod http_io;
 pub mod https;
 pub mod leader;
 pub mod model;

@@ -169,6 +169,7 @@ pub async fn run(
             registry: registry.clone(),
             jobs: jobs.clone(),
             guard: guard.clone(),
+            io: io.clone(),
         });
         let stop = stopped(stop_rx.clone());
         match https.clone() {

@@ -165,8 +165,9 @@ fn pump_in<T: Send + 'static>(
 }
 
 /// Run `call` (which writes chunks to the channel it is given) and stream those chunks as the
-/// reply; the call's error, if any, ends the stream. A client that goes away drops the call.
-fn stream_out<F, Fut>(call: F) -> Out<pb::Chunk>
+/// reply. An error before the first chunk (no such file, a directory) is the call's status; a
+/// later one ends the stream. A client that goes away drops the call.
+async fn stream_out<F, Fut>(call: F) -> Result<Out<pb::Chunk>, Status>
 where
     F: FnOnce(mpsc::Sender<Bytes>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<u64, IoError>> + Send + 'static,
@@ -195,7 +196,15 @@ where
             let _ = resp_tx.send(Err(status_of(e))).await;
         }
     });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(resp_rx))
+    let mut resp_rx = resp_rx;
+    let first = match resp_rx.recv().await {
+        None => None,
+        Some(Err(s)) => return Err(s),
+        Some(Ok(c)) => Some(Ok(c)),
+    };
+    Ok(Box::pin(
+        futures::stream::iter(first).chain(tokio_stream::wrappers::ReceiverStream::new(resp_rx)),
+    ))
 }
 
 #[tonic::async_trait]
@@ -293,9 +302,9 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
         io::check_path(&req.path).map_err(status_of)?;
         let (runtime, _, id) = self.target(req.sandbox.as_ref()).await?;
         let path = req.path;
-        Ok(Response::new(stream_out(move |tx| async move {
-            runtime.read_file(id, path, tx).await
-        })))
+        Ok(Response::new(
+            stream_out(move |tx| async move { runtime.read_file(id, path, tx).await }).await?,
+        ))
     }
 
     async fn write_file(
@@ -375,9 +384,9 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
         io::check_path(&req.path).map_err(status_of)?;
         let (runtime, _, id) = self.target(req.sandbox.as_ref()).await?;
         let path = req.path;
-        Ok(Response::new(stream_out(move |tx| async move {
-            runtime.download(id, path, tx).await
-        })))
+        Ok(Response::new(
+            stream_out(move |tx| async move { runtime.download(id, path, tx).await }).await?,
+        ))
     }
 
     async fn upload(
