@@ -522,6 +522,111 @@ async fn mtls_and_tokens_guard_every_link() {
         .await
         .expect("the admin sees beta's job");
 
+    // --- exec and files: a tenant drives its own sandboxes only, through any replica, and the
+    // node's I/O port (mutual TLS) answers replicas only.
+    c.start_sim_nodes(
+        "io",
+        1,
+        &[
+            "--tls-dir",
+            p(&pki.node),
+            "--sim-duration-ms",
+            "600000",
+            "--label",
+            "io=yes",
+        ],
+    )
+    .expect("start the io node");
+    let mut long = job_spec("alpha");
+    long.count = 1;
+    long.constraints = vec![pb::Constraint {
+        key: "io".into(),
+        op: "=".into(),
+        value: "yes".into(),
+    }];
+    let io_job = client::jobs(&faddr, &alpha)
+        .expect("client")
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(long),
+            idempotency_key: "a-io".into(),
+        })
+        .await
+        .expect("alpha submits a long job")
+        .into_inner()
+        .job_id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&addr, &alpha, io_job)
+        .await
+        .expect("job")
+        .counts
+        .unwrap_or_default()
+        .running
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the io job never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let as_alpha = surge_client::Client::new(&faddr, alpha.clone()).expect("client");
+    let as_beta = surge_client::Client::new(&faddr, beta.clone()).expect("client");
+    let run = surge_client::io::Exec::new(["true"]);
+    as_alpha
+        .exec_output(io_job, 0, &run, None, 1024)
+        .await
+        .expect("alpha execs in its own sandbox through a follower");
+    let hidden = as_beta
+        .exec_output(io_job, 0, &run, None, 1024)
+        .await
+        .expect_err("beta must not exec in alpha's sandbox");
+    let missing = as_beta
+        .exec_output(999_999, 0, &run, None, 1024)
+        .await
+        .expect_err("no such job");
+    assert_eq!(hidden.code(), Some(Code::NotFound), "{hidden}");
+    assert_eq!(
+        hidden.to_string().replace(&io_job.to_string(), "N"),
+        missing.to_string().replace("999999", "N"),
+        "exec must not tell another tenant's sandbox from a missing one"
+    );
+    let read = as_beta
+        .read_file_bytes(io_job, 0, "/etc/passwd", 1024)
+        .await
+        .expect_err("beta must not read alpha's files");
+    assert_eq!(read.code(), Some(Code::NotFound), "{read}");
+    // The node's own port: a client certificate is refused, plaintext too; the replicas'
+    // forwarding above is the positive control.
+    let nodes = client::nodes(&addr, &admin_c)
+        .expect("client")
+        .list_nodes(ListNodesRequest {})
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    let node_addr = nodes
+        .iter()
+        .find(|n| n.node_id == "io-0")
+        .map(|n| n.address.clone())
+        .expect("io-0 registered its address");
+    let start = || {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.try_send(surge_proto::sandbox::ExecInput {
+            input: Some(surge_proto::sandbox::exec_input::Input::Start(
+                run.start(io_job, 0, false),
+            )),
+        })
+        .expect("queue");
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    };
+    let direct = client::sandbox_io(&node_addr, &creds(Some(&pki.client), Some(&pki.admin)))
+        .expect("client")
+        .exec(start())
+        .await;
+    assert_eq!(code(direct), Code::PermissionDenied);
+    let plain_node = client::sandbox_io(&node_addr, &creds(None, None))
+        .expect("client")
+        .exec(start())
+        .await;
+    assert!(plain_node.is_err(), "plaintext reached the node's I/O port");
+
     // --- admin-only calls with a tenant token: membership, drain, quota.
     let remove = client::cluster(&addr, &alpha)
         .expect("client")

@@ -173,12 +173,13 @@ pub fn issue(
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match role {
-        // A replica serves every link and also calls the other replicas.
-        Role::Replica => vec![
+        // A replica serves every link and also calls the other replicas; a node calls the
+        // replicas and serves its exec-and-files port to them.
+        Role::Replica | Role::Node => vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
-        Role::Node | Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial()?);

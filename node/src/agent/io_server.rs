@@ -202,9 +202,9 @@ where
         Some(Err(s)) => return Err(s),
         Some(Ok(c)) => Some(Ok(c)),
     };
-    Ok(Box::pin(
-        futures::stream::iter(first).chain(tokio_stream::wrappers::ReceiverStream::new(resp_rx)),
-    ))
+    Ok(Box::pin(futures::stream::iter(first).chain(
+        tokio_stream::wrappers::ReceiverStream::new(resp_rx),
+    )))
 }
 
 #[tonic::async_trait]
