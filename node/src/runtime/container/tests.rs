@@ -84,6 +84,7 @@ fn oci_spec_has_isolation_and_limits() {
         uid: 1000,
         gid: 1000,
         tmp_size_mib: 64,
+        init: Path::new("/data/bin/surge-init"),
     };
     let c = oci_config(&p).expect("config");
     let ns: Vec<&str> = c["linux"]["namespaces"]
@@ -103,13 +104,27 @@ fn oci_spec_has_isolation_and_limits() {
         .expect("env")
         .iter()
         .any(|e| e == "A=b=c"));
+    assert_eq!(
+        c["process"]["args"],
+        json!([init::INIT_IN_SANDBOX, "init", "sh", "-c", "echo hi"]),
+        "surge-init is PID 1 and runs the command"
+    );
+    let binds: Vec<&serde_json::Value> = c["mounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .filter(|m| m["type"] == "bind")
+        .collect();
+    assert_eq!(binds.len(), 1, "no host path but surge-init: {binds:?}");
+    assert_eq!(binds[0]["source"], "/data/bin/surge-init");
+    assert_eq!(binds[0]["destination"], init::INIT_IN_SANDBOX);
     assert!(
-        c["mounts"]
+        binds[0]["options"]
             .as_array()
-            .expect("mounts")
+            .expect("options")
             .iter()
-            .all(|m| m["type"] != "bind"),
-        "no host paths"
+            .any(|o| o == "ro"),
+        "read-only"
     );
     let bad = SandboxSpec {
         env: vec![("A=B".into(), "x".into())],
@@ -125,8 +140,9 @@ fn oci_spec_has_isolation_and_limits() {
         ..spec.clone()
     };
     assert_eq!(
-        oci_config(&OciParams { spec: &shell, ..p }).expect("config")["process"]["args"][0],
-        "/bin/sh"
+        oci_config(&OciParams { spec: &shell, ..p }).expect("config")["process"]["args"],
+        json!([init::INIT_IN_SANDBOX, "init"]),
+        "no command: a long-lived sandbox, surge-init alone"
     );
 }
 
@@ -645,6 +661,7 @@ async fn start_latency() {
         uid: 1000,
         gid: 1000,
         tmp_size_mib: 64,
+        init: &rt.init,
     })
     .expect("config");
     config["root"] = json!({ "path": template, "readonly": true });
