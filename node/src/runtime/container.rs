@@ -257,7 +257,11 @@ impl Supervisor for ContainerRuntime {
         // surge-init could not execute the command: a start failure, with its reason.
         let never_ran = std::fs::read_to_string(sb.file("start.err")).unwrap_or_default();
         if !never_ran.trim().is_empty() {
-            let reason = never_ran.trim().chars().take(CRUN_ERROR_TAIL_BYTES).collect();
+            let reason = never_ran
+                .trim()
+                .chars()
+                .take(CRUN_ERROR_TAIL_BYTES)
+                .collect();
             return Ok(Final {
                 state: ObservedState::Failed { reason },
                 code: None,
@@ -691,3 +695,5 @@ impl Runtime for ContainerRuntime {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_io;

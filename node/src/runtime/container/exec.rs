@@ -56,7 +56,8 @@ pub struct ExecContext {
 
 impl ExecContext {
     pub fn from_config(config: &Value) -> Result<Self, IoError> {
-        let bad = |what: &str| IoError::Runtime(format!("the sandbox's config.json has no valid {what}"));
+        let bad =
+            |what: &str| IoError::Runtime(format!("the sandbox's config.json has no valid {what}"));
         let process = &config["process"];
         let user = process["user"].clone();
         let id = |k: &str| {
@@ -71,9 +72,9 @@ impl ExecContext {
             .iter()
             .filter_map(|v| v.as_str().map(str::to_owned))
             .collect();
-        let has_init = config["mounts"].as_array().is_some_and(|m| {
-            m.iter().any(|m| m["destination"] == INIT_IN_SANDBOX)
-        });
+        let has_init = config["mounts"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["destination"] == INIT_IN_SANDBOX));
         Ok(Self {
             uid: id("uid")?,
             gid: id("gid")?,
@@ -102,7 +103,12 @@ pub fn merge_env(base: &[String], extra: &BTreeMap<String, String>) -> Vec<Strin
 
 /// The OCI process of one exec: the sandbox's user, rlimits and environment, no capability,
 /// no_new_privs. `args` is the full argv (the wrapper and the command, or the bare command).
-pub fn process_spec(ctx: &ExecContext, args: &[String], spec_env: &BTreeMap<String, String>, cwd: Option<&str>) -> Value {
+pub fn process_spec(
+    ctx: &ExecContext,
+    args: &[String],
+    spec_env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+) -> Value {
     let none: [&str; 0] = [];
     json!({
         "terminal": false,
@@ -123,13 +129,15 @@ impl ProcessFile {
     pub fn write(bundle: &Path, name: Option<&str>, process: &Value) -> Result<Self, IoError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = bundle.join("exec");
-        std::fs::create_dir_all(&dir).map_err(|e| IoError::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| IoError::io(format!("create {}", dir.display()), e))?;
         let path = match name {
             Some(n) => dir.join(n),
             None => dir.join(format!("{}.json", NEXT.fetch_add(1, Ordering::Relaxed))),
         };
         let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec(process).map_err(|e| IoError::Runtime(format!("encode the exec's process: {e}")))?;
+        let bytes = serde_json::to_vec(process)
+            .map_err(|e| IoError::Runtime(format!("encode the exec's process: {e}")))?;
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| IoError::io(format!("write {}", path.display()), e))?;
@@ -237,7 +245,11 @@ pub async fn run(
         .arg(file.path())
         .arg("--preserve-fds=1")
         .arg(cid)
-        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
@@ -266,9 +278,19 @@ pub async fn run(
         .map_err(|e| IoError::io("set up the exec's control socket", e))?;
     let (mut ctl_in, mut ctl_out) = host.into_split();
     let (sig_tx, mut sig_rx) = mpsc::channel::<i32>(8);
-    let _pump = AbortOnDrop(tokio::spawn(pump_control(control, child.stdin.take(), sig_tx)));
-    let mut stdout = child.stdout.take().ok_or_else(|| IoError::Runtime("no stdout pipe".into()))?;
-    let mut stderr = child.stderr.take().ok_or_else(|| IoError::Runtime("no stderr pipe".into()))?;
+    let _pump = AbortOnDrop(tokio::spawn(pump_control(
+        control,
+        child.stdin.take(),
+        sig_tx,
+    )));
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| IoError::Runtime("no stdout pipe".into()))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| IoError::Runtime("no stderr pipe".into()))?;
 
     let mut queue: VecDeque<ExecOutput> = VecDeque::new();
     let mut held = Vec::new();
@@ -382,11 +404,22 @@ pub async fn run(
 /// `crun --root R exec --process FILE ID` for `argv`, as a user of crun would run it by hand:
 /// the sandbox's user, env, cwd and rlimits, no capabilities, no_new_privs, and no surge-init
 /// wrapper. The benchmark's anchor (`surge bench exec`).
-pub fn anchor_command(crun: &Crun, cid: &str, bundle: &Path, ctx: &ExecContext, argv: &[String]) -> Result<std::process::Command, IoError> {
+pub fn anchor_command(
+    crun: &Crun,
+    cid: &str,
+    bundle: &Path,
+    ctx: &ExecContext,
+    argv: &[String],
+) -> Result<std::process::Command, IoError> {
     let process = process_spec(ctx, argv, &BTreeMap::new(), None);
     let file = ProcessFile::write(bundle, Some("anchor.json"), &process)?.keep();
     let mut cmd = std::process::Command::new(crun.binary());
-    cmd.arg("--root").arg(crun.root()).arg("exec").arg("--process").arg(file).arg(cid);
+    cmd.arg("--root")
+        .arg(crun.root())
+        .arg("exec")
+        .arg("--process")
+        .arg(file)
+        .arg(cid);
     Ok(cmd)
 }
 
@@ -419,11 +452,20 @@ mod tests {
         assert_eq!(p["cwd"], "/tmp");
         assert_eq!(p["args"], json!([INIT_IN_SANDBOX, "exec", "id"]));
         assert_eq!(p["env"], json!(["PATH=/bin", "HOME=/work", "A=2", "B=x=y"]));
-        for set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
+        for set in [
+            "bounding",
+            "effective",
+            "permitted",
+            "inheritable",
+            "ambient",
+        ] {
             assert_eq!(p["capabilities"][set], json!([]), "{set} is empty");
         }
         assert_eq!(p["rlimits"][0]["hard"], 4096);
-        assert_eq!(process_spec(&ctx, &[], &BTreeMap::new(), None)["cwd"], "/work");
+        assert_eq!(
+            process_spec(&ctx, &[], &BTreeMap::new(), None)["cwd"],
+            "/work"
+        );
         let old = json!({ "process": { "user": { "uid": 1, "gid": 1 }, "env": [] }, "mounts": [] });
         assert!(!ExecContext::from_config(&old).expect("old").has_init);
         assert!(ExecContext::from_config(&json!({})).is_err());
@@ -433,7 +475,13 @@ mod tests {
     fn wrapper_reports_are_parsed() {
         let mut r = WrapperReport::default();
         parse_report("r\n", &mut r);
-        assert_eq!(r, WrapperReport { started: true, status: None });
+        assert_eq!(
+            r,
+            WrapperReport {
+                started: true,
+                status: None
+            }
+        );
         parse_report("x 137 9\n", &mut r);
         assert_eq!(r.status, Some((137, 9)));
         let mut r = WrapperReport::default();

@@ -13,8 +13,7 @@ use super::resolve::{
     io_error, lstat_at, open_name, proc_fd_path, rename_at, split_parent, unlink_at, SandboxRoot,
 };
 use crate::runtime::io::{
-    DirEntry, EntryKind, IoError, Listing, WriteSpec, CHUNK_BYTES, FILE_BYTES_MAX,
-    LIST_ENTRIES_MAX,
+    DirEntry, EntryKind, IoError, Listing, WriteSpec, CHUNK_BYTES, FILE_BYTES_MAX, LIST_ENTRIES_MAX,
 };
 
 /// Names read from one directory before sorting and cutting to [`LIST_ENTRIES_MAX`].
@@ -64,12 +63,17 @@ pub fn open_regular(root: &SandboxRoot, path: &str) -> Result<(std::fs::File, u6
             what: "is not a regular file".into(),
         });
     }
-    let file = std::fs::File::open(proc_fd_path(fd.as_fd())).map_err(|e| io_error(path, "open", e))?;
+    let file =
+        std::fs::File::open(proc_fd_path(fd.as_fd())).map_err(|e| io_error(path, "open", e))?;
     Ok((file, u64::try_from(st.st_size).unwrap_or(0)))
 }
 
 /// Stream a regular file to `out` in chunks; its size.
-pub fn read_file(root: &SandboxRoot, path: &str, out: &mpsc::Sender<Bytes>) -> Result<u64, IoError> {
+pub fn read_file(
+    root: &SandboxRoot,
+    path: &str,
+    out: &mpsc::Sender<Bytes>,
+) -> Result<u64, IoError> {
     let (file, size) = open_regular(root, path)?;
     if size > FILE_BYTES_MAX {
         return Err(IoError::TooLarge(format!(
@@ -86,7 +90,8 @@ pub fn read_file(root: &SandboxRoot, path: &str, out: &mpsc::Sender<Bytes>) -> R
         }
         buf.truncate(n);
         sent += u64::try_from(n).unwrap_or(0);
-        out.blocking_send(Bytes::from(buf)).map_err(|_| caller_gone())?;
+        out.blocking_send(Bytes::from(buf))
+            .map_err(|_| caller_gone())?;
     }
 }
 
@@ -113,8 +118,11 @@ pub fn write_file(
         }
     }
     let tmp = temp_name();
-    let written = write_temp(&dir, &tmp, spec.mode & MODE_BITS, path, pieces)
-        .and_then(|n| rename_at(dir.as_fd(), &tmp, name).map(|()| n).map_err(|e| io_error(path, "replace", e)));
+    let written = write_temp(&dir, &tmp, spec.mode & MODE_BITS, path, pieces).and_then(|n| {
+        rename_at(dir.as_fd(), &tmp, name)
+            .map(|()| n)
+            .map_err(|e| io_error(path, "replace", e))
+    });
     if written.is_err() {
         unlink_at(dir.as_fd(), &tmp);
     }
@@ -164,7 +172,8 @@ pub fn list_dir(root: &SandboxRoot, path: &str) -> Result<Listing, IoError> {
     let dir = root.open(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut names = Vec::new();
     let mut truncated = false;
-    let read = std::fs::read_dir(proc_fd_path(dir.as_fd())).map_err(|e| io_error(path, "list", e))?;
+    let read =
+        std::fs::read_dir(proc_fd_path(dir.as_fd())).map_err(|e| io_error(path, "list", e))?;
     for entry in read {
         let entry = entry.map_err(|e| io_error(path, "list", e))?;
         if names.len() == LIST_SCAN_MAX {

@@ -42,7 +42,8 @@ pub fn install(data_dir: &Path) -> Result<PathBuf, RuntimeError> {
         return Ok(path);
     }
     let ctx = |what: &str| format!("{what} {}", path.display());
-    std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(ctx("create the directory of"), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RuntimeError::io(ctx("create the directory of"), e))?;
     let tmp = dir.join(format!("surge-init.tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| RuntimeError::io(ctx("create"), e))?;
     f.write_all(INIT_BINARY)

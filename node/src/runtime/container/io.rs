@@ -67,7 +67,8 @@ impl ContainerRuntime {
                 return Ok((sb, p.clone()));
             }
         }
-        let config = read_json(&sb.file("config.json")).map_err(|e| IoError::Runtime(e.to_string()))?;
+        let config =
+            read_json(&sb.file("config.json")).map_err(|e| IoError::Runtime(e.to_string()))?;
         let per = Arc::new(PerSandbox {
             generation,
             execs: Arc::new(Semaphore::new(EXECS_PER_SANDBOX_MAX)),
@@ -162,7 +163,16 @@ impl SandboxIo for ContainerRuntime {
             &spec.env,
             spec.cwd.as_deref(),
         );
-        exec::run(&self.crun, &container_id(id), &sb.dir, &process, &spec, control, out).await
+        exec::run(
+            &self.crun,
+            &container_id(id),
+            &sb.dir,
+            &process,
+            &spec,
+            control,
+            out,
+        )
+        .await
     }
 
     async fn read_file(
@@ -185,7 +195,10 @@ impl SandboxIo for ContainerRuntime {
     ) -> Result<u64, IoError> {
         check_path(&spec.path)?;
         let root = self.root(id).await?;
-        feed(data, root, move |root, rx| files::write_file(root, &spec, rx)).await
+        feed(data, root, move |root, rx| {
+            files::write_file(root, &spec, rx)
+        })
+        .await
     }
 
     async fn list_dir(&self, id: SandboxId, path: String) -> Result<Listing, IoError> {
@@ -204,7 +217,10 @@ impl SandboxIo for ContainerRuntime {
         check_path(&path)?;
         let root = self.root(id).await?;
         let (uid, gid) = (root.uid, root.gid);
-        as_sandbox_user(uid, gid, move || super::tarball::download(&root, &path, &out)).await
+        as_sandbox_user(uid, gid, move || {
+            super::tarball::download(&root, &path, &out)
+        })
+        .await
     }
 
     async fn upload(
@@ -215,6 +231,9 @@ impl SandboxIo for ContainerRuntime {
     ) -> Result<UploadStats, IoError> {
         check_path(&path)?;
         let root = self.root(id).await?;
-        feed(data, root, move |root, rx| super::tarball::upload(root, &path, rx)).await
+        feed(data, root, move |root, rx| {
+            super::tarball::upload(root, &path, rx)
+        })
+        .await
     }
 }

@@ -77,7 +77,12 @@ pub fn openat2(
 }
 
 /// openat(2) of one name in `dir`, never following a symlink there.
-pub fn open_name(dir: BorrowedFd<'_>, name: &str, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+pub fn open_name(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<OwnedFd> {
     let name = cstr(name)?;
     // SAFETY: `name` is NUL-terminated and outlives the call; openat returns a new descriptor
     // or -1.
@@ -137,7 +142,8 @@ pub fn mkdir_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> std::io::Result<(
 pub fn rename_at(dir: BorrowedFd<'_>, from: &str, to: &str) -> std::io::Result<()> {
     let (from, to) = (cstr(from)?, cstr(to)?);
     // SAFETY: both names are NUL-terminated and outlive the call.
-    if unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) } != 0 {
+    if unsafe { libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) } != 0
+    {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -168,7 +174,12 @@ pub fn readlink_at(dir: BorrowedFd<'_>, name: &str) -> std::io::Result<Vec<u8>> 
     // SAFETY: `name` is NUL-terminated; `buf` is writable for `buf.len()` bytes; readlinkat
     // writes at most that many and returns how many.
     let n = unsafe {
-        libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     };
     let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
     buf.truncate(n);
@@ -188,7 +199,8 @@ pub fn open_sandbox_root(pid: u32, crun_cgroup: &str) -> Result<OwnedFd, IoError
     let gone = || IoError::Runtime(format!("the sandbox's PID 1 ({pid}) is gone"));
     let proc_dir = std::fs::File::open(format!("/proc/{pid}")).map_err(|_| gone())?;
     let proc_dir = OwnedFd::from(proc_dir);
-    let cgroup = open_name(proc_dir.as_fd_ref(), "cgroup", libc::O_RDONLY, 0).map_err(|_| gone())?;
+    let cgroup =
+        open_name(proc_dir.as_fd_ref(), "cgroup", libc::O_RDONLY, 0).map_err(|_| gone())?;
     let mut text = String::new();
     std::fs::File::from(cgroup)
         .take(CGROUP_FILE_MAX)
@@ -252,7 +264,14 @@ pub fn split_parent(path: &str) -> Option<(String, &str)> {
     if name.is_empty() || name == "." || name == ".." {
         return None;
     }
-    Some((if parent.is_empty() { "/".to_owned() } else { parent.to_owned() }, name))
+    Some((
+        if parent.is_empty() {
+            "/".to_owned()
+        } else {
+            parent.to_owned()
+        },
+        name,
+    ))
 }
 
 /// An errno of a file operation as the API reports it.
@@ -299,9 +318,8 @@ impl SandboxRoot {
             Err(IoError::NotFound { .. }) if create => {}
             other => return other,
         }
-        let (parent, name) = split_parent(path).ok_or_else(|| IoError::NotFound {
-            path: path.into(),
-        })?;
+        let (parent, name) =
+            split_parent(path).ok_or_else(|| IoError::NotFound { path: path.into() })?;
         let parent_fd = self.dir(&parent, true)?;
         match mkdir_at(parent_fd.as_fd_ref(), name, 0o755) {
             Ok(()) => {}

@@ -38,9 +38,9 @@ impl ChunkWriter<'_> {
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
         self.sent += u64::try_from(chunk.len()).unwrap_or(0);
-        self.out
-            .blocking_send(Bytes::from(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller went away"))
+        self.out.blocking_send(Bytes::from(chunk)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the caller went away")
+        })
     }
 }
 
@@ -73,7 +73,12 @@ struct Packer<'a> {
 }
 
 impl Packer<'_> {
-    fn header(&mut self, st: &libc::stat, kind: tar::EntryType, size: u64) -> Result<tar::Header, IoError> {
+    fn header(
+        &mut self,
+        st: &libc::stat,
+        kind: tar::EntryType,
+        size: u64,
+    ) -> Result<tar::Header, IoError> {
         self.entries += 1;
         self.bytes += size;
         if self.entries > UPLOAD_ENTRIES_MAX || self.bytes > UPLOAD_BYTES_MAX {
@@ -97,7 +102,9 @@ impl Packer<'_> {
         let size = u64::try_from(st.st_size).unwrap_or(0);
         let mut h = self.header(st, tar::EntryType::Regular, size)?;
         let data = file.take(size).chain(std::io::repeat(0)).take(size);
-        self.tar.append_data(&mut h, name, data).map_err(archive_error)
+        self.tar
+            .append_data(&mut h, name, data)
+            .map_err(archive_error)
     }
 }
 
@@ -175,14 +182,21 @@ fn pack_dir(p: &mut Packer<'_>, dir: OwnedFd, shown: &str) -> Result<(), IoError
         };
         let member = format!("{}{name}", frame.prefix);
         if member.len() > PATH_BYTES_MAX {
-            return Err(IoError::TooLarge(format!("{shown}/{member}: path too long for a download")));
+            return Err(IoError::TooLarge(format!(
+                "{shown}/{member}: path too long for a download"
+            )));
         }
         let Ok(st) = lstat_at(frame.fd.as_fd(), &name) else {
             continue; // gone since it was listed
         };
         match kind_of(st.st_mode) {
             EntryKind::Dir => {
-                let Ok(fd) = open_name(frame.fd.as_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY, 0) else {
+                let Ok(fd) = open_name(
+                    frame.fd.as_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                    0,
+                ) else {
                     continue; // replaced or unreadable meanwhile
                 };
                 let mut h = p.header(&st, tar::EntryType::Directory, 0)?;
@@ -197,7 +211,12 @@ fn pack_dir(p: &mut Packer<'_>, dir: OwnedFd, shown: &str) -> Result<(), IoError
                 });
             }
             EntryKind::File => {
-                let opened = open_name(frame.fd.as_fd(), &name, libc::O_RDONLY | libc::O_NONBLOCK, 0);
+                let opened = open_name(
+                    frame.fd.as_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_NONBLOCK,
+                    0,
+                );
                 let Ok(fd) = opened else { continue };
                 let Ok(st) = fstat(fd.as_fd()) else { continue };
                 if kind_of(st.st_mode) != EntryKind::File {
@@ -320,7 +339,12 @@ fn unpack<R: Read>(
                     )));
                 }
                 replace(parent.as_fd(), name, &shown, |dir, tmp| {
-                    let fd = open_name(dir, tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode)?;
+                    let fd = open_name(
+                        dir,
+                        tmp,
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                        mode,
+                    )?;
                     let mut file = std::fs::File::from(fd);
                     std::io::copy(&mut entry, &mut file)?;
                     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
@@ -335,9 +359,13 @@ fn unpack<R: Read>(
                     .ok_or_else(|| IoError::BadArchive(format!("symlink {shown} has no target")))?;
                 let link = link
                     .to_str()
-                    .ok_or_else(|| IoError::BadArchive(format!("symlink {shown}: the target is not UTF-8")))?
+                    .ok_or_else(|| {
+                        IoError::BadArchive(format!("symlink {shown}: the target is not UTF-8"))
+                    })?
                     .to_owned();
-                replace(parent.as_fd(), name, &shown, |dir, tmp| symlink_at(&link, dir, tmp))?;
+                replace(parent.as_fd(), name, &shown, |dir, tmp| {
+                    symlink_at(&link, dir, tmp)
+                })?;
             }
         }
     }

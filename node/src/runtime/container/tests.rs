@@ -149,7 +149,7 @@ fn oci_spec_has_isolation_and_limits() {
 // ---- real containers ----
 
 /// A runtime on a fresh data dir, or `None` (with a printed reason) when this host cannot run one.
-fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
+pub(super) fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     if !is_root() {
         unavailable(&format!(
             "{test}: needs root (namespaces, cgroups, overlay mounts)"
@@ -174,7 +174,7 @@ fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     }
 }
 
-fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
+pub(super) fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
     StartRequest {
         id: SandboxId::new(job, index),
         generation: 1,
@@ -193,7 +193,7 @@ fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
     }
 }
 
-async fn cleanup(rt: &ContainerRuntime, data: &Path, ids: &[SandboxId]) {
+pub(super) async fn cleanup(rt: &ContainerRuntime, data: &Path, ids: &[SandboxId]) {
     for id in ids {
         let _ = rt.stop(*id, Duration::from_millis(100)).await;
         rt.remove(*id).await.expect("forget");
@@ -231,8 +231,8 @@ async fn runs_in_its_own_namespaces_and_reports_exit_code_and_output() {
     );
     assert_eq!(report.code, Some(3));
     assert_eq!(
-        report.stdout_tail, "hi\npid=1\nuid=1000\nsb-1-0\nlo\n",
-        "pid ns, user, uts, netns with only lo"
+        report.stdout_tail, "hi\npid=2\nuid=1000\nsb-1-0\nlo\n",
+        "pid ns (surge-init is 1, the command its first child), user, uts, netns with only lo"
     );
     assert!(report.stderr_tail.contains("oops"));
     assert!(
@@ -302,7 +302,8 @@ async fn runs_unprivileged_and_sees_no_host_paths() {
     );
     // Every mount is the overlay root or a kernel filesystem made for the sandbox: a host
     // bind mount would show the host's filesystem type (ext4, xfs, ...). The one exception is
-    // how crun masks files (`maskedPaths`): the host's /dev/null bound over them, read-only.
+    // how crun masks files (`maskedPaths`): the host's /dev/null bound over them, read-only;
+    // and surge-init, the one host file bound in, read-only.
     let mounts = out.split("---mounts\n").nth(1).expect("mountinfo printed");
     let allowed = [
         "overlay", "proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2",
@@ -316,6 +317,15 @@ async fn runs_unprivileged_and_sees_no_host_paths() {
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or("?");
+        if *target == init::INIT_IN_SANDBOX {
+            assert!(
+                fields
+                    .get(5)
+                    .is_some_and(|o| o.split(',').any(|o| o == "ro")),
+                "surge-init is mounted read-only: {line}"
+            );
+            continue;
+        }
         if fstype == "devtmpfs" && root == Some("/null") {
             assert!(
                 target.starts_with("/proc/") || target.starts_with("/sys/"),
@@ -476,8 +486,8 @@ async fn pause_stops_progress_and_resume_continues() {
     let report = rt.stop(id, Duration::from_millis(300)).await.expect("stop");
     assert_eq!(
         report.code,
-        Some(137),
-        "sh as pid 1 ignores SIGTERM: killed after the grace"
+        Some(143),
+        "surge-init forwards SIGTERM to the shell (no longer PID 1), which dies of it"
     );
     cleanup(&rt, &data, &[id]).await;
 }
@@ -611,10 +621,10 @@ async fn a_new_runtime_instance_readopts_running_and_exited_sandboxes() {
     let (waited, stopped) = tokio::join!(waiter, stopper);
     assert_eq!(
         waited.expect("wait").code,
-        Some(137),
-        "an adopted sandbox's exit is observed"
+        Some(143),
+        "an adopted sandbox's exit is observed (sleep dies of the forwarded SIGTERM)"
     );
-    assert_eq!(stopped.expect("stop").code, Some(137));
+    assert_eq!(stopped.expect("stop").code, Some(143));
     cleanup(&second, &data, &[running, exited]).await;
 }
 
