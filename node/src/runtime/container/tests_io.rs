@@ -777,3 +777,68 @@ async fn symlinks_and_dot_dots_never_reach_the_host() {
     assert!(!up.join("etc/evil").exists() && !Path::new("/etc/evil").exists());
     cleanup(&rt, &data, &[id]).await;
 }
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// `cargo test --workspace --lib -- --ignored --nocapture exec_latency`: exec of `true` through
+/// `SandboxIo::exec` vs the anchor (`crun exec --process` of the same sandbox), and a 1 KiB file
+/// written and read back.
+#[tokio::test]
+#[ignore = "benchmark: prints exec latencies"]
+async fn exec_latency() {
+    const N: usize = 100;
+    let Some((rt, data)) = runtime("io-latency") else {
+        return;
+    };
+    let id = long_lived(&rt, 26, 0).await;
+    let (mut api, mut anchor, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cmd = rt
+        .crun_exec_command(id, &["true".to_owned()])
+        .await
+        .expect("anchor");
+    cmd.stdout(std::process::Stdio::null());
+    for _ in 0..N {
+        let t0 = Instant::now();
+        assert_eq!(
+            run(&rt, id, spec(&["true"]), &[])
+                .await
+                .status
+                .expect("exec")
+                .code,
+            0
+        );
+        api.push(t0.elapsed());
+        let t0 = Instant::now();
+        assert!(cmd.status().expect("crun exec").success());
+        anchor.push(t0.elapsed());
+        let t0 = Instant::now();
+        write(&rt, id, "/work/f", &[7u8; 1024], false)
+            .await
+            .expect("write");
+        assert_eq!(read(&rt, id, "/work/f").await.expect("read").len(), 1024);
+        files.push(t0.elapsed());
+    }
+    for v in [&mut api, &mut anchor, &mut files] {
+        v.sort();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (name, v) in [
+        ("SandboxIo::exec `true`", &api),
+        ("crun exec --process `true`", &anchor),
+        ("write + read 1 KiB", &files),
+    ] {
+        eprintln!(
+            "{name:<32} p50 {:>7.2} ms   p99 {:>7.2} ms",
+            ms(percentile(v, 50)),
+            ms(percentile(v, 99))
+        );
+    }
+    eprintln!(
+        "exec ratio (API / crun exec): p50 {:.2}, p99 {:.2}",
+        ms(percentile(&api, 50)) / ms(percentile(&anchor, 50)),
+        ms(percentile(&api, 99)) / ms(percentile(&anchor, 99))
+    );
+    cleanup(&rt, &data, &[id]).await;
+}
