@@ -248,6 +248,21 @@ async fn exec_streams_output_codes_stdin_as_the_sandbox_user() {
     let st = st.expect("exec");
     assert_eq!((st.code, st.signal), (143, Some(15)));
 
+    // crun's own failure (a missing cwd) is an error of the call, not the command's output.
+    let mut nowhere = spec(&["true"]);
+    nowhere.cwd = Some("/no-such-dir".into());
+    let r = run(&rt, id, nowhere, &[]).await;
+    assert!(
+        matches!(&r.status, Err(IoError::Runtime(m)) if m.contains("no-such-dir")),
+        "{:?} {}",
+        r.status,
+        r.stderr
+    );
+    assert!(
+        r.stderr.is_empty(),
+        "crun's message is not streamed as output"
+    );
+
     // Bad input: refused with a clear error.
     let mut bad = spec(&["true"]);
     bad.timeout = Duration::ZERO;
