@@ -8,10 +8,10 @@
  *   surge-init init [CMD ARGS...]
  *       PID 1. With a command: runs it as its child, forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT,
  *       SIGUSR1, SIGUSR2 and SIGWINCH to it, reaps every child (orphans included) and exits with
- *       the command's status as a shell reports it (the code, or 128+N for signal N). A command
- *       that cannot be executed is reported on fd 3 when crun passed one (`start.err`: the
- *       node reports a start failure, not an exit) and ends the sandbox with 127 (126 when it
- *       exists but cannot be run). Without a command (a long-lived sandbox): waits and reaps
+ *       the command's status as a shell reports it (the code, or 128+N for signal N). On fd 3,
+ *       when crun passed one (`init.status`), it writes "ok" once the command was executed, or
+ *       why it could not be (the node reports a start failure, not an exit) before ending the
+ *       sandbox with 127 (126 when it exists but cannot be run). Without a command (a long-lived sandbox): waits and reaps
  *       until SIGTERM/SIGINT/SIGHUP, then passes SIGTERM to everything left and exits 0 once
  *       it is gone (the node's stop kills what ignores it after the grace period).
  *
@@ -143,7 +143,11 @@ static int run_init(char **cmd) {
             return e == ENOENT ? 127 : 126;
         }
     }
-    if (start_err >= 0) close(start_err);
+    /* The node holds the sandbox as starting until this line is there. */
+    if (start_err >= 0) {
+        dprintf(start_err, "ok\n");
+        close(start_err);
+    }
     int stopping = 0;
     for (;;) {
         struct signalfd_siginfo si;

@@ -10,7 +10,7 @@
 //!   stdout.log stderr.log   the container's stdio (tails of 64 KiB in exit reports)
 //!   container.pid  written by crun once the container runs
 //!   exit.code      written by the shim when crun returns: the container's status (128+sig)
-//!   start.err      written by surge-init when the command cannot be executed (a start failure)
+//!   init.status    written by surge-init: "ok" once the command runs, or why it could not
 //!   exec/N.json    the process spec of a running exec (`crun exec --process`)
 //!   final.json     how it ended, fixed once observed
 //! ```
@@ -193,6 +193,24 @@ fn exit_code(sb: &Sandbox) -> Option<i32> {
     text.strip_suffix('\n')?.trim().parse().ok()
 }
 
+/// What surge-init said about starting the command: `None` while it has said nothing.
+enum InitStatus {
+    Ran,
+    Failed(String),
+}
+
+fn init_status(sb: &Sandbox) -> Option<InitStatus> {
+    match std::fs::read_to_string(sb.file("init.status")) {
+        // Started by a shim that passed no status file (an older surge): it ran.
+        Err(_) => Some(InitStatus::Ran),
+        Ok(t) if t.is_empty() => None,
+        Ok(t) if t.starts_with("ok\n") => Some(InitStatus::Ran),
+        Ok(t) => Some(InitStatus::Failed(
+            t.trim().chars().take(CRUN_ERROR_TAIL_BYTES).collect(),
+        )),
+    }
+}
+
 /// The container's first process, once crun has written its pid file.
 fn container_pid(sb: &Sandbox) -> Option<u32> {
     std::fs::read_to_string(sb.file("container.pid"))
@@ -248,20 +266,19 @@ impl Supervisor for ContainerRuntime {
         }
     }
 
+    /// Running once surge-init has executed the command (a command that cannot be executed is
+    /// a failed start, not a start and an exit).
     fn started_pid(sb: &Sandbox) -> Option<u32> {
-        container_pid(sb)
+        match init_status(sb)? {
+            InitStatus::Ran => container_pid(sb),
+            InitStatus::Failed(_) => None,
+        }
     }
 
     async fn verdict(&self, sb: &Sandbox) -> Result<Final, RuntimeError> {
         let code = exit_code(sb);
         // surge-init could not execute the command: a start failure, with its reason.
-        let never_ran = std::fs::read_to_string(sb.file("start.err")).unwrap_or_default();
-        if !never_ran.trim().is_empty() {
-            let reason = never_ran
-                .trim()
-                .chars()
-                .take(CRUN_ERROR_TAIL_BYTES)
-                .collect();
+        if let Some(InitStatus::Failed(reason)) = init_status(sb) {
             return Ok(Final {
                 state: ObservedState::Failed { reason },
                 code: None,

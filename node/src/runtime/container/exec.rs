@@ -12,6 +12,11 @@
 //! reaps them. PID 1 (also surge-init) reaps whatever is orphaned past it. The node learns the
 //! command's status from the socket ("x CODE SIGNAL"), so a signal is told from an exit code,
 //! and an error of crun itself (nothing said "r" on the socket) from a failing command.
+//!
+//! `crun exec` runs without the private mount namespace `crun run` needs on hybrid cgroup hosts
+//! (see the module docs of `container`): it joins the running container's namespaces and
+//! cgroups by pid and creates no cgroup, which works on this hybrid host and saves copying the
+//! mount table for every exec.
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;

@@ -355,13 +355,18 @@ async fn missing_template_and_bad_command_fail_with_reasons() {
     let mut r = req(2, 1, "", 64);
     r.spec.command = vec!["/bin/does-not-exist".into()];
     let err = rt.start(r).await;
-    // crun reports exec failures either at start or as the container's exit status.
-    let state = rt.wait(SandboxId::new(2, 1)).await.expect("wait").state;
+    // surge-init reports it could not execute the command: a failed start, with the reason,
+    // never a start followed by an exit.
     assert!(
-        err.is_err() || state != ObservedState::Exited { code: 0 },
-        "{err:?} {state:?}"
+        matches!(&err, Err(RuntimeError::StartFailed { reason, .. }) if reason.contains("/bin/does-not-exist")),
+        "{err:?}"
     );
-    assert!(state.is_terminal());
+    let report = rt.wait(SandboxId::new(2, 1)).await.expect("wait");
+    assert!(
+        matches!(&report.state, ObservedState::Failed { reason } if reason.contains("cannot run")),
+        "{report:?}"
+    );
+    assert_eq!(report.code, None);
     cleanup(&rt, &data, &[SandboxId::new(2, 1)]).await;
 }
 
