@@ -455,6 +455,18 @@ async fn a_long_lived_sandbox_reaps_orphans_stops_cleanly_and_survives_a_restart
         "stopped on SIGTERM, not after the grace"
     );
     assert_eq!(report.code, Some(0), "{report:?}");
+    // Ended: exec and files say so.
+    let (_c, ctl_rx) = mpsc::channel(1);
+    let (out_tx, _o) = mpsc::channel(1);
+    let ended = second.exec(id, spec(&["true"]), ctl_rx, out_tx).await;
+    assert!(
+        matches!(ended, Err(IoError::NotRunning { .. })),
+        "{ended:?}"
+    );
+    assert!(matches!(
+        read(&second, id, "/etc/passwd").await,
+        Err(IoError::NotRunning { .. })
+    ));
     cleanup(&second, &data, &[id]).await;
 }
 
@@ -655,6 +667,24 @@ async fn files_round_trip_owned_by_the_sandbox_user() {
     }
     assert_eq!(back["link"].0, tar::EntryType::Symlink);
     assert_eq!(back["sub"].0, tar::EntryType::Directory);
+    // A single file travels as one member named after it.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let got = async {
+        let mut v = Vec::new();
+        while let Some(b) = rx.recv().await {
+            v.extend_from_slice(&b);
+        }
+        v
+    };
+    let (sent, one) = tokio::join!(rt.download(id, "/work/a.bin".into(), tx), got);
+    sent.expect("download a file");
+    let mut members = tar::Archive::new(&one[..]);
+    let mut entries = members.entries().expect("entries");
+    let mut e = entries.next().expect("one member").expect("entry");
+    assert_eq!(e.path().expect("path").display().to_string(), "a.bin");
+    let mut content = String::new();
+    e.read_to_string(&mut content).expect("content");
+    assert_eq!(content, "short");
     cleanup(&rt, &data, &[id]).await;
 }
 
