@@ -228,6 +228,24 @@ async fn pump_control(
     }
 }
 
+/// `fd` moved to a descriptor number of 3 or more (close-on-exec).
+fn above_stdio(fd: std::os::fd::OwnedFd) -> Result<std::os::fd::OwnedFd, IoError> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor or -1; no memory
+    // is touched.
+    let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(IoError::io(
+            "move the exec's control socket",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `dup` is a new descriptor just returned to us (checked >= 0), owned by nothing else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
 /// Run one exec to its end. `process` is [`process_spec`] with the wrapper's argv.
 pub async fn run(
     crun: &Crun,
@@ -242,6 +260,9 @@ pub async fn run(
     let file = ProcessFile::write(bundle, None, process)?;
     let (host, wrapper) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| IoError::io("create the exec's control socket", e))?;
+    // Above the stdio descriptors, which the child's stdio setup overwrites before `pre_exec`
+    // runs (a daemon started with a closed stdin could get the socket as fd 0).
+    let wrapper = above_stdio(std::os::fd::OwnedFd::from(wrapper))?;
     let mut cmd = tokio::process::Command::new(crun.binary());
     cmd.arg("--root")
         .arg(crun.root())
