@@ -10,6 +10,8 @@
 //!   stdout.log stderr.log   the container's stdio (tails of 64 KiB in exit reports)
 //!   container.pid  written by crun once the container runs
 //!   exit.code      written by the shim when crun returns: the container's status (128+sig)
+//!   init.status    written by surge-init: "ok" once the command runs, or why it could not
+//!   exec/N.json    the process spec of a running exec (`crun exec --process`)
 //!   final.json     how it ended, fixed once observed
 //! ```
 //!
@@ -37,6 +39,13 @@
 //!   crun 1.8 refuses such hosts ("cgroups in hybrid mode not supported"). surge runs crun in a
 //!   private mount namespace in which `/sys/fs/cgroup/unified` is unmounted, so crun sees a plain
 //!   v1 host. Nothing outside that namespace changes.
+//!
+//! **PID 1, exec and files.** PID 1 is surge-init ([`init`]), bind-mounted read-only from the
+//! data dir: it reaps orphans and forwards SIGTERM; with no command the sandbox stays up until
+//! stopped. Exec is `crun exec --process` with the sandbox's user, no capabilities and
+//! no_new_privs, wrapped by surge-init for process groups and kills ([`exec`]). Files are opened
+//! from the host through `/proc/<PID 1>/root` with `openat2(RESOLVE_IN_ROOT)`, as the sandbox's
+//! user ([`resolve`], [`files`], [`tarball`]).
 //!
 //! **OOM.** `runtime::guard_memory` grows the limit under pressure. When it cannot, the kernel
 //! kills a process; a sandbox that then ends with a non-zero status and OOM evidence is
@@ -72,8 +81,13 @@ use super::{
 use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
 pub mod crun;
+mod exec;
+mod files;
+pub mod init;
 mod io;
 pub mod oci;
+mod resolve;
+mod tarball;
 
 use crun::Crun;
 
@@ -179,6 +193,24 @@ fn exit_code(sb: &Sandbox) -> Option<i32> {
     text.strip_suffix('\n')?.trim().parse().ok()
 }
 
+/// What surge-init said about starting the command: `None` while it has said nothing.
+enum InitStatus {
+    Ran,
+    Failed(String),
+}
+
+fn init_status(sb: &Sandbox) -> Option<InitStatus> {
+    match std::fs::read_to_string(sb.file("init.status")) {
+        // Started by a shim that passed no status file (an older surge): it ran.
+        Err(_) => Some(InitStatus::Ran),
+        Ok(t) if t.is_empty() => None,
+        Ok(t) if t.starts_with("ok\n") => Some(InitStatus::Ran),
+        Ok(t) => Some(InitStatus::Failed(
+            t.trim().chars().take(CRUN_ERROR_TAIL_BYTES).collect(),
+        )),
+    }
+}
+
 /// The container's first process, once crun has written its pid file.
 fn container_pid(sb: &Sandbox) -> Option<u32> {
     std::fs::read_to_string(sb.file("container.pid"))
@@ -202,6 +234,10 @@ pub struct ContainerRuntime {
     templates: Templates,
     crun: Crun,
     sandboxes: Sandboxes<ContainerRuntime>,
+    /// surge-init on the host (`<data_dir>/bin/surge-init`).
+    init: PathBuf,
+    /// Exec slots and exec contexts of the sandboxes (see `io`).
+    io: io::IoState,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -230,12 +266,24 @@ impl Supervisor for ContainerRuntime {
         }
     }
 
+    /// Running once surge-init has executed the command (a command that cannot be executed is
+    /// a failed start, not a start and an exit).
     fn started_pid(sb: &Sandbox) -> Option<u32> {
-        container_pid(sb)
+        match init_status(sb)? {
+            InitStatus::Ran => container_pid(sb),
+            InitStatus::Failed(_) => None,
+        }
     }
 
     async fn verdict(&self, sb: &Sandbox) -> Result<Final, RuntimeError> {
         let code = exit_code(sb);
+        // surge-init could not execute the command: a start failure, with its reason.
+        if let Some(InitStatus::Failed(reason)) = init_status(sb) {
+            return Ok(Final {
+                state: ObservedState::Failed { reason },
+                code: None,
+            });
+        }
         // OOM evidence only matters for a failed exit: a sandbox that recovered from the OOM kill
         // of one of its processes and exited 0 succeeded.
         let oom = matches!(code, Some(c) if c != 0) && self.oom_evidence(sb).await;
@@ -291,7 +339,10 @@ impl ContainerRuntime {
             ));
         }
         let crun = Crun::new(&config.crun, config.data_dir.join("crun"), &layout)?;
+        let init = init::install(&config.data_dir)?;
         Ok(Self {
+            init,
+            io: io::IoState::default(),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
             config,
@@ -352,6 +403,7 @@ impl ContainerRuntime {
             uid: self.config.sandbox_uid,
             gid: self.config.sandbox_gid,
             tmp_size_mib: self.config.tmp_size_mib,
+            init: &self.init,
         })
         .map_err(|reason| RuntimeError::StartFailed {
             id: req.id,
@@ -642,6 +694,7 @@ impl Runtime for ContainerRuntime {
             ])
             .await;
         unmount(&sb.file("rootfs"));
+        self.io.forget(id);
         if let Some(owned) = &sb.cgroup.owned {
             let _ = std::fs::remove_dir(owned.join("ctr"));
             if let Err(e) = std::fs::remove_dir(owned) {
@@ -659,3 +712,5 @@ impl Runtime for ContainerRuntime {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_io;

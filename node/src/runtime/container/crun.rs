@@ -18,8 +18,9 @@ pub const CRUN_COMMAND_TIMEOUT_MS: u64 = 10_000;
 
 /// `sh -c SHIM_SCRIPT NAME CRUN ROOT BUNDLE CID`: `crun run` in the foreground creates, starts
 /// and waits for the container; its status is kept in `exit.code` for whichever daemon process
-/// looks next.
-const SHIM_SCRIPT: &str = r#""$1" --root "$2" run --bundle "$3" --pid-file "$3/container.pid" "$4"; echo $? > "$3/exit.code""#;
+/// looks next. fd 3 (`init.status`) reaches surge-init, which writes there "ok" once the command
+/// runs, or why it could not be executed: a start failure, told apart from an exit.
+const SHIM_SCRIPT: &str = r#""$1" --root "$2" run --preserve-fds 1 --bundle "$3" --pid-file "$3/container.pid" "$4" 3>>"$3/init.status"; echo $? > "$3/exit.code""#;
 
 /// The crun binary, its state directory, and the cgroup view its processes get.
 pub struct Crun {

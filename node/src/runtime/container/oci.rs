@@ -2,10 +2,11 @@
 //!
 //! Pure: the spec is a function of the sandbox's spec, its resources and where its cgroup goes,
 //! so the isolation it promises (namespaces, no host paths, an unprivileged user, a reduced
-//! capability set, masked /proc files) is checked by unit tests without crun.
+//! capability set, masked /proc files, surge-init as PID 1) is checked by unit tests without crun.
 
 use serde_json::json;
 
+use super::init::{init_args, INIT_IN_SANDBOX};
 use crate::runtime::cgroup::{cpu_quota_us, cpu_shares, CPU_PERIOD_US};
 use crate::runtime::{Resources, SandboxId, SandboxSpec, MIB};
 
@@ -24,6 +25,8 @@ pub struct OciParams<'a> {
     pub uid: u32,
     pub gid: u32,
     pub tmp_size_mib: u64,
+    /// Host path of surge-init (`init::install`), bind-mounted read-only as PID 1.
+    pub init: &'a std::path::Path,
 }
 
 /// The OCI runtime spec of one sandbox. Env names must be non-empty and free of `=`.
@@ -41,11 +44,9 @@ pub fn oci_config(p: &OciParams<'_>) -> Result<serde_json::Value, String> {
         }
         env.push(format!("{k}={v}"));
     }
-    let args = if p.spec.command.is_empty() {
-        vec!["/bin/sh".to_owned()]
-    } else {
-        p.spec.command.clone()
-    };
+    // PID 1 is surge-init: it reaps, forwards SIGTERM and runs the command (none: the sandbox
+    // stays up until stopped).
+    let args = init_args(&p.spec.command);
     if args.iter().any(|a| a.contains('\0')) {
         return Err("command contains a NUL byte".to_owned());
     }
@@ -72,7 +73,9 @@ pub fn oci_config(p: &OciParams<'_>) -> Result<serde_json::Value, String> {
             { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
             { "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] },
-            { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", p.tmp_size_mib)] }
+            { "destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", p.tmp_size_mib)] },
+            // The one host file a sandbox sees: surge's init, read-only (after /dev, which holds it).
+            { "destination": INIT_IN_SANDBOX, "type": "bind", "source": p.init, "options": ["bind", "ro", "nosuid", "nodev"] }
         ],
         "linux": {
             "cgroupsPath": p.cgroups_path,

@@ -84,6 +84,7 @@ fn oci_spec_has_isolation_and_limits() {
         uid: 1000,
         gid: 1000,
         tmp_size_mib: 64,
+        init: Path::new("/data/bin/surge-init"),
     };
     let c = oci_config(&p).expect("config");
     let ns: Vec<&str> = c["linux"]["namespaces"]
@@ -103,13 +104,27 @@ fn oci_spec_has_isolation_and_limits() {
         .expect("env")
         .iter()
         .any(|e| e == "A=b=c"));
+    assert_eq!(
+        c["process"]["args"],
+        json!([init::INIT_IN_SANDBOX, "init", "sh", "-c", "echo hi"]),
+        "surge-init is PID 1 and runs the command"
+    );
+    let binds: Vec<&serde_json::Value> = c["mounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .filter(|m| m["type"] == "bind")
+        .collect();
+    assert_eq!(binds.len(), 1, "no host path but surge-init: {binds:?}");
+    assert_eq!(binds[0]["source"], "/data/bin/surge-init");
+    assert_eq!(binds[0]["destination"], init::INIT_IN_SANDBOX);
     assert!(
-        c["mounts"]
+        binds[0]["options"]
             .as_array()
-            .expect("mounts")
+            .expect("options")
             .iter()
-            .all(|m| m["type"] != "bind"),
-        "no host paths"
+            .any(|o| o == "ro"),
+        "read-only"
     );
     let bad = SandboxSpec {
         env: vec![("A=B".into(), "x".into())],
@@ -125,15 +140,16 @@ fn oci_spec_has_isolation_and_limits() {
         ..spec.clone()
     };
     assert_eq!(
-        oci_config(&OciParams { spec: &shell, ..p }).expect("config")["process"]["args"][0],
-        "/bin/sh"
+        oci_config(&OciParams { spec: &shell, ..p }).expect("config")["process"]["args"],
+        json!([init::INIT_IN_SANDBOX, "init"]),
+        "no command: a long-lived sandbox, surge-init alone"
     );
 }
 
 // ---- real containers ----
 
 /// A runtime on a fresh data dir, or `None` (with a printed reason) when this host cannot run one.
-fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
+pub(super) fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     if !is_root() {
         unavailable(&format!(
             "{test}: needs root (namespaces, cgroups, overlay mounts)"
@@ -158,7 +174,7 @@ fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     }
 }
 
-fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
+pub(super) fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
     StartRequest {
         id: SandboxId::new(job, index),
         generation: 1,
@@ -177,7 +193,7 @@ fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartRequest {
     }
 }
 
-async fn cleanup(rt: &ContainerRuntime, data: &Path, ids: &[SandboxId]) {
+pub(super) async fn cleanup(rt: &ContainerRuntime, data: &Path, ids: &[SandboxId]) {
     for id in ids {
         let _ = rt.stop(*id, Duration::from_millis(100)).await;
         rt.remove(*id).await.expect("forget");
@@ -215,8 +231,8 @@ async fn runs_in_its_own_namespaces_and_reports_exit_code_and_output() {
     );
     assert_eq!(report.code, Some(3));
     assert_eq!(
-        report.stdout_tail, "hi\npid=1\nuid=1000\nsb-1-0\nlo\n",
-        "pid ns, user, uts, netns with only lo"
+        report.stdout_tail, "hi\npid=2\nuid=1000\nsb-1-0\nlo\n",
+        "pid ns (surge-init is 1, the command its first child), user, uts, netns with only lo"
     );
     assert!(report.stderr_tail.contains("oops"));
     assert!(
@@ -286,7 +302,8 @@ async fn runs_unprivileged_and_sees_no_host_paths() {
     );
     // Every mount is the overlay root or a kernel filesystem made for the sandbox: a host
     // bind mount would show the host's filesystem type (ext4, xfs, ...). The one exception is
-    // how crun masks files (`maskedPaths`): the host's /dev/null bound over them, read-only.
+    // how crun masks files (`maskedPaths`): the host's /dev/null bound over them, read-only;
+    // and surge-init, the one host file bound in, read-only.
     let mounts = out.split("---mounts\n").nth(1).expect("mountinfo printed");
     let allowed = [
         "overlay", "proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2",
@@ -300,6 +317,15 @@ async fn runs_unprivileged_and_sees_no_host_paths() {
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or("?");
+        if *target == init::INIT_IN_SANDBOX {
+            assert!(
+                fields
+                    .get(5)
+                    .is_some_and(|o| o.split(',').any(|o| o == "ro")),
+                "surge-init is mounted read-only: {line}"
+            );
+            continue;
+        }
         if fstype == "devtmpfs" && root == Some("/null") {
             assert!(
                 target.starts_with("/proc/") || target.starts_with("/sys/"),
@@ -329,13 +355,18 @@ async fn missing_template_and_bad_command_fail_with_reasons() {
     let mut r = req(2, 1, "", 64);
     r.spec.command = vec!["/bin/does-not-exist".into()];
     let err = rt.start(r).await;
-    // crun reports exec failures either at start or as the container's exit status.
-    let state = rt.wait(SandboxId::new(2, 1)).await.expect("wait").state;
+    // surge-init reports it could not execute the command: a failed start, with the reason,
+    // never a start followed by an exit.
     assert!(
-        err.is_err() || state != ObservedState::Exited { code: 0 },
-        "{err:?} {state:?}"
+        matches!(&err, Err(RuntimeError::StartFailed { reason, .. }) if reason.contains("/bin/does-not-exist")),
+        "{err:?}"
     );
-    assert!(state.is_terminal());
+    let report = rt.wait(SandboxId::new(2, 1)).await.expect("wait");
+    assert!(
+        matches!(&report.state, ObservedState::Failed { reason } if reason.contains("cannot run")),
+        "{report:?}"
+    );
+    assert_eq!(report.code, None);
     cleanup(&rt, &data, &[SandboxId::new(2, 1)]).await;
 }
 
@@ -460,8 +491,8 @@ async fn pause_stops_progress_and_resume_continues() {
     let report = rt.stop(id, Duration::from_millis(300)).await.expect("stop");
     assert_eq!(
         report.code,
-        Some(137),
-        "sh as pid 1 ignores SIGTERM: killed after the grace"
+        Some(143),
+        "surge-init forwards SIGTERM to the shell (no longer PID 1), which dies of it"
     );
     cleanup(&rt, &data, &[id]).await;
 }
@@ -595,10 +626,10 @@ async fn a_new_runtime_instance_readopts_running_and_exited_sandboxes() {
     let (waited, stopped) = tokio::join!(waiter, stopper);
     assert_eq!(
         waited.expect("wait").code,
-        Some(137),
-        "an adopted sandbox's exit is observed"
+        Some(143),
+        "an adopted sandbox's exit is observed (sleep dies of the forwarded SIGTERM)"
     );
-    assert_eq!(stopped.expect("stop").code, Some(137));
+    assert_eq!(stopped.expect("stop").code, Some(143));
     cleanup(&second, &data, &[running, exited]).await;
 }
 
@@ -645,6 +676,7 @@ async fn start_latency() {
         uid: 1000,
         gid: 1000,
         tmp_size_mib: 64,
+        init: &rt.init,
     })
     .expect("config");
     config["root"] = json!({ "path": template, "readonly": true });
