@@ -205,6 +205,11 @@ impl LocalCluster {
         Ok(id)
     }
 
+    /// Process ids of the node daemons this cluster started.
+    pub fn node_pids(&self) -> Vec<u32> {
+        self.node_groups.values().map(Child::id).collect()
+    }
+
     pub fn ids(&self) -> Vec<u64> {
         self.replicas.keys().copied().collect()
     }

@@ -21,7 +21,7 @@ pub struct ContainerDaemon {
 }
 
 impl ContainerDaemon {
-    fn crun_root(&self) -> PathBuf {
+    pub fn crun_root(&self) -> PathBuf {
         self.data_dir.join("crun")
     }
 }

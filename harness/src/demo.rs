@@ -16,7 +16,7 @@ use crate::tracker::BurstTracker;
 /// `surge node` daemons on the container runtime, stopped (and their containers removed) on drop.
 pub struct RealNodes {
     children: Vec<Child>,
-    daemons: Vec<ContainerDaemon>,
+    pub daemons: Vec<ContainerDaemon>,
     root: PathBuf,
 }
 

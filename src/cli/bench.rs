@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
-use surge_harness::bench::{burst, failover, raft};
+use surge_harness::bench::{burst, exec, failover, raft};
 use surge_harness::output::{json as print_json, table, Output};
 
 #[derive(clap::Subcommand)]
@@ -15,6 +15,38 @@ pub enum BenchCmd {
     Failover(FailoverArgs),
     /// The 100k-CPU burst: submit -> all placed -> all running; cancel -> all capacity free.
     Burst(BurstArgs),
+    /// Exec and files: API vs plain `crun exec` side by side, the RL pattern on real
+    /// containers, and execs into 10,000 simulated sandboxes through every replica.
+    Exec(ExecArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    #[arg(long, default_value_t = 3)]
+    replicas: u64,
+    /// Execs of `true` per side (API, crun exec) in the side-by-side part.
+    #[arg(long, default_value_t = 200)]
+    anchor_execs: u32,
+    /// Sandboxes of the RL pattern, created in one call ...
+    #[arg(long, default_value_t = 64)]
+    rl_sandboxes: u32,
+    /// ... each driven by this many sequential execs (plus a file round trip).
+    #[arg(long, default_value_t = 40)]
+    rl_execs: u32,
+    /// Simulated sandboxes of the scale part ...
+    #[arg(long, default_value_t = 10_000)]
+    scale_sandboxes: u32,
+    /// ... execs into each ...
+    #[arg(long, default_value_t = 10)]
+    scale_execs: u32,
+    /// ... with this many in flight, spread over every replica.
+    #[arg(long, default_value_t = 256)]
+    scale_concurrency: u32,
+    /// Only the simulated part (a host without crun).
+    #[arg(long)]
+    skip_containers: bool,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -93,6 +125,7 @@ pub async fn run(cmd: BenchCmd, bin: PathBuf) -> anyhow::Result<()> {
         BenchCmd::Raft(a) => run_raft(a, &bin).await,
         BenchCmd::Failover(a) => run_failover(a, &bin).await,
         BenchCmd::Burst(a) => run_burst(a, &bin).await,
+        BenchCmd::Exec(a) => run_exec(a, &bin).await,
     }
 }
 
@@ -253,6 +286,117 @@ async fn run_burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+async fn run_exec(args: ExecArgs, bin: &Path) -> anyhow::Result<()> {
+    let cfg = exec::ExecConfig {
+        replicas: args.replicas,
+        anchor_execs: args.anchor_execs,
+        rl_sandboxes: args.rl_sandboxes,
+        rl_execs: args.rl_execs,
+        scale_sandboxes: args.scale_sandboxes,
+        scale_execs: args.scale_execs,
+        scale_concurrency: args.scale_concurrency,
+        skip_containers: args.skip_containers,
+        ..exec::ExecConfig::default()
+    };
+    let r = exec::run(cfg, bin).await?;
+    if args.output == Output::Json {
+        print_json(&r.json());
+        return Ok(());
+    }
+    if let Some(a) = &r.anchor {
+        println!(
+            "exec of `true` in one container sandbox, {} each, interleaved:",
+            a.api.n
+        );
+        table(
+            &["PATH", "P50_MS", "P99_MS"],
+            &[
+                vec![
+                    "API (client -> replica -> node -> crun exec --process)".into(),
+                    format!("{:.2}", a.api.p50_ms),
+                    format!("{:.2}", a.api.p99_ms),
+                ],
+                vec![
+                    "crun exec (plain, same container)".into(),
+                    format!("{:.2}", a.crun.p50_ms),
+                    format!("{:.2}", a.crun.p99_ms),
+                ],
+            ],
+        );
+        println!(
+            "ratio API / crun exec: p50 {:.2}x, p99 {:.2}x (goal <= 2)",
+            a.api.p50_ms / a.crun.p50_ms.max(1e-9),
+            a.api.p99_ms / a.crun.p99_ms.max(1e-9)
+        );
+    }
+    if let Some(rl) = &r.rl {
+        println!("\nRL pattern: {} sandboxes created in one call, {} execs (1 KiB out) + a 64 KiB file round trip each:", rl.sandboxes, rl.execs_each);
+        table(
+            &[
+                "WALL_S",
+                "EXEC_P50_MS",
+                "EXEC_P99_MS",
+                "CREATE_TO_FIRST_OUTPUT_P50_MS",
+                "P99_MS",
+                "FILES_OK",
+            ],
+            &[vec![
+                format!("{:.2}", rl.wall_s),
+                format!("{:.2}", rl.exec.p50_ms),
+                format!("{:.2}", rl.exec.p99_ms),
+                format!("{:.0}", rl.first_output.p50_ms),
+                format!("{:.0}", rl.first_output.p99_ms),
+                format!("{}/{}", rl.files_ok, rl.sandboxes),
+            ]],
+        );
+        println!(
+            "goal create -> first exec output p50 < 250 ms: {}",
+            if rl.first_output.p50_ms < 250.0 {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+    }
+    if let Some(s) = &r.scale {
+        println!(
+            "\nscale: {} execs into {} simulated sandboxes through every replica:",
+            s.execs, s.sandboxes
+        );
+        table(
+            &["EXECS_PER_S", "P50_MS", "P99_MS", "WALL_S"],
+            &[vec![
+                format!("{:.0}", s.execs_per_s),
+                format!("{:.2}", s.exec.p50_ms),
+                format!("{:.2}", s.exec.p99_ms),
+                format!("{:.1}", s.wall_s),
+            ]],
+        );
+        let rows: Vec<Vec<String>> = s
+            .replica_cpu_s
+            .iter()
+            .map(|(id, leader, cpu)| {
+                vec![
+                    id.to_string(),
+                    if *leader {
+                        "leader".into()
+                    } else {
+                        "follower".into()
+                    },
+                    format!("{cpu:.2}"),
+                ]
+            })
+            .chain(std::iter::once(vec![
+                "nodes".into(),
+                "(all node processes)".into(),
+                format!("{:.2}", s.node_cpu_s),
+            ]))
+            .collect();
+        table(&["REPLICA", "ROLE", "CPU_S"], &rows);
     }
     Ok(())
 }

@@ -3,9 +3,11 @@
 //!
 //! - [`raft`]: commit throughput and latency of submissions, side by side with etcd;
 //! - [`failover`]: kill -9 the leader under load, time to the first accepted write, no loss;
-//! - [`burst`]: the 100k-sandbox burst: submit -> all placed -> all running -> cancel -> free.
+//! - [`burst`]: the 100k-sandbox burst: submit -> all placed -> all running -> cancel -> free;
+//! - [`exec`]: exec and files: API vs `crun exec`, the RL pattern, and execs at scale.
 
 pub mod burst;
+pub mod exec;
 pub mod failover;
 mod profile;
 pub mod raft;
