@@ -93,6 +93,7 @@ async fn list(addr: &str, c: &Credentials) -> Result<Vec<pb::Job>, tonic::Status
             state: String::new(),
             limit: 1000,
             before_id: 0,
+            labels: Default::default(),
         })
         .await
         .map(|r| r.into_inner().jobs)

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod client;
 pub mod dev;
+pub mod life;
 pub mod node;
 pub mod security;
 pub mod server;

@@ -154,6 +154,9 @@ pub struct NodeConfig {
     pub resync_interval: Duration,
     /// Replica to try first: nodes of one process spread their sessions over the replicas.
     pub first_replica: usize,
+    /// Sandboxes used (exec or file calls) since the last report: the I/O service touches it,
+    /// the reporter sends it with its next report (input of idle timeouts).
+    pub activity: Arc<activity::Activity>,
 }
 
 impl NodeConfig {
@@ -176,6 +179,7 @@ impl NodeConfig {
             call_timeout: Duration::from_millis(CALL_TIMEOUT_MS),
             resync_interval: Duration::from_millis(RESYNC_INTERVAL_MS),
             first_replica: 0,
+            activity: Arc::default(),
         }
     }
 
@@ -284,6 +288,7 @@ impl<R: Runtime> NodeAgent<R> {
                 control: control_rx,
                 metrics: metrics.clone(),
                 call_timeout: config.call_timeout,
+                activity: config.activity.clone(),
             }
             .run(stop.clone()),
         );

@@ -7,6 +7,7 @@ pub mod error;
 pub mod guard;
 pub mod hub;
 pub mod jobs;
+pub mod lifetimes;
 pub mod nodes;
 
 use std::sync::Arc;

@@ -274,6 +274,17 @@ impl NodeApi for NodesService {
                 req.updates.len()
             )));
         }
+        if req.active.len() > crate::lifetime::TOUCH_RANGES_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} active sandboxes in one report; at most {}",
+                req.active.len(),
+                crate::lifetime::TOUCH_RANGES_MAX
+            )));
+        }
+        if !req.active.is_empty() {
+            self.leader
+                .touch(req.active.iter().map(|a| (a.job_id, a.index)));
+        }
         let mut updates = Vec::with_capacity(req.updates.len());
         let mut outcomes = Vec::new();
         for u in &req.updates {
