@@ -162,7 +162,9 @@ pub fn parse_duration_ms(flag: &str, s: &str) -> Result<u64, ClientError> {
         .checked_mul(per_ms)
         .ok_or_else(|| bad("too long".into()))?;
     if ms == 0 {
-        return Err(bad("must be more than 0 (leave the flag out for none)".into()));
+        return Err(bad(
+            "must be more than 0 (leave the flag out for none)".into()
+        ));
     }
     let max = surge_scheduler::lifetime::LIFETIME_MS_MAX;
     if ms > max {

@@ -94,7 +94,8 @@ pub struct Resources {
 pub struct SandboxSpec {
     /// Root filesystem template, a directory under `<data_dir>/templates/`.
     pub template: String,
-    /// argv; empty means the template's shell.
+    /// argv; empty: a long-lived sandbox that runs the template's init alone until it is
+    /// stopped (the scheduler's TTL, idle timeout or lease, `surge stop`, cancel).
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
     /// The job's initial request; the current limits are [`DesiredSandbox::resources`].

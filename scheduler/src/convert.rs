@@ -4,11 +4,11 @@
 use surge_proto::jobs as pb;
 use surge_proto::node as pn;
 
+use crate::lifetime::{end_reason, EndReason};
 use crate::model::{
     constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
     RestartPolicy, Strategy,
 };
-use crate::lifetime::{end_reason, EndReason};
 use crate::runs::{SandboxState, EXIT_NOT_RUN};
 use crate::state::NodeUsage;
 use crate::validate::{self, Invalid};

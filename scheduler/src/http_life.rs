@@ -166,7 +166,9 @@ pub async fn get_sandbox(
     Path((id, index)): Path<(String, String)>,
 ) -> Response {
     let (Ok(job_id), Ok(index)) = (id.parse::<u64>(), index.parse::<u32>()) else {
-        return bad_request(format!("sandbox {id:?}.{index:?}: job id and index are numbers"));
+        return bad_request(format!(
+            "sandbox {id:?}.{index:?}: job id and index are numbers"
+        ));
     };
     match state
         .jobs

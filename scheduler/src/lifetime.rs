@@ -56,7 +56,9 @@ impl Lifetime {
 }
 
 /// Why a sandbox was asked to stop (kept with the stop, so its end says why).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum StopCause {
     /// A user's `surge stop`.
     #[default]
@@ -187,7 +189,8 @@ pub fn expiries_of(job: &Job, now_ms: u64, out: &mut Vec<Expiry>) {
     for (first, run) in job.runs.iter() {
         match (due(job, run, now_ms), last.as_mut()) {
             (Some(cause), Some(l))
-                if l.cause == cause && u64::from(l.first) + u64::from(l.count) == u64::from(first) =>
+                if l.cause == cause
+                    && u64::from(l.first) + u64::from(l.count) == u64::from(first) =>
             {
                 l.count = l.count.saturating_add(run.count);
             }

@@ -233,7 +233,8 @@ pub fn label(key: &str, value: &str) -> Result<(), Invalid> {
                 format!("label {what} {s:?} must be 1 to {LABEL_BYTES_MAX} bytes"),
             ));
         }
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || c == extra;
+        let ok_char =
+            |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || c == extra;
         let ends_ok = s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && s.ends_with(|c: char| c.is_ascii_alphanumeric());
         if !s.chars().all(ok_char) || !ends_ok {
@@ -276,9 +277,7 @@ pub fn lifetime_ms(field: &str, ms: u64) -> Result<(), Invalid> {
     if ms > LIFETIME_MS_MAX {
         return Err(invalid(
             field,
-            format!(
-                "{ms} ms is more than the limit of {LIFETIME_MS_MAX} ms (30 days)"
-            ),
+            format!("{ms} ms is more than the limit of {LIFETIME_MS_MAX} ms (30 days)"),
         ));
     }
     Ok(())

@@ -117,7 +117,10 @@ pub async fn wait_after_submit(
 ) -> anyhow::Result<()> {
     let timeout_ms = parse_duration_ms("wait-timeout", timeout)?;
     if output == Output::Table {
-        println!("job {} submitted; waiting for its sandboxes to run", r.job_id);
+        println!(
+            "job {} submitted; waiting for its sandboxes to run",
+            r.job_id
+        );
     }
     let w = c
         .wait_job(pb::WaitJobRequest {

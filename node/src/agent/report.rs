@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::connection::{call_timeout, CallError};
 use super::activity::{Activity, ACTIVITY_MAX};
+use super::connection::{call_timeout, CallError};
 use super::metrics::NodeMetrics;
 use crate::reconcile::SandboxId;
 

@@ -399,7 +399,8 @@ impl Lifetimes {
                 }
                 match ranges.last_mut() {
                     Some((j, first, count))
-                        if *j == job && u64::from(*first) + u64::from(*count) == u64::from(index) =>
+                        if *j == job
+                            && u64::from(*first) + u64::from(*count) == u64::from(index) =>
                     {
                         *count += 1;
                     }

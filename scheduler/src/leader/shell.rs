@@ -17,8 +17,8 @@ use tokio::task::AbortHandle;
 
 use super::core::{self, CoreConfig, Heartbeats, Lifetimes, Planner, ReportBatch};
 use super::{
-    Host, Metrics, LIFETIME_INTERVAL, LIVENESS_INTERVAL, REPORT_BATCH_WINDOW, REPORT_QUEUE_MAX, SCHEDULE_INTERVAL,
-    SCHEDULE_INTERVAL_MIN,
+    Host, Metrics, LIFETIME_INTERVAL, LIVENESS_INTERVAL, REPORT_BATCH_WINDOW, REPORT_QUEUE_MAX,
+    SCHEDULE_INTERVAL, SCHEDULE_INTERVAL_MIN,
 };
 use crate::command::{Command, Response, StatusRange};
 use crate::model::Resources;
@@ -194,7 +194,10 @@ async fn watch_lifetimes<H: Host>(leader: Arc<Leader<H>>) {
         for command in commands {
             match leader.host.propose(&command).await {
                 Ok((_, Response::Expired { stopped })) if stopped > 0 => {
-                    tracing::info!(stopped, "sandboxes past a deadline (ttl, idle or lease) asked to stop");
+                    tracing::info!(
+                        stopped,
+                        "sandboxes past a deadline (ttl, idle or lease) asked to stop"
+                    );
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "lifetime entry not committed"),

@@ -60,12 +60,10 @@ impl ClusterState {
     ) -> Response {
         if let Some(ttl) = ttl_ms {
             if let Err(e) = validate::lifetime_ms("ttl_ms", ttl).and_then(|()| {
-                (ttl > 0)
-                    .then_some(())
-                    .ok_or_else(|| validate::Invalid {
-                        field: "ttl_ms".into(),
-                        reason: "must be more than 0".into(),
-                    })
+                (ttl > 0).then_some(()).ok_or_else(|| validate::Invalid {
+                    field: "ttl_ms".into(),
+                    reason: "must be more than 0".into(),
+                })
             }) {
                 return Response::Rejected(Rejection::Invalid(e.to_string()));
             }

@@ -16,6 +16,8 @@ use crate::model::{Job, JobId, Node, Resources};
 mod apply;
 mod lifetime;
 pub use lifetime::{expiries, tracks_idle};
+#[cfg(test)]
+mod lifetime_tests;
 mod query;
 mod report;
 #[cfg(test)]
