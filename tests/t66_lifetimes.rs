@@ -200,7 +200,7 @@ async fn expiry_happens_after_the_leader_is_killed() {
         ..long_lived(2, &[])
     };
     let id = submit_spec(&addr, spec, "ttl-failover").await;
-    let j = wait_running(&client(&[addr.clone()]), id).await;
+    let j = wait_running(&client(std::slice::from_ref(&addr)), id).await;
     assert_eq!(j.state, "running");
     // The deadline is in the replicated state: the old leader's memory goes with it.
     cl.kill(leader).expect("kill the leader");
@@ -233,7 +233,7 @@ async fn idle_timeout_follows_the_activity_nodes_report() {
     );
     config.pool = "act".into();
     let activity = config.activity.clone();
-    let replicas = Arc::new(Replicas::new(&[addr.clone()], None).expect("replicas"));
+    let replicas = Arc::new(Replicas::new(std::slice::from_ref(&addr), None).expect("replicas"));
     let metrics = Arc::new(NodeMetrics::new().expect("metrics"));
     let runtime = Arc::new(SimRuntime::new(SimProfile::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -249,7 +249,7 @@ async fn idle_timeout_follows_the_activity_nodes_report() {
         ..long_lived(2, &[])
     };
     let id = submit_spec(&addr, spec, "idle").await;
-    let c = client(&[addr.clone()]);
+    let c = client(std::slice::from_ref(&addr));
     wait_running(&c, id).await;
     // Sandbox 0 is used every 300 ms for 7 s; sandbox 1 never.
     let used_until = Instant::now() + Duration::from_secs(7);

@@ -351,9 +351,8 @@ impl Client {
     /// Renew the job's lease and, with `ttl_ms`, extend its sandboxes' TTL. An owner that
     /// submitted with a lease calls this every lease/3.
     pub async fn keepalive(&self, req: pb::KeepaliveRequest) -> Result<pb::Job, ClientError> {
-        self.call(Repeat::Safe, |a| {
-            let req = req.clone();
-            async move { Ok(self.jobs_at(&a)?.keepalive(req).await?.into_inner()) }
+        self.call(Repeat::Safe, |a| async move {
+            Ok(self.jobs_at(&a)?.keepalive(req).await?.into_inner())
         })
         .await
     }
