@@ -349,7 +349,8 @@ pub async fn job(c: &Client, output: Output, id: u64, watch: bool) -> anyhow::Re
     Ok(())
 }
 
-/// `ended: 3 failed (exit 1), 1 oom-killed (exit 137)`, or nothing when all went well.
+/// `ended: 3 failed (exit 1), 1 failed (signal 9), 4 stopped (ttl-expired)`, or nothing when
+/// all went well.
 pub fn exits_line(j: &pb::Job) -> Option<String> {
     if j.exits.is_empty() {
         return None;
@@ -358,10 +359,15 @@ pub fn exits_line(j: &pb::Job) -> Option<String> {
         .exits
         .iter()
         .map(|e| {
-            if e.start_failed {
-                format!("{} {} (never started)", e.count, e.state)
-            } else {
-                format!("{} {} (exit {})", e.count, e.state, e.exit_code)
+            let reason = surge_scheduler::convert::end_reason_name(e.reason);
+            match (e.start_failed, reason) {
+                (true, _) => format!("{} {} (never started)", e.count, e.state),
+                (false, "signal") => {
+                    format!("{} {} (signal {})", e.count, e.state, e.exit_code - 128)
+                }
+                (false, "" | "exited") => format!("{} {} (exit {})", e.count, e.state, e.exit_code),
+                // ttl-expired, idle-timeout, lease-lost, node-lost, cancelled, ...
+                (false, why) => format!("{} {} ({why})", e.count, e.state),
             }
         })
         .collect();

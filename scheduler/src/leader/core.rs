@@ -379,13 +379,19 @@ impl Lifetimes {
         }
     }
 
+    /// Event: this replica does not lead; activity gathered while it led is dropped (the new
+    /// leader hears the nodes' next reports).
+    pub fn step_down(&mut self) {
+        self.touched.clear();
+    }
+
     /// One check at `now_ms`: the `Touch` to propose (when a second has passed since the last
     /// one and anything was used), then the `Expire` for deadlines passed. Nothing while this
     /// replica does not lead (what it gathered is dropped: nodes report to the leader).
     pub fn check(&mut self, s: &ClusterState, leading: bool, now_ms: u64) -> Vec<Command> {
         use crate::lifetime::{TOUCH_INTERVAL_MS, TOUCH_RANGES_MAX};
         if !leading {
-            self.touched.clear();
+            self.step_down();
             return Vec::new();
         }
         let mut out = Vec::new();

@@ -186,11 +186,16 @@ async fn watch_liveness<H: Host>(leader: Arc<Leader<H>>) {
 async fn watch_lifetimes<H: Host>(leader: Arc<Leader<H>>) {
     loop {
         tokio::time::sleep(LIFETIME_INTERVAL).await;
-        let leading = leader.host.is_leader();
         let now_ms = leader.host.now_ms();
-        let commands = leader
-            .host
-            .read(|s, _| lock(&leader.lifetimes).check(s, leading, now_ms));
+        let commands = if leader.host.is_leader() {
+            leader
+                .host
+                .read(|s, _| lock(&leader.lifetimes).check(s, true, now_ms))
+        } else {
+            // A follower gathers nothing (nodes report to the leader) and reads no state.
+            lock(&leader.lifetimes).step_down();
+            Vec::new()
+        };
         for command in commands {
             match leader.host.propose(&command).await {
                 Ok((_, Response::Expired { stopped })) if stopped > 0 => {
