@@ -317,6 +317,51 @@ async fn labels_select_jobs_and_bad_lifetimes_get_clear_errors_on_every_api() {
     );
     assert_eq!(list("run=exp7")[0]["state"], "cancelled");
 
+    // `surge wait` and `submit --wait` wait on the server and say how it went in the exit code
+    // (no node here: nothing runs, so they time out: 2); `keepalive` renews and extends.
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .args(server)
+            .output()
+            .expect("run surge")
+    };
+    let id = other.to_string();
+    let out = run(&["wait", &id, "--timeout", "1s", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("wait prints JSON");
+    assert_eq!(v["outcome"], "timed-out");
+    let out = run(&["wait", &format!("{a}.0"), "--timeout", "1s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "cancelled: it ended first: {out:?}"
+    );
+    let out = run(&[
+        "submit",
+        "--wait",
+        "--wait-timeout",
+        "1s",
+        "--label",
+        "run=w",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&surge_ok(&[
+        "keepalive",
+        &id,
+        "--ttl",
+        "2h",
+        "-o",
+        "json",
+        "--server",
+        &addr,
+    ]))
+    .expect("keepalive prints JSON");
+    assert!(
+        v["lease_expires_at_ms"].as_u64().is_some_and(|t| t > 0),
+        "{v}"
+    );
+
     // Bad input from the CLI names the flag.
     for (flags, says) in [
         (vec!["--ttl", "0"], "--ttl"),
