@@ -80,6 +80,9 @@ enum Cmd {
         state: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only jobs with this KEY=VALUE label (repeatable: all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -91,9 +94,34 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Cancel a job.
+    /// Cancel a job, or with --label every job of your tenant carrying the labels.
     Cancel {
-        id: u64,
+        #[arg(required_unless_present = "labels", conflicts_with = "labels")]
+        id: Option<u64>,
+        /// KEY=VALUE (repeatable: all must match).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Wait until a job's sandboxes (JOB) or one sandbox (JOB.INDEX) run; exits 0 when they do,
+    /// 1 when the job ended first, 2 on timeout.
+    Wait {
+        sandbox: String,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+        /// Wait until they ended instead.
+        #[arg(long)]
+        ended: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Renew a job's owner lease; with --ttl, let its sandboxes (JOB or JOB.INDEX) live that
+    /// long from now.
+    Keepalive {
+        sandbox: String,
+        #[arg(long)]
+        ttl: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -286,17 +314,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tenant,
             state,
             limit,
+            labels,
             target,
         } => {
             let c = client(&target)?;
-            cli::client::jobs(&c, target.output, tenant, state, limit).await
+            cli::client::jobs(&c, target.output, tenant, state, limit, &labels).await
         }
         Cmd::Job { id, watch, target } => {
             cli::client::job(&client(&target)?, target.output, id, watch).await
         }
-        Cmd::Cancel { id, target } => {
-            cli::client::cancel(&client(&target)?, target.output, id).await
-        }
+        Cmd::Cancel {
+            id: Some(id),
+            target,
+            ..
+        } => cli::client::cancel(&client(&target)?, target.output, id).await,
+        Cmd::Cancel {
+            id: None,
+            labels,
+            target,
+        } => cli::life::cancel_by_label(&client(&target)?, target.output, &labels).await,
+        Cmd::Wait {
+            sandbox,
+            timeout,
+            ended,
+            target,
+        } => cli::life::wait(&client(&target)?, target.output, &sandbox, &timeout, ended).await,
+        Cmd::Keepalive {
+            sandbox,
+            ttl,
+            target,
+        } => cli::life::keepalive(&client(&target)?, target.output, &sandbox, ttl).await,
         Cmd::Nodes { target } => cli::client::nodes(&client(&target)?, target.output).await,
         Cmd::Pause { sandbox, target } => {
             let c = client(&target)?;

@@ -204,6 +204,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             state: string(&mut r),
             limit: u32_of(&mut r),
             before_id: u64_of(&mut r),
+            labels: Default::default(),
         };
         let shown = format!("ListJobs {req:?}");
         judge(&shown, jobs.list_jobs(req).await, &mut findings);

@@ -93,6 +93,7 @@ async fn list(addr: &str, c: &Credentials) -> Result<Vec<pb::Job>, tonic::Status
             state: String::new(),
             limit: 1000,
             before_id: 0,
+            labels: Default::default(),
         })
         .await
         .map(|r| r.into_inner().jobs)
@@ -727,4 +728,144 @@ async fn mtls_and_tokens_guard_every_link() {
     );
     assert!(listed.contains(&format!("{id}")), "{listed}");
     c.stop_all(Duration::from_secs(3));
+}
+
+/// Label operations keep to the caller's tenant: a tenant lists and cancels by label only its
+/// own jobs, cannot name another tenant, and another tenant's job is "no job" to its keepalive
+/// and wait; an admin's selector reaches every tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_operations_stay_within_the_tenant() {
+    use std::collections::BTreeMap;
+    let pki = pki();
+    let data = pki.root.join("cluster");
+    std::fs::create_dir_all(&data).expect("cluster dir");
+    let mut c = LocalCluster::new(&bin(), &data, 1, None)
+        .expect("plan")
+        .with_args(&["--tls-dir", p(&pki.replica), "--tokens", p(&pki.tokens)])
+        .with_credentials(creds(Some(&pki.client), None));
+    c.start_all().expect("start");
+    let leader = match c.wait_leader(Duration::from_secs(30)).await {
+        Ok(l) => l,
+        Err(e) => {
+            dump_logs(&c);
+            panic!("no leader: {e}");
+        }
+    };
+    let addr = c.addr(leader).expect("addr");
+    let alpha = creds(Some(&pki.client), Some(&pki.alpha));
+    let beta = creds(Some(&pki.client), Some(&pki.beta));
+    let admin = creds(Some(&pki.client), Some(&pki.admin));
+    let exp7 = BTreeMap::from([("run".to_string(), "exp7".to_string())]);
+    let submit = |who: &Credentials, key: &str| {
+        let (addr, who, key, labels) = (addr.clone(), who.clone(), key.to_string(), exp7.clone());
+        async move {
+            client::jobs(&addr, &who)
+                .expect("client")
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(pb::JobSpec {
+                        labels,
+                        tenant: String::new(),
+                        ..job_spec("")
+                    }),
+                    idempotency_key: key,
+                })
+                .await
+                .expect("submit")
+                .into_inner()
+                .job_id
+        }
+    };
+    let a1 = submit(&alpha, "a1").await;
+    let a2 = submit(&alpha, "a2").await;
+    let b1 = submit(&beta, "b1").await;
+    let by_label = |who: &Credentials| {
+        let (addr, who, labels) = (addr.clone(), who.clone(), exp7.clone());
+        async move {
+            client::jobs(&addr, &who)
+                .expect("client")
+                .list_jobs(pb::ListJobsRequest {
+                    limit: 100,
+                    labels,
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .jobs
+                .iter()
+                .map(|j| j.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by_label(&alpha).await,
+        vec![a2, a1],
+        "alpha sees its own only"
+    );
+    assert_eq!(by_label(&beta).await, vec![b1]);
+
+    // beta cannot name alpha's tenant, nor touch alpha's job by id.
+    let mut beta_api = client::jobs(&addr, &beta).expect("client");
+    let refused = beta_api
+        .cancel_jobs(pb::CancelJobsRequest {
+            labels: exp7.clone(),
+            tenant: "alpha".into(),
+        })
+        .await;
+    assert_eq!(code(refused), Code::PermissionDenied);
+    let keep = beta_api
+        .keepalive(pb::KeepaliveRequest {
+            job_id: a1,
+            ..Default::default()
+        })
+        .await;
+    let missing = beta_api
+        .keepalive(pb::KeepaliveRequest {
+            job_id: 999_999,
+            ..Default::default()
+        })
+        .await;
+    let (keep, missing) = (
+        keep.expect_err("not beta's"),
+        missing.expect_err("no such job"),
+    );
+    assert_eq!(keep.code(), Code::NotFound);
+    assert_eq!(
+        keep.message().replace(&a1.to_string(), "N"),
+        missing.message().replace("999999", "N"),
+        "another tenant's job reads exactly as a missing one"
+    );
+    let wait = beta_api
+        .wait_job(pb::WaitJobRequest {
+            job_id: a1,
+            timeout_ms: 100,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(wait), Code::NotFound);
+
+    // alpha's bulk cancel takes alpha's two jobs and leaves beta's.
+    let r = client::jobs(&addr, &alpha)
+        .expect("client")
+        .cancel_jobs(pb::CancelJobsRequest {
+            labels: exp7.clone(),
+            tenant: String::new(),
+        })
+        .await
+        .expect("alpha cancels by label")
+        .into_inner();
+    assert_eq!(r.cancelled, 2);
+    let b = get(&addr, &beta, b1).await.expect("beta's job");
+    assert_eq!(b.state, "pending", "another tenant's job is untouched");
+    // An admin's selector spans tenants.
+    let r = client::jobs(&addr, &admin)
+        .expect("client")
+        .cancel_jobs(pb::CancelJobsRequest {
+            labels: exp7,
+            tenant: String::new(),
+        })
+        .await
+        .expect("admin cancels by label")
+        .into_inner();
+    assert_eq!((r.cancelled, r.job_ids), (1, vec![b1]));
 }

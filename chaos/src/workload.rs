@@ -462,6 +462,7 @@ pub async fn read_jobs(addr: &str, tenant: &str) -> Result<Vec<JobSample>, Strin
             state: String::new(),
             limit: 10_000,
             before_id,
+            labels: Default::default(),
         };
         let page = match tokio::time::timeout(ATTEMPT_TIMEOUT, c.list_jobs(req)).await {
             Err(_) => return Err("no reply to ListJobs within the attempt timeout".into()),

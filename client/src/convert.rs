@@ -33,7 +33,14 @@ pub struct SubmitSpec {
     pub env: Vec<String>,
     /// `never` or `on-failure[:MAX_RESTARTS]`.
     pub restart: String,
+    /// Empty: a long-lived sandbox (the template's init alone) until stopped or expired.
     pub command: Vec<String>,
+    /// `KEY=VALUE` labels for bulk actions.
+    pub labels: Vec<String>,
+    /// Lifetimes in milliseconds; 0: none.
+    pub ttl_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub lease_ms: u64,
 }
 
 impl Default for SubmitSpec {
@@ -53,6 +60,10 @@ impl Default for SubmitSpec {
             env: Vec::new(),
             restart: "never".into(),
             command: Vec::new(),
+            labels: Vec::new(),
+            ttl_ms: 0,
+            idle_timeout_ms: 0,
+            lease_ms: 0,
         }
     }
 }
@@ -71,6 +82,7 @@ impl SubmitSpec {
         let env = parse_env(&self.env)?;
         let restart = api_json::parse_restart(&self.restart)
             .map_err(|e| ClientError::Input(format!("--{e}")))?;
+        let labels = parse_labels(&self.labels)?;
         Ok(pb::SubmitJobRequest {
             spec: Some(pb::JobSpec {
                 count: self.count,
@@ -90,6 +102,10 @@ impl SubmitSpec {
                 constraints,
                 restart: Some(restart),
                 name: self.name.clone(),
+                labels,
+                ttl_ms: self.ttl_ms,
+                idle_timeout_ms: self.idle_timeout_ms,
+                lease_ms: self.lease_ms,
             }),
             idempotency_key: self.idempotency_key.clone(),
         })
@@ -111,6 +127,50 @@ pub fn parse_env(entries: &[String]) -> Result<BTreeMap<String, String>, ClientE
         env.insert(k.to_string(), v.to_string());
     }
     Ok(env)
+}
+
+/// `KEY=VALUE` labels (or selector terms) as a map, each checked.
+pub fn parse_labels(entries: &[String]) -> Result<BTreeMap<String, String>, ClientError> {
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let (k, v) = surge_scheduler::lifetime::parse_label(e)
+            .map_err(|m| ClientError::Input(format!("--{m}")))?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// A duration as a person writes it: `90s`, `10m`, `2h`, `1d`, `500ms` (a bare number is
+/// seconds), as milliseconds. 0 and more than 30 days are refused: a flag left out means none.
+pub fn parse_duration_ms(flag: &str, s: &str) -> Result<u64, ClientError> {
+    let bad = |why: String| ClientError::Input(format!("--{flag} {s:?}: {why}"));
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| bad("write a number and a unit: 500ms, 90s, 10m, 2h, 1d".into()))?;
+    let per_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(bad(format!("unknown unit {other:?}; use ms, s, m, h or d"))),
+    };
+    let ms = n
+        .checked_mul(per_ms)
+        .ok_or_else(|| bad("too long".into()))?;
+    if ms == 0 {
+        return Err(bad(
+            "must be more than 0 (leave the flag out for none)".into()
+        ));
+    }
+    let max = surge_scheduler::lifetime::LIFETIME_MS_MAX;
+    if ms > max {
+        return Err(bad(format!("more than the limit of 30 days ({max} ms)")));
+    }
+    Ok(ms)
 }
 
 /// CPUs as millicores, for `--cpu` flags: `None` stays 0 (unchanged).

@@ -37,6 +37,9 @@ pub use connect::{open, Conn, ConnectError, Credentials, CONNECT_TIMEOUT, REQUES
 pub use convert::{Sandboxes, SubmitSpec};
 pub use error::ClientError;
 
+/// Longest server-side wait of one `WaitJob` request (below `REQUEST_TIMEOUT`).
+pub const WAIT_CHUNK_MS: u64 = 15_000;
+
 /// Replica addresses one client accepts (`--server a,b,c`).
 pub const SERVERS_MAX: usize = 16;
 /// Attempts of one retryable call, across the replicas given.
@@ -359,6 +362,57 @@ impl Client {
             async move { Ok(self.jobs_at(&a)?.update_sandboxes(req).await?.into_inner()) }
         })
         .await
+    }
+
+    /// Cancel every job of the caller's tenant whose labels match `req.labels` (one entry).
+    pub async fn cancel_jobs(
+        &self,
+        req: pb::CancelJobsRequest,
+    ) -> Result<pb::CancelJobsReply, ClientError> {
+        self.call(Repeat::Safe, |a| {
+            let req = req.clone();
+            async move { Ok(self.jobs_at(&a)?.cancel_jobs(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Renew the job's lease and, with `ttl_ms`, extend its sandboxes' TTL. An owner that
+    /// submitted with a lease calls this every lease/3.
+    pub async fn keepalive(&self, req: pb::KeepaliveRequest) -> Result<pb::Job, ClientError> {
+        self.call(Repeat::Safe, |a| async move {
+            Ok(self.jobs_at(&a)?.keepalive(req).await?.into_inner())
+        })
+        .await
+    }
+
+    /// Wait (server-side, without polling) until one sandbox or all of a job's are running
+    /// or ended, the job ended, or the timeout passed; the reply says which.
+    /// A wait longer than one request may last (`REQUEST_TIMEOUT`) is several server-side
+    /// waits of at most [`WAIT_CHUNK_MS`] in a row, each retried across replicas.
+    pub async fn wait_job(&self, req: pb::WaitJobRequest) -> Result<pb::WaitJobReply, ClientError> {
+        let total_ms = if req.timeout_ms == 0 {
+            60_000
+        } else {
+            req.timeout_ms
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(total_ms);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+            let chunk = pb::WaitJobRequest {
+                timeout_ms: left_ms.min(WAIT_CHUNK_MS),
+                ..req
+            };
+            let reply = self
+                .call(Repeat::Safe, |a| async move {
+                    Ok(self.jobs_at(&a)?.wait_job(chunk).await?.into_inner())
+                })
+                .await?;
+            let timed_out = reply.outcome == pb::WaitOutcome::TimedOut as i32;
+            if !timed_out || left_ms <= WAIT_CHUNK_MS {
+                return Ok(reply);
+            }
+        }
     }
 
     pub async fn set_quota(&self, req: pb::SetQuotaRequest) -> Result<(), ClientError> {

@@ -94,8 +94,9 @@ pub struct Resources {
 pub struct SandboxSpec {
     /// Root filesystem template, a directory under `<data_dir>/templates/`.
     pub template: String,
-    /// argv; empty: a long-lived sandbox, up until stopped (containers: surge-init alone as
-    /// PID 1, reaping what execs leave).
+    /// argv; empty: a long-lived sandbox that runs the init alone until it is stopped (the
+    /// scheduler's TTL, idle timeout or lease, `surge stop`, cancel); containers: surge-init as
+    /// PID 1, reaping what execs leave.
     pub command: Vec<String>,
     pub env: Vec<(String, String)>,
     /// The job's initial request; the current limits are [`DesiredSandbox::resources`].

@@ -80,6 +80,16 @@ pub struct SubmitJson {
     pub name: String,
     #[serde(default)]
     pub idempotency_key: String,
+    /// `{"run": "exp7"}`: labels for bulk actions.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Lifetimes in milliseconds (0 or absent: none). See `surge submit --ttl`.
+    #[serde(default)]
+    pub ttl_ms: u64,
+    #[serde(default)]
+    pub idle_timeout_ms: u64,
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 /// `KEY=VALUE` or `KEY!=VALUE` (see [`validate::CONSTRAINT_SYNTAX`]); the parts are checked by
@@ -150,6 +160,10 @@ impl SubmitJson {
                     .collect::<Result<_, _>>()?,
                 restart: Some(parse_restart(&self.restart)?),
                 name: self.name,
+                labels: self.labels,
+                ttl_ms: self.ttl_ms,
+                idle_timeout_ms: self.idle_timeout_ms,
+                lease_ms: self.lease_ms,
             }),
             idempotency_key: self.idempotency_key,
         })
@@ -179,6 +193,8 @@ pub struct ExitJson {
     pub exit_code: Option<i32>,
     pub count: u32,
     pub start_failed: bool,
+    /// Why they ended: `exited`, `signal`, `ttl-expired`, `node-lost`, ... (see `EndReason`).
+    pub reason: String,
 }
 
 /// A job as JSON.
@@ -201,8 +217,14 @@ pub struct JobJson {
     pub submitted_at_ms: u64,
     pub submitted_index: u64,
     pub finished_at_ms: u64,
-    /// Non-successful endings grouped by state and exit code, most first.
+    /// Non-successful endings grouped by reason, state and exit code, most first.
     pub exits: Vec<ExitJson>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub lease_ms: u64,
+    /// When the owner's lease runs out (0: no lease).
+    pub lease_expires_at_ms: u64,
 }
 
 impl From<&pb::Job> for JobJson {
@@ -247,8 +269,14 @@ impl From<&pb::Job> for JobJson {
                     exit_code: (!e.start_failed).then_some(e.exit_code),
                     count: e.count,
                     start_failed: e.start_failed,
+                    reason: crate::convert::end_reason_name(e.reason).to_string(),
                 })
                 .collect(),
+            labels: spec.labels,
+            ttl_ms: spec.ttl_ms,
+            idle_timeout_ms: spec.idle_timeout_ms,
+            lease_ms: spec.lease_ms,
+            lease_expires_at_ms: j.lease_expires_at_ms,
         }
     }
 }
@@ -275,6 +303,15 @@ pub struct SandboxJson {
     pub message: String,
     pub log_tail: String,
     pub log_kept: bool,
+    /// Why it ended (`""` while it has not): see `EndReason` in `jobs.proto`.
+    pub end_reason: String,
+    /// With `end_reason` `signal`: the signal number.
+    pub signal: Option<i32>,
+    /// The end was the infrastructure's doing (node-lost, runtime-error, preempted).
+    pub infrastructure: bool,
+    /// TTL deadline (0: none) and last exec/file call (0: not tracked), leader's clock.
+    pub expires_at_ms: u64,
+    pub last_active_at_ms: u64,
 }
 
 impl From<&pb::SandboxInfo> for SandboxJson {
@@ -297,6 +334,11 @@ impl From<&pb::SandboxInfo> for SandboxJson {
             message: s.message.clone(),
             log_tail: s.log_tail.clone(),
             log_kept: s.log_kept,
+            end_reason: crate::convert::end_reason_name(s.end_reason).to_string(),
+            signal: (s.end_reason == pb::EndReason::Signal as i32).then_some(s.signal),
+            infrastructure: s.infrastructure,
+            expires_at_ms: s.expires_at_ms,
+            last_active_at_ms: s.last_active_at_ms,
         }
     }
 }

@@ -99,6 +99,37 @@ pub enum Command {
     Batch {
         commands: Vec<Vec<u8>>,
     },
+    /// Exec or file calls on these sandboxes, as nodes reported them: their idle clocks restart
+    /// at `at_ms` (the leader's clock; it proposes one such entry per
+    /// [`TOUCH_INTERVAL_MS`](crate::lifetime::TOUCH_INTERVAL_MS) at most). Ranges are
+    /// `(job, first, count)`.
+    Touch {
+        ranges: Vec<(JobId, u32, u32)>,
+        at_ms: u64,
+    },
+    /// The owner is alive: renew the job's lease, and when `ttl_ms` is given, let sandboxes
+    /// `first..first+count` live `ttl_ms` from `at_ms`.
+    Keepalive {
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        ttl_ms: Option<u64>,
+        at_ms: u64,
+    },
+    /// The leader found these deadlines passed at `at_ms`: stop the sandboxes (as `surge stop`
+    /// does), recording why. Apply checks each deadline again at `at_ms`, so one moved by a
+    /// keepalive committed in between is not stopped.
+    Expire {
+        expiries: Vec<crate::lifetime::Expiry>,
+        at_ms: u64,
+    },
+    /// Cancel every job not yet ended whose labels match `selector` (not empty), of `tenant`
+    /// only when given (a tenant's token cancels its own jobs only).
+    CancelJobs {
+        tenant: Option<String>,
+        selector: std::collections::BTreeMap<String, String>,
+        at_ms: u64,
+    },
 }
 
 /// Commands in one [`Command::Batch`], at most.
@@ -129,7 +160,20 @@ pub enum Response {
     Rejected(Rejection),
     /// One reply per command of a [`Command::Batch`], in order.
     Batch(Vec<Response>),
+    /// The jobs a [`Command::CancelJobs`] cancelled (the first
+    /// [`CANCELLED_IDS_MAX`] ids; `count` is all of them).
+    JobsCancelled {
+        count: u64,
+        job_ids: Vec<JobId>,
+    },
+    /// Sandboxes an [`Command::Expire`] asked to stop.
+    Expired {
+        stopped: u64,
+    },
 }
+
+/// Job ids listed in one [`Response::JobsCancelled`], at most.
+pub const CANCELLED_IDS_MAX: usize = 10_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {

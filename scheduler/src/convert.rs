@@ -4,6 +4,7 @@
 use surge_proto::jobs as pb;
 use surge_proto::node as pn;
 
+use crate::lifetime::{end_reason, EndReason};
 use crate::model::{
     constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
     RestartPolicy, Strategy,
@@ -76,6 +77,12 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
         strategy,
         constraints,
         restart,
+        labels: spec.labels,
+        lifetime: crate::lifetime::Lifetime {
+            ttl_ms: spec.ttl_ms,
+            idle_timeout_ms: spec.idle_timeout_ms,
+            lease_ms: spec.lease_ms,
+        },
     };
     validate::job_spec(&spec)?;
     Ok(spec)
@@ -119,6 +126,46 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             },
         }),
         name: spec.name.clone(),
+        labels: spec.labels.clone(),
+        ttl_ms: spec.lifetime.ttl_ms,
+        idle_timeout_ms: spec.lifetime.idle_timeout_ms,
+        lease_ms: spec.lifetime.lease_ms,
+    }
+}
+
+/// The wire's enum for a reason.
+pub fn end_reason_to_pb(r: Option<EndReason>) -> pb::EndReason {
+    match r {
+        None => pb::EndReason::Unspecified,
+        Some(EndReason::Exited) => pb::EndReason::Exited,
+        Some(EndReason::Signal) => pb::EndReason::Signal,
+        Some(EndReason::OomKilled) => pb::EndReason::OomKilled,
+        Some(EndReason::TtlExpired) => pb::EndReason::TtlExpired,
+        Some(EndReason::IdleTimeout) => pb::EndReason::IdleTimeout,
+        Some(EndReason::LeaseLost) => pb::EndReason::LeaseLost,
+        Some(EndReason::NodeLost) => pb::EndReason::NodeLost,
+        Some(EndReason::Preempted) => pb::EndReason::Preempted,
+        Some(EndReason::Stopped) => pb::EndReason::Stopped,
+        Some(EndReason::Cancelled) => pb::EndReason::Cancelled,
+        Some(EndReason::RuntimeError) => pb::EndReason::RuntimeError,
+    }
+}
+
+/// The reason's name as the CLI and the JSON API print it (`ttl-expired`; `""` when none).
+pub fn end_reason_name(r: i32) -> &'static str {
+    match pb::EndReason::try_from(r) {
+        Ok(pb::EndReason::Exited) => "exited",
+        Ok(pb::EndReason::Signal) => "signal",
+        Ok(pb::EndReason::OomKilled) => "oom-killed",
+        Ok(pb::EndReason::TtlExpired) => "ttl-expired",
+        Ok(pb::EndReason::IdleTimeout) => "idle-timeout",
+        Ok(pb::EndReason::LeaseLost) => "lease-lost",
+        Ok(pb::EndReason::NodeLost) => "node-lost",
+        Ok(pb::EndReason::Preempted) => "preempted",
+        Ok(pb::EndReason::Stopped) => "stopped",
+        Ok(pb::EndReason::Cancelled) => "cancelled",
+        Ok(pb::EndReason::RuntimeError) => "runtime-error",
+        Ok(pb::EndReason::Unspecified) | Err(_) => "",
     }
 }
 
@@ -143,20 +190,24 @@ pub const EXIT_SUMMARIES_MAX: usize = 16;
 
 /// Sandboxes that ended other than succeeded, grouped by state and exit code, most first.
 pub fn exits_of(job: &Job) -> Vec<pb::ExitSummary> {
-    let mut by: std::collections::BTreeMap<(SandboxState, i32), u32> = Default::default();
+    type Key = (Option<EndReason>, SandboxState, i32);
+    let mut by: std::collections::BTreeMap<Key, u32> = Default::default();
     for (_, run) in job.runs.iter() {
         if run.state.is_terminal() && run.state != SandboxState::Succeeded {
-            let n = by.entry((run.state, run.exit_code)).or_default();
+            let n = by
+                .entry((end_reason(run), run.state, run.exit_code))
+                .or_default();
             *n = n.saturating_add(run.count);
         }
     }
     let mut out: Vec<pb::ExitSummary> = by
         .into_iter()
-        .map(|((state, exit_code), count)| pb::ExitSummary {
+        .map(|((reason, state, exit_code), count)| pb::ExitSummary {
             state: state.as_str().to_string(),
             exit_code: wire_exit_code(exit_code),
             count,
             start_failed: exit_code == EXIT_NOT_RUN,
+            reason: end_reason_to_pb(reason) as i32,
         })
         .collect();
     out.sort_by_key(|e| std::cmp::Reverse(e.count));
@@ -168,6 +219,7 @@ pub fn exits_of(job: &Job) -> Vec<pb::ExitSummary> {
 pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
     let (_, run) = job.runs.get(index)?;
     let outcome = job.outcomes.get(index);
+    let reason = end_reason(run);
     let desired = if run.stop {
         "stopped"
     } else if run.paused {
@@ -197,6 +249,15 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         log_tail: outcome.map(|o| o.log_tail.clone()).unwrap_or_default(),
         log_kept: outcome.is_some(),
         start_failed: run.exit_code == EXIT_NOT_RUN,
+        end_reason: end_reason_to_pb(reason) as i32,
+        signal: if reason == Some(EndReason::Signal) {
+            run.exit_code - 128
+        } else {
+            0
+        },
+        infrastructure: reason.is_some_and(EndReason::is_infrastructure),
+        expires_at_ms: run.expires_ms,
+        last_active_at_ms: run.active_ms,
     })
 }
 
@@ -221,6 +282,7 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
         submitted_index: job.submitted_index,
         finished_at_ms: job.finished_at_ms,
         exits: exits_of(job),
+        lease_expires_at_ms: job.lease_expires_ms,
     }
 }
 

@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Deserialize;
@@ -56,7 +56,7 @@ impl FromRequestParts<HttpState> for JobCaller {
 }
 
 /// The `{id}` of a job path, a number (else a JSON 400).
-struct JobIdParam(u64);
+pub(crate) struct JobIdParam(pub(crate) u64);
 
 impl FromRequestParts<HttpState> for JobIdParam {
     type Rejection = Response;
@@ -89,6 +89,13 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/watch", get(watch_job))
         .merge(crate::http_io::routes())
+        .route("/v1/jobs/cancel", post(crate::http_life::cancel_jobs))
+        .route("/v1/jobs/{id}/keepalive", post(crate::http_life::keepalive))
+        .route("/v1/jobs/{id}/wait", get(crate::http_life::wait_job))
+        .route(
+            "/v1/jobs/{id}/sandboxes/{index}",
+            get(crate::http_life::get_sandbox),
+        )
         .fallback(no_route)
         // After the routes and the fallback, so it sees every answer: axum's own (405, 413,
         // query and path rejections) are plain text, and every error of this API is JSON.
@@ -138,12 +145,12 @@ async fn json_errors(response: Response) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-fn bad_request(msg: String) -> Response {
+pub(crate) fn bad_request(msg: String) -> Response {
     JobApiError::Invalid(msg).into_response()
 }
 
 /// Any job-API error (or a status from the guard) as HTTP: the status and `{"error": "..."}`.
-fn error(e: impl Into<JobApiError>) -> Response {
+pub(crate) fn error(e: impl Into<JobApiError>) -> Response {
     e.into().into_response()
 }
 
@@ -200,6 +207,9 @@ struct ListQuery {
     limit: u32,
     #[serde(default)]
     before_id: u64,
+    /// `KEY=VALUE[,KEY=VALUE...]`: only jobs carrying all of these labels.
+    #[serde(default)]
+    labels: String,
 }
 
 async fn list_jobs(
@@ -207,11 +217,16 @@ async fn list_jobs(
     JobCaller(caller): JobCaller,
     Query(q): Query<ListQuery>,
 ) -> Response {
+    let labels = match crate::http_life::selector(&q.labels) {
+        Ok(l) => l,
+        Err(e) => return bad_request(e),
+    };
     let req = pb::ListJobsRequest {
         tenant: q.tenant,
         state: q.state,
         limit: q.limit,
         before_id: q.before_id,
+        labels,
     };
     match state.jobs.list(&caller, req).await {
         Ok(r) => Json(r.jobs.iter().map(JobJson::from).collect::<Vec<_>>()).into_response(),

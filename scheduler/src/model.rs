@@ -202,6 +202,12 @@ pub struct JobSpec {
     pub strategy: Strategy,
     pub constraints: Vec<Constraint>,
     pub restart: RestartPolicy,
+    /// `key=value` labels that select the job for bulk actions (`surge cancel --label`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// TTL, idle timeout and owner lease of its sandboxes (all 0: none).
+    #[serde(default)]
+    pub lifetime: crate::lifetime::Lifetime,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +335,9 @@ pub struct Job {
     pub cancelled: bool,
     /// Messages and output tails of ended sandboxes, bounded (see `outcomes`).
     pub outcomes: crate::outcomes::Outcomes,
+    /// The owner's lease runs out at this time of the leader's clock (0: the job has no lease).
+    #[serde(default)]
+    pub lease_expires_ms: u64,
 }
 
 /// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).

@@ -109,6 +109,15 @@ pub struct Run {
     pub restarts: u32,
     /// Reschedules after node loss, drain or preemption so far.
     pub reschedules: u32,
+    /// TTL deadline on the leader's clock (0: none); see `lifetime`.
+    #[serde(default)]
+    pub expires_ms: u64,
+    /// Last exec or file call on the leader's clock, for the idle timeout (0: not tracked).
+    #[serde(default)]
+    pub active_ms: u64,
+    /// Why `stop` was set; what its end is reported as.
+    #[serde(default)]
+    pub stop_cause: crate::lifetime::StopCause,
 }
 
 impl Run {
@@ -125,6 +134,9 @@ impl Run {
             exit_code: 0,
             restarts: 0,
             reschedules: 0,
+            expires_ms: 0,
+            active_ms: 0,
+            stop_cause: crate::lifetime::StopCause::User,
         }
     }
 

@@ -212,7 +212,81 @@ pub fn job_spec(spec: &JobSpec) -> Result<(), Invalid> {
             ));
         }
     }
+    labels(&spec.labels)?;
+    lifetime(&spec.lifetime)?;
     Ok(())
+}
+
+/// A label key or value: 1..=63 bytes of `[A-Za-z0-9._-]` (a key may also hold `/`), starting
+/// and ending with a letter or digit (Kubernetes' label syntax, minus its prefixes).
+pub fn label(key: &str, value: &str) -> Result<(), Invalid> {
+    use crate::lifetime::LABEL_BYTES_MAX;
+    for (what, s, extra) in [("key", key, '/'), ("value", value, '-')] {
+        let field = if what == "key" {
+            "labels".to_string()
+        } else {
+            format!("labels.{key}")
+        };
+        if s.is_empty() || s.len() > LABEL_BYTES_MAX {
+            return Err(invalid(
+                field,
+                format!("label {what} {s:?} must be 1 to {LABEL_BYTES_MAX} bytes"),
+            ));
+        }
+        let ok_char =
+            |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || c == extra;
+        let ends_ok = s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !s.chars().all(ok_char) || !ends_ok {
+            return Err(invalid(
+                field,
+                format!(
+                    "label {what} {s:?}: use letters, digits and . _ - (a key also /), \
+                     starting and ending with a letter or digit (e.g. run=exp7)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Labels of a job, or a selector: at most [`crate::lifetime::JOB_LABELS_MAX`] valid pairs.
+pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    use crate::lifetime::JOB_LABELS_MAX;
+    if labels.len() > JOB_LABELS_MAX {
+        return Err(invalid(
+            "labels",
+            format!("{} labels; at most {JOB_LABELS_MAX}", labels.len()),
+        ));
+    }
+    labels.iter().try_for_each(|(k, v)| label(k, v))
+}
+
+/// A duration of a lifetime: 0 (none) or 1 s ..= 30 days.
+pub fn lifetime_ms(field: &str, ms: u64) -> Result<(), Invalid> {
+    use crate::lifetime::{LEASE_MS_MIN, LIFETIME_MS_MAX};
+    if ms == 0 {
+        return Ok(());
+    }
+    if ms < LEASE_MS_MIN {
+        return Err(invalid(
+            field,
+            format!("{ms} ms is too short; at least {LEASE_MS_MIN} ms (1s), or omit it for none"),
+        ));
+    }
+    if ms > LIFETIME_MS_MAX {
+        return Err(invalid(
+            field,
+            format!("{ms} ms is more than the limit of {LIFETIME_MS_MAX} ms (30 days)"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn lifetime(l: &crate::lifetime::Lifetime) -> Result<(), Invalid> {
+    lifetime_ms("ttl_ms", l.ttl_ms)?;
+    lifetime_ms("idle_timeout_ms", l.idle_timeout_ms)?;
+    lifetime_ms("lease_ms", l.lease_ms)
 }
 
 pub fn node_spec(spec: &NodeSpec) -> Result<(), Invalid> {

@@ -108,13 +108,15 @@ fn job_spec_pb() -> impl Strategy<Value = pb::JobSpec> {
             proptest::collection::vec(constraint, 0..3),
             restart,
             hostile_string(),
+            proptest::collection::btree_map(hostile_string(), hostile_string(), 0..3),
+            (hostile_u64(), hostile_u64(), hostile_u64()),
         ),
     )
         .prop_map(
             |(
                 (count, cpu_millis, memory_mib, template),
                 (command, env, priority, tenant, gang, strategy),
-                (constraints, restart, name),
+                (constraints, restart, name, labels, (ttl_ms, idle_timeout_ms, lease_ms)),
             )| pb::JobSpec {
                 count,
                 cpu_millis,
@@ -129,6 +131,10 @@ fn job_spec_pb() -> impl Strategy<Value = pb::JobSpec> {
                 constraints,
                 restart,
                 name,
+                labels: labels.into_iter().collect(),
+                ttl_ms,
+                idle_timeout_ms,
+                lease_ms,
             },
         )
 }
@@ -306,6 +312,8 @@ fn seeded_state() -> (ClusterState, u64) {
             strategy: surge_scheduler::model::Strategy::Binpack,
             constraints: vec![],
             restart: surge_scheduler::model::RestartPolicy::Never,
+            labels: Default::default(),
+            lifetime: Default::default(),
         };
         s.apply_command(
             next(),

@@ -169,9 +169,29 @@ pub struct SubmitArgs {
     /// never, or on-failure[:MAX_RESTARTS]
     #[arg(long, default_value = "never")]
     restart: String,
-    /// The command each sandbox runs.
+    /// The command each sandbox runs. None: long-lived sandboxes (the template's init alone)
+    /// that stay up until stopped, cancelled or expired (--ttl, --idle-timeout, --lease).
     #[arg(last = true)]
     command: Vec<String>,
+    /// KEY=VALUE label for bulk actions (`surge cancel --label`, `surge jobs --label`);
+    /// repeatable, at most 16.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Longest life of each sandbox from when it starts: 90s, 10m, 1h, up to 30d.
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// Stop a sandbox after this long without an exec or file call.
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Owner lease: stop the sandboxes unless `surge keepalive JOB` renews within this long.
+    #[arg(long)]
+    pub lease: Option<String>,
+    /// Return once every sandbox runs (or the job ended, or --wait-timeout passed).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s")]
+    pub wait_timeout: String,
 }
 
 impl From<SubmitArgs> for SubmitSpec {
@@ -191,13 +211,25 @@ impl From<SubmitArgs> for SubmitSpec {
             env: a.env,
             restart: a.restart,
             command: a.command,
+            labels: a.labels,
+            // Durations are parsed (and refused) in `submit`, before this conversion.
+            ttl_ms: 0,
+            idle_timeout_ms: 0,
+            lease_ms: 0,
         }
     }
 }
 
 pub async fn submit(c: &Client, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
-    let req = SubmitSpec::from(args).to_request()?;
+    let lives = super::life::lifetimes(&args)?;
+    let (wait, wait_timeout) = (args.wait, args.wait_timeout.clone());
+    let mut spec = SubmitSpec::from(args);
+    (spec.ttl_ms, spec.idle_timeout_ms, spec.lease_ms) = lives;
+    let req = spec.to_request()?;
     let r = c.submit(req).await?;
+    if wait {
+        return super::life::wait_after_submit(c, output, &r, &wait_timeout).await;
+    }
     match output {
         Output::Json => {
             print_json(&json!({"job_id": r.job_id, "created": r.created, "index": r.index}))
@@ -247,6 +279,7 @@ pub async fn jobs(
     tenant: Option<String>,
     state: Option<String>,
     limit: u32,
+    labels: &[String],
 ) -> anyhow::Result<()> {
     let r = c
         .list_jobs(pb::ListJobsRequest {
@@ -254,6 +287,7 @@ pub async fn jobs(
             state: state.unwrap_or_default(),
             limit,
             before_id: 0,
+            labels: surge_client::convert::parse_labels(labels)?,
         })
         .await?;
     match output {
@@ -315,7 +349,8 @@ pub async fn job(c: &Client, output: Output, id: u64, watch: bool) -> anyhow::Re
     Ok(())
 }
 
-/// `ended: 3 failed (exit 1), 1 oom-killed (exit 137)`, or nothing when all went well.
+/// `ended: 3 failed (exit 1), 1 failed (signal 9), 4 stopped (ttl-expired)`, or nothing when
+/// all went well.
 pub fn exits_line(j: &pb::Job) -> Option<String> {
     if j.exits.is_empty() {
         return None;
@@ -324,10 +359,15 @@ pub fn exits_line(j: &pb::Job) -> Option<String> {
         .exits
         .iter()
         .map(|e| {
-            if e.start_failed {
-                format!("{} {} (never started)", e.count, e.state)
-            } else {
-                format!("{} {} (exit {})", e.count, e.state, e.exit_code)
+            let reason = surge_scheduler::convert::end_reason_name(e.reason);
+            match (e.start_failed, reason) {
+                (true, _) => format!("{} {} (never started)", e.count, e.state),
+                (false, "signal") => {
+                    format!("{} {} (signal {})", e.count, e.state, e.exit_code - 128)
+                }
+                (false, "" | "exited") => format!("{} {} (exit {})", e.count, e.state, e.exit_code),
+                // ttl-expired, idle-timeout, lease-lost, node-lost, cancelled, ...
+                (false, why) => format!("{} {} ({why})", e.count, e.state),
             }
         })
         .collect();
@@ -344,7 +384,7 @@ async fn get_sandbox(c: &Client, id: &str) -> anyhow::Result<pb::SandboxInfo> {
     Ok(c.get_sandbox(job_id, index).await?)
 }
 
-fn time_ms(ms: u64) -> String {
+pub fn time_ms(ms: u64) -> String {
     if ms == 0 {
         return "-".to_string();
     }
@@ -392,6 +432,7 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
                     println!("exit code  {}", s.exit_code);
                 }
             }
+            super::life::print_end(&s);
             println!("submitted  {}", time_ms(s.submitted_at_ms));
             println!("finished   {}", time_ms(s.finished_at_ms));
             if !s.message.is_empty() {

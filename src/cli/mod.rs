@@ -4,6 +4,7 @@ pub mod bench;
 pub mod client;
 pub mod dev;
 pub mod io;
+pub mod life;
 pub mod node;
 pub mod security;
 pub mod server;

@@ -51,7 +51,7 @@ pub struct NodeArgs {
     /// simulated runtime.
     #[arg(long, value_name = "N")]
     simulate: Option<u32>,
-    /// How long a simulated sandbox runs.
+    /// How long a simulated sandbox runs (one whose job has no command runs until stopped).
     #[arg(long, default_value_t = 60_000)]
     sim_duration_ms: u64,
     /// Exit code of a simulated sandbox.

@@ -114,6 +114,7 @@ pub async fn jobs_on(addr: &str) -> Vec<pb::Job> {
         state: String::new(),
         limit: 10_000,
         before_id: 0,
+        labels: Default::default(),
     })
     .await
     .expect("list jobs")

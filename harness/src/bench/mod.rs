@@ -87,6 +87,7 @@ pub async fn list_all(
                 state: String::new(),
                 limit: 10_000,
                 before_id,
+                labels: Default::default(),
             })
             .await?
             .into_inner()

@@ -155,7 +155,8 @@ pub struct NodeConfig {
     pub resync_interval: Duration,
     /// Replica to try first: nodes of one process spread their sessions over the replicas.
     pub first_replica: usize,
-    /// Sandboxes used through the I/O service since the last report (idle timeouts).
+    /// Sandboxes used (exec or file calls) since the last report: the I/O service touches it,
+    /// the reporter sends it with its next report (input of idle timeouts).
     pub activity: Arc<activity::Activity>,
 }
 
@@ -288,6 +289,7 @@ impl<R: Runtime> NodeAgent<R> {
                 control: control_rx,
                 metrics: metrics.clone(),
                 call_timeout: config.call_timeout,
+                activity: config.activity.clone(),
             }
             .run(stop.clone()),
         );

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+use super::activity::{Activity, ACTIVITY_MAX};
 use super::connection::{call_timeout, CallError};
 use super::metrics::NodeMetrics;
 use crate::reconcile::SandboxId;
@@ -159,6 +160,8 @@ type CallFuture = Pin<Box<dyn Future<Output = Result<u32, CallError>> + Send>>;
 
 struct InFlight {
     sent: Vec<pn::SandboxStatus>,
+    /// Activity the call carries: back into the next report if it fails.
+    active: Vec<pn::SandboxRef>,
     full: Option<oneshot::Sender<()>>,
     future: CallFuture,
 }
@@ -173,6 +176,8 @@ async fn in_flight_done(f: &mut Option<InFlight>) -> Result<u32, CallError> {
 /// Inputs of one node's reporter task.
 pub struct Reporter {
     pub node_id: String,
+    /// Sandboxes used since the last report; taken at every flush and sent with the next call.
+    pub activity: Arc<Activity>,
     pub events: mpsc::Receiver<ReportEvent>,
     pub control: mpsc::Receiver<ReporterControl>,
     pub metrics: Arc<NodeMetrics>,
@@ -190,6 +195,8 @@ impl Reporter {
         let mut flush_due = false;
         let mut failures = 0u32;
         let mut retry_at = Instant::now();
+        // Activity not yet accepted by the scheduler (bounded like the set it comes from).
+        let mut active: Vec<pn::SandboxRef> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(REPORT_FLUSH_INTERVAL_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -204,6 +211,7 @@ impl Reporter {
                 ctl = self.control.recv() => {
                     if let Some(f) = in_flight.take() {
                         outbox.settle(f.sent, 0);
+                        merge_active(&mut active, f.active);
                     }
                     match ctl {
                         None => return,
@@ -240,6 +248,7 @@ impl Reporter {
                                 full_owed = Some(f.full);
                             }
                             outbox.settle(f.sent, 0);
+                            merge_active(&mut active, f.active);
                             failures = failures.saturating_add(1);
                             let backoff = REPORT_FLUSH_INTERVAL_MS
                                 .saturating_mul(1u64 << failures.min(16))
@@ -248,7 +257,14 @@ impl Reporter {
                         }
                     }
                 }
-                _ = tick.tick() => flush_due = true,
+                _ = tick.tick() => {
+                    flush_due = true;
+                    let used = self.activity.take().into_iter().map(|id| pn::SandboxRef {
+                        job_id: id.job,
+                        index: id.index,
+                    });
+                    merge_active(&mut active, used.collect());
+                }
             }
 
             let Some(c) = client.as_ref() else { continue };
@@ -258,17 +274,19 @@ impl Reporter {
             let (sent, full) = if let Some(done) = full_owed.take() {
                 (outbox.full_report(), Some(done))
             } else if outbox.pending_len() >= REPORT_BATCH_MAX
-                || (flush_due && outbox.pending_len() > 0)
+                || (flush_due && (outbox.pending_len() > 0 || !active.is_empty()))
             {
                 flush_due = false;
                 (outbox.take_batch(REPORT_BATCH_MAX), None)
             } else {
                 continue;
             };
+            let sent_active = std::mem::take(&mut active);
             let request = pn::ReportStatusRequest {
                 node_id: self.node_id.clone(),
                 updates: sent.clone(),
                 full: full.is_some(),
+                active: sent_active.clone(),
             };
             let mut c = c.clone();
             let timeout = self.call_timeout;
@@ -279,6 +297,7 @@ impl Reporter {
             });
             in_flight = Some(InFlight {
                 sent,
+                active: sent_active,
                 // A full report whose caller went away still counts as the session's full report.
                 full: full.map(|d| d.unwrap_or_else(|| oneshot::channel().0)),
                 future,
@@ -287,9 +306,29 @@ impl Reporter {
     }
 }
 
+/// Add `more` to the activity waiting to be sent: sorted, without duplicates, and bounded
+/// (past [`ACTIVITY_MAX`] the newest are dropped; that only delays an idle clock's reset).
+fn merge_active(active: &mut Vec<pn::SandboxRef>, more: Vec<pn::SandboxRef>) {
+    if more.is_empty() {
+        return;
+    }
+    active.extend(more);
+    active.sort_unstable_by_key(|a| (a.job_id, a.index));
+    active.dedup_by_key(|a| (a.job_id, a.index));
+    active.truncate(ACTIVITY_MAX);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_waiting_is_merged_sorted_and_unique() {
+        let r = |job_id, index| pn::SandboxRef { job_id, index };
+        let mut active = vec![r(2, 0)];
+        merge_active(&mut active, vec![r(1, 3), r(2, 0)]);
+        assert_eq!(active, vec![r(1, 3), r(2, 0)]);
+    }
 
     fn st(job: u64, index: u32, generation: u64, state: &str) -> pn::SandboxStatus {
         pn::SandboxStatus {

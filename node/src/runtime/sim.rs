@@ -52,6 +52,9 @@ impl Default for SimProfile {
     }
 }
 
+/// The running time of a sandbox with no command: it never ends by itself.
+pub const LONG_LIVED: Duration = Duration::MAX;
+
 type ProfileFn = dyn Fn(&StartRequest) -> SimProfile + Send + Sync;
 
 /// See the module docs.
@@ -170,7 +173,11 @@ impl SimSandbox {
             return None;
         }
         let since = self.running_since?;
-        Some(since + self.next_event().saturating_sub(self.ran))
+        let next = self.next_event();
+        if next == LONG_LIVED {
+            return None;
+        }
+        since.checked_add(next.saturating_sub(self.ran))
     }
 
     /// Wall-clock instant of the next event: its own end, or the end of a stop in progress.
@@ -280,7 +287,11 @@ impl SimRuntime {
 impl SimRuntime {
     /// [`Runtime::start`] at once: the start delay (a knob of the async form) is not applied.
     pub fn start_now(&self, req: &StartRequest) -> Result<SandboxHandle, RuntimeError> {
-        let profile = (self.profile)(req);
+        let mut profile = (self.profile)(req);
+        if req.spec.command.is_empty() {
+            // No command: long-lived, it runs until stopped (its memory ramp still applies).
+            profile.run_for = LONG_LIVED;
+        }
         let mut map = self.lock();
         if let Some(existing) = map.get(&req.id) {
             return Err(RuntimeError::AlreadyExists {

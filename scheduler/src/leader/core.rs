@@ -6,6 +6,7 @@
 //! - [`Planner`]: the applied index in, an `ApplyPlan` out when a plan would change anything. It
 //!   keeps the incremental state ([`Quiet`]) between cycles.
 //! - [`ReportBatch`]: status reports in, one `ReportStatusOutcomes` out per batch.
+//! - [`Lifetimes`]: nodes' activity and the deadline index in, `Touch` and `Expire` out.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -347,5 +348,87 @@ impl ReportBatch {
             at_ms: now_ms,
         };
         (command, n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetimes
+
+/// Sandboxes with activity remembered between two `Touch` entries, at most (past this, touches
+/// wait for the next entry; that only delays an idle clock's reset by a second).
+pub const TOUCHED_MAX: usize = 1_000_000;
+
+/// Deadlines and activity: nodes' activity in, at most one `Touch` per
+/// [`TOUCH_INTERVAL_MS`](crate::lifetime::TOUCH_INTERVAL_MS) out (the time recorded is the
+/// leader's clock, never a node's), and an `Expire` for the deadlines that passed. Only the jobs
+/// of the state's deadline index are looked at.
+#[derive(Debug, Default)]
+pub struct Lifetimes {
+    touched: std::collections::BTreeSet<(JobId, u32)>,
+    last_touch_ms: u64,
+}
+
+impl Lifetimes {
+    /// Event: a node reported these sandboxes used.
+    pub fn touch(&mut self, ids: impl IntoIterator<Item = (JobId, u32)>) {
+        for id in ids {
+            if self.touched.len() >= TOUCHED_MAX {
+                break;
+            }
+            self.touched.insert(id);
+        }
+    }
+
+    /// Event: this replica does not lead; activity gathered while it led is dropped (the new
+    /// leader hears the nodes' next reports).
+    pub fn step_down(&mut self) {
+        self.touched.clear();
+    }
+
+    /// One check at `now_ms`: the `Touch` to propose (when a second has passed since the last
+    /// one and anything was used), then the `Expire` for deadlines passed. Nothing while this
+    /// replica does not lead (what it gathered is dropped: nodes report to the leader).
+    pub fn check(&mut self, s: &ClusterState, leading: bool, now_ms: u64) -> Vec<Command> {
+        use crate::lifetime::{TOUCH_INTERVAL_MS, TOUCH_RANGES_MAX};
+        if !leading {
+            self.step_down();
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if !self.touched.is_empty()
+            && now_ms.saturating_sub(self.last_touch_ms) >= TOUCH_INTERVAL_MS
+        {
+            let mut ranges: Vec<(JobId, u32, u32)> = Vec::new();
+            for (job, index) in std::mem::take(&mut self.touched) {
+                if !crate::state::tracks_idle(s, job) {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some((j, first, count))
+                        if *j == job
+                            && u64::from(*first) + u64::from(*count) == u64::from(index) =>
+                    {
+                        *count += 1;
+                    }
+                    _ => ranges.push((job, index, 1)),
+                }
+            }
+            ranges.truncate(TOUCH_RANGES_MAX);
+            if !ranges.is_empty() {
+                self.last_touch_ms = now_ms;
+                out.push(Command::Touch {
+                    ranges,
+                    at_ms: now_ms,
+                });
+            }
+        }
+        let expiries = crate::state::expiries(s, now_ms);
+        if !expiries.is_empty() {
+            out.push(Command::Expire {
+                expiries,
+                at_ms: now_ms,
+            });
+        }
+        out
     }
 }

@@ -50,6 +50,8 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 pub const NODE_TTL_MS: u64 = 10_000;
 /// How often the leader looks for nodes silent past their TTL.
 pub const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the leader looks for deadlines passed and proposes activity.
+pub const LIFETIME_INTERVAL: Duration = Duration::from_millis(250);
 /// Status ranges in one Raft entry, at most.
 pub const REPORT_BATCH_MAX: usize = 20_000;
 /// How long the batcher waits to fill a batch.

@@ -15,10 +15,10 @@ use tokio::runtime::RuntimeFlavor;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use super::core::{self, CoreConfig, Heartbeats, Planner, ReportBatch};
+use super::core::{self, CoreConfig, Heartbeats, Lifetimes, Planner, ReportBatch};
 use super::{
-    Host, Metrics, LIVENESS_INTERVAL, REPORT_BATCH_WINDOW, REPORT_QUEUE_MAX, SCHEDULE_INTERVAL,
-    SCHEDULE_INTERVAL_MIN,
+    Host, Metrics, LIFETIME_INTERVAL, LIVENESS_INTERVAL, REPORT_BATCH_WINDOW, REPORT_QUEUE_MAX,
+    SCHEDULE_INTERVAL, SCHEDULE_INTERVAL_MIN,
 };
 use crate::command::{Command, Response, StatusRange};
 use crate::model::Resources;
@@ -35,6 +35,7 @@ pub struct Leader<H: Host = Replica> {
     config: CoreConfig,
     pub node_ttl_ms: u64,
     heartbeats: Mutex<Heartbeats>,
+    lifetimes: Mutex<Lifetimes>,
     reports_tx: mpsc::Sender<QueuedReport>,
     pub metrics: Metrics,
     tasks: Mutex<Vec<AbortHandle>>,
@@ -62,6 +63,7 @@ impl<H: Host> Leader<H> {
             config,
             node_ttl_ms: config.node_ttl_ms,
             heartbeats: Mutex::new(Heartbeats::new(config.node_ttl_ms)),
+            lifetimes: Mutex::new(Lifetimes::default()),
             reports_tx,
             metrics: Metrics::new(registry)?,
             tasks: Mutex::new(Vec::new()),
@@ -70,6 +72,7 @@ impl<H: Host> Leader<H> {
             tokio::spawn(batch_reports(leader.clone(), reports_rx)).abort_handle(),
             tokio::spawn(watch_liveness(leader.clone())).abort_handle(),
             tokio::spawn(schedule(leader.clone())).abort_handle(),
+            tokio::spawn(watch_lifetimes(leader.clone())).abort_handle(),
         ];
         *lock(&leader.tasks) = tasks;
         Ok(leader)
@@ -90,6 +93,11 @@ impl<H: Host> Leader<H> {
     pub fn heartbeat(&self, node: &str, used: Resources, running: u32) {
         let now_ms = self.host.now_ms();
         self.heartbeats().heartbeat(node, used, running, now_ms);
+    }
+
+    /// Event: a node reported these sandboxes used (an exec or a file call).
+    pub fn touch(&self, ids: impl IntoIterator<Item = (u64, u32)>) {
+        lock(&self.lifetimes).touch(ids);
     }
 
     pub fn used(&self, node: &str) -> Resources {
@@ -170,6 +178,36 @@ async fn watch_liveness<H: Host>(leader: Arc<Leader<H>>) {
         let (ready, down) = leader.host.read(|s, _| core::node_counts(s));
         leader.metrics.nodes_ready.set(ready as i64);
         leader.metrics.nodes_down.set(down as i64);
+    }
+}
+
+/// Deadlines: every [`LIFETIME_INTERVAL`] let the core turn activity into `Touch` and passed
+/// deadlines into `Expire`, and propose them. The core looks only at the state's deadline index.
+async fn watch_lifetimes<H: Host>(leader: Arc<Leader<H>>) {
+    loop {
+        tokio::time::sleep(LIFETIME_INTERVAL).await;
+        let now_ms = leader.host.now_ms();
+        let commands = if leader.host.is_leader() {
+            leader
+                .host
+                .read(|s, _| lock(&leader.lifetimes).check(s, true, now_ms))
+        } else {
+            // A follower gathers nothing (nodes report to the leader) and reads no state.
+            lock(&leader.lifetimes).step_down();
+            Vec::new()
+        };
+        for command in commands {
+            match leader.host.propose(&command).await {
+                Ok((_, Response::Expired { stopped })) if stopped > 0 => {
+                    tracing::info!(
+                        stopped,
+                        "sandboxes past a deadline (ttl, idle or lease) asked to stop"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "lifetime entry not committed"),
+            }
+        }
     }
 }
 

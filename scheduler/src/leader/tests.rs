@@ -22,6 +22,8 @@ fn spec(count: u32) -> JobSpec {
         strategy: Strategy::Binpack,
         constraints: vec![],
         restart: RestartPolicy::Never,
+        labels: Default::default(),
+        lifetime: Default::default(),
     }
 }
 

@@ -24,9 +24,9 @@ pub const LIST_LIMIT_DEFAULT: u32 = 1_000;
 pub const WATCH_BUFFER: usize = 16;
 
 pub struct JobsService {
-    replica: Replica,
+    pub(super) replica: Replica,
     /// Proposals go through group commit (see `batch`).
-    batcher: Batcher,
+    pub(super) batcher: Batcher,
     /// Makes server-chosen idempotency keys unique within this replica's lifetime.
     key_seq: AtomicU64,
 }
@@ -131,6 +131,7 @@ impl JobsService {
                 ))
             })?),
         };
+        validate::labels(&req.labels).map_err(JobApiError::from)?;
         let limit = match req.limit {
             0 => LIST_LIMIT_DEFAULT,
             n if n > LIST_LIMIT_MAX => {
@@ -153,6 +154,7 @@ impl JobsService {
                 .rev()
                 .filter(|j| req.tenant.is_empty() || j.spec.tenant == req.tenant)
                 .filter(|j| state.is_none_or(|st| j.state == st))
+                .filter(|j| crate::lifetime::matches(&j.spec.labels, &req.labels))
                 .take(limit as usize)
                 .map(convert::job_to_pb)
                 .collect()
@@ -343,11 +345,11 @@ impl JobsService {
     }
 }
 
-fn no_job(job_id: JobId) -> JobApiError {
+pub(super) fn no_job(job_id: JobId) -> JobApiError {
     JobApiError::NotFound(format!("no job {job_id}"))
 }
 
-fn unexpected(r: Reply) -> JobApiError {
+pub(super) fn unexpected(r: Reply) -> JobApiError {
     JobApiError::Internal(format!("unexpected reply from the state machine: {r:?}"))
 }
 
@@ -414,6 +416,34 @@ impl Jobs for JobsService {
         Ok(Response::new(
             self.get_sandbox(&caller, req.into_inner()).await?,
         ))
+    }
+
+    async fn cancel_jobs(
+        &self,
+        req: Request<pb::CancelJobsRequest>,
+    ) -> Result<Response<pb::CancelJobsReply>, Status> {
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.cancel_by_label(&caller, req.into_inner()).await?,
+        ))
+    }
+
+    async fn keepalive(
+        &self,
+        req: Request<pb::KeepaliveRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(
+            self.keepalive(&caller, req.into_inner()).await?,
+        ))
+    }
+
+    async fn wait_job(
+        &self,
+        req: Request<pb::WaitJobRequest>,
+    ) -> Result<Response<pb::WaitJobReply>, Status> {
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.wait(&caller, req.into_inner()).await?))
     }
 
     type WatchJobStream = JobStream;

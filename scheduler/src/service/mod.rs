@@ -8,6 +8,7 @@ pub mod guard;
 pub mod hub;
 pub mod io_proxy;
 pub mod jobs;
+pub mod lifetimes;
 pub mod nodes;
 
 use std::sync::Arc;

@@ -274,6 +274,30 @@ impl NodeApi for NodesService {
                 req.updates.len()
             )));
         }
+        if req.active.len() > crate::lifetime::TOUCH_RANGES_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "{} active sandboxes in one report; at most {}",
+                req.active.len(),
+                crate::lifetime::TOUCH_RANGES_MAX
+            )));
+        }
+        if !req.active.is_empty() {
+            // A node vouches for activity on the sandboxes it holds only.
+            let held: Vec<(u64, u32)> = self.replica.read(|s, _| {
+                req.active
+                    .iter()
+                    .filter(|a| {
+                        s.jobs.get(&a.job_id).is_some_and(|j| {
+                            j.runs.get(a.index).is_some_and(|(_, r)| {
+                                r.node.as_deref() == Some(req.node_id.as_str())
+                            })
+                        })
+                    })
+                    .map(|a| (a.job_id, a.index))
+                    .collect()
+            });
+            self.leader.touch(held);
+        }
         let mut updates = Vec::with_capacity(req.updates.len());
         let mut outcomes = Vec::new();
         for u in &req.updates {

@@ -32,6 +32,9 @@ pub(super) fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
         run.reschedules += 1;
         run.resources = per_sandbox;
         run.paused = false;
+        // A new run: its TTL and idle clock start when it runs again.
+        run.expires_ms = 0;
+        run.active_ms = 0;
     }
     run.revision = index;
 }
@@ -114,7 +117,11 @@ impl ClusterState {
                 idempotency_key,
                 at_ms,
             } => self.submit_job(index, spec, idempotency_key, at_ms),
-            Command::CancelJob { job_id, at_ms } => self.cancel_job(index, job_id, at_ms),
+            Command::CancelJob { job_id, at_ms } => {
+                let reply = self.cancel_job(index, job_id, at_ms);
+                self.prune_lifetimes();
+                reply
+            }
             Command::ApplyPlan {
                 plan,
                 reasons,
@@ -146,6 +153,20 @@ impl ClusterState {
                 resources,
             } => self.set_sandboxes(index, job_id, first, count, paused, resources),
             Command::Batch { commands } => self.apply_batch(index, &commands),
+            Command::Touch { ranges, at_ms } => self.touch(ranges, at_ms),
+            Command::Keepalive {
+                job_id,
+                first,
+                count,
+                ttl_ms,
+                at_ms,
+            } => self.keepalive(job_id, first, count, ttl_ms, at_ms),
+            Command::Expire { expiries, at_ms } => self.expire(index, expiries, at_ms),
+            Command::CancelJobs {
+                tenant,
+                selector,
+                at_ms,
+            } => self.cancel_jobs(index, tenant.as_deref(), &selector, at_ms),
         }
     }
 
@@ -238,7 +259,14 @@ impl ClusterState {
             finished_at_ms: 0,
             cancelled: false,
             outcomes: Outcomes::default(),
+            lease_expires_ms: 0,
         };
+        if job.spec.lifetime.lease_ms > 0 {
+            job.lease_expires_ms = at_ms.saturating_add(job.spec.lifetime.lease_ms);
+        }
+        if !job.spec.lifetime.is_unbounded() {
+            self.lifetimes.insert(job_id);
+        }
         job.refresh(index, at_ms);
         self.jobs.insert(job_id, job);
         self.idempotency.insert(dedup_key, job_id);
@@ -265,7 +293,7 @@ impl ClusterState {
         }
     }
 
-    fn cancel_job(&mut self, index: u64, job_id: JobId, at_ms: u64) -> Response {
+    pub(super) fn cancel_job(&mut self, index: u64, job_id: JobId, at_ms: u64) -> Response {
         self.touch_nodes_of(job_id, index);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return Response::Rejected(Rejection::NoSuchJob(job_id));
@@ -520,6 +548,7 @@ impl ClusterState {
             }
             SandboxState::Running | SandboxState::Paused if !run.stop => {
                 run.stop = true;
+                run.stop_cause = crate::lifetime::StopCause::User;
                 run.revision = index;
                 if let Some(n) = &run.node {
                     nodes.insert(n.clone());

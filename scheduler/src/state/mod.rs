@@ -14,6 +14,10 @@ use crate::command::{Command, Rejection, Response};
 use crate::model::{Job, JobId, Node, Resources};
 
 mod apply;
+mod lifetime;
+pub use lifetime::{expiries, tracks_idle};
+#[cfg(test)]
+mod lifetime_tests;
 mod query;
 mod report;
 #[cfg(test)]
@@ -35,6 +39,11 @@ pub struct ClusterState {
     pub quotas: BTreeMap<String, Resources>,
     /// Job -> Raft index of its last preemption (the cool-down that prevents preemption storms).
     pub preempted_at: BTreeMap<JobId, u64>,
+    /// Jobs not yet ended that have a lifetime (TTL, idle timeout or lease) or a TTL set by a
+    /// keepalive: the only jobs the leader looks at for deadlines, so a cycle never walks every
+    /// job (see `lifetime`).
+    #[serde(default)]
+    pub lifetimes: std::collections::BTreeSet<JobId>,
 }
 
 /// What a node holds: reservations and sandbox count of its active (placed, running, paused)

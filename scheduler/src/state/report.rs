@@ -80,6 +80,7 @@ impl ClusterState {
             };
             let policy = job.spec.restart;
             let per = job.spec.per_sandbox;
+            let life = job.spec.lifetime;
             let mut node_changed = false;
             job.runs.update(r.first, r.count, |run| {
                 // Only the current run of a sandbox on the node it was placed on may report;
@@ -101,6 +102,15 @@ impl ClusterState {
                 }
                 match r.state {
                     SandboxState::Running | SandboxState::Paused => {
+                        if run.state == SandboxState::Placed {
+                            // It runs: its TTL and idle clock start now (the leader's clock).
+                            if life.ttl_ms > 0 && run.expires_ms == 0 {
+                                run.expires_ms = at_ms.saturating_add(life.ttl_ms);
+                            }
+                            if life.idle_timeout_ms > 0 {
+                                run.active_ms = at_ms;
+                            }
+                        }
                         run.state = r.state;
                         if let Some(res) = r.resources {
                             if res != run.resources {
@@ -124,6 +134,8 @@ impl ClusterState {
                             run.restarts += 1;
                             run.resources = per;
                             run.paused = false;
+                            run.expires_ms = 0;
+                            run.active_ms = 0;
                             run.revision = index;
                         } else {
                             run.state = r.state;
@@ -160,6 +172,7 @@ impl ClusterState {
                 node.revision = index;
             }
         }
+        self.prune_lifetimes();
         Response::StatusApplied { applied, ignored }
     }
 }

@@ -24,6 +24,8 @@ pub(crate) fn spec(count: u32, tenant: &str) -> JobSpec {
         strategy: Strategy::Binpack,
         constraints: vec![],
         restart: RestartPolicy::Never,
+        labels: Default::default(),
+        lifetime: Default::default(),
     }
 }
 

@@ -284,6 +284,8 @@ pub(super) async fn client(sim: Arc<Sim>, c: u32) {
                     Strategy::Binpack
                 },
                 constraints: vec![],
+                labels: Default::default(),
+                lifetime: Default::default(),
                 restart: if r.chance(250) {
                     RestartPolicy::OnFailure { max_restarts: 2 }
                 } else {

@@ -9,6 +9,7 @@ fn req(job: u64, index: u32, memory_mib: u64) -> StartRequest {
         revision: 1,
         spec: SandboxSpec {
             template: "busybox".into(),
+            command: vec!["sim".into()],
             ..Default::default()
         },
         resources: Resources {
@@ -205,4 +206,24 @@ async fn thousands_of_sandboxes_are_cheap() {
         assert_eq!(w.await.expect("join").expect("wait").code, Some(0));
     }
     assert_eq!(rt.list().await.expect("list").len(), 5000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sandbox_without_a_command_runs_until_it_is_stopped() {
+    let rt = SimRuntime::new(profile(1, 0));
+    let id = SandboxId::new(9, 0);
+    let mut long_lived = req(9, 0, 64);
+    long_lived.spec.command.clear();
+    rt.start(long_lived).await.expect("start");
+    tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)).await;
+    assert_eq!(
+        rt.status(id).await.expect("status").state,
+        ObservedState::Running,
+        "a year later it still runs"
+    );
+    let report = rt.stop(id, Duration::from_secs(5)).await.expect("stop");
+    assert!(
+        matches!(report.state, ObservedState::Exited { .. }),
+        "{report:?}"
+    );
 }
