@@ -242,3 +242,83 @@ pub async fn run(
         peak_utilisation: peak,
     })
 }
+
+/// How the demo's agent phase went: sandboxes driven like an RL rollout's tool calls.
+#[derive(Clone, Debug)]
+pub struct AgentReport {
+    pub sandboxes: u32,
+    pub execs_each: u32,
+    pub wall_s: f64,
+    pub first_output: crate::bench::exec::Spread,
+    pub exec: crate::bench::exec::Spread,
+    pub files_ok: u32,
+}
+
+/// The agent phase: `sandboxes` long-lived container sandboxes created in one call, each
+/// driven by `execs` exec calls and a file round trip, with a progress bar on stdout.
+pub async fn agents(servers: &str, sandboxes: u32, execs: u32) -> anyhow::Result<AgentReport> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let c = surge_client::Client::open(servers)?;
+    let started = Instant::now();
+    let mut req = demo_job(sandboxes, 10, 32, "real", Vec::new());
+    if let Some(spec) = req.spec.as_mut() {
+        spec.ttl_ms = 600_000;
+        spec.labels.insert("demo".into(), "agents".into());
+    }
+    let job = c.submit(req).await?.job_id;
+    let done = std::sync::Arc::new(AtomicU64::new(0));
+    let total = u64::from(sandboxes) * u64::from(execs);
+    let drive = crate::bench::exec::drive(
+        &c,
+        job,
+        sandboxes,
+        execs,
+        started,
+        DEMO_TIMEOUT,
+        done.clone(),
+    );
+    tokio::pin!(drive);
+    let tty = std::io::stdout().is_terminal();
+    let bar = |n: u64| {
+        let fill = usize::try_from(n.min(total) * 30 / total.max(1)).unwrap_or(0);
+        format!(
+            "agents [{}{}] {n}/{total} execs in {sandboxes} sandboxes",
+            "#".repeat(fill),
+            ".".repeat(30 - fill)
+        )
+    };
+    let mut last = Instant::now();
+    let driven = loop {
+        tokio::select! {
+            r = &mut drive => break r,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                let n = done.load(Ordering::Relaxed);
+                if tty {
+                    print!("\r\x1b[2K{}", bar(n));
+                    let _ = std::io::stdout().flush();
+                } else if last.elapsed() >= Duration::from_secs(1) {
+                    println!("{}", bar(n));
+                    last = Instant::now();
+                }
+            }
+        }
+    };
+    let n = done.load(Ordering::Relaxed);
+    if tty {
+        println!("\r\x1b[2K{}", bar(n));
+    } else {
+        println!("{}", bar(n));
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    // Whatever happened, the sandboxes go.
+    let _ = c.cancel_job(job).await;
+    let d = driven?;
+    Ok(AgentReport {
+        sandboxes,
+        execs_each: execs,
+        wall_s,
+        first_output: crate::bench::exec::Spread::of(d.first_output_ms),
+        exec: crate::bench::exec::Spread::of(d.exec_ms),
+        files_ok: d.files_ok,
+    })
+}

@@ -34,6 +34,13 @@ pub struct DevArgs {
     /// Real short container sandboxes in the demo burst.
     #[arg(long, default_value_t = 200)]
     real_sandboxes: u32,
+    /// After the burst: long-lived container sandboxes driven like an agent's tool calls
+    /// (0: no agent phase).
+    #[arg(long, default_value_t = 32)]
+    agent_sandboxes: u32,
+    /// Exec calls into each of them.
+    #[arg(long, default_value_t = 20)]
+    agent_execs: u32,
 }
 
 pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
@@ -79,9 +86,29 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         let leader_addr = dev.cluster.addr(dev.leader)?;
         let demo = surge_harness::demo::run(&leader_addr, args.sim_sandboxes, real_sandboxes);
         tokio::select! {
-            r = demo => match r {
-                Ok(report) => print_demo(&report),
-                Err(e) => eprintln!("demo: {e:#}"),
+            r = async {
+                let burst = demo.await;
+                let agents = if real_sandboxes > 0 && args.agent_sandboxes > 0 {
+                    println!();
+                    println!(
+                        "agents: {} long-lived container sandboxes created in one call, each driven by {} exec calls and a file round trip",
+                        args.agent_sandboxes, args.agent_execs
+                    );
+                    Some(surge_harness::demo::agents(&dev.servers(), args.agent_sandboxes, args.agent_execs).await)
+                } else {
+                    None
+                };
+                (burst, agents)
+            } => {
+                match r.0 {
+                    Ok(report) => print_demo(&report),
+                    Err(e) => eprintln!("demo: {e:#}"),
+                }
+                match r.1 {
+                    Some(Ok(a)) => print_agents(&a),
+                    Some(Err(e)) => eprintln!("demo agents: {e:#}"),
+                    None => {}
+                }
             },
             _ = &mut shutdown => {
                 println!("stopping the cluster ...");
@@ -197,5 +224,29 @@ fn print_demo(r: &DemoReport) {
         "capacity released {} after submit; CPU utilisation at peak {:.0}%",
         secs(r.released_s),
         r.peak_utilisation * 100.0
+    );
+}
+
+fn print_agents(a: &surge_harness::demo::AgentReport) {
+    println!();
+    table(
+        &[
+            "AGENTS",
+            "EXECS EACH",
+            "CREATE -> FIRST OUTPUT p50",
+            "EXEC p50",
+            "EXEC p99",
+            "FILES OK",
+            "WALL",
+        ],
+        &[vec![
+            a.sandboxes.to_string(),
+            a.execs_each.to_string(),
+            format!("{:.0} ms", a.first_output.p50_ms),
+            format!("{:.1} ms", a.exec.p50_ms),
+            format!("{:.1} ms", a.exec.p99_ms),
+            format!("{}/{}", a.files_ok, a.sandboxes),
+            format!("{:.2} s", a.wall_s),
+        ]],
     );
 }

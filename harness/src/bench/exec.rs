@@ -67,7 +67,7 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut ms: Vec<f64>) -> Spread {
+    pub fn of(mut ms: Vec<f64>) -> Spread {
         ms.sort_by(f64::total_cmp);
         Spread {
             p50_ms: percentile(&ms, 50.0),
@@ -165,7 +165,9 @@ fn spec(count: u32, cpu_millis: u64, memory_mib: u64, kind: &str) -> pb::SubmitJ
             cpu_millis,
             memory_mib,
             template: "busybox".into(),
-            command: vec!["sleep".into(), "3600".into()],
+            // Long-lived: no command, up until cancelled (or the TTL, should the bench die).
+            command: Vec::new(),
+            ttl_ms: 3_600_000,
             tenant: "bench".into(),
             constraints: vec![pb::Constraint {
                 key: "kind".into(),
@@ -267,21 +269,34 @@ async fn anchor(
     })
 }
 
-async fn rl(cfg: &ExecConfig, c: &Client) -> anyhow::Result<RlReport> {
-    let started = Instant::now();
-    let job = c
-        .submit(spec(cfg.rl_sandboxes, 25, 32, "real"))
-        .await?
-        .job_id;
+/// What driving a set of sandboxes like an RL rollout gave: per sandbox, the time from the
+/// submission to its first exec's output; every later exec's latency; file round trips that
+/// came back equal.
+#[derive(Clone, Debug, Default)]
+pub struct Driven {
+    pub first_output_ms: Vec<f64>,
+    pub exec_ms: Vec<f64>,
+    pub files_ok: u32,
+}
+
+/// Drive sandboxes `0..count` of `job` as an RL rollout does, all at once: each takes `execs`
+/// sequential execs printing 1 KiB (the first retried while the sandbox is not running yet:
+/// what a trainer's first tool call sees) and one 64 KiB file upload and read-back.
+/// `submitted` is when the job was submitted; `done` counts execs as they finish (progress).
+pub async fn drive(
+    c: &Client,
+    job: u64,
+    count: u32,
+    execs: u32,
+    submitted: Instant,
+    timeout: Duration,
+    done: Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Driven> {
     let mut tasks = JoinSet::new();
     let payload = Bytes::from(vec![7u8; 64 * 1024]);
-    for index in 0..cfg.rl_sandboxes {
-        let c = c.clone();
-        let payload = payload.clone();
-        let (execs, timeout) = (cfg.rl_execs, cfg.timeout);
+    for index in 0..count {
+        let (c, payload, done) = (c.clone(), payload.clone(), done.clone());
         tasks.spawn(async move {
-            // The first exec is retried while the sandbox is not running yet: what a trainer's
-            // first tool call sees.
             let print = Exec::new(["head", "-c", "1024", "/dev/zero"]);
             let deadline = Instant::now() + timeout;
             let first = loop {
@@ -296,18 +311,20 @@ async fn rl(cfg: &ExecConfig, c: &Client) -> anyhow::Result<RlReport> {
                     Err(e) => return Err(anyhow::anyhow!("{job}.{index}: {e}")),
                 }
             };
-            let first_ms = ms(started.elapsed());
+            let first_ms = ms(submitted.elapsed());
+            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if first.stdout.len() != 1024 {
                 bail!(
                     "{job}.{index}: {} bytes of output, not 1024",
                     first.stdout.len()
                 );
             }
-            let mut lat = Vec::with_capacity(execs as usize);
+            let mut lat = Vec::new();
             for _ in 1..execs {
                 let t = Instant::now();
                 let r = c.exec_output(job, index, &print, None, 4096).await?;
                 lat.push(ms(t.elapsed()));
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if r.stdout.len() != 1024 || r.exit.exit_code != 0 {
                     bail!(
                         "{job}.{index}: exec gave {} bytes, exit {}",
@@ -324,22 +341,41 @@ async fn rl(cfg: &ExecConfig, c: &Client) -> anyhow::Result<RlReport> {
             Ok::<_, anyhow::Error>((first_ms, lat, back == payload[..]))
         });
     }
-    let (mut firsts, mut lats, mut files_ok) = (Vec::new(), Vec::new(), 0);
+    let mut d = Driven::default();
     while let Some(r) = tasks.join_next().await {
         let (first, lat, ok) = r??;
-        firsts.push(first);
-        lats.extend(lat);
-        files_ok += u32::from(ok);
+        d.first_output_ms.push(first);
+        d.exec_ms.extend(lat);
+        d.files_ok += u32::from(ok);
     }
+    Ok(d)
+}
+
+async fn rl(cfg: &ExecConfig, c: &Client) -> anyhow::Result<RlReport> {
+    let started = Instant::now();
+    let job = c
+        .submit(spec(cfg.rl_sandboxes, 25, 32, "real"))
+        .await?
+        .job_id;
+    let d = drive(
+        c,
+        job,
+        cfg.rl_sandboxes,
+        cfg.rl_execs,
+        started,
+        cfg.timeout,
+        Arc::default(),
+    )
+    .await?;
     let wall_s = started.elapsed().as_secs_f64();
     c.cancel_job(job).await?;
     Ok(RlReport {
         sandboxes: cfg.rl_sandboxes,
         execs_each: cfg.rl_execs,
         wall_s,
-        exec: Spread::of(lats),
-        first_output: Spread::of(firsts),
-        files_ok,
+        exec: Spread::of(d.exec_ms),
+        first_output: Spread::of(d.first_output_ms),
+        files_ok: d.files_ok,
     })
 }
 
