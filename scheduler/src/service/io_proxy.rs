@@ -149,15 +149,16 @@ impl IoProxy {
     ) -> Result<Route, Status> {
         let r = sandbox.ok_or_else(|| Status::invalid_argument("sandbox: missing"))?;
         let (job, index) = (r.job_id, r.index);
-        match self.replica.read(|s, _| route_in(s, caller, job, index)) {
+        let local = match self.replica.read(|s, _| route_in(s, caller, job, index)) {
             Ok(route) => return Ok(route),
             Err(NoRoute::NoAddress(m)) => return Err(Status::unavailable(m)),
-            Err(_) => {}
+            Err(e) => e,
+        };
+        // Between leaders there is nothing newer to catch up with: this replica's answer
+        // stands ("not running yet" is then as true as it can be known).
+        if self.replica.linearizable_read().await.is_err() {
+            return Err(local.into());
         }
-        self.replica
-            .linearizable_read()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(self.replica.read(|s, _| route_in(s, caller, job, index))?)
     }
 
