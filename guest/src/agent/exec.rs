@@ -202,7 +202,7 @@ async fn supervise(
         stderr,
         at,
     } = started;
-    let mut readers = (
+    let readers = (
         tokio::spawn(forward(stdout, Stream::Stdout, out.clone())),
         tokio::spawn(forward(stderr, Stream::Stderr, out.clone())),
     );
@@ -245,17 +245,23 @@ async fn supervise(
     };
     drop(stdin_tx);
     writer.abort();
+    // Each reader is awaited to its end at most once: `take` marks it consumed.
+    let mut pending = [Some(readers.0), Some(readers.1)];
     let drained = async {
-        let _ = (&mut readers.0).await;
-        let _ = (&mut readers.1).await;
+        for slot in pending.iter_mut() {
+            if let Some(h) = slot.as_mut() {
+                let _ = h.await;
+                *slot = None;
+            }
+        }
     };
     let _ = tokio::time::timeout(Duration::from_millis(DRAIN_GRACE_MS), drained).await;
     // A pipe still open (a process left in the background holds it): no more output after the
     // exit status.
-    readers.0.abort();
-    readers.1.abort();
-    let _ = (&mut readers.0).await;
-    let _ = (&mut readers.1).await;
+    for h in pending.into_iter().flatten() {
+        h.abort();
+        let _ = h.await;
+    }
     let Ok(status) = status else {
         return out
             .error(ErrorKind::Io, "the exec's exit status was lost")
