@@ -826,3 +826,6 @@ fn setup_script_installs_the_guest_kernel() {
         .find(|p| p.is_file());
     assert_eq!(found, Some(lib));
 }
+
+#[path = "tests_agent.rs"]
+mod agent;
