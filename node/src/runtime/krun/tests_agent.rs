@@ -275,3 +275,80 @@ async fn exec_and_files_through_the_agent_of_a_fake_vm() {
     assert!(matches!(err, IoError::NotRunning { .. }), "{err}");
     rt.remove(id).await.expect("remove");
 }
+
+/// The agent in a real microVM: exec and files of a booted guest. Runs where hardware
+/// virtualization can boot a guest (never on this build machine) and a static agent is given
+/// (`SURGE_TEST_GUEST_AGENT=/path/to/surge-guest`, from guest/scripts/build-static).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_a_microvm_and_exec_through_its_agent() {
+    let virt = crate::detect::detect_virtualization();
+    let Some(fx) = Fixture::new("bootagent") else {
+        return;
+    };
+    let host = KrunHost::probe(&fx.data);
+    if let Some(why) = unavailable_reason(&virt, &host) {
+        // A hardware limit, as in `boot_a_microvm`: no setup makes this host boot a guest.
+        eprintln!("SKIPPED boot_a_microvm_and_exec_through_its_agent: this host cannot boot a microVM: {why}");
+        return;
+    }
+    let Some(agent) = std::env::var_os("SURGE_TEST_GUEST_AGENT").map(PathBuf::from) else {
+        crate::testing::unavailable(
+            "boot_a_microvm_and_exec_through_its_agent: set SURGE_TEST_GUEST_AGENT to a static surge-guest (guest/scripts/build-static)",
+        );
+        return;
+    };
+    let exe = std::env::current_exe().expect("test binary");
+    Templates::new(&fx.data)
+        .ensure_busybox()
+        .expect("busybox template");
+    let config = KrunConfig {
+        data_dir: fx.data.clone(),
+        program: PathBuf::from("/bin/sh"),
+        program_args: vec![
+            "-c".into(),
+            r#"SURGE_VM_EXEC_CONFIG="$2" exec "$0" runtime::krun::tests::vm_exec_child --exact --include-ignored --nocapture"#.into(),
+            exe.into_os_string(),
+        ],
+        cgroup_parent: fx.parent.clone(),
+        krunfw: host.krunfw.clone(),
+        libkrun: host.libkrun.clone().ok().flatten(),
+        overlay: true,
+        agent: Some(agent),
+    };
+    let rt = KrunRuntime::with_layout(config, fx.layout.clone()).expect("runtime");
+    let id = SandboxId::new(9, 41);
+    let mut r = req(41, "unused");
+    r.spec.template = DEFAULT_TEMPLATE.into();
+    r.spec.command = Vec::new();
+    rt.start(r).await.expect("boot");
+    let mut out = None;
+    for _ in 0..200 {
+        let (_c, ctl) = mpsc::channel(1);
+        let (tx, mut rx) = mpsc::channel(16);
+        let spec = ExecSpec {
+            command: vec!["/bin/sh".into(), "-c".into(), "id -u; uname -s".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout: Duration::from_secs(20),
+            stdin: false,
+        };
+        match rt.exec(id, spec, ctl, tx).await {
+            Ok(status) => {
+                assert_eq!(status.code, 0);
+                let mut text = String::new();
+                while let Ok(ExecOutput::Stdout(b)) = rx.try_recv() {
+                    text.push_str(&String::from_utf8_lossy(&b));
+                }
+                out = Some(text);
+                break;
+            }
+            Err(IoError::Runtime(m)) if m.contains("did not answer") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("exec in the microVM: {e}"),
+        }
+    }
+    assert_eq!(out.as_deref(), Some("1000\nLinux\n"));
+    rt.stop(id, Duration::from_secs(5)).await.expect("stop");
+    rt.remove(id).await.expect("remove");
+}
