@@ -36,12 +36,13 @@
 //!   rootfs/     overlay: template (read-only) + upper/   console.log the guest console
 //!   vmexec.log  vm-exec's and libkrun's own stderr       entered     vm-exec reached start_enter
 //!   setup-error why vm-exec failed                       exit.json   the VMM's wait status
-//!   final.json  how it ended, fixed once observed
+//!   final.json  how it ended, fixed once observed    agent.sock  the guest agent's vsock port
+//!   rootfs/.surge/surge-guest  the guest agent (copied in when configured)
 //! ```
 //!
 //! **Layout of the code.** [`host`] finds libkrun and decides whether this host can run VMs;
 //! [`spawner`] forks and reaps VMMs; [`ffi`] loads libkrun; [`vm`] and [`exec`] are the VM's side;
-//! [`exit`] classifies how a VM ended. The record, liveness, list, finalize and remove logic
+//! [`exit`] classifies how a VM ended; [`io`] is exec and files through the guest agent. The record, liveness, list, finalize and remove logic
 //! shared with the container runtime are in `runtime::supervise`, cgroups in `runtime::cgroup`.
 
 use std::ffi::{CString, OsString};
