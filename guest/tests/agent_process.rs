@@ -142,6 +142,23 @@ async fn concurrent_execs_exit_codes_and_timeouts_over_a_real_socket() {
         assert_eq!((out, err), (format!("o{i}\n"), format!("e{i}\n")));
         assert_eq!(status.code, i32::try_from(i).expect("small"));
     }
+    // A program that does not exist is an error of its own, and the agent (which reaps every
+    // child) survives it.
+    let (_c, ctl) = mpsc::channel::<Control>(1);
+    let (tx, _rx) = mpsc::channel::<Output>(1);
+    let missing = ExecRequest {
+        argv: vec!["/no/such/program".into()],
+        env: vec![],
+        cwd: None,
+        timeout_ms: 1_000,
+        stdin: false,
+    };
+    let err = a
+        .client
+        .exec(missing, ctl, tx)
+        .await
+        .expect_err("no program");
+    assert!(err.to_string().contains("/no/such/program"), "{err}");
     let (out, _, status) = run(&a.client, "sleep 30 & echo $!; wait", 300).await;
     assert!(status.timed_out);
     assert_eq!(status.signal, Some(9));

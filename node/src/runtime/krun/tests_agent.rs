@@ -352,3 +352,23 @@ async fn boot_a_microvm_and_exec_through_its_agent() {
     rt.stop(id, Duration::from_secs(5)).await.expect("stop");
     rt.remove(id).await.expect("remove");
 }
+
+#[test]
+fn the_guest_keeps_the_nodes_limits() {
+    use crate::runtime::io as node;
+    use surge_guest::proto as guest;
+    assert_eq!(guest::CHUNK_BYTES, node::CHUNK_BYTES);
+    assert_eq!(guest::FILE_BYTES_MAX, node::FILE_BYTES_MAX);
+    assert_eq!(guest::UPLOAD_BYTES_MAX, node::UPLOAD_BYTES_MAX);
+    assert_eq!(guest::UPLOAD_ENTRIES_MAX, node::UPLOAD_ENTRIES_MAX);
+    assert_eq!(guest::LIST_ENTRIES_MAX, node::LIST_ENTRIES_MAX);
+    assert_eq!(guest::PATH_BYTES_MAX, node::PATH_BYTES_MAX);
+    assert_eq!(guest::ARGV_MAX, node::ARGV_MAX);
+    assert_eq!(guest::ARGV_BYTES_MAX, node::ARGV_BYTES_MAX);
+    assert_eq!(guest::ENV_MAX, node::ENV_MAX);
+    assert_eq!(guest::EXECS_MAX, node::EXECS_PER_SANDBOX_MAX);
+    assert_eq!(
+        Duration::from_millis(guest::EXEC_TIMEOUT_MAX_MS),
+        node::EXEC_TIMEOUT_MAX
+    );
+}
