@@ -252,3 +252,32 @@ async fn files_belong_to_the_sandbox_user_and_tar_round_trips() {
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].name, "greeting.txt");
 }
+
+/// 200 sequential execs of `true` through a real agent process: each exits 0; the latency is
+/// printed (a figure, not an assertion: speed belongs in benchmarks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_execs_of_true() {
+    let a = start().await;
+    let mut took = Vec::new();
+    for _ in 0..200 {
+        let spec = ExecRequest {
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            timeout_ms: 10_000,
+            stdin: false,
+        };
+        let (_c, ctl) = mpsc::channel::<Control>(1);
+        let (tx, _rx) = mpsc::channel::<Output>(4);
+        let t = std::time::Instant::now();
+        let status = a.client.exec(spec, ctl, tx).await.expect("exec");
+        took.push(t.elapsed());
+        assert_eq!(status.code, 0);
+    }
+    took.sort();
+    eprintln!(
+        "exec of `true` through surge-guest over a unix socket: p50 {:?}, p99 {:?}",
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
+}

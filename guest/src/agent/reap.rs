@@ -10,13 +10,13 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-/// How often the reaper looks again when the agent has no child at all.
-const NO_CHILD_POLL_MS: u64 = 20;
+/// How long the reaper sleeps when the agent has no child at all (a spawn wakes it at once).
+const NO_CHILD_WAIT_MS: u64 = 1_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReapMode {
@@ -30,6 +30,9 @@ pub enum ReapMode {
 struct Shared {
     spawning: RwLock<()>,
     waiters: Mutex<HashMap<libc::pid_t, oneshot::Sender<i32>>>,
+    /// Bumped by every spawn, to wake a reaper that found no child.
+    spawns: Mutex<u64>,
+    spawned: Condvar,
 }
 
 /// See the module docs.
@@ -79,6 +82,8 @@ impl Reaper {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(pid, tx);
+                *self.shared.spawns.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                self.shared.spawned.notify_all();
                 Ok((child, rx))
             }
             ReapMode::Own => {
@@ -102,6 +107,7 @@ fn pid_of(child: &Child) -> std::io::Result<libc::pid_t> {
 
 fn reap_all(shared: &Shared) {
     loop {
+        let seen = *shared.spawns.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid writes one siginfo_t through the pointer, a live local; WNOWAIT
@@ -109,8 +115,13 @@ fn reap_all(shared: &Shared) {
         let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if rc < 0 {
             if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                // ECHILD: no child yet.
-                std::thread::sleep(Duration::from_millis(NO_CHILD_POLL_MS));
+                // ECHILD: no child yet; sleep until the next spawn (one since `seen` counts).
+                let spawns = shared.spawns.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = shared.spawned.wait_timeout_while(
+                    spawns,
+                    Duration::from_millis(NO_CHILD_WAIT_MS),
+                    |n| *n == seen,
+                );
             }
             continue;
         }
