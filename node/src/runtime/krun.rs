@@ -36,12 +36,13 @@
 //!   rootfs/     overlay: template (read-only) + upper/   console.log the guest console
 //!   vmexec.log  vm-exec's and libkrun's own stderr       entered     vm-exec reached start_enter
 //!   setup-error why vm-exec failed                       exit.json   the VMM's wait status
-//!   final.json  how it ended, fixed once observed
+//!   final.json  how it ended, fixed once observed    agent.sock  the guest agent's vsock port
+//!   rootfs/.surge/surge-guest  the guest agent (copied in when configured)
 //! ```
 //!
 //! **Layout of the code.** [`host`] finds libkrun and decides whether this host can run VMs;
 //! [`spawner`] forks and reaps VMMs; [`ffi`] loads libkrun; [`vm`] and [`exec`] are the VM's side;
-//! [`exit`] classifies how a VM ended. The record, liveness, list, finalize and remove logic
+//! [`exit`] classifies how a VM ended; [`io`] is exec and files through the guest agent. The record, liveness, list, finalize and remove logic
 //! shared with the container runtime are in `runtime::supervise`, cgroups in `runtime::cgroup`.
 
 use std::ffi::{CString, OsString};
@@ -64,13 +65,13 @@ use super::{
     read_tail, ExitReport, ObservedSandbox, Resources, Runtime, RuntimeError, SandboxHandle,
     SandboxId, StartRequest, Usage, LOG_TAIL_MAX_BYTES, MIB,
 };
-use crate::template::Templates;
+use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
 pub mod exec;
 pub mod exit;
 pub mod ffi;
 pub mod host;
-mod io;
+pub mod io;
 pub mod spawner;
 pub mod vm;
 
@@ -105,23 +106,45 @@ pub struct KrunConfig {
     /// Mount an overlay over the template (the template stays shared and unchanged). Without
     /// it the VM writes into the template directory itself.
     pub overlay: bool,
+    /// The guest agent binary on this host (`surge-guest`, built static): copied into each
+    /// VM's root and booted as its workload, it runs the command and serves exec and files
+    /// (see `io`). `None`: VMs run their command directly and have no exec and files.
+    pub agent: Option<PathBuf>,
 }
 
 impl KrunConfig {
     /// `surge vm-exec` of the running binary.
     pub fn new(data_dir: impl Into<PathBuf>, host: &KrunHost) -> Result<Self, RuntimeError> {
+        let data_dir: PathBuf = data_dir.into();
+        let agent = find_agent(&data_dir);
         let program = std::env::current_exe()
             .map_err(|e| RuntimeError::io("find the surge binary to run vm-exec", e))?;
         Ok(Self {
-            data_dir: data_dir.into(),
+            data_dir,
             program,
             program_args: vec!["vm-exec".into()],
             cgroup_parent: "/surge-vm".to_owned(),
             krunfw: host.krunfw.clone(),
             libkrun: host.libkrun.clone().ok().flatten(),
             overlay: true,
+            agent,
         })
     }
+}
+
+/// The file name of the guest agent binary.
+pub const AGENT_FILE: &str = "surge-guest";
+
+/// Where the guest agent is looked for: the same places as libkrun (next to `surge` first).
+fn find_agent(data_dir: &Path) -> Option<PathBuf> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    search_dirs(data_dir, exe_dir.as_deref(), home.as_deref())
+        .into_iter()
+        .map(|d| d.join(AGENT_FILE))
+        .find(|p| p.is_file())
 }
 
 /// The krun runtime's fields of a VM's record (`state.json`).
@@ -145,6 +168,19 @@ impl RecordExtra for VmRecord {
 }
 
 type Vm = Supervised<KrunRuntime>;
+
+/// Copy the guest agent into the VM's root at `vm::GUEST_AGENT_PATH` (root-owned, 0755).
+fn install_agent(agent: &Path, root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dest = root.join(vm::GUEST_AGENT_PATH.trim_start_matches('/'));
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = dest.with_extension("tmp");
+    std::fs::copy(agent, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &dest)
+}
 
 /// The VM's cgroup (one directory on v2, one per controller hierarchy on v1).
 fn vm_cgroup(layout: &CgroupLayout, parent: &str, id: SandboxId) -> Cgroup {
@@ -200,6 +236,7 @@ pub struct KrunRuntime {
     templates: Templates,
     spawner: Spawner,
     vms: Sandboxes<KrunRuntime>,
+    agents: io::AgentClients,
 }
 
 impl Supervisor for KrunRuntime {
@@ -264,6 +301,7 @@ impl KrunRuntime {
             config,
             layout,
             spawner: Spawner::new()?,
+            agents: io::AgentClients::default(),
         })
     }
 
@@ -305,6 +343,14 @@ impl KrunRuntime {
         } else {
             template
         };
+        if let Some(agent) = &self.config.agent {
+            install_agent(agent, &root).map_err(|e| {
+                RuntimeError::io(
+                    ctx(&format!("install the guest agent {}", agent.display())),
+                    e,
+                )
+            })?;
+        }
         let cfg = vm::build(&vm::VmParams {
             id: req.id,
             spec: &req.spec,
@@ -314,6 +360,11 @@ impl KrunRuntime {
             dir,
             krunfw: self.config.krunfw.as_deref(),
             libkrun: self.config.libkrun.as_deref(),
+            agent: self
+                .config
+                .agent
+                .as_ref()
+                .map(|_| (SANDBOX_UID, SANDBOX_GID)),
         })
         .map_err(|e| RuntimeError::StartFailed {
             id: req.id,
@@ -558,6 +609,7 @@ impl Runtime for KrunRuntime {
 
     async fn remove(&self, id: SandboxId) -> Result<(), RuntimeError> {
         let vm = self.vms.ended(self, id).await?;
+        self.agents.forget(id);
         unmount(&vm.file("rootfs"));
         vm.cgroup.remove();
         self.vms.delete(&vm)

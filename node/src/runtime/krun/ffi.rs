@@ -41,6 +41,9 @@ pub trait KrunApi {
     /// environment into the guest.
     fn set_exec(&self, ctx: u32, path: &CStr, argv: &[CString], envp: &[CString]) -> i32;
     fn set_console_output(&self, ctx: u32, path: &CStr) -> i32;
+    /// Map guest vsock `port` to the host unix socket `path`; with `listen`, libkrun listens on
+    /// `path` and forwards each host connection to the guest's listener on `port`.
+    fn add_vsock_port2(&self, ctx: u32, port: u32, path: &CStr, listen: bool) -> i32;
     fn start_enter(&self, ctx: u32) -> i32;
 }
 
@@ -56,6 +59,7 @@ type FnVoid = unsafe extern "C" fn() -> i32;
 type FnU32 = unsafe extern "C" fn(u32) -> i32;
 type FnVmConfig = unsafe extern "C" fn(u32, u8, u32) -> i32;
 type FnPath = unsafe extern "C" fn(u32, *const c_char) -> i32;
+type FnVsockPort = unsafe extern "C" fn(u32, u32, *const c_char, bool) -> i32;
 type FnExec =
     unsafe extern "C" fn(u32, *const c_char, *const *const c_char, *const *const c_char) -> i32;
 
@@ -70,6 +74,9 @@ pub struct DlKrun {
     set_workdir: Symbol<'static, FnPath>,
     set_exec: Symbol<'static, FnExec>,
     set_console_output: Symbol<'static, FnPath>,
+    /// `None` in a libkrun older than 1.10: a VM then gets no agent socket (exec and files
+    /// fail with a message naming the missing call).
+    add_vsock_port2: Option<Symbol<'static, FnVsockPort>>,
     start_enter: Symbol<'static, FnU32>,
 }
 
@@ -127,7 +134,7 @@ impl DlKrun {
             }
         };
         // SAFETY: each type below is the C signature of that libkrun function as declared in
-        // include/libkrun.h (int32_t returns, uint32_t ctx ids, uint8_t vCPUs, uint32_t MiB,
+        // include/libkrun.h (int32_t returns, uint32_t ctx ids and ports, uint8_t vCPUs, uint32_t MiB, bool flags,
         // `const char *` strings and `const char *const[]` arrays), with the C ABI.
         unsafe {
             Ok(Self {
@@ -139,6 +146,7 @@ impl DlKrun {
                 set_workdir: sym(lib, b"krun_set_workdir\0")?,
                 set_exec: sym(lib, b"krun_set_exec\0")?,
                 set_console_output: sym(lib, b"krun_set_console_output\0")?,
+                add_vsock_port2: sym(lib, b"krun_add_vsock_port2\0").ok(),
                 start_enter: sym(lib, b"krun_start_enter\0")?,
             })
         }
@@ -186,6 +194,15 @@ impl KrunApi for DlKrun {
         // SAFETY: the symbol has this type (see `load`); `path` is NUL-terminated, outlives the
         // call, and libkrun copies it.
         unsafe { (*self.set_console_output)(ctx, path.as_ptr()) }
+    }
+    fn add_vsock_port2(&self, ctx: u32, port: u32, path: &CStr, listen: bool) -> i32 {
+        let Some(f) = &self.add_vsock_port2 else {
+            return -libc::ENOSYS;
+        };
+        // SAFETY: the symbol has this type (see `load`: `int32_t (uint32_t, uint32_t,
+        // const char *, bool)`); `path` is NUL-terminated, outlives the call, and libkrun
+        // copies it.
+        unsafe { (**f)(ctx, port, path.as_ptr(), listen) }
     }
     fn start_enter(&self, ctx: u32) -> i32 {
         // SAFETY: the symbol has this type (see `load`); an integer argument. On success libkrun

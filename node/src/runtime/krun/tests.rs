@@ -90,6 +90,7 @@ fn params<'a>(s: &'a SandboxSpec, dir: &'a Path) -> VmParams<'a> {
         dir,
         krunfw: Some(Path::new("/k/libkrunfw.so.5")),
         libkrun: None,
+        agent: None,
     }
 }
 
@@ -181,6 +182,13 @@ impl KrunApi for Recorder {
     fn set_console_output(&self, ctx: u32, path: &CStr) -> i32 {
         self.push(format!("set_console_output {ctx} {}", text(path)));
         self.rc("set_console_output", 0)
+    }
+    fn add_vsock_port2(&self, ctx: u32, port: u32, path: &CStr, listen: bool) -> i32 {
+        self.push(format!(
+            "add_vsock_port2 {ctx} {port} {} {listen}",
+            text(path)
+        ));
+        self.rc("add_vsock_port2", 0)
     }
     fn start_enter(&self, ctx: u32) -> i32 {
         self.push(format!("start_enter {ctx}"));
@@ -436,6 +444,7 @@ impl Fixture {
             krunfw: None,
             libkrun: None,
             overlay: false,
+            agent: None,
         };
         KrunRuntime::with_layout(config, self.layout.clone()).expect("runtime")
     }
@@ -765,6 +774,7 @@ async fn boot_a_microvm() {
         krunfw: host.krunfw.clone(),
         libkrun: host.libkrun.clone().ok().flatten(),
         overlay: true,
+        agent: None,
     };
     let rt = KrunRuntime::with_layout(config, fx.layout.clone()).expect("runtime");
     let mut r = req(40, "/bin/echo");
@@ -816,3 +826,6 @@ fn setup_script_installs_the_guest_kernel() {
         .find(|p| p.is_file());
     assert_eq!(found, Some(lib));
 }
+
+#[path = "tests_agent.rs"]
+mod agent;

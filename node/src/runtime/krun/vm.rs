@@ -24,6 +24,12 @@ pub const GUEST_RAM_MAX_MIB: u64 = 1 << 20;
 pub const GUEST_CMDLINE_BYTES_MAX: usize = 1536;
 /// Working directory in the guest.
 pub const GUEST_WORKDIR: &str = "/";
+/// Where the guest agent (`surge-guest`, see the `surge-guest` crate) sits in the guest's root.
+pub const GUEST_AGENT_PATH: &str = "/.surge/surge-guest";
+/// The host end of the agent's vsock port, in the VM dir.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// A unix socket path, at most (`sun_path` is 108 bytes with its NUL).
+pub const SOCKET_PATH_BYTES_MAX: usize = 107;
 
 /// Everything `surge vm-exec` needs to build the context (`vm.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +55,10 @@ pub struct VmConfig {
     pub setup_error: PathBuf,
     /// libkrun log level (0 off .. 5 trace).
     pub log_level: u32,
+    /// The host unix socket libkrun maps to the guest agent's vsock port; `None`: the VM runs
+    /// the command itself, without an agent (no exec and files).
+    #[serde(default)]
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// Why a VM configuration is refused or a libkrun call failed.
@@ -133,14 +143,47 @@ pub struct VmParams<'a> {
     pub dir: &'a Path,
     pub krunfw: Option<&'a Path>,
     pub libkrun: Option<&'a Path>,
+    /// Boot the guest agent (the binary is at [`GUEST_AGENT_PATH`] in the root) as the VM's
+    /// workload, running the command (if any) as this user (uid, gid).
+    pub agent: Option<(u32, u32)>,
 }
 
 /// The VM configuration of a sandbox; files live in `dir`.
 pub fn build(p: &VmParams<'_>) -> Result<VmConfig, VmError> {
-    let (exec, args) = match p.spec.command.split_first() {
-        Some((exec, rest)) => (exec.clone(), rest.to_vec()),
-        None => ("/bin/sh".to_owned(), Vec::new()),
+    let (exec, args) = match (p.agent, p.spec.command.split_first()) {
+        (Some((uid, gid)), command) => {
+            // The agent is the workload; it runs the command, or stays up without one.
+            let mut args: Vec<String> = [
+                "--init",
+                "--uid",
+                &uid.to_string(),
+                "--gid",
+                &gid.to_string(),
+                "--vsock-port",
+                &surge_guest::proto::AGENT_VSOCK_PORT.to_string(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            if command.is_some() {
+                args.push("--".to_owned());
+                args.extend(p.spec.command.iter().cloned());
+            }
+            (GUEST_AGENT_PATH.to_owned(), args)
+        }
+        (None, Some((exec, rest))) => (exec.clone(), rest.to_vec()),
+        (None, None) => ("/bin/sh".to_owned(), Vec::new()),
     };
+    let agent_socket = p.agent.map(|_| p.dir.join(AGENT_SOCKET));
+    if let Some(sock) = &agent_socket {
+        let len = sock.as_os_str().len();
+        if len > SOCKET_PATH_BYTES_MAX {
+            return Err(VmError::Invalid(format!(
+                "the agent socket {} is {len} bytes long; a unix socket path takes at most {SOCKET_PATH_BYTES_MAX} (use a shorter data dir)",
+                sock.display()
+            )));
+        }
+    }
     cmdline_safe("command", &exec)?;
     for a in &args {
         cmdline_safe("argument", a)?;
@@ -171,6 +214,7 @@ pub fn build(p: &VmParams<'_>) -> Result<VmConfig, VmError> {
         entered_marker: p.dir.join("entered"),
         setup_error: p.dir.join("setup-error"),
         log_level: 1,
+        agent_socket,
     })
 }
 
@@ -206,6 +250,11 @@ pub fn configure(api: &dyn KrunApi, cfg: &VmConfig) -> Result<u32, VmError> {
         .map(|e| cstr("environment entry", e))
         .collect::<Result<Vec<_>, _>>()?;
     let console = cstr("console path", &cfg.console.to_string_lossy())?;
+    let agent_socket = cfg
+        .agent_socket
+        .as_ref()
+        .map(|s| cstr("agent socket", &s.to_string_lossy()))
+        .transpose()?;
     check("krun_set_log_level", api.set_log_level(cfg.log_level))?;
     let ctx = u32::try_from(check("krun_create_ctx", api.create_ctx())?)
         .map_err(|_| VmError::Invalid("libkrun returned a negative context id".into()))?;
@@ -221,6 +270,12 @@ pub fn configure(api: &dyn KrunApi, cfg: &VmConfig) -> Result<u32, VmError> {
             "krun_set_console_output",
             api.set_console_output(ctx, &console),
         )?;
+        if let Some(sock) = &agent_socket {
+            check(
+                "krun_add_vsock_port2",
+                api.add_vsock_port2(ctx, surge_guest::proto::AGENT_VSOCK_PORT, sock, true),
+            )?;
+        }
         Ok(())
     })();
     match filled {
