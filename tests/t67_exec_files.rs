@@ -320,3 +320,57 @@ async fn the_http_api_execs_and_moves_files() {
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("error"), "{body}");
 }
+
+/// Exec calls keep a sandbox with an idle timeout alive (the node's I/O service touches it, the
+/// report carries it, the leader records it); the sandbox nobody drives ends idle-timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execs_keep_an_idle_timeout_at_bay() {
+    let (mut c, _dir, leader) = cluster(3, &[]).await;
+    c.start_sim_nodes("n", 1, &["--sim-exec-ms", "1"])
+        .expect("nodes");
+    let addr = c.addr(leader).expect("addr");
+    let id = submit_spec(
+        &addr,
+        pb::JobSpec {
+            count: 2,
+            cpu_millis: 100,
+            memory_mib: 64,
+            template: "busybox".into(),
+            tenant: "t".into(),
+            idle_timeout_ms: 3_000,
+            ..Default::default()
+        },
+        "idle",
+    )
+    .await;
+    let cl = Client::open(&follower(&c, leader)).expect("client");
+    let started = Instant::now();
+    // Drive sandbox 0 every 500 ms for 8 s; leave sandbox 1 alone.
+    let mut last_ok = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        if let Ok(r) = cl.exec_output(id, 0, &Exec::new(["true"]), None, 64).await {
+            assert_eq!(r.exit.exit_code, 0);
+            last_ok = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        last_ok.is_some_and(|t| t.elapsed() < Duration::from_secs(2)),
+        "sandbox 0 stopped taking execs"
+    );
+    let s0 = cl.get_sandbox(id, 0).await.expect("sandbox 0");
+    assert_eq!(s0.state, "running", "{s0:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s1 = loop {
+        let s1 = cl.get_sandbox(id, 1).await.expect("sandbox 1");
+        if s1.state == "stopped" {
+            break s1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox 1 never went idle: {s1:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(s1.end_reason(), pb::EndReason::IdleTimeout, "{s1:?}");
+}
