@@ -562,6 +562,24 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
     let j = job(&addr, id).await;
     assert_eq!(j.counts.unwrap_or_default().running, 2, "{j:?}");
 
+    // ... and still driven: exec through the API reaches both adopted sandboxes (the new daemon
+    // registered its new I/O address), as the sandbox's user.
+    let cl = surge_client::Client::open(&addr).expect("client");
+    for i in 0..2u32 {
+        let r = wait_for(&c, &[&node], "exec into an adopted sandbox", || {
+            let cl = cl.clone();
+            async move {
+                cl.exec_output(id, i, &surge_client::io::Exec::new(["id", "-u"]), None, 64)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        assert_eq!(r.exit.exit_code, 0, "{r:?}");
+        let uid = String::from_utf8_lossy(&r.stdout).trim().to_string();
+        assert!(!uid.is_empty() && uid != "0", "exec ran as uid {uid:?}");
+    }
+
     // The adopted sandboxes are still under control: stop them through the scheduler.
     cli(&addr, &["stop", &id.to_string()]);
     wait_for(&c, &[&node], "adopted sandboxes stop", || async {
@@ -636,4 +654,101 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
         let left = n.remove();
         assert!(left.is_empty(), "node {id} left behind: {left:?}");
     }
+}
+
+/// A long-lived container sandbox (no command) driven through the CLI like an agent does:
+/// separate stdout and stderr with the command's exit code, stdin, a timeout that kills, and a
+/// directory copied in and back out intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_container_sandbox_is_driven_through_the_cli() {
+    let Some((c, dir, addr)) = cluster_for("driven_through_the_cli", NODE_TTL_MS).await else {
+        return;
+    };
+    let node = Node::start(dir.path(), &addr, "real-e");
+    wait_nodes_ready(&c, &[&node], &addr).await;
+    let mut long = spec(1, "");
+    long.command = Vec::new();
+    let id = submit(&addr, long, "long").await;
+    let sb = format!("{id}.0");
+    cli(&addr, &["wait", &sb, "--timeout", "60s"]);
+    let exec = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["exec", "--server", &addr]).args(args);
+        if stdin.is_some() {
+            cmd.stdin(std::process::Stdio::piped());
+        }
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("surge exec");
+        if let Some(data) = stdin {
+            use std::io::Write;
+            let mut w = child.stdin.take().expect("stdin");
+            w.write_all(data).expect("write stdin");
+        }
+        child.wait_with_output().expect("surge exec")
+    };
+    let out = exec(
+        &[&sb, "--", "sh", "-c", "echo out; echo err >&2; exit 3"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    let out = exec(&[&sb, "--stdin", "--", "wc", "-c"], Some(b"12345"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5", "{out:?}");
+    let out = exec(&[&sb, "--timeout", "300ms", "--", "sleep", "30"], None);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    // Nothing of the killed command is left (PID 1, the init, is all that runs).
+    let left = exec(
+        &[
+            &sb,
+            "--",
+            "sh",
+            "-c",
+            "ps -o pid,comm | grep -c sleep || true",
+        ],
+        None,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout).trim(),
+        "0",
+        "{left:?}"
+    );
+    // A directory in and back out, byte for byte.
+    let src = dir.path().join("tree");
+    std::fs::create_dir_all(src.join("a/b")).expect("mkdir");
+    let blob: Vec<u8> = (0..200_000u32)
+        .map(|i| u8::try_from(i % 251).expect("below 251"))
+        .collect();
+    std::fs::write(src.join("a/b/blob"), &blob).expect("write");
+    std::fs::write(src.join("top.txt"), b"top").expect("write");
+    cli(
+        &addr,
+        &[
+            "cp",
+            src.to_str().expect("utf8"),
+            &format!("{sb}:/work/tree"),
+        ],
+    );
+    let owner = exec(
+        &[&sb, "--", "stat", "-c", "%u", "/work/tree/a/b/blob"],
+        None,
+    );
+    let uid = exec(&[&sb, "--", "id", "-u"], None);
+    assert_eq!(
+        owner.stdout, uid.stdout,
+        "files land owned by the sandbox's user"
+    );
+    let back = dir.path().join("back");
+    cli(
+        &addr,
+        &[
+            "cp",
+            &format!("{sb}:/work/tree"),
+            back.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(std::fs::read(back.join("a/b/blob")).expect("blob"), blob);
+    assert_eq!(std::fs::read(back.join("top.txt")).expect("top"), b"top");
+    cli(&addr, &["cancel", &id.to_string()]);
 }
