@@ -80,6 +80,23 @@ impl FromRequestParts<HttpState> for SandboxParam {
     }
 }
 
+/// Where a call about `sandbox` goes, and a client of that node (or the JSON error).
+async fn target(
+    state: &HttpState,
+    caller: &crate::service::guard::Caller,
+    sandbox: &pb::SandboxRef,
+) -> Result<
+    (
+        crate::service::io_proxy::Route,
+        surge_proto::sandbox::sandbox_io_client::SandboxIoClient<tonic::transport::Channel>,
+    ),
+    Response,
+> {
+    let route = state.io.route(caller, Some(sandbox)).await.map_err(error)?;
+    let node = state.io.node(&route.address).map_err(error)?;
+    Ok((route, node))
+}
+
 fn error(s: tonic::Status) -> Response {
     JobApiError::from(s).into_response()
 }
@@ -107,9 +124,9 @@ async fn exec(
         Ok(r) => r,
         Err(e) => return JobApiError::Invalid(format!("request body: {e}")).into_response(),
     };
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let start = pb::ExecStart {
         sandbox: Some(route.sandbox),
@@ -132,10 +149,6 @@ async fn exec(
             }
         }
     });
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
-    };
     let mut stream = match node.clone().exec(ReceiverStream::new(rx)).await {
         Ok(s) => s.into_inner(),
         Err(s) => return error(s),
@@ -210,13 +223,9 @@ async fn read_file(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
-    };
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let req = pb::ReadFileRequest {
         sandbox: Some(route.sandbox),
@@ -250,13 +259,9 @@ async fn write_file(
             .into_response()
         }
     };
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
-    };
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let start = pb::WriteFileInput {
         input: Some(pb::write_file_input::Input::Start(pb::WriteFileStart {
@@ -285,13 +290,9 @@ async fn list_dir(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
-    };
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let req = pb::ListDirRequest {
         sandbox: Some(route.sandbox),
@@ -333,13 +334,9 @@ async fn download(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
-    };
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let req = pb::DownloadRequest {
         sandbox: Some(route.sandbox),
@@ -362,13 +359,9 @@ async fn upload(
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> Response {
-    let route = match state.io.route(&caller, Some(&sandbox)).await {
-        Ok(r) => r,
-        Err(s) => return error(s),
-    };
-    let node = match state.io.node(&route.address) {
-        Ok(n) => n,
-        Err(s) => return error(s),
+    let (route, node) = match target(&state, &caller, &sandbox).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let start = pb::UploadInput {
         input: Some(pb::upload_input::Input::Start(pb::UploadStart {
