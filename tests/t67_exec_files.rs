@@ -374,3 +374,57 @@ async fn execs_keep_an_idle_timeout_at_bay() {
     };
     assert_eq!(s1.end_reason(), pb::EndReason::IdleTimeout, "{s1:?}");
 }
+
+/// A leader failover does not cut an exec that runs through a follower: the stream involves
+/// that follower and the node only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_failover_does_not_cut_an_exec_through_a_follower() {
+    let (mut c, _dir, leader) = cluster(3, &[]).await;
+    c.start_sim_nodes(
+        "n",
+        1,
+        &["--sim-exec-ms", "3000", "--sim-exec-output-bytes", "5"],
+    )
+    .expect("nodes");
+    let addr = c.addr(leader).expect("addr");
+    let id = submit_spec(
+        &addr,
+        pb::JobSpec {
+            count: 1,
+            cpu_millis: 100,
+            memory_mib: 64,
+            template: "busybox".into(),
+            tenant: "t".into(),
+            ..Default::default()
+        },
+        "failover",
+    )
+    .await;
+    let via = Client::open(&follower(&c, leader)).expect("client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while via
+        .get_sandbox(id, 0)
+        .await
+        .map(|s| s.state)
+        .ok()
+        .as_deref()
+        != Some("running")
+    {
+        assert!(Instant::now() < deadline, "never running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exec = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = via.exec_output(id, 0, &Exec::new(["true"]), None, 64).await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill(leader).expect("kill the leader");
+    let (r, took) = exec.await.expect("join");
+    let r = r.expect("the exec survives the failover");
+    assert_eq!((r.exit.exit_code, r.stdout.as_slice()), (0, &b"xxxxx"[..]));
+    assert!(
+        took >= Duration::from_millis(2900),
+        "it ran its full 3 s: {took:?}"
+    );
+}
