@@ -237,6 +237,8 @@ struct Ports {
     grpc: u16,
     http: u16,
     node: u16,
+    /// The node daemon's exec-and-files port.
+    node_io: u16,
 }
 
 fn inventory(root: &Path, binary: &Path, ports: &[Ports]) -> String {
@@ -244,12 +246,14 @@ fn inventory(root: &Path, binary: &Path, ports: &[Ports]) -> String {
     for (i, (h, p)) in HOSTS.iter().zip(ports).enumerate() {
         servers.push_str(&format!(
             "        {h}: {{surge_root: {root}/{h}, surge_server_id: {id}, surge_server_port: {g}, \
-             surge_server_metrics_port: {m}, surge_node_metrics_port: {n}}}\n",
+             surge_server_metrics_port: {m}, surge_node_metrics_port: {n}, \
+             surge_node_io_port: {io}}}\n",
             root = root.display(),
             id = i + 1,
             g = p.grpc,
             m = p.http,
             n = p.node,
+            io = p.node_io,
         ));
     }
     let nodes: String = HOSTS.iter().map(|h| format!("        {h}:\n")).collect();
@@ -333,6 +337,7 @@ fn playbooks_bring_up_a_cluster_converge_upgrade_and_drain() {
             grpc: free_port().expect("port"),
             http: free_port().expect("port"),
             node: free_port().expect("port"),
+            node_io: free_port().expect("port"),
         })
         .collect();
     let _ = TLS_DIR.set(root.join("pki/client"));
