@@ -59,6 +59,7 @@ fn dev_demo_runs_the_burst_and_ctrl_c_leaves_nothing_behind() {
         .args(["--sim-nodes", "40", "--sim-sandboxes", "4000"])
         .args(["--real-nodes", &real_nodes.to_string()])
         .args(["--real-sandboxes", "6"])
+        .args(["--agent-sandboxes", "4", "--agent-execs", "5"])
         .arg("--data-dir")
         .arg(&root)
         .stdin(Stdio::null())
@@ -132,6 +133,33 @@ fn dev_demo_runs_the_burst_and_ctrl_c_leaves_nothing_behind() {
         row_done("real", 6);
     }
     assert!(summary.contains("capacity released"), "{summary}");
+    // The agent phase on the real nodes: its table's row says every sandbox took its execs and
+    // its file came back equal.
+    if real_nodes > 0 {
+        let row = loop {
+            let left = SUMMARY_TIMEOUT.saturating_sub(started.elapsed());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push(line.clone());
+                    let cells: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+                    if cells.first().map(String::as_str) == Some("4")
+                        && cells.get(1).map(String::as_str) == Some("5")
+                    {
+                        break cells;
+                    }
+                }
+                Err(_) => {
+                    kill_group();
+                    panic!("no agent phase row; output so far:\n{}", seen.join("\n"));
+                }
+            }
+        };
+        assert!(
+            row.iter().any(|c| c == "4/4"),
+            "agent phase: {row:?}\n{}",
+            seen.join("\n")
+        );
+    }
 
     // Ctrl-C, as a terminal sends it: SIGINT to the whole foreground group. Everything stops and
     // nothing of the run stays on the host.
