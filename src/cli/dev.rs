@@ -86,30 +86,23 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         let leader_addr = dev.cluster.addr(dev.leader)?;
         let demo = surge_harness::demo::run(&leader_addr, args.sim_sandboxes, real_sandboxes);
         tokio::select! {
-            r = async {
-                let burst = demo.await;
-                let agents = if real_sandboxes > 0 && args.agent_sandboxes > 0 {
+            () = async {
+                match demo.await {
+                    Ok(report) => print_demo(&report),
+                    Err(e) => eprintln!("demo: {e:#}"),
+                }
+                if real_sandboxes > 0 && args.agent_sandboxes > 0 {
                     println!();
                     println!(
                         "agents: {} long-lived container sandboxes created in one call, each driven by {} exec calls and a file round trip",
                         args.agent_sandboxes, args.agent_execs
                     );
-                    Some(surge_harness::demo::agents(&dev.servers(), args.agent_sandboxes, args.agent_execs).await)
-                } else {
-                    None
-                };
-                (burst, agents)
-            } => {
-                match r.0 {
-                    Ok(report) => print_demo(&report),
-                    Err(e) => eprintln!("demo: {e:#}"),
+                    match surge_harness::demo::agents(&dev.servers(), args.agent_sandboxes, args.agent_execs).await {
+                        Ok(a) => print_agents(&a),
+                        Err(e) => eprintln!("demo agents: {e:#}"),
+                    }
                 }
-                match r.1 {
-                    Some(Ok(a)) => print_agents(&a),
-                    Some(Err(e)) => eprintln!("demo agents: {e:#}"),
-                    None => {}
-                }
-            },
+            } => {}
             _ = &mut shutdown => {
                 println!("stopping the cluster ...");
                 dev.stop().await;
