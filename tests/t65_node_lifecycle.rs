@@ -714,6 +714,32 @@ async fn a_long_lived_container_sandbox_is_driven_through_the_cli() {
         "0",
         "{left:?}"
     );
+    // A client that goes away mid-stream: its command (and what it started) is killed.
+    let cl = surge_client::Client::open(&addr).expect("client");
+    let stream = cl
+        .exec(
+            surge_client::io::Exec::new(["sh", "-c", "sleep 40 & sleep 41"]).start(id, 0, false),
+            None,
+        )
+        .await
+        .expect("exec");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = exec(
+            &[&sb, "--", "sh", "-c", "ps -o comm | grep -c sleep || true"],
+            None,
+        );
+        if String::from_utf8_lossy(&left.stdout).trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned exec's processes live on: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // A directory in and back out, byte for byte.
     let src = dir.path().join("tree");
     std::fs::create_dir_all(src.join("a/b")).expect("mkdir");

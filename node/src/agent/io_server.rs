@@ -185,6 +185,7 @@ where
                         return;
                     }
                 }
+                () = resp_tx.closed() => return,
             }
         };
         while let Ok(data) = rx.try_recv() {
@@ -265,6 +266,8 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
                             return;
                         }
                     }
+                    // ... also while the command prints nothing.
+                    () = resp_tx.closed() => return,
                 }
             };
             while let Some(o) = out_rx.recv().await {
