@@ -340,10 +340,15 @@ pub struct Job {
     pub lease_expires_ms: u64,
 }
 
+/// A CPU amount that does not parse; the message names it and the accepted forms.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad CPU amount {0:?}: use cores (2, 0.5) or millicores (500m)")]
+pub struct BadCpu(pub String);
+
 /// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).
-pub fn parse_cpu(s: &str) -> Result<u64, String> {
+pub fn parse_cpu(s: &str) -> Result<u64, BadCpu> {
     let s = s.trim();
-    let bad = || format!("bad CPU amount {s:?}: use cores (2, 0.5) or millicores (500m)");
+    let bad = || BadCpu(s.to_string());
     if let Some(m) = s.strip_suffix('m') {
         return m.parse::<u64>().map_err(|_| bad());
     }

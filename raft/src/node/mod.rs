@@ -129,9 +129,17 @@ pub enum StartError {
     #[error("data dir {path} holds no cluster: start with --bootstrap (a new cluster) or --join ADDR (an existing one)")]
     NoCluster { path: String },
     #[error("cannot reach {seed} to join its cluster: {reason}")]
-    Seed { seed: String, reason: String },
+    Seed {
+        seed: String,
+        #[source]
+        reason: PeerError,
+    },
     #[error("joining through {seed} failed: {reason}")]
-    Join { seed: String, reason: String },
+    Join {
+        seed: String,
+        #[source]
+        reason: PeerError,
+    },
     #[error("invalid Raft configuration: {0}")]
     Config(String),
     #[error("storage: {0}")]
@@ -182,6 +190,25 @@ impl ClusterError {
 pub struct Proposed {
     pub index: u64,
     pub reply: Vec<u8>,
+}
+
+/// Why a call to another replica (a ping, or a join step at the seed) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    BadAddress(#[from] crate::network::BadAddress),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The replica answered with an error; shown as its message.
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
+    /// The seed did not answer before the wait for it ran out.
+    #[error("{last} (tried for {waited:?})")]
+    GaveUp {
+        #[source]
+        last: Box<PeerError>,
+        waited: Duration,
+    },
 }
 
 /// One replica of the replicated state machine `S`.

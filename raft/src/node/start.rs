@@ -13,8 +13,8 @@ use surge_proto::cluster::{AddMemberRequest, PingRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
 
 use super::{
-    cluster_client, cluster_id_of, RaftConfig, RaftNode, Start, StartError, ADD_MEMBER_TIMEOUT,
-    PING_TIMEOUT,
+    cluster_client, cluster_id_of, PeerError, RaftConfig, RaftNode, Start, StartError,
+    ADD_MEMBER_TIMEOUT, PING_TIMEOUT,
 };
 use crate::metrics::{as_gauge, RaftMetrics};
 use crate::network::{Network, Peers};
@@ -199,16 +199,13 @@ impl<S: StateMachine> RaftNode<S> {
     /// replicated to it, and a follower whose log went backwards is a safety violation Raft
     /// must not paper over. Until then the gate keeps Raft traffic away from this empty replica.
     async fn rejoin(&self, seed: &str) -> Result<(), StartError> {
-        let join_err = |reason: String| StartError::Join {
+        let join_err = |reason: PeerError| StartError::Join {
             seed: seed.to_string(),
             reason,
         };
         let deadline = Instant::now() + ADD_MEMBER_TIMEOUT;
         let status = loop {
-            let channel = self
-                .peers
-                .channel(seed)
-                .map_err(|e| join_err(e.to_string()))?;
+            let channel = self.peers.channel(seed).map_err(|e| join_err(e.into()))?;
             match cluster_client(channel)
                 .status(surge_proto::cluster::StatusRequest {})
                 .await
@@ -218,7 +215,7 @@ impl<S: StateMachine> RaftNode<S> {
                     tracing::debug!(%status, "seed status");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(status) => return Err(join_err(status.message().to_string())),
+                Err(status) => return Err(join_err(PeerError::Status(status))),
             }
         };
         if status.members.iter().any(|m| m.id == self.id) {
@@ -250,13 +247,18 @@ impl<S: StateMachine> RaftNode<S> {
 
     /// Call `f` on the seed until it succeeds, fails for good, or `deadline` passes; retries
     /// while the cluster has no leader.
-    async fn retry_at_seed<F, Fut>(&self, seed: &str, deadline: Instant, f: F) -> Result<(), String>
+    async fn retry_at_seed<F, Fut>(
+        &self,
+        seed: &str,
+        deadline: Instant,
+        f: F,
+    ) -> Result<(), PeerError>
     where
         F: Fn(ClusterClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>>,
     {
         loop {
-            let channel = self.peers.channel(seed).map_err(|e| e.to_string())?;
+            let channel = self.peers.channel(seed)?;
             match f(cluster_client(channel)).await {
                 Ok(()) => return Ok(()),
                 Err(status)
@@ -267,7 +269,7 @@ impl<S: StateMachine> RaftNode<S> {
                 {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(status) => return Err(status.message().to_string()),
+                Err(status) => return Err(PeerError::Status(status)),
             }
         }
     }
@@ -311,13 +313,19 @@ fn check_bootstrap(
 pub const SEED_WAIT: Duration = Duration::from_secs(60);
 
 /// Ping the seed until it answers or [`SEED_WAIT`] passes.
-async fn ping_seed(peers: &Peers, seed: &str) -> Result<surge_proto::cluster::PingReply, String> {
+async fn ping_seed(
+    peers: &Peers,
+    seed: &str,
+) -> Result<surge_proto::cluster::PingReply, PeerError> {
     let deadline = Instant::now() + SEED_WAIT;
     loop {
         match ping(peers, seed).await {
             Ok(p) => return Ok(p),
             Err(e) if Instant::now() >= deadline => {
-                return Err(format!("{e} (tried for {SEED_WAIT:?})"))
+                return Err(PeerError::GaveUp {
+                    last: Box::new(e),
+                    waited: SEED_WAIT,
+                })
             }
             Err(e) => {
                 tracing::info!(seed, error = %e, "seed not reachable yet; retrying");
@@ -328,11 +336,11 @@ async fn ping_seed(peers: &Peers, seed: &str) -> Result<surge_proto::cluster::Pi
 }
 
 /// Identity and progress of the replica at `addr`, or why it cannot be reached.
-pub async fn ping(peers: &Peers, addr: &str) -> Result<surge_proto::cluster::PingReply, String> {
-    let channel = peers.channel(addr).map_err(|e| e.to_string())?;
+pub async fn ping(peers: &Peers, addr: &str) -> Result<surge_proto::cluster::PingReply, PeerError> {
+    let channel = peers.channel(addr)?;
     match tokio::time::timeout(PING_TIMEOUT, cluster_client(channel).ping(PingRequest {})).await {
-        Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
-        Ok(Err(status)) => Err(status.message().to_string()),
+        Err(_) => Err(PeerError::Timeout(PING_TIMEOUT)),
+        Ok(Err(status)) => Err(PeerError::Status(status)),
         Ok(Ok(r)) => Ok(r.into_inner()),
     }
 }

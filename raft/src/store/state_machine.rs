@@ -44,9 +44,9 @@ impl<S: StateMachine> StateMachineStore<S> {
         })?;
         let (last_applied, membership) = match stored {
             Some(s) => {
-                app.restore(&s.data).map_err(|reason| OpenError::Restore {
+                app.restore(&s.data).map_err(|e| OpenError::Restore {
                     path: storage.path.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
                 (s.meta.last_log_id, s.meta.last_membership)
             }
@@ -191,10 +191,10 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         };
         {
             let mut state = self.write_state();
-            state.app.restore(&stored.data).map_err(|reason| {
+            state.app.restore(&stored.data).map_err(|e| {
                 StorageError::from(StorageIOError::read_snapshot(
                     Some(meta.signature()),
-                    &std::io::Error::other(reason),
+                    &std::io::Error::other(e),
                 ))
             })?;
             state.last_applied = meta.last_log_id;
