@@ -46,7 +46,12 @@ impl Cpu {
                 if (millis / 1000.0 - c).abs() > 1e-9 {
                     return Err(SpecError::CpuDecimals(*c));
                 }
-                Ok(millis as u64)
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "c is in (0, 1e6], so millis is a whole number in [0, 1e9]"
+                )]
+                let millis = millis as u64;
+                Ok(millis)
             }
             Cpu::Cores(c) => Err(SpecError::CpuRange(*c)),
         }

@@ -365,7 +365,8 @@ pub fn parse_cpu(s: &str) -> Result<u64, BadCpu> {
         0
     } else {
         let digits: u64 = frac.parse().map_err(|_| bad())?;
-        digits * 10u64.pow(3 - frac.len() as u32)
+        // 1..=3 decimals (checked above): tenths, hundredths or thousandths of a core.
+        digits * [0, 100, 10, 1][frac.len()]
     };
     whole
         .checked_mul(1000)
@@ -412,7 +413,7 @@ mod tests {
                 preempted: 100,
                 ..Counts::default()
             };
-            let n = i as u32 + 1;
+            let n = u32::try_from(i).expect("ten states") + 1;
             c.add(state, n);
             let finished = if state.is_terminal() { n } else { 0 };
             assert_eq!(c.finished(), finished, "{state:?}");

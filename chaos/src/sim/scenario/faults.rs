@@ -62,7 +62,7 @@ impl Sim {
                         let mut ids: Vec<NodeId> = (1..=n).collect();
                         let mut minority = Vec::new();
                         for _ in 0..size {
-                            let i = self.rng(|r| r.range(0, ids.len() as u64)) as usize;
+                            let i = self.rng(|r| r.index(ids.len()));
                             minority.push(ids.remove(i));
                         }
                         ("minority/majority", minority)
