@@ -281,7 +281,7 @@ async fn soak_keeps_the_harness_memory_flat() {
         cfg.container_nodes = 2;
     }
     let replay = replay(&cfg);
-    let duration_ms = cfg.duration.as_millis() as u64;
+    let duration_ms = u64::try_from(cfg.duration.as_millis()).expect("a run of minutes");
     let report = run_and_check(cfg).await;
     let m = &report.memory;
     eprintln!(

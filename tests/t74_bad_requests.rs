@@ -84,6 +84,10 @@ fn hostile_spec(r: &mut SimRng) -> pb::JobSpec {
                     .map(|i| (format!("{}{i}", string(r)), string(r)))
                     .collect()
             }
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "any i32 will do: the low 32 bits of a random draw"
+            )]
             6 => s.priority = r.next_u64() as i32,
             7 => s.tenant = string(r),
             8 => s.gang = true,
@@ -92,14 +96,14 @@ fn hostile_spec(r: &mut SimRng) -> pb::JobSpec {
                 s.constraints = (0..r.range(0, 40))
                     .map(|_| pb::Constraint {
                         key: string(r),
-                        op: ["=", "!=", "<", ""][r.range(0, 4) as usize].into(),
+                        op: ["=", "!=", "<", ""][r.index(4)].into(),
                         value: string(r),
                     })
                     .collect()
             }
             11 => {
                 s.restart = Some(pb::RestartPolicy {
-                    mode: ["never", "on-failure", "always"][r.range(0, 3) as usize].into(),
+                    mode: ["never", "on-failure", "always"][r.index(3)].into(),
                     max_restarts: u32_of(r),
                 })
             }
@@ -193,7 +197,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             job_id,
             first_index: u32_of(&mut r),
             count: u32_of(&mut r),
-            action: ["", "pause", "resume", "stop", "explode"][r.range(0, 5) as usize].into(),
+            action: ["", "pause", "resume", "stop", "explode"][r.index(5)].into(),
             cpu_millis: if r.chance(500) { u64_of(&mut r) } else { 0 },
             memory_mib: if r.chance(500) { u64_of(&mut r) } else { 0 },
         };
@@ -249,7 +253,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             .map(|_| pn::SandboxStatus {
                 job_id: if r.chance(500) { real } else { u64_of(&mut r) },
                 index: u32_of(&mut r),
-                state: ["running", "succeeded", "exploded", ""][r.range(0, 4) as usize].into(),
+                state: ["running", "succeeded", "exploded", ""][r.index(4)].into(),
                 generation: u64_of(&mut r),
                 ..Default::default()
             })

@@ -13,6 +13,15 @@ use crate::history::{EventType, Op, Process, Recorder};
 use surge_harness::cluster::{LocalCluster, StartMode};
 use surge_harness::netns::Topology;
 
+/// `k` as an index into `len` items: `k % len` (0 when `len` is 0).
+pub fn index_of(k: u64, len: usize) -> usize {
+    match k.checked_rem(len as u64) {
+        // The remainder is below `len`, a usize.
+        Some(i) => usize::try_from(i).unwrap_or(0),
+        None => 0,
+    }
+}
+
 /// A small deterministic PRNG (splitmix64, Steele et al. 2014): no global RNG anywhere, so a seed
 /// names one schedule and one workload.
 #[derive(Clone, Debug)]
@@ -38,6 +47,20 @@ impl Rng {
         } else {
             self.next_u64() % n
         }
+    }
+
+    /// Uniform in `0..len` (0 when `len` is 0): an index into `len` items. Draws exactly what
+    /// `below(len)` draws, so a seed's schedule is unchanged.
+    pub fn index(&mut self, len: usize) -> usize {
+        let k = self.below(len as u64);
+        index_of(k, len)
+    }
+
+    /// Uniform in `lo..=hi` for small counts (sandboxes of a job).
+    pub fn range_u32(&mut self, lo: u32, hi: u32) -> u32 {
+        let v = self.range(lo.into(), hi.into());
+        // `v <= hi`, a u32.
+        u32::try_from(v).unwrap_or(hi)
     }
 
     /// Uniform in `lo..=hi`.
@@ -185,7 +208,7 @@ pub fn schedule(
     }
     let mut at_ms = 0u64;
     while at_ms < duration_ms && plan.len() < SCHEDULE_MAX {
-        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let kind = kinds[rng.index(kinds.len())];
         let gap_ms = rng.range(100, 600);
         // Holds straddle the election timeout (replicas) and the node TTL (node daemons), so
         // some faults heal before anyone notices and some long after.
@@ -200,7 +223,7 @@ pub fn schedule(
         let target = match kind {
             FaultKind::Nodes => Target::NodeGroup(rng.next_u64()),
             FaultKind::Partition => Target::Cut {
-                shape: [Shape::Isolate, Shape::Minority, Shape::Bridge][rng.below(3) as usize],
+                shape: [Shape::Isolate, Shape::Minority, Shape::Bridge][rng.index(3)],
                 leader: rng.chance(50),
                 k: rng.next_u64(),
             },
@@ -259,7 +282,7 @@ impl NodeFault {
         if groups.is_empty() {
             return None;
         }
-        let i = (k % groups.len() as u64) as usize;
+        let i = index_of(k, groups.len());
         let fault = match groups[i].kind {
             GroupKind::Container if (k >> 40) & 1 == 1 => NodeFault::Freeze,
             _ => NodeFault::Kill,
@@ -337,8 +360,8 @@ impl Injector<'_> {
                     .into_iter()
                     .filter(|id| *id != leader)
                     .collect();
-                let n = followers.len() as u64;
-                (n > 0).then(|| (followers[(k % n) as usize], "follower"))
+                let n = followers.len();
+                (n > 0).then(|| (followers[index_of(k, n)], "follower"))
             }
             Target::NodeGroup(_) => None,
         }

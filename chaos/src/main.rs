@@ -205,7 +205,10 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         Output::Json => {
             let mut v = serde_json::to_value(&report)?;
             if let Some(o) = v.as_object_mut() {
-                o.insert("wall_ms".into(), (wall.as_millis() as u64).into());
+                o.insert(
+                    "wall_ms".into(),
+                    u64::try_from(wall.as_millis()).unwrap_or(u64::MAX).into(),
+                );
                 o.insert("seeds_per_second".into(), seeds_per_second.into());
                 o.insert(
                     "verdict".into(),
@@ -335,7 +338,8 @@ pub async fn run(mut args: ChaosArgs, bin: PathBuf) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
+            // Nanoseconds since 1970 fit in a u64 until 2554.
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
             .unwrap_or(1)
     });
     // Progress goes to stderr; stdout carries the report only.

@@ -73,7 +73,7 @@ fn ask(rng: &mut Rng) -> Ask {
     if rng.chance(25) {
         Ask {
             gang: true,
-            count: rng.range(2, 6) as u32,
+            count: rng.range_u32(2, 6),
             cpu_millis: 1000,
             memory_mib: 512,
             class: SIM_CLASS,
@@ -82,9 +82,9 @@ fn ask(rng: &mut Rng) -> Ask {
     } else {
         Ask {
             gang: false,
-            count: rng.range(1, 8) as u32,
-            cpu_millis: [250, 500, 1000][rng.below(3) as usize],
-            memory_mib: [256, 512, 1024][rng.below(3) as usize],
+            count: rng.range_u32(1, 8),
+            cpu_millis: [250, 500, 1000][rng.index(3)],
+            memory_mib: [256, 512, 1024][rng.index(3)],
             class: SIM_CLASS,
             command: vec!["true".into()],
         }
@@ -114,12 +114,12 @@ fn container_ask(rng: &mut Rng) -> Ask {
     Ask {
         gang,
         count: if gang {
-            rng.range(2, 3) as u32
+            rng.range_u32(2, 3)
         } else {
-            rng.range(1, 4) as u32
+            rng.range_u32(1, 4)
         },
-        cpu_millis: [100, 200][rng.below(2) as usize],
-        memory_mib: [32, 64][rng.below(2) as usize],
+        cpu_millis: [100, 200][rng.index(2)],
+        memory_mib: [32, 64][rng.index(2)],
         class: CONTAINER_CLASS,
         command,
     }
@@ -175,7 +175,7 @@ async fn client_loop(
         n += 1;
         let cancel = !live.is_empty() && (live.len() >= cfg.live_jobs_max || rng.chance(15));
         if cancel {
-            let job = live.remove(rng.below(live.len() as u64) as usize);
+            let job = live.remove(rng.index(live.len()));
             cancel_job(cfg, me, &mut rng, recorder, job).await;
         } else {
             let key = format!("c{me}-{n}");
@@ -207,7 +207,7 @@ async fn client_loop(
 }
 
 fn pick(cfg: &WorkloadConfig, rng: &mut Rng) -> (u64, String) {
-    cfg.replicas[rng.below(cfg.replicas.len() as u64) as usize].clone()
+    cfg.replicas[rng.index(cfg.replicas.len())].clone()
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -370,7 +370,8 @@ async fn watch_gang(
     stop: Arc<AtomicBool>,
     recorder: Recorder,
 ) {
-    let mut turn = first as usize;
+    // `first % len` then onwards: the same turns as counting from `first`.
+    let mut turn = crate::faults::index_of(first, replicas.len());
     while !stop.load(Ordering::Relaxed) && !replicas.is_empty() {
         let (replica, addr) = &replicas[turn % replicas.len()];
         turn += 1;

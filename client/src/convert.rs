@@ -71,7 +71,7 @@ impl Default for SubmitSpec {
 impl SubmitSpec {
     pub fn to_request(&self) -> Result<pb::SubmitJobRequest, ClientError> {
         let bad = |flag: &str, e: String| ClientError::Input(format!("--{flag}: {e}"));
-        let cpu_millis = parse_cpu(&self.cpu).map_err(|e| bad("cpu", e))?;
+        let cpu_millis = parse_cpu(&self.cpu).map_err(|e| bad("cpu", e.to_string()))?;
         let constraints = self
             .constraints
             .iter()

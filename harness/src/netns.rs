@@ -164,11 +164,12 @@ impl Net {
     }
 
     fn add_host(&mut self, id: u64) -> Result<(), NetError> {
+        let host = u8::try_from(id).map_err(|_| NetError::Host(id))?;
         let ns = self.namespace(id);
         let outer = format!("surge-v{}-{id}", self.n);
         ip(&["netns", "add", &ns])?;
         // Recorded before the rest so that Drop removes a half-built host too.
-        let addr = Ipv4Addr::new(10, 213, self.n, id as u8);
+        let addr = Ipv4Addr::new(10, 213, self.n, host);
         self.hosts.insert(id, addr);
         ip(&[
             "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,

@@ -31,5 +31,5 @@ pub mod service;
 pub mod store;
 pub mod types;
 
-pub use node::{ClusterError, Proposed, RaftConfig, RaftNode, Start, StartError};
-pub use types::{NodeId, StateMachine};
+pub use node::{ClusterError, PeerError, Proposed, RaftConfig, RaftNode, Start, StartError};
+pub use types::{NodeId, RestoreError, StateMachine};

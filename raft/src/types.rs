@@ -37,6 +37,16 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// Why [`StateMachine::restore`] refused a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} does not decode: {source}")]
+pub struct RestoreError {
+    /// What the snapshot should have held ("scheduler state").
+    pub what: &'static str,
+    #[source]
+    pub source: crate::codec::CodecError,
+}
+
 /// The application's replicated state machine.
 ///
 /// Every replica applies the same commands in the same order, so `apply` must be deterministic:
@@ -51,7 +61,7 @@ pub trait StateMachine: Send + Sync + 'static {
     fn snapshot(&self) -> Vec<u8>;
 
     /// Replace the whole state by a [`StateMachine::snapshot`] of another replica.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
 
     /// A digest of the state, equal on replicas that applied the same log prefix.
     fn state_hash(&self) -> String;

@@ -20,8 +20,12 @@ impl StateMachine for Journal {
     fn snapshot(&self) -> Vec<u8> {
         surge_raft::codec::to_bytes(&self.0)
     }
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.0 = surge_raft::codec::from_bytes(snapshot).map_err(|e| e.to_string())?;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), surge_raft::RestoreError> {
+        self.0 =
+            surge_raft::codec::from_bytes(snapshot).map_err(|source| surge_raft::RestoreError {
+                what: "test state",
+                source,
+            })?;
         Ok(())
     }
     fn state_hash(&self) -> String {

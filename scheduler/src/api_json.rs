@@ -6,8 +6,28 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use surge_proto::jobs as pb;
 
-use crate::model::parse_cpu;
+use crate::model::{parse_cpu, BadCpu};
 use crate::validate;
+
+/// A field of a job submission (JSON body or CLI flag) that does not parse. The messages name
+/// the field, the value given and the accepted forms.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error(transparent)]
+    Cpu(#[from] BadCpu),
+    #[error("cpu {0}: at most three decimals (millicores)")]
+    CpuDecimals(f64),
+    #[error("cpu {0}: must be more than 0")]
+    CpuRange(f64),
+    #[error("constraint {0:?}: {syntax}", syntax = validate::CONSTRAINT_SYNTAX)]
+    Constraint(String),
+    #[error("restart: {0:?} is not a number")]
+    RestartCount(String),
+    #[error("restart {0:?}: use never or on-failure[:MAX_RESTARTS]")]
+    Restart(String),
+    #[error("strategy {0:?}: use binpack or spread")]
+    Strategy(String),
+}
 
 /// CPUs as a number of cores (`0.5`) or a string (`"0.5"`, `"500m"`).
 #[derive(Clone, Debug, Deserialize)]
@@ -18,17 +38,22 @@ pub enum Cpu {
 }
 
 impl Cpu {
-    pub fn millis(&self) -> Result<u64, String> {
+    pub fn millis(&self) -> Result<u64, SpecError> {
         match self {
-            Cpu::Text(s) => parse_cpu(s),
+            Cpu::Text(s) => Ok(parse_cpu(s)?),
             Cpu::Cores(c) if c.is_finite() && *c > 0.0 && *c <= 1_000_000.0 => {
                 let millis = (c * 1000.0).round();
                 if (millis / 1000.0 - c).abs() > 1e-9 {
-                    return Err(format!("cpu {c}: at most three decimals (millicores)"));
+                    return Err(SpecError::CpuDecimals(*c));
                 }
-                Ok(millis as u64)
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "c is in (0, 1e6], so millis is a whole number in [0, 1e9]"
+                )]
+                let millis = millis as u64;
+                Ok(millis)
             }
-            Cpu::Cores(c) => Err(format!("cpu {c}: must be more than 0")),
+            Cpu::Cores(c) => Err(SpecError::CpuRange(*c)),
         }
     }
 }
@@ -94,13 +119,13 @@ pub struct SubmitJson {
 
 /// `KEY=VALUE` or `KEY!=VALUE` (see [`validate::CONSTRAINT_SYNTAX`]); the parts are checked by
 /// the shared validation, which gRPC submissions pass too.
-pub fn parse_constraint(s: &str) -> Result<pb::Constraint, String> {
+pub fn parse_constraint(s: &str) -> Result<pb::Constraint, SpecError> {
     let (key, op, value) = if let Some((k, v)) = s.split_once("!=") {
         (k, "!=", v)
     } else if let Some((k, v)) = s.split_once('=') {
         (k, "=", v)
     } else {
-        return Err(format!("constraint {s:?}: {}", validate::CONSTRAINT_SYNTAX));
+        return Err(SpecError::Constraint(s.to_string()));
     };
     Ok(pb::Constraint {
         key: key.trim().to_string(),
@@ -109,7 +134,7 @@ pub fn parse_constraint(s: &str) -> Result<pb::Constraint, String> {
     })
 }
 
-pub fn parse_restart(s: &str) -> Result<pb::RestartPolicy, String> {
+pub fn parse_restart(s: &str) -> Result<pb::RestartPolicy, SpecError> {
     match s.split_once(':') {
         None if s.is_empty() || s == "never" => Ok(pb::RestartPolicy {
             mode: "never".into(),
@@ -123,24 +148,22 @@ pub fn parse_restart(s: &str) -> Result<pb::RestartPolicy, String> {
             mode: "on-failure".into(),
             max_restarts: n
                 .parse()
-                .map_err(|_| format!("restart: {n:?} is not a number"))?,
+                .map_err(|_| SpecError::RestartCount(n.to_string()))?,
         }),
-        _ => Err(format!(
-            "restart {s:?}: use never or on-failure[:MAX_RESTARTS]"
-        )),
+        _ => Err(SpecError::Restart(s.to_string())),
     }
 }
 
-pub fn parse_strategy(s: &str) -> Result<pb::Strategy, String> {
+pub fn parse_strategy(s: &str) -> Result<pb::Strategy, SpecError> {
     match s {
         "" | "binpack" => Ok(pb::Strategy::Binpack),
         "spread" => Ok(pb::Strategy::Spread),
-        other => Err(format!("strategy {other:?}: use binpack or spread")),
+        other => Err(SpecError::Strategy(other.to_string())),
     }
 }
 
 impl SubmitJson {
-    pub fn into_request(self) -> Result<pb::SubmitJobRequest, String> {
+    pub fn into_request(self) -> Result<pb::SubmitJobRequest, SpecError> {
         Ok(pb::SubmitJobRequest {
             spec: Some(pb::JobSpec {
                 count: self.count,
@@ -346,6 +369,41 @@ impl From<&pb::SandboxInfo> for SandboxJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spec_errors_name_the_field_and_the_accepted_forms() {
+        let err = |r: Result<u64, SpecError>| r.expect_err("refused").to_string();
+        assert_eq!(
+            err(Cpu::Cores(0.0001).millis()),
+            "cpu 0.0001: at most three decimals (millicores)"
+        );
+        assert_eq!(
+            err(Cpu::Cores(-1.0).millis()),
+            "cpu -1: must be more than 0"
+        );
+        assert_eq!(
+            err(Cpu::Text("abc".into()).millis()),
+            "bad CPU amount \"abc\": use cores (2, 0.5) or millicores (500m)"
+        );
+        assert_eq!(
+            parse_constraint("os").expect_err("refused").to_string(),
+            format!("constraint \"os\": {}", validate::CONSTRAINT_SYNTAX)
+        );
+        assert_eq!(
+            parse_restart("on-failure:x")
+                .expect_err("refused")
+                .to_string(),
+            "restart: \"x\" is not a number"
+        );
+        assert_eq!(
+            parse_restart("always").expect_err("refused").to_string(),
+            "restart \"always\": use never or on-failure[:MAX_RESTARTS]"
+        );
+        assert_eq!(
+            parse_strategy("random").expect_err("refused").to_string(),
+            "strategy \"random\": use binpack or spread"
+        );
+    }
 
     #[test]
     fn submit_json_parses_and_refuses_unknown_fields() {

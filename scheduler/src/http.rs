@@ -179,7 +179,7 @@ async fn submit_job(
     };
     let req = match parsed.into_request() {
         Ok(r) => r,
-        Err(e) => return bad_request(e),
+        Err(e) => return bad_request(e.to_string()),
     };
     match state.jobs.submit(&caller, req).await {
         Ok(r) => {
@@ -219,7 +219,7 @@ async fn list_jobs(
 ) -> Response {
     let labels = match crate::http_life::selector(&q.labels) {
         Ok(l) => l,
-        Err(e) => return bad_request(e),
+        Err(e) => return bad_request(e.to_string()),
     };
     let req = pb::ListJobsRequest {
         tenant: q.tenant,

@@ -18,7 +18,7 @@ use crate::api_json::{JobJson, SandboxJson};
 use crate::http::{bad_request, error, HttpState, JobCaller, JobIdParam};
 
 /// `KEY=VALUE[,KEY=VALUE...]` as a selector (empty: none).
-pub fn selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub fn selector(s: &str) -> Result<BTreeMap<String, String>, crate::lifetime::LabelError> {
     let mut out = BTreeMap::new();
     for term in s.split(',').filter(|t| !t.is_empty()) {
         let (k, v) = crate::lifetime::parse_label(term)?;

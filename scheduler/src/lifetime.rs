@@ -214,12 +214,21 @@ pub fn matches(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, St
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// A label (or selector term) that is not `KEY=VALUE` with a valid key and value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error("label {0:?}: write KEY=VALUE (e.g. run=exp7)")]
+    Syntax(String),
+    #[error(transparent)]
+    Invalid(#[from] crate::validate::Invalid),
+}
+
 /// Parse `KEY=VALUE` (a label, or a selector term).
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
+pub fn parse_label(s: &str) -> Result<(String, String), LabelError> {
     let (k, v) = s
         .split_once('=')
-        .ok_or_else(|| format!("label {s:?}: write KEY=VALUE (e.g. run=exp7)"))?;
-    crate::validate::label(k, v).map_err(|e| e.to_string())?;
+        .ok_or_else(|| LabelError::Syntax(s.to_string()))?;
+    crate::validate::label(k, v)?;
     Ok((k.to_string(), v.to_string()))
 }
 
@@ -259,7 +268,10 @@ mod tests {
             parse_label("run=exp7"),
             Ok(("run".to_string(), "exp7".to_string()))
         );
-        assert!(parse_label("run").is_err());
+        assert_eq!(
+            parse_label("run").expect_err("no =").to_string(),
+            "label \"run\": write KEY=VALUE (e.g. run=exp7)"
+        );
         assert!(parse_label("=x").is_err());
         assert!(parse_label("run=a b").is_err());
         let labels = BTreeMap::from([("run".to_string(), "exp7".to_string())]);

@@ -340,10 +340,15 @@ pub struct Job {
     pub lease_expires_ms: u64,
 }
 
+/// A CPU amount that does not parse; the message names it and the accepted forms.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad CPU amount {0:?}: use cores (2, 0.5) or millicores (500m)")]
+pub struct BadCpu(pub String);
+
 /// Parse a CPU amount: `"2"`, `"0.5"`, `"1.25"` (cores) or `"500m"` (millicores).
-pub fn parse_cpu(s: &str) -> Result<u64, String> {
+pub fn parse_cpu(s: &str) -> Result<u64, BadCpu> {
     let s = s.trim();
-    let bad = || format!("bad CPU amount {s:?}: use cores (2, 0.5) or millicores (500m)");
+    let bad = || BadCpu(s.to_string());
     if let Some(m) = s.strip_suffix('m') {
         return m.parse::<u64>().map_err(|_| bad());
     }
@@ -360,7 +365,8 @@ pub fn parse_cpu(s: &str) -> Result<u64, String> {
         0
     } else {
         let digits: u64 = frac.parse().map_err(|_| bad())?;
-        digits * 10u64.pow(3 - frac.len() as u32)
+        // 1..=3 decimals (checked above): tenths, hundredths or thousandths of a core.
+        digits * [0, 100, 10, 1][frac.len()]
     };
     whole
         .checked_mul(1000)
@@ -407,7 +413,7 @@ mod tests {
                 preempted: 100,
                 ..Counts::default()
             };
-            let n = i as u32 + 1;
+            let n = u32::try_from(i).expect("ten states") + 1;
             c.add(state, n);
             let finished = if state.is_terminal() { n } else { 0 };
             assert_eq!(c.finished(), finished, "{state:?}");

@@ -188,7 +188,8 @@ mod tests {
     #[test]
     fn failures_evict_successes_when_the_job_is_full() {
         let mut o = Outcomes::default();
-        for i in 0..OUTCOMES_PER_JOB_MAX as u32 {
+        let max = u32::try_from(OUTCOMES_PER_JOB_MAX).expect("a small cap");
+        for i in 0..max {
             o.record(i, outcome(SandboxState::Succeeded, "ok"));
         }
         o.record(1000, outcome(SandboxState::Succeeded, "ok"));
@@ -196,10 +197,7 @@ mod tests {
         o.record(2000, outcome(SandboxState::Failed, "boom"));
         assert_eq!(o.len(), OUTCOMES_PER_JOB_MAX);
         assert!(o.get(2000).is_some(), "a failure takes a success's place");
-        assert!(
-            o.get(OUTCOMES_PER_JOB_MAX as u32 - 1).is_none(),
-            "the highest-indexed success went"
-        );
+        assert!(o.get(max - 1).is_none(), "the highest-indexed success went");
         // a restarted sandbox's new outcome replaces its old one without growing the map
         o.record(0, outcome(SandboxState::Failed, "again"));
         assert_eq!(o.len(), OUTCOMES_PER_JOB_MAX);

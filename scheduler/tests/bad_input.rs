@@ -590,7 +590,7 @@ proptest! {
         prop_assert_eq!(a.hash(), b.hash());
         // The snapshot restores to the same state.
         let mut c = ClusterState::default();
-        c.restore(&a.snapshot()).map_err(TestCaseError::fail)?;
+        c.restore(&a.snapshot()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(c == a);
     }
 
@@ -713,7 +713,7 @@ fn malformed_constraints_are_refused_with_the_syntax() {
     };
     for text in ["os==", "=linux", "os", "os==linux", "gpu!=a=b", " = "] {
         let refused = match surge_scheduler::api_json::parse_constraint(text) {
-            Err(e) => e,
+            Err(e) => e.to_string(),
             Ok(c) => submit(c)
                 .expect_err(&format!("{text:?} must be refused"))
                 .to_string(),

@@ -48,7 +48,7 @@ impl Access {
         }
     }
 
-    pub fn parse_grant(s: &str) -> Result<Access, String> {
+    pub fn parse_grant(s: &str) -> Result<Access, GrantError> {
         match s {
             "admin" => Ok(Access::Admin),
             _ => match s.strip_prefix("tenant:") {
@@ -56,14 +56,23 @@ impl Access {
                     check_tenant(t)?;
                     Ok(Access::Tenant(t.to_string()))
                 }
-                None => Err(format!("{s:?}: expected admin or tenant:NAME")),
+                None => Err(GrantError::Grant(s.to_string())),
             },
         }
     }
 }
 
+/// A grant of a token that is not `admin` or `tenant:NAME` with a valid name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("{0:?}: expected admin or tenant:NAME")]
+    Grant(String),
+    #[error("tenant {0:?}: use 1 to {TENANT_BYTES_MAX} letters, digits and . _ - : /")]
+    Tenant(String),
+}
+
 /// A tenant name usable in a token: what the scheduler accepts as a tenant.
-pub fn check_tenant(t: &str) -> Result<(), String> {
+pub fn check_tenant(t: &str) -> Result<(), GrantError> {
     let ok = !t.is_empty()
         && t.len() <= TENANT_BYTES_MAX
         && !t.contains("..")
@@ -72,9 +81,7 @@ pub fn check_tenant(t: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "tenant {t:?}: use 1 to {TENANT_BYTES_MAX} letters, digits and . _ - : /"
-        ))
+        Err(GrantError::Tenant(t.to_string()))
     }
 }
 
@@ -152,7 +159,7 @@ impl Tokens {
                 .strip_prefix("sha256:")
                 .and_then(unhex)
                 .ok_or_else(|| bad(format!("{hash:.16}...: expected sha256: and 64 hex digits")))?;
-            let access = Access::parse_grant(grant).map_err(bad)?;
+            let access = Access::parse_grant(grant).map_err(|e| bad(e.to_string()))?;
             if entries.len() >= TOKENS_MAX {
                 return Err(TokensError::TooMany);
             }
@@ -224,6 +231,24 @@ pub fn new_token(access: &Access) -> Result<(String, String), TokensError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grant_errors_say_what_is_accepted() {
+        assert_eq!(
+            check_tenant("").expect_err("empty").to_string(),
+            "tenant \"\": use 1 to 128 letters, digits and . _ - : /"
+        );
+        assert_eq!(
+            Access::parse_grant("root")
+                .expect_err("unknown")
+                .to_string(),
+            "\"root\": expected admin or tenant:NAME"
+        );
+        assert_eq!(
+            Access::parse_grant("tenant:a b").expect_err("bad name"),
+            GrantError::Tenant("a b".into())
+        );
+    }
 
     #[test]
     fn new_tokens_resolve_to_their_grant_and_nothing_else_does() {

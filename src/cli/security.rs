@@ -157,7 +157,7 @@ pub fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     let access = match (tenant, admin) {
         (_, true) => Access::Admin,
         (Some(t), false) => {
-            surge_security::tokens::check_tenant(&t).map_err(anyhow::Error::msg)?;
+            surge_security::tokens::check_tenant(&t)?;
             Access::Tenant(t)
         }
         (None, false) => bail!("give --tenant NAME or --admin"),

@@ -37,12 +37,20 @@ impl SimRng {
         self.range(0, 1000) < per_mille
     }
 
+    /// Uniform in `0..len` (0 when `len` is 0): an index into `len` items. Draws exactly what
+    /// `range(0, len)` draws, so a seed's stream is unchanged.
+    pub fn index(&mut self, len: usize) -> usize {
+        let i = self.range(0, len as u64);
+        // `i < len` (or 0), so it fits in a usize.
+        usize::try_from(i).unwrap_or(0)
+    }
+
     /// One element of a non-empty slice.
     pub fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
         if items.is_empty() {
             return None;
         }
-        let i = self.range(0, items.len() as u64) as usize;
+        let i = self.index(items.len());
         Some(items[i])
     }
 }

@@ -171,8 +171,12 @@ pub fn cpus_to_millis(cpus: f64) -> Result<u64, AgentError> {
             "--cpus {cpus}: expected a positive number of CPUs such as 4 or 3.5"
         )));
     }
-    // Bounded above, so the cast cannot overflow.
-    Ok((cpus * 1000.0).round() as u64)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "cpus is in (0, 1e6], so the millicores are in [0, 1e9]: no overflow, and round() left no fraction"
+    )]
+    let millis = (cpus * 1000.0).round() as u64;
+    Ok(millis)
 }
 
 /// What this node offers: the host minus nothing, or less when the flags say so (never more

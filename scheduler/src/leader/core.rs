@@ -19,6 +19,10 @@ use crate::state::ClusterState;
 use super::{for_the_log, FULL_PLAN_INTERVAL, REPORT_BATCH_MAX};
 
 /// [`FULL_PLAN_INTERVAL`] on the core's millisecond clock.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a constant of a few seconds; try_from is not const"
+)]
 const FULL_PLAN_INTERVAL_MS: u64 = FULL_PLAN_INTERVAL.as_millis() as u64;
 
 /// A bug planted in the core on purpose, so that the simulator can prove its checkers catch a

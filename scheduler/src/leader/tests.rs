@@ -6,6 +6,10 @@ use super::core::{CoreConfig, Heartbeats, Planner, PlantedBug, ReportBatch};
 use super::*;
 use crate::model::{JobSpec, NodeSpec, NodeState, RestartPolicy, Strategy};
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a constant of a few seconds; try_from is not const"
+)]
 const FULL_MS: u64 = FULL_PLAN_INTERVAL.as_millis() as u64;
 
 fn spec(count: u32) -> JobSpec {

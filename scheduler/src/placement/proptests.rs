@@ -168,7 +168,7 @@ prop_compose! {
             allocations.push(Allocation {
                 job,
                 node: node.id.clone(),
-                first_index: (i as u32) * 10,
+                first_index: u32::try_from(i).expect("a few rows") * 10,
                 count: r.count,
                 per_sandbox: per,
                 priority: r.priority,

@@ -55,7 +55,12 @@ const fn build_pow10_table() -> [u64; 1025] {
     let mut acc: u128 = one_q48;
     let mut k = 0;
     while k <= 1024 {
-        table[k] = ((acc * 1_000_000 + (one_q48 >> 1)) >> 48) as u64;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "round(10^(k/1024) * 1e6) is at most 1e7; try_from is not const"
+        )]
+        let ppm = ((acc * 1_000_000 + (one_q48 >> 1)) >> 48) as u64;
+        table[k] = ppm;
         acc = (acc * POW10_STEP_Q48 + (one_q48 >> 1)) >> 48;
         k += 1;
     }
@@ -71,7 +76,9 @@ fn free_steps(free: u64, capacity: u64) -> usize {
     let free = free.min(capacity);
     let steps = match free.checked_mul(POW10_STEPS) {
         Some(scaled) => scaled / capacity,
-        None => ((u128::from(free) * u128::from(POW10_STEPS)) / u128::from(capacity)) as u64,
+        // At most POW10_STEPS because `free <= capacity`.
+        None => u64::try_from((u128::from(free) * u128::from(POW10_STEPS)) / u128::from(capacity))
+            .unwrap_or(POW10_STEPS),
     };
     // `steps <= 1024` because `free <= capacity`.
     steps.min(POW10_STEPS) as usize

@@ -328,7 +328,8 @@ impl NodeApi for NodesService {
                 resources(u.resources),
             ));
         }
-        let accepted = updates.len() as u32;
+        // At most REPORT_UPDATES_MAX (checked above), far below u32::MAX.
+        let accepted = u32::try_from(updates.len()).unwrap_or(u32::MAX);
         let ranges = leader::coalesce(&req.node_id, updates);
         // Text the job would not keep (its slots hold failures already) never enters the log.
         if !outcomes.is_empty() {

@@ -419,7 +419,7 @@ proptest! {
             index += 1;
         }
         let mut b = ClusterState::default();
-        b.restore(&a.snapshot()).map_err(TestCaseError::fail)?;
+        b.restore(&a.snapshot()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(a.hash(), b.hash());
         prop_assert_eq!(&a.lifetimes, &b.lifetimes);
         prop_assert_eq!(expiries(&a, probe_ms), expiries(&b, probe_ms));

@@ -92,9 +92,12 @@ impl surge_raft::StateMachine for ClusterState {
         self.encode()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        *self = surge_raft::codec::from_bytes(snapshot)
-            .map_err(|e| format!("scheduler state does not decode: {e}"))?;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), surge_raft::RestoreError> {
+        *self =
+            surge_raft::codec::from_bytes(snapshot).map_err(|source| surge_raft::RestoreError {
+                what: "scheduler state",
+                source,
+            })?;
         Ok(())
     }
 

@@ -485,7 +485,7 @@ fn node_down_reschedules_and_stale_reports_are_ignored() {
     submit(&mut s, 3, "k");
     place_pending(&mut s, 4);
     let (victim, list) = s.assignments().into_iter().next().expect("placed");
-    let before = list.len() as u32;
+    let before = u32::try_from(list.len()).expect("a few assignments");
     apply(
         &mut s,
         5,

@@ -21,6 +21,10 @@ impl Engine<'_> {
         if let Some(&id) = self.class_ids.get(&key) {
             return id;
         }
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "node numbers are u32 by design; a cluster has far fewer than 2^32 nodes"
+        )]
         let members: Vec<u32> = (0..self.nodes.len() as u32)
             .filter(|&n| feasible::statically_feasible(self.nodes[n as usize], &key))
             .collect();

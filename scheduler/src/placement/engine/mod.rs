@@ -172,6 +172,10 @@ impl<'a> Engine<'a> {
         sorted.sort_by(|a, b| a.id.cmp(&b.id));
         sorted.dedup_by(|b, a| a.id == b.id);
         let nodes = sorted;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "node numbers are u32 by design; a cluster has far fewer than 2^32 nodes"
+        )]
         let node_ids: BTreeMap<&str, u32> = nodes
             .iter()
             .enumerate()
@@ -234,6 +238,10 @@ impl<'a> Engine<'a> {
                 min_victim_priority =
                     Some(min_victim_priority.map_or(a.priority, |m| m.min(a.priority)));
             }
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "allocation numbers are u32 by design; one per (job, node) row, far fewer than 2^32"
+            )]
             let id = allocs.len() as u32;
             allocs.push(WorkAlloc {
                 job: a.job,
