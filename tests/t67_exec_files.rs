@@ -147,6 +147,30 @@ async fn bad_exec_calls_get_clear_errors() {
         .await
         .expect_err("relative");
     assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    // Over the argument cap; a permission mode that is not one; a tar stream that is not one.
+    let many: Vec<String> = (0..5_000).map(|i| i.to_string()).collect();
+    let e = cl
+        .exec_output(job, 0, &Exec::new(many), None, 1024)
+        .await
+        .expect_err("too many arguments");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let start = surge_proto::sandbox::WriteFileStart {
+        sandbox: surge_client::io::sandbox(job, 0),
+        path: "/w/x".into(),
+        mode: 0o17777,
+        make_parents: true,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    let e = cl.write_file(start, rx).await.expect_err("bad mode");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Bytes::from_static(b"this is not a tar archive"))
+        .await
+        .expect("queue");
+    drop(tx);
+    let e = cl.upload(job, 0, "/w", rx).await.expect_err("not a tar");
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
     // A stopped sandbox takes no exec, and says why.
     cl.update_sandboxes(pb::UpdateSandboxesRequest {
         job_id: job,
@@ -311,6 +335,33 @@ async fn the_http_api_execs_and_moves_files() {
     assert_eq!(code, 400, "{body}");
     let (code, body) = http(
         &http_addr,
+        "PUT",
+        &format!("{base}/files?path=/w/y&mode=999"),
+        "application/octet-stream",
+        b"x",
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "PUT",
+        &format!("{base}/archive?path=/w"),
+        "application/x-tar",
+        b"not a tar",
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http(
+        &http_addr,
+        "GET",
+        &format!("/v1/jobs/{job}/sandboxes/x/dir?path=/"),
+        json,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = http(
+        &http_addr,
         "GET",
         &format!("{base}/files?path=/nope"),
         json,
@@ -346,18 +397,16 @@ async fn execs_keep_an_idle_timeout_at_bay() {
     let cl = Client::open(&follower(&c, leader)).expect("client");
     let started = Instant::now();
     // Drive sandbox 0 every 500 ms for 8 s; leave sandbox 1 alone.
-    let mut last_ok = None;
     while started.elapsed() < Duration::from_secs(8) {
         if let Ok(r) = cl.exec_output(id, 0, &Exec::new(["true"]), None, 64).await {
             assert_eq!(r.exit.exit_code, 0);
-            last_ok = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(
-        last_ok.is_some_and(|t| t.elapsed() < Duration::from_secs(2)),
-        "sandbox 0 stopped taking execs"
-    );
+    // Driven past its idle timeout twice over, it still takes execs.
+    cl.exec_output(id, 0, &Exec::new(["true"]), None, 64)
+        .await
+        .expect("sandbox 0 stopped taking execs");
     let s0 = cl.get_sandbox(id, 0).await.expect("sandbox 0");
     assert_eq!(s0.state, "running", "{s0:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -413,18 +462,18 @@ async fn a_leader_failover_does_not_cut_an_exec_through_a_follower() {
         assert!(Instant::now() < deadline, "never running");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let exec = tokio::spawn(async move {
-        let started = Instant::now();
-        let r = via.exec_output(id, 0, &Exec::new(["true"]), None, 64).await;
-        (r, started.elapsed())
-    });
+    let exec =
+        tokio::spawn(async move { via.exec_output(id, 0, &Exec::new(["true"]), None, 64).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.kill(leader).expect("kill the leader");
-    let (r, took) = exec.await.expect("join");
-    let r = r.expect("the exec survives the failover");
-    assert_eq!((r.exit.exit_code, r.stdout.as_slice()), (0, &b"xxxxx"[..]));
+    // The simulated exec prints only at its end, 3 s in: the kill lands mid-stream.
     assert!(
-        took >= Duration::from_millis(2900),
-        "it ran its full 3 s: {took:?}"
+        !exec.is_finished(),
+        "the exec ended before the leader was killed"
     );
+    c.kill(leader).expect("kill the leader");
+    let r = exec
+        .await
+        .expect("join")
+        .expect("the exec survives the failover");
+    assert_eq!((r.exit.exit_code, r.stdout.as_slice()), (0, &b"xxxxx"[..]));
 }
