@@ -27,6 +27,25 @@ pub mod node {
 
 pub mod sandbox {
     tonic::include_proto!("surge.sandbox");
+
+    /// The first message of a client-streaming sandbox call (exec, write, upload), which must be
+    /// its start: `pick` finds it. The one rule both the replicas and the node daemon apply.
+    pub async fn first_message<T, S>(
+        inbound: &mut tonic::Streaming<T>,
+        what: &str,
+        pick: impl FnOnce(T) -> Option<S>,
+    ) -> Result<S, tonic::Status> {
+        match inbound.message().await? {
+            Some(m) => pick(m).ok_or_else(|| {
+                tonic::Status::invalid_argument(format!(
+                    "the first message of {what} must be its start"
+                ))
+            }),
+            None => Err(tonic::Status::invalid_argument(format!(
+                "{what}: no start message"
+            ))),
+        }
+    }
 }
 
 /// The subset of etcd's v3 API that `surge bench raft` drives for its side-by-side comparison.

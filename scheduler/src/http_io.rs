@@ -124,7 +124,7 @@ async fn exec(
         Ok(r) => r,
         Err(e) => return JobApiError::Invalid(format!("request body: {e}")).into_response(),
     };
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -149,7 +149,7 @@ async fn exec(
             }
         }
     });
-    let mut stream = match node.clone().exec(ReceiverStream::new(rx)).await {
+    let mut stream = match node.exec(ReceiverStream::new(rx)).await {
         Ok(s) => s.into_inner(),
         Err(s) => return error(s),
     };
@@ -198,9 +198,21 @@ struct PathQuery {
     mode: Option<String>,
 }
 
-/// A stream of chunks from a node as an HTTP body; an error midway ends the body early.
-fn body_of(s: tonic::Streaming<pb::Chunk>) -> Body {
-    Body::from_stream(s.map(|c| c.map(|c| c.data).map_err(std::io::Error::other)))
+/// A node's stream of chunks as the HTTP answer: its status before the first chunk is the JSON
+/// error; an error midway ends the body early.
+fn chunks_response(
+    r: Result<tonic::Response<tonic::Streaming<pb::Chunk>>, tonic::Status>,
+    content_type: &'static str,
+) -> Response {
+    match r {
+        Ok(s) => {
+            let chunks = s.into_inner();
+            let body =
+                Body::from_stream(chunks.map(|c| c.map(|c| c.data).map_err(std::io::Error::other)));
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        Err(s) => error(s),
+    }
 }
 
 /// An HTTP body as the chunks of a client-streaming node call.
@@ -223,7 +235,7 @@ async fn read_file(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -231,14 +243,7 @@ async fn read_file(
         sandbox: Some(route.sandbox),
         path: q.path,
     };
-    match node.clone().read_file(req).await {
-        Ok(s) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            body_of(s.into_inner()),
-        )
-            .into_response(),
-        Err(s) => error(s),
-    }
+    chunks_response(node.read_file(req).await, "application/octet-stream")
 }
 
 async fn write_file(
@@ -259,7 +264,7 @@ async fn write_file(
             .into_response()
         }
     };
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -275,7 +280,6 @@ async fn write_file(
         input: Some(pb::write_file_input::Input::Data(b)),
     });
     match node
-        .clone()
         .write_file(futures::stream::iter([start]).chain(data))
         .await
     {
@@ -290,7 +294,7 @@ async fn list_dir(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -298,7 +302,7 @@ async fn list_dir(
         sandbox: Some(route.sandbox),
         path: q.path,
     };
-    match node.clone().list_dir(req).await {
+    match node.list_dir(req).await {
         Ok(r) => {
             let r = r.into_inner();
             let entries: Vec<_> = r
@@ -334,7 +338,7 @@ async fn download(
     SandboxParam(sandbox): SandboxParam,
     Query(q): Query<PathQuery>,
 ) -> Response {
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -342,14 +346,7 @@ async fn download(
         sandbox: Some(route.sandbox),
         path: q.path,
     };
-    match node.clone().download(req).await {
-        Ok(s) => (
-            [(header::CONTENT_TYPE, "application/x-tar")],
-            body_of(s.into_inner()),
-        )
-            .into_response(),
-        Err(s) => error(s),
-    }
+    chunks_response(node.download(req).await, "application/x-tar")
 }
 
 async fn upload(
@@ -359,7 +356,7 @@ async fn upload(
     Query(q): Query<PathQuery>,
     body: Body,
 ) -> Response {
-    let (route, node) = match target(&state, &caller, &sandbox).await {
+    let (route, mut node) = match target(&state, &caller, &sandbox).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -373,7 +370,6 @@ async fn upload(
         input: Some(pb::upload_input::Input::Data(b)),
     });
     match node
-        .clone()
         .upload(futures::stream::iter([start]).chain(data))
         .await
     {

@@ -218,13 +218,11 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
     ) -> Result<Response<Self::ExecStream>, Status> {
         self.check_peer(&req)?;
         let mut inbound = req.into_inner();
-        let start = match inbound.next().await {
-            Some(Ok(pb::ExecInput {
-                input: Some(pb::exec_input::Input::Start(s)),
-            })) => s,
-            Some(Err(e)) => return Err(e),
-            _ => return Err(Status::invalid_argument("an exec starts with an ExecStart")),
-        };
+        let start = pb::first_message(&mut inbound, "an exec", |m: pb::ExecInput| match m.input {
+            Some(pb::exec_input::Input::Start(s)) => Some(s),
+            _ => None,
+        })
+        .await?;
         let spec = exec_spec(&start).map_err(status_of)?;
         let (runtime, activity, id) = self.target(start.sandbox.as_ref()).await?;
         let (ctl_tx, ctl_rx) = mpsc::channel(CHANNEL_CHUNKS);
@@ -316,17 +314,15 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
     ) -> Result<Response<pb::WriteFileReply>, Status> {
         self.check_peer(&req)?;
         let mut inbound = req.into_inner();
-        let start = match inbound.next().await {
-            Some(Ok(pb::WriteFileInput {
-                input: Some(pb::write_file_input::Input::Start(s)),
-            })) => s,
-            Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a write starts with a WriteFileStart",
-                ))
-            }
-        };
+        let start = pb::first_message(
+            &mut inbound,
+            "a file write",
+            |m: pb::WriteFileInput| match m.input {
+                Some(pb::write_file_input::Input::Start(s)) => Some(s),
+                _ => None,
+            },
+        )
+        .await?;
         io::check_path(&start.path).map_err(status_of)?;
         if start.mode > 0o7777 {
             return Err(Status::invalid_argument(format!(
@@ -398,17 +394,13 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
     ) -> Result<Response<pb::UploadReply>, Status> {
         self.check_peer(&req)?;
         let mut inbound = req.into_inner();
-        let start = match inbound.next().await {
-            Some(Ok(pb::UploadInput {
-                input: Some(pb::upload_input::Input::Start(s)),
-            })) => s,
-            Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "an upload starts with an UploadStart",
-                ))
+        let start = pb::first_message(&mut inbound, "an upload", |m: pb::UploadInput| {
+            match m.input {
+                Some(pb::upload_input::Input::Start(s)) => Some(s),
+                _ => None,
             }
-        };
+        })
+        .await?;
         io::check_path(&start.path).map_err(status_of)?;
         let (runtime, _, id) = self.target(start.sandbox.as_ref()).await?;
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);

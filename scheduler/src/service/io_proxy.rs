@@ -228,23 +228,6 @@ fn node_status(address: &str, s: Status) -> Status {
     }
 }
 
-/// The first message of a client stream, which must be the start message `pick` finds.
-async fn first<T, S>(
-    inbound: &mut Streaming<T>,
-    what: &str,
-    pick: impl FnOnce(T) -> Option<S>,
-) -> Result<S, Status> {
-    match inbound.next().await {
-        Some(Ok(m)) => pick(m).ok_or_else(|| {
-            Status::invalid_argument(format!("the first message of {what} must be its start"))
-        }),
-        Some(Err(e)) => Err(e),
-        None => Err(Status::invalid_argument(format!(
-            "{what}: no start message"
-        ))),
-    }
-}
-
 #[tonic::async_trait]
 impl SandboxIo for IoProxy {
     type ExecStream = Out<pb::ExecOutput>;
@@ -255,11 +238,12 @@ impl SandboxIo for IoProxy {
     ) -> Result<Response<Self::ExecStream>, Status> {
         let caller = Caller::of(&req)?;
         let mut inbound = req.into_inner();
-        let mut start = first(&mut inbound, "an exec", |m: pb::ExecInput| match m.input {
-            Some(pb::exec_input::Input::Start(s)) => Some(s),
-            _ => None,
-        })
-        .await?;
+        let mut start =
+            pb::first_message(&mut inbound, "an exec", |m: pb::ExecInput| match m.input {
+                Some(pb::exec_input::Input::Start(s)) => Some(s),
+                _ => None,
+            })
+            .await?;
         let route = self.route(&caller, start.sandbox.as_ref()).await?;
         start.sandbox = Some(route.sandbox);
         let msg = pb::ExecInput {
@@ -297,15 +281,16 @@ impl SandboxIo for IoProxy {
     ) -> Result<Response<pb::WriteFileReply>, Status> {
         let caller = Caller::of(&req)?;
         let mut inbound = req.into_inner();
-        let mut start = first(
-            &mut inbound,
-            "a file write",
-            |m: pb::WriteFileInput| match m.input {
-                Some(pb::write_file_input::Input::Start(s)) => Some(s),
-                _ => None,
-            },
-        )
-        .await?;
+        let mut start =
+            pb::first_message(
+                &mut inbound,
+                "a file write",
+                |m: pb::WriteFileInput| match m.input {
+                    Some(pb::write_file_input::Input::Start(s)) => Some(s),
+                    _ => None,
+                },
+            )
+            .await?;
         let route = self.route(&caller, start.sandbox.as_ref()).await?;
         start.sandbox = Some(route.sandbox);
         let msg = pb::WriteFileInput {
@@ -355,11 +340,11 @@ impl SandboxIo for IoProxy {
     ) -> Result<Response<pb::UploadReply>, Status> {
         let caller = Caller::of(&req)?;
         let mut inbound = req.into_inner();
-        let mut start = first(&mut inbound, "an upload", |m: pb::UploadInput| {
-            match m.input {
-                Some(pb::upload_input::Input::Start(s)) => Some(s),
-                _ => None,
-            }
+        let mut start = pb::first_message(&mut inbound, "an upload", |m: pb::UploadInput| match m
+            .input
+        {
+            Some(pb::upload_input::Input::Start(s)) => Some(s),
+            _ => None,
         })
         .await?;
         let route = self.route(&caller, start.sandbox.as_ref()).await?;
