@@ -302,12 +302,11 @@ async fn timeout_and_cancel_kill_the_whole_tree_and_leave_no_zombie() {
         "sleep 100 & setsid sleep 100 & (sleep 100 &); sleep 100",
     ]);
     s.timeout = Duration::from_millis(700);
-    let t0 = Instant::now();
     let r = run(&rt, id, s, &[]).await;
     let st = r.status.expect("exec");
+    // Killed at its timeout (it would sleep 100 s): the status says so, no clock needed.
     assert!(st.timed_out, "{st:?}");
     assert_eq!((st.code, st.signal), (137, Some(9)));
-    assert!(t0.elapsed() < Duration::from_secs(10));
     let left = settles(&rt, id, "sleep").await;
     assert!(left.is_empty(), "the tree and no zombie is left: {left:?}");
     assert_eq!(
