@@ -385,32 +385,19 @@ async fn download(
     Ok(serde_json::json!({"files": files, "bytes": bytes}))
 }
 
-/// Unpack a tar stream from a sandbox into `dest`: only files, directories and symlinks, no
-/// absolute paths and no `..` (what a sandbox sends is not trusted either).
+/// Unpack a tar stream from a sandbox into `dest` under the node's member rule (what a sandbox
+/// sends is not trusted either).
 fn unpack(r: impl Read, dest: &Path) -> anyhow::Result<(u64, u64)> {
     let mut a = tar::Archive::new(r);
     let (mut files, mut bytes) = (0u64, 0u64);
     for entry in a.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
-        let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-            bail!(
-                "the archive holds {} of type {kind:?}; refused",
-                path.display()
-            );
-        }
-        if path.is_absolute()
-            || path
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            bail!(
-                "the archive holds {}, which leaves the target; refused",
-                path.display()
-            );
-        }
-        if kind.is_file() {
+        // The rule the node applies to uploads: relative, no `..`, files, directories and
+        // symlinks only.
+        let (_, kind) = surge_node::runtime::io::check_member(&path, entry.header().entry_type())
+            .map_err(|e| anyhow::anyhow!("{e}; refused"))?;
+        if kind == surge_node::runtime::io::MemberKind::File {
             files += 1;
             bytes += entry.size();
         }
@@ -418,4 +405,45 @@ fn unpack(r: impl Read, dest: &Path) -> anyhow::Result<(u64, u64)> {
         entry.unpack_in(dest)?;
     }
     Ok((files, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar of one member whose name is written into the header as is.
+    fn tar_with(name: &[u8], kind: tar::EntryType) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(&[b'y'; 512]);
+        raw.extend_from_slice(&[0; 1024]);
+        raw
+    }
+
+    #[test]
+    fn a_download_that_escapes_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dest = dir.path().join("dest");
+        std::fs::create_dir(&dest).expect("mkdir");
+        for (name, kind) in [
+            (&b"../escape"[..], tar::EntryType::Regular),
+            (b"/abs", tar::EntryType::Regular),
+            (b"dev", tar::EntryType::Char),
+        ] {
+            let err = unpack(&tar_with(name, kind)[..], &dest).expect_err("refused");
+            assert!(err.to_string().contains("refused"), "{err}");
+        }
+        assert!(!dir.path().join("escape").exists());
+        assert_eq!(std::fs::read_dir(&dest).expect("read").count(), 0);
+        // Control: a plain member lands.
+        let (files, bytes) =
+            unpack(&tar_with(b"ok.txt", tar::EntryType::Regular)[..], &dest).expect("ok");
+        assert_eq!((files, bytes), (1, 1));
+        assert_eq!(std::fs::read(dest.join("ok.txt")).expect("read"), b"y");
+    }
 }
