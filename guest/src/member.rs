@@ -1,6 +1,5 @@
-//! The rule for members of an uploaded tar stream, the same as the node's
-//! `surge_node::runtime::io::check_member` (a node test holds the two to the same verdicts):
-//! a relative path that stays below the target (no `..`, no absolute path, UTF-8), of a kind
+//! The rule for members of an uploaded tar stream, the one the node applies too (its
+//! `surge_node::runtime::io::check_member` calls this): a relative path that stays below the target (no `..`, no absolute path, UTF-8), of a kind
 //! an upload may create (file, directory, symlink; never a device, FIFO or hard link).
 
 use std::path::{Component, Path};

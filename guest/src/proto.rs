@@ -469,42 +469,12 @@ pub fn check_version(theirs: u32) -> Result<(), ProtoError> {
 impl ExecRequest {
     /// The limits and characters the node checks too (an agent never trusts its peer).
     pub fn validate(&self) -> Result<(), String> {
-        if self.argv.is_empty() {
-            return Err("an exec needs a command".into());
-        }
-        if self.argv.len() > ARGV_MAX {
-            return Err(format!("{} arguments; at most {ARGV_MAX}", self.argv.len()));
-        }
-        if self.env.len() > ENV_MAX {
-            return Err(format!(
-                "{} environment variables; at most {ENV_MAX}",
-                self.env.len()
-            ));
-        }
-        let size: usize = self.argv.iter().map(|a| a.len() + 1).sum::<usize>()
-            + self
-                .env
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>();
-        if size > ARGV_BYTES_MAX {
-            return Err(format!(
-                "arguments and environment take {size} bytes; at most {ARGV_BYTES_MAX}"
-            ));
-        }
-        if self.argv.iter().any(|a| a.contains('\0')) {
-            return Err("an argument contains a NUL byte".into());
-        }
-        for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(format!(
-                    "bad environment variable name {k:?}: non-empty, no '=' and no NUL"
-                ));
-            }
-        }
-        if let Some(cwd) = &self.cwd {
-            check_path(cwd)?;
-        }
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        check_command(&self.argv, &env, self.cwd.as_deref())?;
         if self.timeout_ms == 0 || self.timeout_ms > EXEC_TIMEOUT_MAX_MS {
             return Err(format!(
                 "a timeout of {} ms is outside 1 ms ..= {EXEC_TIMEOUT_MAX_MS} ms",
@@ -515,10 +485,58 @@ impl ExecRequest {
     }
 }
 
+/// An exec's arguments, environment and working directory: the counts and bytes under the caps,
+/// no NUL anywhere, names non-empty without `=`, the cwd an absolute path. The one rule the node
+/// (`surge_node::runtime::io::ExecSpec::validate`) and the agent apply.
+pub fn check_command(
+    argv: &[String],
+    env: &[(&str, &str)],
+    cwd: Option<&str>,
+) -> Result<(), String> {
+    if argv.is_empty() {
+        return Err("an exec needs a command".into());
+    }
+    if argv.len() > ARGV_MAX {
+        return Err(format!("{} arguments; at most {ARGV_MAX}", argv.len()));
+    }
+    if env.len() > ENV_MAX {
+        return Err(format!(
+            "{} environment variables; at most {ENV_MAX}",
+            env.len()
+        ));
+    }
+    let size: usize = argv.iter().map(|a| a.len() + 1).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if size > ARGV_BYTES_MAX {
+        return Err(format!(
+            "arguments and environment take {size} bytes; at most {ARGV_BYTES_MAX}"
+        ));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("an argument contains a NUL byte".into());
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(format!(
+                "bad environment variable name {k:?}: non-empty, no '=' and no NUL"
+            ));
+        }
+    }
+    if let Some(cwd) = cwd {
+        check_path(cwd)?;
+    }
+    Ok(())
+}
+
 /// A path as requests carry it: absolute, at most [`PATH_BYTES_MAX`], no NUL.
 pub fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
-        return Err(format!("path {path:?} is not absolute"));
+        return Err(format!(
+            "path {path:?} is not absolute; paths inside a sandbox start with /"
+        ));
     }
     if path.len() > PATH_BYTES_MAX {
         return Err(format!(

@@ -22,30 +22,20 @@ use tokio::sync::mpsc;
 
 use super::SandboxId;
 
+// The limits are the guest agent's (the lowest crate that needs them; a krun guest enforces the
+// same ones without trusting the node), re-exported here for every runtime.
+pub use surge_guest::proto::{
+    ARGV_BYTES_MAX, ARGV_MAX, CHUNK_BYTES, ENV_MAX, FILE_BYTES_MAX, LIST_ENTRIES_MAX,
+    PATH_BYTES_MAX, UPLOAD_BYTES_MAX, UPLOAD_ENTRIES_MAX,
+};
+
 /// Execs running at once in one sandbox; one more is refused with [`IoError::Busy`].
-pub const EXECS_PER_SANDBOX_MAX: usize = 64;
-/// Arguments of one exec, at most.
-pub const ARGV_MAX: usize = 4_096;
-/// Bytes of argv plus env of one exec, at most.
-pub const ARGV_BYTES_MAX: usize = 256 * 1024;
-/// Environment variables added by one exec, at most.
-pub const ENV_MAX: usize = 1_024;
+pub const EXECS_PER_SANDBOX_MAX: usize = surge_guest::proto::EXECS_MAX;
 /// Timeout of an exec that names none.
 pub const EXEC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(600);
 /// The longest timeout an exec may ask for.
-pub const EXEC_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 3600);
-/// One file read or written through the API, at most.
-pub const FILE_BYTES_MAX: u64 = 1 << 30;
-/// One upload (a tar stream), at most.
-pub const UPLOAD_BYTES_MAX: u64 = 4 << 30;
-/// Entries one upload may create, at most.
-pub const UPLOAD_ENTRIES_MAX: u64 = 100_000;
-/// Entries a directory listing returns, at most (the reply says when there were more).
-pub const LIST_ENTRIES_MAX: usize = 10_000;
-/// A path inside a sandbox, at most.
-pub const PATH_BYTES_MAX: usize = 4_096;
-/// Bytes of one chunk of output or file data sent at a time.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+pub const EXEC_TIMEOUT_MAX: Duration =
+    Duration::from_millis(surge_guest::proto::EXEC_TIMEOUT_MAX_MS);
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,45 +53,6 @@ impl ExecSpec {
     /// Check the limits and the characters (no NUL anywhere, `KEY` without `=`, absolute cwd).
     pub fn validate(&self) -> Result<(), IoError> {
         let bad = |m: String| Err(IoError::Invalid(m));
-        if self.command.is_empty() {
-            return bad("an exec needs a command".into());
-        }
-        if self.command.len() > ARGV_MAX {
-            return bad(format!(
-                "{} arguments; at most {ARGV_MAX}",
-                self.command.len()
-            ));
-        }
-        if self.env.len() > ENV_MAX {
-            return bad(format!(
-                "{} environment variables; at most {ENV_MAX}",
-                self.env.len()
-            ));
-        }
-        let size: usize = self.command.iter().map(|a| a.len() + 1).sum::<usize>()
-            + self
-                .env
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>();
-        if size > ARGV_BYTES_MAX {
-            return bad(format!(
-                "arguments and environment take {size} bytes; at most {ARGV_BYTES_MAX}"
-            ));
-        }
-        if self.command.iter().any(|a| a.contains('\0')) {
-            return bad("an argument contains a NUL byte".into());
-        }
-        for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return bad(format!(
-                    "bad environment variable name {k:?}: non-empty, no '=' and no NUL"
-                ));
-            }
-        }
-        if let Some(cwd) = &self.cwd {
-            check_path(cwd)?;
-        }
         if self.timeout.is_zero() {
             return bad("a timeout of 0 would kill the command at once; give one > 0".into());
         }
@@ -112,90 +63,35 @@ impl ExecSpec {
                 EXEC_TIMEOUT_MAX.as_secs()
             ));
         }
-        Ok(())
+        // Arguments, environment and cwd: the guest agent's rule, the one every runtime keeps.
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        surge_guest::proto::check_command(&self.command, &env, self.cwd.as_deref())
+            .map_err(IoError::Invalid)
     }
 }
 
 /// A path inside a sandbox as the API takes it: absolute, at most [`PATH_BYTES_MAX`], no NUL.
 /// (`..` is allowed in the text; resolution never leaves the sandbox's root.)
 pub fn check_path(path: &str) -> Result<(), IoError> {
-    if !path.starts_with('/') {
-        return Err(IoError::Invalid(format!(
-            "path {path:?} is not absolute; paths inside a sandbox start with /"
-        )));
-    }
-    if path.len() > PATH_BYTES_MAX {
-        return Err(IoError::Invalid(format!(
-            "path of {} bytes; at most {PATH_BYTES_MAX}",
-            path.len()
-        )));
-    }
-    if path.contains('\0') {
-        return Err(IoError::Invalid("path contains a NUL byte".into()));
-    }
-    Ok(())
+    surge_guest::proto::check_path(path).map_err(IoError::Invalid)
 }
 
-/// The kinds of tar member an upload may create.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemberKind {
-    File,
-    Dir,
-    Symlink,
-}
+pub use surge_guest::member::MemberKind;
 
 /// Check one member of an uploaded tar stream: its path must be relative and stay below the
 /// target (no `..`, no absolute path, no NUL), and its type must be a file, a directory or a
 /// symlink (device files, FIFOs and hard links are refused). Returns the path's components.
-/// A symlink's target may say anything: it is only ever resolved inside the sandbox.
+/// A symlink's target may say anything: it is only ever resolved inside the sandbox. The rule
+/// is the guest agent's, so a krun guest and the node refuse the same members.
 pub fn check_member(
     path: &std::path::Path,
     kind: tar::EntryType,
 ) -> Result<(Vec<String>, MemberKind), IoError> {
-    use std::path::Component;
-    let shown = path.display();
-    let kind = match kind {
-        tar::EntryType::Regular | tar::EntryType::Continuous => MemberKind::File,
-        tar::EntryType::Directory => MemberKind::Dir,
-        tar::EntryType::Symlink => MemberKind::Symlink,
-        other => {
-            return Err(IoError::BadArchive(format!(
-                "member {shown} is a {other:?}; only files, directories and symlinks are accepted"
-            )))
-        }
-    };
-    let mut parts = Vec::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(p) => {
-                let p = p.to_str().ok_or_else(|| {
-                    IoError::BadArchive(format!("member {shown}: the name is not UTF-8"))
-                })?;
-                parts.push(p.to_string());
-            }
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(IoError::BadArchive(format!(
-                    "member {shown} has an absolute path; members must be relative"
-                )))
-            }
-            Component::ParentDir => {
-                return Err(IoError::BadArchive(format!(
-                    "member {shown} leaves the target directory through '..'"
-                )))
-            }
-        }
-    }
-    if parts.is_empty() && kind != MemberKind::Dir {
-        return Err(IoError::BadArchive(format!("member {shown} has no name")));
-    }
-    let joined: usize = parts.iter().map(|p| p.len() + 1).sum();
-    if joined > PATH_BYTES_MAX {
-        return Err(IoError::BadArchive(format!(
-            "member path of {joined} bytes; at most {PATH_BYTES_MAX}"
-        )));
-    }
-    Ok((parts, kind))
+    surge_guest::member::check_member(path, kind).map_err(IoError::BadArchive)
 }
 
 /// From the caller, while an exec runs.

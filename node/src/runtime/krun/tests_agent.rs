@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::super::io::from_agent;
 use super::*;
-use crate::runtime::io::{check_member, ExecOutput, ExecSpec, IoError, SandboxIo, WriteSpec};
+use crate::runtime::io::{ExecOutput, ExecSpec, IoError, SandboxIo, WriteSpec};
 
 #[test]
 fn the_agent_is_the_workload_and_its_socket_is_wired() {
@@ -74,34 +74,6 @@ fn the_agent_is_the_workload_and_its_socket_is_wired() {
     let old = r#"{"root":"/r","workdir":"/","exec":"/bin/sh","args":[],"env":[],"vcpus":1,"ram_mib":512,"console":"/c","krunfw":null,"libkrun":null,"entered_marker":"/e","setup_error":"/s","log_level":1}"#;
     let cfg: VmConfig = serde_json::from_str(old).expect("old vm.json");
     assert_eq!(cfg.agent_socket, None);
-}
-
-#[test]
-fn the_guest_and_the_node_judge_tar_members_alike() {
-    use std::path::Path;
-    use tar::EntryType as T;
-    let cases: &[(&str, T)] = &[
-        ("./a/b.txt", T::Regular),
-        ("a", T::Directory),
-        ("./", T::Directory),
-        ("l", T::Symlink),
-        ("/etc/passwd", T::Regular),
-        ("a/../../x", T::Regular),
-        ("a/../b", T::Regular),
-        ("dev", T::Char),
-        ("dev", T::Block),
-        ("h", T::Link),
-        ("f", T::Fifo),
-        ("", T::Regular),
-    ];
-    for (path, kind) in cases {
-        let node = check_member(Path::new(path), *kind).map(|(parts, _)| parts);
-        let guest = surge_guest::member::check_member(Path::new(path), *kind).map(|(p, _)| p);
-        assert_eq!(node.is_ok(), guest.is_ok(), "{path} {kind:?}");
-        if let (Ok(n), Ok(g)) = (node, guest) {
-            assert_eq!(n, g, "{path}");
-        }
-    }
 }
 
 #[test]
@@ -351,24 +323,4 @@ async fn boot_a_microvm_and_exec_through_its_agent() {
     assert_eq!(out.as_deref(), Some("1000\nLinux\n"));
     rt.stop(id, Duration::from_secs(5)).await.expect("stop");
     rt.remove(id).await.expect("remove");
-}
-
-#[test]
-fn the_guest_keeps_the_nodes_limits() {
-    use crate::runtime::io as node;
-    use surge_guest::proto as guest;
-    assert_eq!(guest::CHUNK_BYTES, node::CHUNK_BYTES);
-    assert_eq!(guest::FILE_BYTES_MAX, node::FILE_BYTES_MAX);
-    assert_eq!(guest::UPLOAD_BYTES_MAX, node::UPLOAD_BYTES_MAX);
-    assert_eq!(guest::UPLOAD_ENTRIES_MAX, node::UPLOAD_ENTRIES_MAX);
-    assert_eq!(guest::LIST_ENTRIES_MAX, node::LIST_ENTRIES_MAX);
-    assert_eq!(guest::PATH_BYTES_MAX, node::PATH_BYTES_MAX);
-    assert_eq!(guest::ARGV_MAX, node::ARGV_MAX);
-    assert_eq!(guest::ARGV_BYTES_MAX, node::ARGV_BYTES_MAX);
-    assert_eq!(guest::ENV_MAX, node::ENV_MAX);
-    assert_eq!(guest::EXECS_MAX, node::EXECS_PER_SANDBOX_MAX);
-    assert_eq!(
-        Duration::from_millis(guest::EXEC_TIMEOUT_MAX_MS),
-        node::EXEC_TIMEOUT_MAX
-    );
 }
