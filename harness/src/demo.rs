@@ -24,7 +24,14 @@ pub struct RealNodes {
 const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl RealNodes {
-    pub fn start(bin: &Path, root: &Path, servers: &str, count: u32) -> anyhow::Result<Self> {
+    /// `args`: extra `surge node` flags for every daemon (e.g. `--tls-dir`).
+    pub fn start(
+        bin: &Path,
+        root: &Path,
+        servers: &str,
+        count: u32,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let mut nodes = RealNodes {
             children: Vec::new(),
             daemons: Vec::new(),
@@ -48,6 +55,7 @@ impl RealNodes {
                 ])
                 .arg("--data-dir")
                 .arg(&dir)
+                .args(args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

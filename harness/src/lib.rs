@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod containers;
 pub mod demo;
 pub mod dev;
+pub mod dev_secure;
 pub mod etcd;
 pub mod netns;
 pub mod output;

@@ -41,6 +41,15 @@ pub struct DevArgs {
     /// Exec calls into each of them.
     #[arg(long, default_value_t = 20)]
     agent_execs: u32,
+    /// Mutual TLS on every link and tenant tokens, as production runs: the run's CA,
+    /// certificates and tokens (admin, tenants alpha and beta) are made under the data dir.
+    #[arg(long, conflicts_with = "demo")]
+    secure: bool,
+    /// Once every node has registered, write what a program needs to use the cluster here, as
+    /// JSON: servers, HTTP addresses, and with --secure the TLS dir and tokens (the SDK's tests
+    /// start `surge dev` this way).
+    #[arg(long, value_name = "FILE")]
+    info_file: Option<PathBuf>,
 }
 
 pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
@@ -64,12 +73,23 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         port: args.port,
         sim_nodes: args.sim_nodes,
         real_nodes: args.real_nodes,
+        secure: args.secure,
     };
     let mut dev = DevCluster::start(&cfg, &bin).await?;
     if let Some(why) = &dev.no_real_nodes {
         eprintln!("no real node daemons: {why}; only simulated nodes");
     }
     banner(&dev, &args, &root, &bin)?;
+    if let Some(path) = &args.info_file {
+        tokio::select! {
+            r = write_info(&dev, path, args.sim_nodes) => r?,
+            _ = &mut shutdown => {
+                println!("stopping the cluster ...");
+                dev.stop().await;
+                return Ok(());
+            }
+        }
+    }
     if args.demo {
         dev.wait_for_nodes((args.sim_nodes + dev.real_nodes) as usize)
             .await?;
@@ -128,6 +148,18 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Wait for every node, then write the cluster's [`surge_harness::dev::DevInfo`] to `path`
+/// (whole or not at all: a reader polling for the file never sees half of it).
+async fn write_info(dev: &DevCluster, path: &std::path::Path, sim: u32) -> anyhow::Result<()> {
+    dev.wait_for_nodes((sim + dev.real_nodes) as usize).await?;
+    let text = serde_json::to_string_pretty(&dev.info())?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text + "\n").with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("cluster info written to {}", path.display());
+    Ok(())
+}
+
 /// How a newcomer runs `surge` from a shell: `surge` where the one on the PATH is this binary,
 /// else this binary's full path.
 fn invocation(bin: &std::path::Path) -> String {
@@ -170,13 +202,28 @@ fn banner(
             r.log.display()
         );
     }
-    println!(
-        "  security: none. No TLS and no tokens: anyone who reaches these ports can use the \
-         cluster (a production cluster runs with --tls-dir and --tokens; see README, Security)"
-    );
+    match &dev.security {
+        None => println!(
+            "  security: none. No TLS and no tokens: anyone who reaches these ports can use the \
+             cluster (a production cluster runs with --tls-dir and --tokens; see README, Security)"
+        ),
+        Some(s) => {
+            println!(
+                "  security: mutual TLS on every link and tokens; the run's CA and certificates are in {}",
+                root.join("pki").display()
+            );
+            for (tenant, token) in &s.tenants {
+                println!("  tenant {tenant}: SURGE_TOKEN={token}");
+            }
+        }
+    }
     let surge = invocation(bin);
     println!();
     println!("  export SURGE_SERVER={}", dev.servers());
+    if let Some(s) = &dev.security {
+        println!("  export SURGE_TLS_DIR={}", s.client_dir.display());
+        println!("  export SURGE_TOKEN={}   # admin", s.admin);
+    }
     println!("  {surge} status");
     println!("  {surge} submit --count 10 --cpu 0.5 --mem 512 --constraint kind=sim -- rl-episode");
     if dev.real_nodes > 0 {

@@ -209,7 +209,7 @@ pub async fn run(cfg: ExecConfig, bin: &Path) -> anyhow::Result<ExecReport> {
         crate::containers::usable().map_err(|e| {
             anyhow::anyhow!("{e} (pass --skip-containers to run the simulated part only)")
         })?;
-        let nodes = RealNodes::start(bin, dir.path(), &all, 2)?;
+        let nodes = RealNodes::start(bin, dir.path(), &all, 2, &[])?;
         let client = Client::open(&all)?;
         eprintln!("exec bench: anchor (API vs crun exec)...");
         report.anchor = Some(anchor(&cfg, &client, &nodes.daemons).await?);
