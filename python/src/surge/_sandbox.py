@@ -416,9 +416,14 @@ class ExecStream:
                         )
                     if not self._interactive:
                         await call.write(sandbox_pb2.ExecInput(close_stdin=True))
-                if not self._interactive:
+                if self._interactive:
+                    # The command may wait for input before it prints anything: wait only for
+                    # the reply's headers (the replica took the call), not for a first message.
+                    await call.wait_for_connection()
+                    first = None
+                else:
                     await call.done_writing()
-                first = await call.read()
+                    first = await call.read()
             except grpc.aio.AioRpcError as e:
                 # Sent again only when no replica was reached: nothing can have run.
                 if unreached(e) and attempt + 1 < len(order):
@@ -431,10 +436,10 @@ class ExecStream:
                 raise SurgeError(f"{self.what}: {details or code}") from None
             t.answered(addr)
             self._call = call
-            if first is not EOF:
-                self._pending.append(first)
-            else:
+            if first is EOF:
                 self._done = True
+            elif first is not None:
+                self._pending.append(first)
             return
 
     async def __anext__(self) -> ExecChunk:
