@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,3 +149,6 @@ def dev_cluster(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            # The run's data, logs and keys go with it (SURGE_KEEP_DEV=1 keeps them to look at).
+            if not os.environ.get("SURGE_KEEP_DEV"):
+                shutil.rmtree(root, ignore_errors=True)
