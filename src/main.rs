@@ -274,37 +274,11 @@ fn main() {
         }
         return;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        // Connections are written from the runtime's threads: there a peer that closed first
-        // (a TLS replica refusing a plaintext client) must give EPIPE, not kill the CLI with
-        // SIGPIPE. The main thread, which prints, keeps the default (`| head` ends quietly).
-        .on_thread_start(block_sigpipe)
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = surge_client::process::runtime_or_exit();
     let result = runtime.block_on(run(cli));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Block SIGPIPE in the calling thread: a write to a closed socket there returns EPIPE (a
-/// thread-directed signal that is blocked stays pending instead of killing the process).
-fn block_sigpipe() {
-    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask changes only this
-    // thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -21,16 +21,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let args = ChaosArgs::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = surge_client::process::runtime_or_exit();
     let result = surge_harness::surge_binary().and_then(|bin| runtime.block_on(run(args, bin)));
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -22,6 +22,7 @@ pub mod convert;
 mod error;
 pub mod io;
 pub mod probe;
+pub mod process;
 
 use std::future::Future;
 use std::time::Duration;
