@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::ops::{http_get, Guarded};
+use crate::ops::Guarded;
 
 /// Longest a DevTools call may take (a screenshot of a big page included).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -83,7 +83,7 @@ impl Browser {
         // The page target chromium opened on about:blank.
         let deadline = Instant::now() + START_TIMEOUT;
         let page_url = loop {
-            if let Ok((200, body)) = http_get(&host, "/json/list") {
+            if let Some(body) = json_list(&host) {
                 let list: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                 let page = list.as_array().and_then(|l| {
                     l.iter()
@@ -210,6 +210,33 @@ impl Browser {
             })
             .collect()
     }
+}
+
+/// `GET /json/list` of chromium's DevTools HTTP server, which keeps the connection open after
+/// its answer: the head, then exactly Content-Length bytes.
+fn json_list(host: &str) -> Option<String> {
+    let mut s = TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /json/list HTTP/1.1\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        s.read_exact(&mut byte).ok()?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return None;
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let mut body = vec![0u8; len.min(1 << 20)];
+    s.read_exact(&mut body).ok()?;
+    String::from_utf8(body).ok()
 }
 
 fn connect(url: &str) -> TcpStream {
