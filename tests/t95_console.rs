@@ -74,7 +74,10 @@ async fn ready_nodes(addr: &str) -> Vec<npb::NodeInfo> {
 /// loaded machine).
 async fn try_job(addr: &str, id: u64) -> Option<surge_proto::jobs::Job> {
     let mut c = client::jobs(addr).ok()?;
-    match c.get_job(surge_proto::jobs::GetJobRequest { job_id: id }).await {
+    match c
+        .get_job(surge_proto::jobs::GetJobRequest { job_id: id })
+        .await
+    {
         Ok(r) => Some(r.into_inner()),
         Err(e) => {
             eprintln!("t95: get job {id}: {e}");
