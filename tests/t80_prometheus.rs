@@ -338,6 +338,16 @@ async fn prometheus_scrapes_replicas_and_nodes() {
     p.wait_ready();
 
     let addr = c.addr(leader).expect("leader addr");
+    // A quota, so the tenant's quota series exist (4 cores; memory unlimited).
+    client::jobs(&addr)
+        .expect("client")
+        .set_quota(surge_proto::jobs::SetQuotaRequest {
+            tenant: "test".into(),
+            cpu_millis: 4000,
+            memory_mib: 0,
+        })
+        .await
+        .expect("set quota");
     let job_id = client::jobs(&addr)
         .expect("client")
         .submit_job(job("t80", JOB_SANDBOXES))
@@ -440,6 +450,16 @@ async fn prometheus_scrapes_replicas_and_nodes() {
         r#"max(surge_tenant_allocated_cpu_cores{job="surge-server", role="leader", tenant="test"})"#,
         "the tenant's reservation",
         |v| v == f64::from(JOB_SANDBOXES),
+    );
+    p.wait_value(
+        r#"max(surge_tenant_quota_cpu_cores{job="surge-server", role="leader", tenant="test"})"#,
+        "the tenant's quota",
+        |v| v == 4.0,
+    );
+    p.wait_value(
+        r#"sum(surge_scheduler_tenant_preemptions_total{job="surge-server", tenant="test"})"#,
+        "preemptions per tenant, initialised at 0",
+        |v| v == 0.0,
     );
     p.wait_value(
         "surge:cluster_cpu_allocated:ratio",

@@ -204,16 +204,22 @@ pub fn waits_of(s: &ClusterState, command: &Command) -> Waits {
                 }
             }
         }
-        Command::ReportStatus { reports, at_ms } => {
+        Command::ReportStatus { reports, at_ms }
+        | Command::ReportStatusOutcomes { reports, at_ms, .. } => {
             w.running = reports
                 .iter()
-                .filter(|r| r.state == SandboxState::Running && r.generation == 0)
+                .filter(|r| r.state == SandboxState::Running)
                 .filter(|r| {
-                    // Only a change: the same range reported running again is not a new wait.
+                    // Only the current run's change from placed, and only a first run (never
+                    // restarted or rescheduled): a report repeated, stale or of a rerun is
+                    // not a wait in the queue.
                     s.jobs.get(&r.job).is_some_and(|j| {
-                        j.runs
-                            .get(r.first)
-                            .is_some_and(|(_, run)| run.state == SandboxState::Placed)
+                        j.runs.get(r.first).is_some_and(|(_, run)| {
+                            run.state == SandboxState::Placed
+                                && run.generation == r.generation
+                                && run.restarts == 0
+                                && run.reschedules == 0
+                        })
                     })
                 })
                 .filter_map(|r| wait(r.job, *at_ms, r.count))
@@ -356,13 +362,38 @@ mod tests {
             }],
             at_ms: submitted + 900,
         };
-        let w = waits_of(&s, &report(0));
+        let generation = s.jobs[&job].runs.get(0).expect("run").1.generation;
+        let w = waits_of(&s, &report(generation));
         assert_eq!(w.running.len(), 1);
         assert_eq!(w.running[0].wait_ms, 900);
-        assert!(waits_of(&s, &report(1)).running.is_empty(), "a rerun");
-        s.apply_command(4, report(0));
+        // The leader's status batches carry outcomes too: the same waits.
+        let Command::ReportStatus { reports, at_ms } = report(generation) else {
+            unreachable!("built above")
+        };
+        let batched = Command::ReportStatusOutcomes {
+            reports,
+            outcomes: vec![],
+            at_ms,
+        };
+        assert_eq!(waits_of(&s, &batched).running, w.running);
         assert!(
-            waits_of(&s, &report(0)).running.is_empty(),
+            waits_of(&s, &report(generation + 1)).running.is_empty(),
+            "another run's report"
+        );
+        let mut rerun = s.clone();
+        rerun
+            .jobs
+            .get_mut(&job)
+            .expect("job")
+            .runs
+            .update(0, 4, |r| r.reschedules = 1);
+        assert!(
+            waits_of(&rerun, &report(generation)).running.is_empty(),
+            "a rescheduled sandbox's wait is not the queue's"
+        );
+        s.apply_command(4, report(generation));
+        assert!(
+            waits_of(&s, &report(generation)).running.is_empty(),
             "already running: not a second wait"
         );
     }

@@ -180,11 +180,13 @@ impl Metrics {
 
     fn observe(&self, until: &str, waits: &[Wait]) {
         for w in waits {
-            let h = self.queue_wait.with_label_values(&[
-                &self.tenant_label(&w.tenant),
-                &priority_label(w.priority),
-                until,
-            ]);
+            let tenant = self.tenant_label(&w.tenant);
+            // A tenant's preemption counter exists (at 0) from its first placement on, so
+            // rate() and alerts see a series before the first preemption.
+            self.tenant_preemptions.with_label_values(&[&tenant]);
+            let h =
+                self.queue_wait
+                    .with_label_values(&[&tenant, &priority_label(w.priority), until]);
             // u64 ms -> f64 seconds: exact below 2^53 ms.
             let seconds = w.wait_ms as f64 / 1000.0;
             for _ in 0..w.count.min(WAIT_OBSERVATIONS_MAX) {
@@ -235,7 +237,11 @@ mod tests {
             running: vec![],
             preempted: [("eval".to_string(), 2)].into(),
         };
+        use prometheus::core::Collector;
         m.record(&w);
+        // rl placed (its counter exists at 0), eval was preempted.
+        let series = m.tenant_preemptions.collect()[0].get_metric().len();
+        assert_eq!(series, 2);
         let h = m.queue_wait.with_label_values(&["rl", "3", "placed"]);
         assert_eq!(h.get_sample_count(), 4);
         assert!((h.get_sample_sum() - 6.0).abs() < 1e-9);
