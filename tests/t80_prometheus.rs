@@ -136,6 +136,12 @@ fn rules_config_and_dashboard_pass_the_checkers() {
         "surge_scheduler_pending_sandboxes",
         "surge_scheduler_nodes_down",
         "surge_node_sandboxes",
+        // Utilisation at its limit with work waiting, queue wait p99, nodes down in numbers.
+        "surge_cluster_cpu_cores",
+        "surge_cluster_memory_bytes",
+        "surge_cluster_sandboxes",
+        "surge_scheduler_queue_wait_seconds_bucket",
+        "surge_cluster_nodes",
     ] {
         assert!(
             names.contains(needed),
@@ -164,6 +170,13 @@ fn rules_config_and_dashboard_pass_the_checkers() {
         "surge_scheduler_nodes_ready",
         "surge_scheduler_nodes_down",
         "surge_node_sandboxes",
+        "surge_pool_cpu_cores",
+        "surge_tenant_allocated_cpu_cores",
+        "surge_tenant_quota_cpu_cores",
+        "surge_scheduler_queue_wait_seconds_bucket",
+        "surge_scheduler_tenant_preemptions_total",
+        "surge_cluster_nodes",
+        "surge_cluster_sandboxes",
     ] {
         assert!(used.contains(needed), "the dashboard shows no {needed}");
     }
@@ -325,6 +338,16 @@ async fn prometheus_scrapes_replicas_and_nodes() {
     p.wait_ready();
 
     let addr = c.addr(leader).expect("leader addr");
+    // A quota, so the tenant's quota series exist (4 cores; memory unlimited).
+    client::jobs(&addr)
+        .expect("client")
+        .set_quota(surge_proto::jobs::SetQuotaRequest {
+            tenant: "test".into(),
+            cpu_millis: 4000,
+            memory_mib: 0,
+        })
+        .await
+        .expect("set quota");
     let job_id = client::jobs(&addr)
         .expect("client")
         .submit_job(job("t80", JOB_SANDBOXES))
@@ -384,6 +407,74 @@ async fn prometheus_scrapes_replicas_and_nodes() {
         |v| v.is_finite() && v > 0.0,
     );
     assert!(p99 < 60.0, "placement p99 {p99} s");
+
+    // The capacity series: every replica exports them, labelled by role; the leader's count
+    // what this cluster holds.
+    p.wait_value(
+        r#"count(surge_cluster_nodes{job="surge-server", state="ready"})"#,
+        "capacity series on every replica",
+        |v| v == 3.0,
+    );
+    p.wait_value(
+        r#"count(surge_cluster_nodes{job="surge-server", role="follower", state="ready"})"#,
+        "followers labelled",
+        |v| v == 2.0,
+    );
+    p.wait_value(
+        r#"max(surge_cluster_nodes{job="surge-server", role="leader", state="ready"})"#,
+        "nodes ready (capacity series)",
+        |v| v == f64::from(SIM_NODES),
+    );
+    p.wait_value(
+        r#"max(surge_cluster_sandboxes{job="surge-server", role="leader", state="running"})"#,
+        "sandboxes running (capacity series)",
+        |v| v == f64::from(JOB_SANDBOXES),
+    );
+    p.wait_value(
+        r#"max(surge_cluster_jobs{job="surge-server", role="leader", state="running"})"#,
+        "the job running",
+        |v| v == 1.0,
+    );
+    // The job reserves 1 CPU and 512 MiB per sandbox.
+    p.wait_value(
+        r#"max(surge_cluster_cpu_cores{job="surge-server", role="leader", kind="allocated"})"#,
+        "CPU reserved",
+        |v| v == f64::from(JOB_SANDBOXES),
+    );
+    p.wait_value(
+        r#"sum(surge_pool_memory_bytes{job="surge-server", role="leader", kind="allocated"})"#,
+        "memory reserved per pool",
+        |v| v == f64::from(JOB_SANDBOXES) * 512.0 * 1024.0 * 1024.0,
+    );
+    p.wait_value(
+        r#"max(surge_tenant_allocated_cpu_cores{job="surge-server", role="leader", tenant="test"})"#,
+        "the tenant's reservation",
+        |v| v == f64::from(JOB_SANDBOXES),
+    );
+    p.wait_value(
+        r#"max(surge_tenant_quota_cpu_cores{job="surge-server", role="leader", tenant="test"})"#,
+        "the tenant's quota",
+        |v| v == 4.0,
+    );
+    p.wait_value(
+        r#"sum(surge_scheduler_tenant_preemptions_total{job="surge-server", tenant="test"})"#,
+        "preemptions per tenant, initialised at 0",
+        |v| v == 0.0,
+    );
+    p.wait_value(
+        "surge:cluster_cpu_allocated:ratio",
+        "utilisation (recording rule)",
+        |v| v > 0.0 && v <= 1.0,
+    );
+    for until in ["placed", "running"] {
+        p.wait_value(
+            &format!(
+                r#"sum(surge_scheduler_queue_wait_seconds_count{{job="surge-server", tenant="test", priority="0", until="{until}"}})"#
+            ),
+            &format!("queue wait until {until} observed per sandbox"),
+            |v| v == f64::from(JOB_SANDBOXES),
+        );
+    }
 
     // alerts.yml loaded and evaluating: every rule healthy, and on this healthy cluster the
     // critical alerts stay quiet.
@@ -446,6 +537,10 @@ async fn prometheus_scrapes_replicas_and_nodes() {
         "Pending sandboxes",
         "Nodes ready",
         "Live sandboxes per node daemon",
+        "Cluster utilisation",
+        "Nodes by state",
+        "Sandboxes and jobs by state",
+        "Tenant CPU reserved against quota",
     ] {
         assert!(
             !empty.iter().any(|t| t == must),

@@ -37,12 +37,14 @@ pub struct HttpState {
     pub guard: Arc<Guard>,
     /// Exec and files ([`crate::http_io`]).
     pub io: Arc<crate::service::io_proxy::IoProxy>,
+    /// The leader side of this replica: the heartbeats' used resources for the console.
+    pub leader: Arc<crate::leader::Leader>,
 }
 
 /// The caller of a job-API request: the connection's certificate role (with TLS; a request
 /// that reached here without one is refused, never taken for plaintext) and the bearer token,
 /// decided as the gRPC job API decides. Refusal is the JSON error.
-pub(crate) struct JobCaller(pub(crate) Caller);
+pub struct JobCaller(pub(crate) Caller);
 
 impl FromRequestParts<HttpState> for JobCaller {
     type Rejection = Response;
@@ -56,7 +58,7 @@ impl FromRequestParts<HttpState> for JobCaller {
 }
 
 /// The `{id}` of a job path, a number (else a JSON 400).
-pub(crate) struct JobIdParam(pub(crate) u64);
+pub struct JobIdParam(pub(crate) u64);
 
 impl FromRequestParts<HttpState> for JobIdParam {
     type Rejection = Response;
@@ -89,6 +91,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/watch", get(watch_job))
         .merge(crate::http_io::routes())
+        .merge(crate::ui_api::routes())
+        .merge(crate::ui::routes())
         .route("/v1/jobs/cancel", post(crate::http_life::cancel_jobs))
         .route("/v1/jobs/{id}/keepalive", post(crate::http_life::keepalive))
         .route("/v1/jobs/{id}/wait", get(crate::http_life::wait_job))
@@ -107,7 +111,7 @@ pub fn router(state: HttpState) -> Router {
 async fn no_route() -> Response {
     json_error(
         StatusCode::NOT_FOUND,
-        "no such path; the job API is /v1/jobs",
+        "no such path; the job API is /v1/jobs, the console /ui",
     )
 }
 

@@ -14,6 +14,8 @@
 //! hash proves it. `server.rs` wires one replica: Raft, the gRPC services, `/metrics`.
 
 pub mod api_json;
+pub mod capacity;
+pub mod capacity_metrics;
 pub mod command;
 pub mod convert;
 pub mod http;
@@ -29,6 +31,8 @@ pub mod runs;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod ui;
+pub mod ui_api;
 pub mod validate;
 
 pub use state::ClusterState;

@@ -136,6 +136,12 @@ pub async fn run(
 
     let leader = crate::leader::Leader::start(replica.clone(), config.node_ttl_ms, &registry)
         .map_err(|e| ServerError::Start(StartError::Metrics(e)))?;
+    crate::capacity_metrics::CapacityCollector::register(
+        &registry,
+        replica.clone(),
+        leader.clone(),
+    )
+    .map_err(|e| ServerError::Start(StartError::Metrics(e)))?;
     let (transport, cluster) = surge_raft::service::services(replica.clone());
     let jobs = Arc::new(JobsService::new(replica.clone()));
     let io = Arc::new(IoProxy::new(
@@ -170,6 +176,7 @@ pub async fn run(
             jobs: jobs.clone(),
             guard: guard.clone(),
             io: io.clone(),
+            leader: leader.clone(),
         });
         let stop = stopped(stop_rx.clone());
         match https.clone() {

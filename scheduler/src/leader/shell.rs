@@ -139,6 +139,9 @@ async fn batch_reports<H: Host>(leader: Arc<Leader<H>>, mut rx: mpsc::Receiver<Q
             }
         }
         let (command, n) = batch.flush(leader.host.now_ms());
+        let waits = leader
+            .host
+            .read(|s, _| crate::capacity::waits_of(s, &command));
         let result = leader
             .host
             .propose(&command)
@@ -148,6 +151,7 @@ async fn batch_reports<H: Host>(leader: Arc<Leader<H>>, mut rx: mpsc::Receiver<Q
         if result.is_ok() {
             leader.metrics.status_entries.inc();
             leader.metrics.status_updates.inc_by(n);
+            leader.metrics.record(&waits);
         }
         for w in waiters {
             let _ = w.send(result.clone());
@@ -257,6 +261,9 @@ async fn schedule<H: Host>(leader: Arc<Leader<H>>) {
         let Some(command) = planner.finish(cycle, plan, leader.host.now_ms()) else {
             continue;
         };
+        let waits = leader
+            .host
+            .read(|s, _| crate::capacity::waits_of(s, &command));
         match leader.host.propose(&command).await {
             Ok((
                 index,
@@ -270,6 +277,11 @@ async fn schedule<H: Host>(leader: Arc<Leader<H>>) {
                 leader.metrics.placements.inc_by(placed);
                 leader.metrics.preemptions.inc_by(preempted);
                 leader.metrics.plan_rejections.inc_by(rejected);
+                // A plan partly refused at apply placed less than it says: its waits are not
+                // recorded rather than recorded wrong (refusals follow a stale snapshot, rarely).
+                if rejected == 0 {
+                    leader.metrics.record(&waits);
+                }
                 leader
                     .metrics
                     .plan_seconds
