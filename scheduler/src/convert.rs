@@ -329,6 +329,7 @@ pub fn node_to_pb(node: &Node, usage: NodeUsage, used: Resources) -> pn::NodeInf
         arch: node.spec.arch.clone(),
         sandboxes: usage.sandboxes,
         templates: node.spec.templates.clone(),
+        runtime: node.spec.runtime.clone(),
     }
 }
 
