@@ -514,7 +514,8 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                     json!({
                         "node_id": n.node_id, "address": n.address, "state": n.state,
                         "os": n.os, "arch": n.arch, "labels": n.labels, "sandboxes": n.sandboxes,
-                        "templates": n.templates,
+                        "templates": n.templates, "runtime": n.runtime,
+                        "checkpoint": n.labels.get("checkpoint").is_some_and(|v| v == "true"),
                         "allocatable": {"cpu_millis": a.cpu_millis, "memory_mib": a.memory_mib},
                         "allocated": {"cpu_millis": b.cpu_millis, "memory_mib": b.memory_mib},
                         "used": {"cpu_millis": u.cpu_millis, "memory_mib": u.memory_mib},
@@ -539,6 +540,11 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                         format!("{}/{}/{}", a.memory_mib, b.memory_mib, u.memory_mib),
                         n.sandboxes.to_string(),
                         format!("{}/{}", n.os, n.arch),
+                        n.runtime.clone(),
+                        n.labels
+                            .get("checkpoint")
+                            .map_or("no", |v| if v == "true" { "yes" } else { "no" })
+                            .to_owned(),
                     ]
                 })
                 .collect();
@@ -550,6 +556,8 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                     "MEM_MIB (SAME)",
                     "SANDBOXES",
                     "OS/ARCH",
+                    "RUNTIME",
+                    "CHECKPOINT",
                 ],
                 &rows,
             );
