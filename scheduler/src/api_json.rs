@@ -335,6 +335,8 @@ pub struct SandboxJson {
     /// TTL deadline (0: none) and last exec/file call (0: not tracked), leader's clock.
     pub expires_at_ms: u64,
     pub last_active_at_ms: u64,
+    /// With state "checkpointed": its image's size on `node`.
+    pub image_bytes: u64,
 }
 
 impl From<&pb::SandboxInfo> for SandboxJson {
@@ -362,6 +364,7 @@ impl From<&pb::SandboxInfo> for SandboxJson {
             infrastructure: s.infrastructure,
             expires_at_ms: s.expires_at_ms,
             last_active_at_ms: s.last_active_at_ms,
+            image_bytes: s.image_bytes,
         }
     }
 }

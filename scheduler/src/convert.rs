@@ -182,6 +182,7 @@ fn counts_to_pb(c: &Counts) -> pb::Counts {
         paused: c.paused,
         oom_killed: c.oom_killed,
         stopped: c.stopped,
+        checkpointed: c.checkpointed,
     }
 }
 
@@ -222,6 +223,8 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
     let reason = end_reason(run);
     let desired = if run.stop {
         "stopped"
+    } else if run.checkpoint && !run.restore {
+        "checkpointed"
     } else if run.paused {
         "paused"
     } else {
@@ -245,7 +248,10 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         restarts: run.restarts,
         submitted_at_ms: job.submitted_at_ms,
         finished_at_ms,
-        message: outcome.map(|o| o.message.clone()).unwrap_or_default(),
+        message: match outcome {
+            Some(o) => o.message.clone(),
+            None => run.note.clone(),
+        },
         log_tail: outcome.map(|o| o.log_tail.clone()).unwrap_or_default(),
         log_kept: outcome.is_some(),
         start_failed: run.exit_code == EXIT_NOT_RUN,
@@ -258,6 +264,7 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         infrastructure: reason.is_some_and(EndReason::is_infrastructure),
         expires_at_ms: run.expires_ms,
         last_active_at_ms: run.active_ms,
+        image_bytes: run.image_bytes,
     })
 }
 
@@ -362,6 +369,8 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         index: a.index,
         desired_state: if a.stop {
             "stopped"
+        } else if a.checkpoint {
+            "checkpointed"
         } else if a.paused {
             "paused"
         } else {

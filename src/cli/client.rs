@@ -422,6 +422,15 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
                 s.memory_mib
             );
             println!("generation {}  restarts {}", s.generation, s.restarts);
+            if s.state == "checkpointed" {
+                println!(
+                    "checkpoint {:.1} MiB image on node {node} (pinned there; `surge resume` restores it)",
+                    f64::from(u32::try_from(s.image_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0
+                );
+            }
+            if !s.message.is_empty() && !s.state.is_empty() && s.finished_at_ms == 0 {
+                println!("note       {}", s.message);
+            }
             if matches!(
                 s.state.as_str(),
                 "succeeded" | "failed" | "oom-killed" | "stopped" | "lost" | "cancelled"

@@ -211,6 +211,23 @@ fn remove_file(path: &Path) -> Result<(), RuntimeError> {
     }
 }
 
+/// Remove what a failed `crun restore` leaves of a sandbox's cgroup (its `.proxy-crun` child
+/// and the cgroup itself, in every hierarchy): left there, the next start of the same id fails
+/// (`write to devices.deny: Invalid argument`, a v1 cgroup with a child).
+fn clear_cgroup_debris(crun_path: &str) {
+    let relative = crun_path.trim_start_matches('/');
+    let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = mounts.flatten().map(|e| e.path()).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        let dir = root.join(relative);
+        let _ = std::fs::remove_dir(dir.join(".proxy-crun"));
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
 impl ContainerRuntime {
     /// Whether this node's sandboxes can be checkpointed, or why not (one line).
     pub fn checkpoint_support(&self) -> Result<(), String> {
@@ -288,6 +305,7 @@ impl ContainerRuntime {
                 OsStr::new(&cid),
             ])
             .await;
+        clear_cgroup_debris(&sb.cgroup.crun_path);
         sb.update(|r| r.extra.checkpoint = None)?;
         *lock(&sb.watcher) = None;
         let pid = self.crun.spawn_shim(id, &sb.dir, &cid, ShimMode::Restore)?;
@@ -300,6 +318,15 @@ impl ContainerRuntime {
                 Ok(())
             }
             Err(e) => {
+                let _ = self
+                    .crun
+                    .run(&[
+                        OsStr::new("delete"),
+                        OsStr::new("--force"),
+                        OsStr::new(&cid),
+                    ])
+                    .await;
+                clear_cgroup_debris(&sb.cgroup.crun_path);
                 let criu = criu_log_tail(&sb.dir, "restore");
                 Err(RuntimeError::Checkpoint {
                     id,

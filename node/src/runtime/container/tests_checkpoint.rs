@@ -31,6 +31,8 @@ fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
         sandbox_uid: 0,
         sandbox_gid: 0,
         criu: Ok(kit),
+        // Each test its own cgroup parent, as each node daemon has (`/surge/<node id>`).
+        cgroup_parent: format!("/surge-ck-{test}"),
         ..ContainerConfig::new(&data)
     };
     Some((
@@ -156,6 +158,12 @@ async fn a_damaged_image_fails_the_restore_and_the_sandbox_ends() {
     assert!(e.to_string().contains("restore failed"), "{e}");
     let state = rt.status(id).await.expect("status").state;
     assert!(state.is_terminal(), "{state:?}");
+    rt.remove(id).await.expect("forget");
+    // Nothing is left behind that stops the same sandbox id from starting again.
+    rt.start(req(92, 0, COUNTER, 64))
+        .await
+        .expect("the same id starts after a failed restore");
+    let _ = rt.stop(id, Duration::from_millis(200)).await;
     rt.remove(id).await.expect("forget");
     let _ = std::fs::remove_dir_all(&data);
 }
