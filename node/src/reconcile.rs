@@ -102,6 +102,9 @@ pub struct SandboxSpec {
     /// The job's initial request; the current limits are [`DesiredSandbox::resources`].
     pub cpu_millis: u64,
     pub memory_mib: u64,
+    /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -115,6 +115,9 @@ pub struct SubmitJson {
     pub idle_timeout_ms: u64,
     #[serde(default)]
     pub lease_ms: u64,
+    /// "" (the sandbox user) or "root" (uid 0, no capabilities; needed to checkpoint here).
+    #[serde(default)]
+    pub user: String,
 }
 
 /// `KEY=VALUE` or `KEY!=VALUE` (see [`validate::CONSTRAINT_SYNTAX`]); the parts are checked by
@@ -187,6 +190,7 @@ impl SubmitJson {
                 ttl_ms: self.ttl_ms,
                 idle_timeout_ms: self.idle_timeout_ms,
                 lease_ms: self.lease_ms,
+                user: self.user,
             }),
             idempotency_key: self.idempotency_key,
         })

@@ -83,7 +83,17 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
             idle_timeout_ms: spec.idle_timeout_ms,
             lease_ms: spec.lease_ms,
         },
+        user: spec.user,
     };
+    if !matches!(spec.user.as_str(), "" | "root") {
+        return Err(invalid(
+            "user",
+            format!(
+                "unknown user {:?}; use root or leave it empty (the sandbox user)",
+                spec.user
+            ),
+        ));
+    }
     validate::job_spec(&spec)?;
     Ok(spec)
 }
@@ -130,6 +140,7 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         ttl_ms: spec.lifetime.ttl_ms,
         idle_timeout_ms: spec.lifetime.idle_timeout_ms,
         lease_ms: spec.lifetime.lease_ms,
+        user: spec.user.clone(),
     }
 }
 
@@ -383,5 +394,6 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         env: spec.env.clone(),
         generation: a.generation,
         revision: a.revision,
+        user: spec.user.clone(),
     }
 }

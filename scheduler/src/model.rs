@@ -208,6 +208,9 @@ pub struct JobSpec {
     /// TTL, idle timeout and owner lease of its sandboxes (all 0: none).
     #[serde(default)]
     pub lifetime: crate::lifetime::Lifetime,
+    /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

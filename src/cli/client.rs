@@ -186,6 +186,11 @@ pub struct SubmitArgs {
     /// Owner lease: stop the sandboxes unless `surge keepalive JOB` renews within this long.
     #[arg(long)]
     pub lease: Option<String>,
+    /// `root`: run as uid 0 in the sandbox, still with no capabilities and no_new_privs.
+    /// Checkpointing (`surge pause --checkpoint`) needs it on hosts where root lacks
+    /// CAP_SYS_RESOURCE (CRIU cannot dump a process of another uid there).
+    #[arg(long, default_value = "")]
+    pub user: String,
     /// Return once every sandbox runs (or the job ended, or --wait-timeout passed).
     #[arg(long)]
     pub wait: bool,
@@ -216,6 +221,7 @@ impl From<SubmitArgs> for SubmitSpec {
             ttl_ms: 0,
             idle_timeout_ms: 0,
             lease_ms: 0,
+            user: a.user,
         }
     }
 }

@@ -91,6 +91,7 @@ pub fn desired_from_pb(s: &pn::Sandbox) -> Result<DesiredSandbox, ConvertError> 
             env,
             cpu_millis: resources.cpu_millis,
             memory_mib: resources.memory_mib,
+            user: s.user.clone(),
         },
         resources,
     })
@@ -387,6 +388,7 @@ mod tests {
             .collect(),
             generation,
             revision,
+            user: String::new(),
         }
     }
 

@@ -11,6 +11,7 @@ fn spec() -> SandboxSpec {
         env: vec![],
         cpu_millis: 500,
         memory_mib: 256,
+        user: String::new(),
     }
 }
 

@@ -371,6 +371,16 @@ impl ContainerRuntime {
         })
     }
 
+    /// The uid and gid a sandbox runs as: the node's sandbox user, or 0 for `user = "root"`
+    /// (no capabilities and no_new_privs either way).
+    fn user_of(&self, spec: &super::SandboxSpec) -> (u32, u32) {
+        if spec.user == "root" {
+            (0, 0)
+        } else {
+            (self.config.sandbox_uid, self.config.sandbox_gid)
+        }
+    }
+
     pub fn layout(&self) -> &CgroupLayout {
         &self.layout
     }
@@ -398,12 +408,9 @@ impl ContainerRuntime {
         // /work is the sandbox user's: writable, and visible from the host in upper/work.
         let work = bundle.join("upper/work");
         std::fs::create_dir_all(&work).map_err(|e| RuntimeError::io(ctx("create /work"), e))?;
-        std::os::unix::fs::chown(
-            &work,
-            Some(self.config.sandbox_uid),
-            Some(self.config.sandbox_gid),
-        )
-        .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
+        let (uid, gid) = self.user_of(&req.spec);
+        std::os::unix::fs::chown(&work, Some(uid), Some(gid))
+            .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
         mount_overlay(&template, &bundle.join("upper"), &bundle.join("ovl-work"), &bundle.join("rootfs"))
             .map_err(|e| RuntimeError::io(ctx("mount the overlay root (is the data dir on a filesystem overlayfs accepts as upper, e.g. ext4 or xfs?)"), e))?;
         let cgroup = SandboxCgroup::new(
@@ -420,8 +427,8 @@ impl ContainerRuntime {
             spec: &req.spec,
             resources: req.resources,
             cgroups_path: &cgroup.crun_path,
-            uid: self.config.sandbox_uid,
-            gid: self.config.sandbox_gid,
+            uid,
+            gid,
             tmp_size_mib: self.config.tmp_size_mib,
             init: &self.init,
         })

@@ -26,6 +26,7 @@ pub(crate) fn spec(count: u32, tenant: &str) -> JobSpec {
         restart: RestartPolicy::Never,
         labels: Default::default(),
         lifetime: Default::default(),
+        user: String::new(),
     }
 }
 
