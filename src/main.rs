@@ -130,9 +130,15 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Pause sandboxes (JOB or JOB.INDEX): they keep memory and disk ("close the lid").
+    /// Pause sandboxes (JOB or JOB.INDEX): they keep memory and disk ("close the lid"). With
+    /// --checkpoint: save them to their nodes' disks (CRIU) and release their CPU and memory;
+    /// `surge resume` restores them on the same node.
     Pause {
         sandbox: String,
+        /// Checkpoint to disk instead of freezing in memory (container nodes with CRIU;
+        /// `surge nodes` shows which).
+        #[arg(long)]
+        checkpoint: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -336,9 +342,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target,
         } => cli::life::keepalive(&client(&target)?, target.output, &sandbox, ttl).await,
         Cmd::Nodes { target } => cli::client::nodes(&client(&target)?, target.output).await,
-        Cmd::Pause { sandbox, target } => {
+        Cmd::Pause {
+            sandbox,
+            checkpoint,
+            target,
+        } => {
             let c = client(&target)?;
-            cli::client::update_sandboxes(&c, target.output, &sandbox, "pause", None, None).await
+            let action = if checkpoint { "checkpoint" } else { "pause" };
+            cli::client::update_sandboxes(&c, target.output, &sandbox, action, None, None).await
         }
         Cmd::Resume { sandbox, target } => {
             let c = client(&target)?;

@@ -41,6 +41,8 @@ pub struct SubmitSpec {
     pub ttl_ms: u64,
     pub idle_timeout_ms: u64,
     pub lease_ms: u64,
+    /// "" (the sandbox user) or "root" (uid 0, no capabilities; checkpointing needs it here).
+    pub user: String,
 }
 
 impl Default for SubmitSpec {
@@ -64,6 +66,7 @@ impl Default for SubmitSpec {
             ttl_ms: 0,
             idle_timeout_ms: 0,
             lease_ms: 0,
+            user: String::new(),
         }
     }
 }
@@ -106,6 +109,7 @@ impl SubmitSpec {
                 ttl_ms: self.ttl_ms,
                 idle_timeout_ms: self.idle_timeout_ms,
                 lease_ms: self.lease_ms,
+                user: self.user.clone(),
             }),
             idempotency_key: self.idempotency_key.clone(),
         })

@@ -102,6 +102,9 @@ pub struct SandboxSpec {
     /// The job's initial request; the current limits are [`DesiredSandbox::resources`].
     pub cpu_millis: u64,
     pub memory_mib: u64,
+    /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -109,6 +112,8 @@ pub enum DesiredState {
     Running,
     Paused,
     Stopped,
+    /// Checkpointed to the node's disk and stopped (CRIU); a later `Running` restores it.
+    Checkpointed,
 }
 
 /// The scheduler's wish for one sandbox on this node.
@@ -138,6 +143,11 @@ pub enum ObservedState {
     },
     /// The kernel killed it for exceeding its memory limit after the node could not grow it.
     OomKilled,
+    /// Stopped with its processes saved to an image of this many bytes on this node's disk;
+    /// not ended: a restore continues it.
+    Checkpointed {
+        image_bytes: u64,
+    },
 }
 
 impl ObservedState {
@@ -215,6 +225,15 @@ pub enum Action {
     Resume {
         id: SandboxId,
     },
+    /// Dump the sandbox to disk and stop it; `revision` is the desired revision that asked.
+    Checkpoint {
+        id: SandboxId,
+        revision: u64,
+    },
+    /// Bring a checkpointed sandbox back from its image.
+    Restore {
+        id: SandboxId,
+    },
     Resize {
         id: SandboxId,
         resources: Resources,
@@ -237,6 +256,8 @@ impl Action {
             | Self::Stop { id, .. }
             | Self::Pause { id }
             | Self::Resume { id }
+            | Self::Checkpoint { id, .. }
+            | Self::Restore { id }
             | Self::Resize { id, .. }
             | Self::Adopt { id }
             | Self::Forget { id } => *id,
@@ -287,13 +308,18 @@ pub fn reconcile<'a>(
         match (desired.get(&id).copied(), observed.get(&id).copied()) {
             (None, None) => {}
             (Some(d), None) => {
-                // Paused-before-ever-running starts, then pauses on the next pass.
-                if d.desired_state != DesiredState::Stopped {
+                // Paused-before-ever-running starts, then pauses on the next pass. A sandbox
+                // to be checkpointed that the node does not hold has nothing to save: it waits
+                // (the scheduler sees it missing from the node's full report).
+                if !matches!(
+                    d.desired_state,
+                    DesiredState::Stopped | DesiredState::Checkpointed
+                ) {
                     start(d, &mut actions);
                 }
             }
             (None, Some(o)) => {
-                if o.state.is_terminal() {
+                if o.state.is_terminal() || matches!(o.state, ObservedState::Checkpointed { .. }) {
                     actions.push(Action::Forget { id });
                 } else {
                     actions.push(stop(id, StopReason::Unassigned));
@@ -308,9 +334,15 @@ pub fn reconcile<'a>(
             (Some(d), Some(o)) if d.generation > o.generation => {
                 if o.state.is_terminal() {
                     actions.push(Action::Forget { id });
-                    if d.desired_state != DesiredState::Stopped {
+                    if !matches!(
+                        d.desired_state,
+                        DesiredState::Stopped | DesiredState::Checkpointed
+                    ) {
                         start(d, &mut actions);
                     }
+                } else if matches!(o.state, ObservedState::Checkpointed { .. }) {
+                    // A new incarnation replaces the saved one: drop its image.
+                    actions.push(Action::Forget { id });
                 } else {
                     actions.push(stop(id, StopReason::Superseded));
                 }
@@ -337,6 +369,22 @@ fn same_incarnation(
     }
     let live_and_settled = matches!(o.state, ObservedState::Running | ObservedState::Paused);
     match (d.desired_state, &o.state) {
+        (DesiredState::Checkpointed, ObservedState::Running | ObservedState::Paused) => {
+            actions.push(Action::Checkpoint {
+                id,
+                revision: d.revision,
+            });
+            return;
+        }
+        (DesiredState::Running | DesiredState::Paused, ObservedState::Checkpointed { .. }) => {
+            actions.push(Action::Restore { id });
+            return;
+        }
+        (DesiredState::Checkpointed, _) | (_, ObservedState::Checkpointed { .. })
+            if d.desired_state != DesiredState::Stopped =>
+        {
+            return;
+        }
         (DesiredState::Stopped, _) => {
             actions.push(Action::Stop {
                 id,

@@ -246,6 +246,7 @@ fn sandbox(job: u64, index: u32, command: &[&str]) -> pn::Sandbox {
         env: Default::default(),
         generation: 1,
         revision: 1,
+        user: String::new(),
     }
 }
 

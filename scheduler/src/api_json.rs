@@ -115,6 +115,9 @@ pub struct SubmitJson {
     pub idle_timeout_ms: u64,
     #[serde(default)]
     pub lease_ms: u64,
+    /// "" (the sandbox user) or "root" (uid 0, no capabilities; needed to checkpoint here).
+    #[serde(default)]
+    pub user: String,
 }
 
 /// `KEY=VALUE` or `KEY!=VALUE` (see [`validate::CONSTRAINT_SYNTAX`]); the parts are checked by
@@ -187,6 +190,7 @@ impl SubmitJson {
                 ttl_ms: self.ttl_ms,
                 idle_timeout_ms: self.idle_timeout_ms,
                 lease_ms: self.lease_ms,
+                user: self.user,
             }),
             idempotency_key: self.idempotency_key,
         })
@@ -335,6 +339,8 @@ pub struct SandboxJson {
     /// TTL deadline (0: none) and last exec/file call (0: not tracked), leader's clock.
     pub expires_at_ms: u64,
     pub last_active_at_ms: u64,
+    /// With state "checkpointed": its image's size on `node`.
+    pub image_bytes: u64,
 }
 
 impl From<&pb::SandboxInfo> for SandboxJson {
@@ -362,6 +368,7 @@ impl From<&pb::SandboxInfo> for SandboxJson {
             infrastructure: s.infrastructure,
             expires_at_ms: s.expires_at_ms,
             last_active_at_ms: s.last_active_at_ms,
+            image_bytes: s.image_bytes,
         }
     }
 }

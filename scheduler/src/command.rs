@@ -27,6 +27,12 @@ pub struct StatusRange {
     pub resources: Option<Resources>,
 }
 
+/// In a [`StatusRange`] with state `Checkpointed`, `exit_code` carries the image's size in KiB
+/// (no process exited; the range keeps its old layout in the log).
+pub fn image_kib_code(image_bytes: u64) -> i32 {
+    i32::try_from(image_bytes.div_ceil(1024)).unwrap_or(i32::MAX)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Register a node, or update a registered node's declaration (same id).
@@ -128,6 +134,23 @@ pub enum Command {
     CancelJobs {
         tenant: Option<String>,
         selector: std::collections::BTreeMap<String, String>,
+        at_ms: u64,
+    },
+    /// `surge pause --checkpoint`: the running or paused sandboxes `first..first+count` are
+    /// dumped to their nodes' disks and stop holding resources (see `state::checkpoint`).
+    Checkpoint {
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        at_ms: u64,
+    },
+    /// `surge resume` of checkpointed sandboxes: restore them on their nodes (paused when
+    /// `paused`), now or when there is room.
+    Restore {
+        job_id: JobId,
+        first: u32,
+        count: u32,
+        paused: bool,
         at_ms: u64,
     },
 }

@@ -83,7 +83,17 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
             idle_timeout_ms: spec.idle_timeout_ms,
             lease_ms: spec.lease_ms,
         },
+        user: spec.user,
     };
+    if !matches!(spec.user.as_str(), "" | "root") {
+        return Err(invalid(
+            "user",
+            format!(
+                "unknown user {:?}; use root or leave it empty (the sandbox user)",
+                spec.user
+            ),
+        ));
+    }
     validate::job_spec(&spec)?;
     Ok(spec)
 }
@@ -130,6 +140,7 @@ pub fn job_spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         ttl_ms: spec.lifetime.ttl_ms,
         idle_timeout_ms: spec.lifetime.idle_timeout_ms,
         lease_ms: spec.lifetime.lease_ms,
+        user: spec.user.clone(),
     }
 }
 
@@ -182,6 +193,7 @@ fn counts_to_pb(c: &Counts) -> pb::Counts {
         paused: c.paused,
         oom_killed: c.oom_killed,
         stopped: c.stopped,
+        checkpointed: c.checkpointed,
     }
 }
 
@@ -222,6 +234,8 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
     let reason = end_reason(run);
     let desired = if run.stop {
         "stopped"
+    } else if run.checkpoint && !run.restore {
+        "checkpointed"
     } else if run.paused {
         "paused"
     } else {
@@ -245,7 +259,10 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         restarts: run.restarts,
         submitted_at_ms: job.submitted_at_ms,
         finished_at_ms,
-        message: outcome.map(|o| o.message.clone()).unwrap_or_default(),
+        message: match outcome {
+            Some(o) => o.message.clone(),
+            None => run.note.clone(),
+        },
         log_tail: outcome.map(|o| o.log_tail.clone()).unwrap_or_default(),
         log_kept: outcome.is_some(),
         start_failed: run.exit_code == EXIT_NOT_RUN,
@@ -258,6 +275,7 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
         infrastructure: reason.is_some_and(EndReason::is_infrastructure),
         expires_at_ms: run.expires_ms,
         last_active_at_ms: run.active_ms,
+        image_bytes: run.image_bytes,
     })
 }
 
@@ -329,6 +347,7 @@ pub fn node_to_pb(node: &Node, usage: NodeUsage, used: Resources) -> pn::NodeInf
         arch: node.spec.arch.clone(),
         sandboxes: usage.sandboxes,
         templates: node.spec.templates.clone(),
+        runtime: node.spec.runtime.clone(),
     }
 }
 
@@ -361,6 +380,8 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         index: a.index,
         desired_state: if a.stop {
             "stopped"
+        } else if a.checkpoint {
+            "checkpointed"
         } else if a.paused {
             "paused"
         } else {
@@ -373,5 +394,6 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         env: spec.env.clone(),
         generation: a.generation,
         revision: a.revision,
+        user: spec.user.clone(),
     }
 }

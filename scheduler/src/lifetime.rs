@@ -133,7 +133,8 @@ pub fn end_reason(run: &Run) -> Option<EndReason> {
         SandboxState::Pending
         | SandboxState::Placed
         | SandboxState::Running
-        | SandboxState::Paused => return None,
+        | SandboxState::Paused
+        | SandboxState::Checkpointed => return None,
     })
 }
 

@@ -208,6 +208,9 @@ pub struct JobSpec {
     /// TTL, idle timeout and owner lease of its sandboxes (all 0: none).
     #[serde(default)]
     pub lifetime: crate::lifetime::Lifetime,
+    /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
+    #[serde(default)]
+    pub user: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +268,9 @@ pub struct Counts {
     pub oom_killed: u32,
     /// Stopped at a user's request (`surge stop`).
     pub stopped: u32,
+    /// Saved to their nodes' disks (not ended, holding no resources).
+    #[serde(default)]
+    pub checkpointed: u32,
 }
 
 impl Counts {
@@ -281,6 +287,7 @@ impl Counts {
             SandboxState::Lost => &mut self.lost,
             SandboxState::Cancelled => &mut self.cancelled,
             SandboxState::Stopped => &mut self.stopped,
+            SandboxState::Checkpointed => &mut self.checkpointed,
         };
         *slot = slot.saturating_add(n);
     }
@@ -407,13 +414,14 @@ mod tests {
             SandboxState::Lost,
             SandboxState::Cancelled,
             SandboxState::Stopped,
+            SandboxState::Checkpointed,
         ];
         for (i, state) in states.into_iter().enumerate() {
             let mut c = Counts {
                 preempted: 100,
                 ..Counts::default()
             };
-            let n = u32::try_from(i).expect("ten states") + 1;
+            let n = u32::try_from(i).expect("eleven states") + 1;
             c.add(state, n);
             let finished = if state.is_terminal() { n } else { 0 };
             assert_eq!(c.finished(), finished, "{state:?}");

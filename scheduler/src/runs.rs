@@ -25,6 +25,10 @@ pub enum SandboxState {
     Cancelled,
     /// Stopped at a user's request (`surge stop`): ended on purpose, never restarted.
     Stopped,
+    /// Saved to an image on its node's disk and stopped (`surge pause --checkpoint`). Holds no
+    /// CPU or memory in the books and has not ended; it is pinned to its node, where
+    /// `surge resume` restores it (see `state::checkpoint`).
+    Checkpointed,
 }
 
 impl SandboxState {
@@ -60,6 +64,7 @@ impl SandboxState {
             SandboxState::Lost => "lost",
             SandboxState::Cancelled => "cancelled",
             SandboxState::Stopped => "stopped",
+            SandboxState::Checkpointed => "checkpointed",
         }
     }
 
@@ -75,6 +80,7 @@ impl SandboxState {
             "lost" => SandboxState::Lost,
             "cancelled" => SandboxState::Cancelled,
             "stopped" => SandboxState::Stopped,
+            "checkpointed" => SandboxState::Checkpointed,
             _ => return None,
         })
     }
@@ -118,6 +124,19 @@ pub struct Run {
     /// Why `stop` was set; what its end is reported as.
     #[serde(default)]
     pub stop_cause: crate::lifetime::StopCause,
+    /// Desired: checkpointed to its node's disk (set by `surge pause --checkpoint` while it
+    /// runs; stays set while it is `Checkpointed`).
+    #[serde(default)]
+    pub checkpoint: bool,
+    /// Desired: restored from its checkpoint (`surge resume`), as soon as its node has room.
+    #[serde(default)]
+    pub restore: bool,
+    /// Size of its checkpoint image on its node (0: none).
+    #[serde(default)]
+    pub image_bytes: u64,
+    /// Why the last checkpoint failed, or why a restore waits (empty: nothing to say).
+    #[serde(default)]
+    pub note: String,
 }
 
 impl Run {
@@ -137,6 +156,10 @@ impl Run {
             expires_ms: 0,
             active_ms: 0,
             stop_cause: crate::lifetime::StopCause::User,
+            checkpoint: false,
+            restore: false,
+            image_bytes: 0,
+            note: String::new(),
         }
     }
 

@@ -135,6 +135,7 @@ fn job_spec_pb() -> impl Strategy<Value = pb::JobSpec> {
                 ttl_ms,
                 idle_timeout_ms,
                 lease_ms,
+                user: String::new(),
             },
         )
 }
@@ -314,6 +315,7 @@ fn seeded_state() -> (ClusterState, u64) {
             restart: surge_scheduler::model::RestartPolicy::Never,
             labels: Default::default(),
             lifetime: Default::default(),
+            user: String::new(),
         };
         s.apply_command(
             next(),

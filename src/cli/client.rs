@@ -186,6 +186,11 @@ pub struct SubmitArgs {
     /// Owner lease: stop the sandboxes unless `surge keepalive JOB` renews within this long.
     #[arg(long)]
     pub lease: Option<String>,
+    /// `root`: run as uid 0 in the sandbox, still with no capabilities and no_new_privs.
+    /// Checkpointing (`surge pause --checkpoint`) needs it on hosts where root lacks
+    /// CAP_SYS_RESOURCE (CRIU cannot dump a process of another uid there).
+    #[arg(long, default_value = "")]
+    pub user: String,
     /// Return once every sandbox runs (or the job ended, or --wait-timeout passed).
     #[arg(long)]
     pub wait: bool,
@@ -216,6 +221,7 @@ impl From<SubmitArgs> for SubmitSpec {
             ttl_ms: 0,
             idle_timeout_ms: 0,
             lease_ms: 0,
+            user: a.user,
         }
     }
 }
@@ -422,6 +428,15 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
                 s.memory_mib
             );
             println!("generation {}  restarts {}", s.generation, s.restarts);
+            if s.state == "checkpointed" {
+                println!(
+                    "checkpoint {:.1} MiB image on node {node} (pinned there; `surge resume` restores it)",
+                    f64::from(u32::try_from(s.image_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0
+                );
+            }
+            if !s.message.is_empty() && !s.state.is_empty() && s.finished_at_ms == 0 {
+                println!("note       {}", s.message);
+            }
             if matches!(
                 s.state.as_str(),
                 "succeeded" | "failed" | "oom-killed" | "stopped" | "lost" | "cancelled"
@@ -514,7 +529,8 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                     json!({
                         "node_id": n.node_id, "address": n.address, "state": n.state,
                         "os": n.os, "arch": n.arch, "labels": n.labels, "sandboxes": n.sandboxes,
-                        "templates": n.templates,
+                        "templates": n.templates, "runtime": n.runtime,
+                        "checkpoint": n.labels.get("checkpoint").is_some_and(|v| v == "true"),
                         "allocatable": {"cpu_millis": a.cpu_millis, "memory_mib": a.memory_mib},
                         "allocated": {"cpu_millis": b.cpu_millis, "memory_mib": b.memory_mib},
                         "used": {"cpu_millis": u.cpu_millis, "memory_mib": u.memory_mib},
@@ -539,6 +555,11 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                         format!("{}/{}/{}", a.memory_mib, b.memory_mib, u.memory_mib),
                         n.sandboxes.to_string(),
                         format!("{}/{}", n.os, n.arch),
+                        n.runtime.clone(),
+                        n.labels
+                            .get("checkpoint")
+                            .map_or("no", |v| if v == "true" { "yes" } else { "no" })
+                            .to_owned(),
                     ]
                 })
                 .collect();
@@ -550,6 +571,8 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                     "MEM_MIB (SAME)",
                     "SANDBOXES",
                     "OS/ARCH",
+                    "RUNTIME",
+                    "CHECKPOINT",
                 ],
                 &rows,
             );

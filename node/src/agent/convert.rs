@@ -20,6 +20,7 @@ pub const LOG_TAIL_REPORT_MAX_BYTES: usize = 4 * 1024;
 /// Report states, as the node API spells them.
 pub const STATE_RUNNING: &str = "running";
 pub const STATE_PAUSED: &str = "paused";
+pub const STATE_CHECKPOINTED: &str = "checkpointed";
 pub const STATE_SUCCEEDED: &str = "succeeded";
 pub const STATE_FAILED: &str = "failed";
 pub const STATE_OOM_KILLED: &str = "oom-killed";
@@ -58,6 +59,7 @@ pub fn desired_state_from_pb(id: SandboxId, s: &str) -> Result<DesiredState, Con
         "running" => Ok(DesiredState::Running),
         "paused" => Ok(DesiredState::Paused),
         "stopped" => Ok(DesiredState::Stopped),
+        "checkpointed" => Ok(DesiredState::Checkpointed),
         other => Err(ConvertError::UnknownDesiredState {
             id,
             state: other.to_owned(),
@@ -89,6 +91,7 @@ pub fn desired_from_pb(s: &pn::Sandbox) -> Result<DesiredSandbox, ConvertError> 
             env,
             cpu_millis: resources.cpu_millis,
             memory_mib: resources.memory_mib,
+            user: s.user.clone(),
         },
         resources,
     })
@@ -257,7 +260,12 @@ pub fn status_live(
 
 /// The status of a live (or last-known) sandbox, without logs.
 pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
+    let image_bytes = match o.state {
+        ObservedState::Checkpointed { image_bytes } => image_bytes,
+        _ => 0,
+    };
     let (state, exit_code, message) = match &o.state {
+        ObservedState::Checkpointed { .. } => (STATE_CHECKPOINTED, 0, String::new()),
         ObservedState::Starting | ObservedState::Running => (STATE_RUNNING, 0, String::new()),
         ObservedState::Paused => (STATE_PAUSED, 0, String::new()),
         ObservedState::Exited { code: 0 } => (STATE_SUCCEEDED, 0, String::new()),
@@ -279,6 +287,7 @@ pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
         log_tail: String::new(),
         generation: o.generation,
         start_failed: false,
+        image_bytes,
     }
 }
 
@@ -339,6 +348,7 @@ pub fn status_start_failed(
         log_tail: String::new(),
         generation,
         start_failed: true,
+        image_bytes: 0,
     }
 }
 
@@ -378,6 +388,7 @@ mod tests {
             .collect(),
             generation,
             revision,
+            user: String::new(),
         }
     }
 

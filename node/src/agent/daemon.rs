@@ -126,8 +126,20 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             let dir = data_dir.clone();
             let node_id = cfg.node_id.clone();
             let (runtime, templates) = tokio::task::spawn_blocking(move || {
+                // Checkpointing needs the CRIU kit (scripts/setup-criu); without it the node
+                // runs Debian's crun and says why it cannot checkpoint.
+                let prefix = std::env::var_os("SURGE_CRIU_PREFIX").map_or_else(
+                    || {
+                        std::path::PathBuf::from(
+                            crate::runtime::container::checkpoint::KIT_PREFIX_DEFAULT,
+                        )
+                    },
+                    std::path::PathBuf::from,
+                );
+                let criu = crate::runtime::container::checkpoint::CriuKit::probe(&prefix);
                 let runtime = ContainerRuntime::new(ContainerConfig {
                     cgroup_parent: format!("/surge/{}", cgroup_component(&node_id)),
+                    criu,
                     ..ContainerConfig::new(&dir)
                 })?;
                 let t = Templates::new(&dir);
@@ -222,6 +234,16 @@ async fn run_one<R: Runtime + SandboxIo>(
     metrics: Arc<NodeMetrics>,
     io: IoPlan,
 ) -> Result<(), AgentError> {
+    let mut node = node;
+    // `checkpoint=true|false`: `surge nodes` shows it and `--constraint checkpoint=true` selects
+    // nodes that can checkpoint (an operator's own label wins).
+    let support = runtime.checkpoint_support();
+    if let Err(why) = &support {
+        tracing::info!(node = %node.node_id, "no checkpoints on this node: {why}");
+    }
+    node.labels
+        .entry("checkpoint".to_owned())
+        .or_insert_with(|| support.is_ok().to_string());
     tracing::info!(node = %node.node_id, runtime = runtime.name(), address = %node.address,
         cpu_millis = node.allocatable.cpu_millis, memory_mib = node.allocatable.memory_mib, "node starting");
     let runtime = Arc::new(runtime);

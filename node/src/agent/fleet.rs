@@ -322,6 +322,13 @@ impl Fleet {
                     Err(e) => return Err(e),
                 }
             }
+            OwnerCommand::Checkpoint { .. } | OwnerCommand::Restore => {
+                // The simulated runtime registers checkpoint=false; the scheduler never asks.
+                return Err(RuntimeError::Checkpoint {
+                    id,
+                    reason: "the sim runtime cannot checkpoint sandboxes".into(),
+                });
+            }
             OwnerCommand::Pause | OwnerCommand::Resume => {
                 let pause = matches!(cmd, OwnerCommand::Pause);
                 if pause {

@@ -303,6 +303,14 @@ impl<R: Runtime> NodeCore<R> {
                 }
                 Dispatched::Other
             }
+            Action::Checkpoint { id, revision } => {
+                self.send(id, OwnerCommand::Checkpoint { revision });
+                Dispatched::Other
+            }
+            Action::Restore { id } => {
+                self.send(id, OwnerCommand::Restore);
+                Dispatched::Other
+            }
             Action::Pause { id } | Action::Resume { id } => {
                 let pause = matches!(action, Action::Pause { .. });
                 let cmd = if pause {
@@ -369,10 +377,11 @@ impl<R: Runtime> NodeCore<R> {
                 ObservedState::Paused => "paused",
                 ObservedState::Exited { code: 0 } => "succeeded",
                 ObservedState::OomKilled => "oom-killed",
+                ObservedState::Checkpointed { .. } => "checkpointed",
                 ObservedState::Exited { .. } | ObservedState::Failed { .. } => "failed",
             };
             *v.sandboxes.entry(state).or_default() += 1;
-            if !o.state.is_terminal() {
+            if !o.state.is_terminal() && !matches!(o.state, ObservedState::Checkpointed { .. }) {
                 v.cpu_allocated_millis += i64::try_from(o.resources.cpu_millis).unwrap_or(0);
                 v.memory_allocated_mib += i64::try_from(o.resources.memory_mib).unwrap_or(0);
             }

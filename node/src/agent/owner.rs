@@ -49,6 +49,8 @@ pub const START_TIMEOUT_MS: u64 = 60_000;
 pub const STOP_SLACK_MS: u64 = 15_000;
 /// Time any other runtime call may take.
 pub const RUNTIME_CALL_TIMEOUT_MS: u64 = 15_000;
+/// Longest a checkpoint or restore may take (a 1 GiB sandbox writes or reads 1 GiB).
+pub const CHECKPOINT_TIMEOUT_MS: u64 = crate::runtime::container::checkpoint::CHECKPOINT_TIMEOUT_MS;
 /// Pause before waiting again for an exit after the runtime could not say.
 const WAIT_RETRY_MS: u64 = 1_000;
 /// A sandbox's memory may grow to at most this multiple of what it was given.
@@ -67,6 +69,12 @@ pub enum OwnerCommand {
     },
     Pause,
     Resume,
+    /// Dump to disk and stop (the desired revision that asked, so a failure is not retried
+    /// until the scheduler asks again).
+    Checkpoint {
+        revision: u64,
+    },
+    Restore,
     Resize {
         resources: Resources,
         revision: u64,
@@ -85,6 +93,8 @@ impl OwnerCommand {
             Self::Stop { .. } => "stop",
             Self::Pause => "pause",
             Self::Resume => "resume",
+            Self::Checkpoint { .. } => "checkpoint",
+            Self::Restore => "restore",
             Self::Resize { .. } => "resize",
             Self::Adopt => "adopt",
             Self::Forget { .. } => "forget",
@@ -154,6 +164,8 @@ struct Owner<'a, R> {
     exit: Option<Boxed<'a, Result<ExitReport, RuntimeError>>>,
     guard: Option<Boxed<'a, Result<(), RuntimeError>>>,
     growth_tx: mpsc::Sender<MemoryGrowth>,
+    /// The desired revision whose checkpoint failed (not tried again for it).
+    checkpoint_failed: Option<u64>,
 }
 
 /// The owner task of sandbox `id`; see the module docs.
@@ -175,6 +187,7 @@ pub async fn own<R: Runtime>(
         exit: None,
         guard: None,
         growth_tx,
+        checkpoint_failed: None,
     };
     let mut next = Some(first);
     loop {
@@ -492,6 +505,8 @@ impl<'a, R: Runtime> Owner<'a, R> {
                     send_status(self.ctx, self.live_status(&held)).await;
                 }
             }
+            OwnerCommand::Checkpoint { revision } => self.checkpoint(revision).await?,
+            OwnerCommand::Restore => self.restore().await?,
             OwnerCommand::Resize {
                 resources,
                 revision,
@@ -530,6 +545,13 @@ impl<'a, R: Runtime> Owner<'a, R> {
                     self.finish(report, None).await;
                     return Ok(());
                 }
+                if matches!(o.state, ObservedState::Checkpointed { .. }) {
+                    // Nothing runs: nothing to hold or watch until a restore.
+                    let o = ObservedSandbox { owned: true, ..o };
+                    self.ctx.view.upsert(o.clone());
+                    send_status(self.ctx, status_from_observed(&o)).await;
+                    return Ok(());
+                }
                 let mut held = Held {
                     generation: o.generation,
                     revision: o.revision,
@@ -563,6 +585,112 @@ impl<'a, R: Runtime> Owner<'a, R> {
                     .reports
                     .send(ReportEvent::Forget { id, generation })
                     .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self, revision: u64) -> Result<(), RuntimeError> {
+        let Some(held) = self.held else {
+            return Ok(()); // already checkpointed (a repeated command), or not running
+        };
+        if self.checkpoint_failed == Some(revision) {
+            return Ok(());
+        }
+        let rt: &'a R = &self.ctx.runtime;
+        let id = self.id;
+        // The exit the watcher would see is the dump stopping the container, not an end.
+        self.exit = None;
+        self.guard = None;
+        let dumped = timed(
+            CHECKPOINT_TIMEOUT_MS.saturating_add(STOP_SLACK_MS),
+            "checkpoint",
+            rt.checkpoint(id),
+        )
+        .await;
+        match dumped {
+            Ok(image_bytes) => {
+                self.release();
+                let o = ObservedSandbox {
+                    state: ObservedState::Checkpointed { image_bytes },
+                    ..self.observed(&held, ObservedState::Running)
+                };
+                self.ctx.view.upsert(o.clone());
+                self.ctx.view.changed.notify_one();
+                send_status(self.ctx, status_from_observed(&o)).await;
+            }
+            Err(e) => {
+                self.ctx.metrics.runtime_error("checkpoint");
+                tracing::warn!(node = %self.ctx.node_id, sandbox = %id, error = %e,
+                    "checkpoint failed; the sandbox keeps running");
+                self.checkpoint_failed = Some(revision);
+                // Still ours: watch it again (a sandbox that died in the attempt is reported
+                // by the watcher as it ended).
+                self.watch(held);
+                let mut status = self.live_status(&held);
+                status.message = format!("checkpoint failed: {e}");
+                send_status(self.ctx, status).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore(&mut self) -> Result<(), RuntimeError> {
+        if self.held.is_some() {
+            return Ok(()); // already restored (a repeated command)
+        }
+        let Some(o) = self.ctx.view.get(self.id) else {
+            return Ok(());
+        };
+        if !matches!(o.state, ObservedState::Checkpointed { .. }) {
+            return Ok(());
+        }
+        let rt: &'a R = &self.ctx.runtime;
+        let id = self.id;
+        let permit = self.ctx.start_permits.clone().acquire_owned().await;
+        let restored = timed(
+            CHECKPOINT_TIMEOUT_MS.saturating_add(STOP_SLACK_MS),
+            "restore",
+            rt.restore(id),
+        )
+        .await;
+        drop(permit);
+        match restored {
+            Ok(()) => {
+                let mut held = Held {
+                    generation: o.generation,
+                    revision: o.revision,
+                    resources: o.resources,
+                    paused: false,
+                    headroom_mib: 0,
+                };
+                self.account_memory(&mut held, o.resources.memory_mib);
+                self.held = Some(held);
+                self.checkpoint_failed = None;
+                self.ctx
+                    .view
+                    .upsert(self.observed(&held, ObservedState::Running));
+                self.ctx.view.changed.notify_one();
+                send_status(self.ctx, self.live_status(&held)).await;
+                self.watch(held);
+            }
+            Err(e) => {
+                // The image could not be brought back: the sandbox ends, a runtime error.
+                self.ctx.metrics.runtime_error("restore");
+                tracing::warn!(node = %self.ctx.node_id, sandbox = %id, error = %e, "restore failed");
+                self.ctx.view.upsert(ObservedSandbox {
+                    state: ObservedState::Failed {
+                        reason: e.to_string(),
+                    },
+                    owned: true,
+                    ..o.clone()
+                });
+                self.ctx.view.changed.notify_one();
+                send_status(
+                    self.ctx,
+                    status_start_failed(id, o.generation, o.resources, e.to_string()),
+                )
+                .await;
             }
         }
         Ok(())

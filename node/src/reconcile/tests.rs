@@ -11,6 +11,7 @@ fn spec() -> SandboxSpec {
         env: vec![],
         cpu_millis: 500,
         memory_mib: 256,
+        user: String::new(),
     }
 }
 
@@ -197,7 +198,11 @@ impl SimNode {
                 );
             }
             Action::Forget { .. } => {
-                if live {
+                let saved = self
+                    .sandboxes
+                    .get(&id)
+                    .is_some_and(|o| matches!(o.state, ObservedState::Checkpointed { .. }));
+                if live && !saved {
                     self.violations.push(format!("forget of live {id}"));
                 }
                 self.sandboxes.remove(&id);
@@ -208,6 +213,23 @@ impl SimNode {
             Action::Stop { .. } => {
                 if let Some(o) = self.sandboxes.get_mut(&id) {
                     o.state = ObservedState::Exited { code: 143 };
+                }
+            }
+            Action::Checkpoint { .. } | Action::Restore { .. } => {
+                if let Some(o) = self.sandboxes.get_mut(&id) {
+                    o.state = match (&o.state, action) {
+                        (
+                            ObservedState::Running | ObservedState::Paused,
+                            Action::Checkpoint { .. },
+                        ) => ObservedState::Checkpointed { image_bytes: 1 },
+                        (ObservedState::Checkpointed { .. }, Action::Restore { .. }) => {
+                            ObservedState::Running
+                        }
+                        (s, a) => {
+                            self.violations.push(format!("{a:?} in state {s:?}"));
+                            s.clone()
+                        }
+                    };
                 }
             }
             Action::Pause { .. } | Action::Resume { .. } => {
@@ -258,7 +280,8 @@ fn arb_state() -> impl Strategy<Value = DesiredState> {
     prop_oneof![
         Just(DesiredState::Running),
         Just(DesiredState::Paused),
-        Just(DesiredState::Stopped)
+        Just(DesiredState::Stopped),
+        Just(DesiredState::Checkpointed)
     ]
 }
 
@@ -270,6 +293,7 @@ fn arb_observed_state() -> impl Strategy<Value = ObservedState> {
         (0i32..3).prop_map(|code| ObservedState::Exited { code }),
         Just(ObservedState::OomKilled),
         Just(ObservedState::Failed { reason: "x".into() }),
+        Just(ObservedState::Checkpointed { image_bytes: 1 }),
     ]
 }
 
@@ -348,7 +372,10 @@ fn assert_converged(
         let started_before = initial.get(&d.id);
         match o {
             None => assert!(
-                d.desired_state == DesiredState::Stopped,
+                matches!(
+                    d.desired_state,
+                    DesiredState::Stopped | DesiredState::Checkpointed
+                ),
                 "{} desired {:?} but absent",
                 d.id,
                 d.desired_state
@@ -374,6 +401,16 @@ fn assert_converged(
                     DesiredState::Running => ObservedState::Running,
                     DesiredState::Paused => ObservedState::Paused,
                     DesiredState::Stopped => unreachable!("a stopped sandbox is terminal"),
+                    DesiredState::Checkpointed => {
+                        // Saved, or never started here (nothing to save): nothing else.
+                        assert!(
+                            matches!(o.state, ObservedState::Checkpointed { .. }),
+                            "{} desired checkpointed but {:?}",
+                            d.id,
+                            o.state
+                        );
+                        continue;
+                    }
                 };
                 assert_eq!(o.state, want, "{}", d.id);
                 assert!(o.revision >= d.revision);

@@ -80,6 +80,7 @@ use super::{
 };
 use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
+pub mod checkpoint;
 pub mod crun;
 mod exec;
 mod files;
@@ -89,7 +90,8 @@ pub mod oci;
 mod resolve;
 mod tarball;
 
-use crun::Crun;
+use checkpoint::{CheckpointRecord, CriuKit};
+use crun::{Crun, ShimMode};
 
 // Kept at their old paths for callers outside this module (`chaos` reads the cgroup mounts).
 pub use super::cgroup::{parse_cgroup_mounts, CgroupLayout, CgroupMount};
@@ -116,6 +118,9 @@ pub struct ContainerConfig {
     pub sandbox_uid: u32,
     pub sandbox_gid: u32,
     pub tmp_size_mib: u64,
+    /// The crun + CRIU that checkpoints sandboxes, or why this node cannot (see `checkpoint`).
+    /// With a kit, every container runs under its crun with piped stdio.
+    pub criu: Result<CriuKit, String>,
 }
 
 impl ContainerConfig {
@@ -127,6 +132,7 @@ impl ContainerConfig {
             sandbox_uid: SANDBOX_UID,
             sandbox_gid: SANDBOX_GID,
             tmp_size_mib: 256,
+            criu: Err("checkpointing is not enabled on this node".to_owned()),
         }
     }
 }
@@ -172,6 +178,9 @@ pub struct ShimRecord {
     /// the cgroups of the sandboxes it re-adopts.
     #[serde(default)]
     cgroup_parent: Option<String>,
+    /// Set while the sandbox is being or has been checkpointed (see `checkpoint`).
+    #[serde(default)]
+    checkpoint: Option<CheckpointRecord>,
 }
 
 impl RecordExtra for ShimRecord {
@@ -238,6 +247,8 @@ pub struct ContainerRuntime {
     init: PathBuf,
     /// Exec slots and exec contexts of the sandboxes (see `io`).
     io: io::IoState,
+    /// The kit this node checkpoints with, or why it cannot.
+    criu: Result<CriuKit, String>,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -258,6 +269,10 @@ impl Supervisor for ContainerRuntime {
             parent.unwrap_or(&self.config.cgroup_parent),
             &container_id(record.id),
         )
+    }
+
+    fn held_state(sb: &Sandbox) -> Option<ObservedState> {
+        checkpoint::held_state(sb)
     }
 
     fn readopt(&self, sb: &Arc<Sandbox>) {
@@ -338,10 +353,15 @@ impl ContainerRuntime {
                 ),
             ));
         }
-        let crun = Crun::new(&config.crun, config.data_dir.join("crun"), &layout)?;
+        let crun = match &config.criu {
+            Ok(kit) => Crun::new(&kit.crun, config.data_dir.join("crun"), &layout)?
+                .with_path_first(&kit.bin_dir),
+            Err(_) => Crun::new(&config.crun, config.data_dir.join("crun"), &layout)?,
+        };
         let init = init::install(&config.data_dir)?;
         Ok(Self {
             init,
+            criu: config.criu.clone(),
             io: io::IoState::default(),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
@@ -349,6 +369,16 @@ impl ContainerRuntime {
             layout,
             crun,
         })
+    }
+
+    /// The uid and gid a sandbox runs as: the node's sandbox user, or 0 for `user = "root"`
+    /// (no capabilities and no_new_privs either way).
+    fn user_of(&self, spec: &super::SandboxSpec) -> (u32, u32) {
+        if spec.user == "root" {
+            (0, 0)
+        } else {
+            (self.config.sandbox_uid, self.config.sandbox_gid)
+        }
     }
 
     pub fn layout(&self) -> &CgroupLayout {
@@ -378,12 +408,9 @@ impl ContainerRuntime {
         // /work is the sandbox user's: writable, and visible from the host in upper/work.
         let work = bundle.join("upper/work");
         std::fs::create_dir_all(&work).map_err(|e| RuntimeError::io(ctx("create /work"), e))?;
-        std::os::unix::fs::chown(
-            &work,
-            Some(self.config.sandbox_uid),
-            Some(self.config.sandbox_gid),
-        )
-        .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
+        let (uid, gid) = self.user_of(&req.spec);
+        std::os::unix::fs::chown(&work, Some(uid), Some(gid))
+            .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
         mount_overlay(&template, &bundle.join("upper"), &bundle.join("ovl-work"), &bundle.join("rootfs"))
             .map_err(|e| RuntimeError::io(ctx("mount the overlay root (is the data dir on a filesystem overlayfs accepts as upper, e.g. ext4 or xfs?)"), e))?;
         let cgroup = SandboxCgroup::new(
@@ -400,8 +427,8 @@ impl ContainerRuntime {
             spec: &req.spec,
             resources: req.resources,
             cgroups_path: &cgroup.crun_path,
-            uid: self.config.sandbox_uid,
-            gid: self.config.sandbox_gid,
+            uid,
+            gid,
             tmp_size_mib: self.config.tmp_size_mib,
             init: &self.init,
         })
@@ -422,6 +449,7 @@ impl ContainerRuntime {
                 shim_pid: 0,
                 shim_start_ticks: 0,
                 cgroup_parent: Some(self.config.cgroup_parent.clone()),
+                checkpoint: None,
             },
         };
         write_json_atomic(&bundle.join("meta.json"), &record)?;
@@ -429,7 +457,14 @@ impl ContainerRuntime {
     }
 
     fn spawn_shim(&self, sb: &Sandbox) -> Result<(), RuntimeError> {
-        let pid = self.crun.spawn_shim(sb.id, &sb.dir, &container_id(sb.id))?;
+        let mode = if self.criu.is_ok() {
+            ShimMode::RunPiped
+        } else {
+            ShimMode::Run
+        };
+        let pid = self
+            .crun
+            .spawn_shim(sb.id, &sb.dir, &container_id(sb.id), mode)?;
         let ticks = process_start_ticks(pid).unwrap_or(0);
         sb.update(|r| r.extra.set_process(pid, ticks))
     }
@@ -532,6 +567,10 @@ impl Runtime for ContainerRuntime {
     async fn stop(&self, id: SandboxId, grace: Duration) -> Result<ExitReport, RuntimeError> {
         let sb = self.get(id)?;
         let state = self.sandboxes.state_of(self, &sb).await?;
+        if matches!(state, ObservedState::Checkpointed { .. }) {
+            self.discard_checkpoint(&sb)?;
+            return self.sandboxes.report(self, &sb).await;
+        }
         if state.is_terminal() {
             return self.sandboxes.report(self, &sb).await;
         }
@@ -654,8 +693,17 @@ impl Runtime for ContainerRuntime {
     async fn wait(&self, id: SandboxId) -> Result<ExitReport, RuntimeError> {
         let sb = self.get(id)?;
         loop {
-            if self.sandboxes.state_of(self, &sb).await?.is_terminal() {
+            let state = self.sandboxes.state_of(self, &sb).await?;
+            if state.is_terminal() {
                 return self.sandboxes.report(self, &sb).await;
+            }
+            if matches!(state, ObservedState::Checkpointed { .. }) {
+                // Nothing runs to wait for; the owner waits again after a restore.
+                return Err(RuntimeError::WrongState {
+                    id,
+                    state,
+                    operation: "wait for",
+                });
             }
             self.wait_shim(&sb).await?;
             // The shim is gone or going: give it a moment to be observably dead.
@@ -682,7 +730,24 @@ impl Runtime for ContainerRuntime {
         self.sandboxes.list(self).await
     }
 
+    async fn checkpoint(&self, id: SandboxId) -> Result<u64, RuntimeError> {
+        self.checkpoint_sandbox(id).await
+    }
+
+    async fn restore(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        self.restore_sandbox(id).await
+    }
+
+    fn checkpoint_support(&self) -> Result<(), String> {
+        ContainerRuntime::checkpoint_support(self)
+    }
+
     async fn remove(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        if let Ok(sb) = self.get(id) {
+            if let ObservedState::Checkpointed { .. } = self.sandboxes.state_of(self, &sb).await? {
+                self.discard_checkpoint(&sb)?;
+            }
+        }
         let sb = self.sandboxes.ended(self, id).await?;
         // crun deletes the container when `crun run` returns; this covers a crun that was killed.
         let _ = self
@@ -712,5 +777,7 @@ impl Runtime for ContainerRuntime {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_checkpoint;
 #[cfg(test)]
 mod tests_io;

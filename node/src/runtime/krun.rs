@@ -447,6 +447,10 @@ impl Runtime for KrunRuntime {
         "krun"
     }
 
+    fn checkpoint_support(&self) -> Result<(), String> {
+        Err("krun microVMs cannot be checkpointed: libkrun has no snapshot API and CRIU cannot dump a KVM process (plain `surge pause` works)".to_owned())
+    }
+
     async fn start(&self, req: StartRequest) -> Result<SandboxHandle, RuntimeError> {
         let dir = self.vms.begin_start(self, req.id)?;
         let record = match self.prepare(&req, &dir) {

@@ -137,6 +137,8 @@ pub enum RuntimeError {
     },
     #[error("{0} is not supported by this runtime")]
     Unsupported(&'static str),
+    #[error("sandbox {id}: cannot checkpoint or restore: {reason}")]
+    Checkpoint { id: SandboxId, reason: String },
 }
 
 impl RuntimeError {
@@ -194,6 +196,27 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every sandbox this runtime holds, including ones started by a previous daemon process
     /// (re-adoption after a restart) and terminal records not yet forgotten. `owned` is `false`.
     fn list(&self) -> impl Future<Output = Result<Vec<ObservedSandbox>, RuntimeError>> + Send;
+
+    /// Checkpoint the sandbox to the node's disk and stop it (CRIU); returns the image's size
+    /// in bytes. On failure the sandbox keeps running.
+    fn checkpoint(&self, id: SandboxId) -> impl Future<Output = Result<u64, RuntimeError>> + Send {
+        let reason = self.checkpoint_support().err().unwrap_or_default();
+        std::future::ready(Err(RuntimeError::Checkpoint { id, reason }))
+    }
+
+    /// Restore a checkpointed sandbox on this node; it runs again from where it was.
+    fn restore(&self, id: SandboxId) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let reason = self.checkpoint_support().err().unwrap_or_default();
+        std::future::ready(Err(RuntimeError::Checkpoint { id, reason }))
+    }
+
+    /// `Ok` when this node can checkpoint its sandboxes, else why not, in one line.
+    fn checkpoint_support(&self) -> Result<(), String> {
+        Err(format!(
+            "the {} runtime cannot checkpoint sandboxes",
+            self.name()
+        ))
+    }
 
     /// Release everything of a terminal sandbox (the reconciler's `Forget`).
     fn remove(&self, id: SandboxId) -> impl Future<Output = Result<(), RuntimeError>> + Send;

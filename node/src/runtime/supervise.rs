@@ -85,6 +85,12 @@ pub trait Supervisor: Send + Sync + Sized + 'static {
 
     fn cgroup(&self, record: &Record<Self::Extra>) -> Self::Cgroup;
 
+    /// A state the runtime decides before liveness does (a checkpointed sandbox has no process
+    /// and has not ended); `None` for the usual rules.
+    fn held_state(_sb: &Supervised<Self>) -> Option<ObservedState> {
+        None
+    }
+
     /// A live sandbox found on disk by a new daemon process: resume watching it.
     fn readopt(&self, sb: &Arc<Supervised<Self>>);
 
@@ -247,6 +253,9 @@ impl<S: Supervisor> Sandboxes<S> {
         if let Some(f) = lock(&sb.ended).clone() {
             return Ok(f.state);
         }
+        if let Some(state) = S::held_state(sb) {
+            return Ok(state);
+        }
         if sb.alive() {
             return Ok(match (S::started_pid(sb), sb.record().paused) {
                 (None, _) => ObservedState::Starting,
@@ -255,6 +264,14 @@ impl<S: Supervisor> Sandboxes<S> {
             });
         }
         Ok(self.finalize(sup, sb).await?.state)
+    }
+
+    /// Fix how a sandbox ended without asking the verdict (a checkpointed sandbox stopped).
+    pub fn settle(&self, sb: &Supervised<S>, f: Final) -> Result<(), RuntimeError> {
+        write_json_atomic(&sb.file("final.json"), &f)?;
+        unmount(&sb.file("rootfs"));
+        *lock(&sb.ended) = Some(f);
+        Ok(())
     }
 
     pub async fn report(&self, sup: &S, sb: &Supervised<S>) -> Result<ExitReport, RuntimeError> {

@@ -28,6 +28,7 @@ fn spec(count: u32) -> JobSpec {
         restart: RestartPolicy::Never,
         labels: Default::default(),
         lifetime: Default::default(),
+        user: String::new(),
     }
 }
 

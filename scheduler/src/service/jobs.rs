@@ -201,6 +201,21 @@ impl JobsService {
             "" => None,
             "pause" => Some(true),
             "resume" => Some(false),
+            "checkpoint" => {
+                if req.cpu_millis != 0 || req.memory_mib != 0 {
+                    return Err(JobApiError::Invalid(
+                        "checkpoint takes no new resources".into(),
+                    ));
+                }
+                let command = Command::Checkpoint {
+                    job_id: req.job_id,
+                    first: req.first_index,
+                    count,
+                    at_ms: now_ms(),
+                };
+                self.batcher.propose(command).await?;
+                return self.get(caller, req.job_id).await;
+            }
             "stop" => {
                 if req.cpu_millis != 0 || req.memory_mib != 0 {
                     return Err(JobApiError::Invalid(
@@ -218,7 +233,7 @@ impl JobsService {
             }
             other => {
                 return Err(JobApiError::Invalid(format!(
-                    "action: unknown {other:?}; use pause, resume or stop"
+                    "action: unknown {other:?}; use pause, resume, checkpoint or stop"
                 )))
             }
         };
@@ -260,6 +275,30 @@ impl JobsService {
             resources,
         };
         self.batcher.propose(command).await?;
+        if let Some(paused) = paused.filter(|_| resources.is_none()) {
+            // Checkpointed sandboxes among them are restored on their nodes (`state::checkpoint`).
+            let end = u64::from(req.first_index) + u64::from(count);
+            let checkpointed = self.replica.read(|s, _| {
+                s.jobs.get(&req.job_id).is_some_and(|j| {
+                    j.runs.iter().any(|(f, r)| {
+                        r.state == crate::runs::SandboxState::Checkpointed
+                            && u64::from(f) < end
+                            && u64::from(f) + u64::from(r.count) > u64::from(req.first_index)
+                    })
+                })
+            });
+            if checkpointed {
+                self.batcher
+                    .propose(Command::Restore {
+                        job_id: req.job_id,
+                        first: req.first_index,
+                        count,
+                        paused,
+                        at_ms: now_ms(),
+                    })
+                    .await?;
+            }
+        }
         self.get(caller, req.job_id).await
     }
 

@@ -111,9 +111,10 @@ fn state_of(s: &str) -> Result<SandboxState, Status> {
         | SandboxState::Failed
         | SandboxState::OomKilled
         | SandboxState::Lost
-        | SandboxState::Stopped)) => Ok(st),
+        | SandboxState::Stopped
+        | SandboxState::Checkpointed)) => Ok(st),
         _ => Err(Status::invalid_argument(format!(
-            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed, lost or stopped"
+            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed, lost, stopped or checkpointed"
         ))),
     }
 }
@@ -304,10 +305,17 @@ impl NodeApi for NodesService {
             let state = state_of(&u.state)?;
             let exit_code = if u.start_failed {
                 crate::runs::EXIT_NOT_RUN
+            } else if state == SandboxState::Checkpointed {
+                crate::command::image_kib_code(u.image_bytes)
             } else {
                 u.exit_code
             };
-            if state.is_terminal() && (!u.log_tail.is_empty() || !u.message.is_empty()) {
+            // A live sandbox's message is a note (its checkpoint failed), kept on the run.
+            let live_note = !state.is_terminal()
+                && state != SandboxState::Checkpointed
+                && !u.message.is_empty();
+            if live_note || state.is_terminal() && (!u.log_tail.is_empty() || !u.message.is_empty())
+            {
                 outcomes.push(OutcomeReport {
                     node: req.node_id.clone(),
                     job: u.job_id,
@@ -335,9 +343,9 @@ impl NodeApi for NodesService {
         if !outcomes.is_empty() {
             self.replica.read(|s, _| {
                 outcomes.retain(|o| {
-                    s.jobs
-                        .get(&o.job)
-                        .is_some_and(|j| j.outcomes.would_keep(o.index, o.state))
+                    s.jobs.get(&o.job).is_some_and(|j| {
+                        !o.state.is_terminal() || j.outcomes.would_keep(o.index, o.state)
+                    })
                 })
             });
         }

@@ -84,13 +84,13 @@ impl Job {
         }
         let state = if self.cancelled {
             JobState::Cancelled
-        } else if c.pending == 0 && c.active() == 0 {
+        } else if c.pending == 0 && c.active() == 0 && c.checkpointed == 0 {
             if c.failed() == 0 {
                 JobState::Complete
             } else {
                 JobState::Failed
             }
-        } else if c.active() > 0 {
+        } else if c.active() > 0 || c.checkpointed > 0 {
             JobState::Running
         } else {
             JobState::Pending
@@ -110,6 +110,26 @@ impl Job {
 impl ClusterState {
     /// Apply one command at log `index`. Pure: same state, index and command, same result.
     pub fn apply_command(&mut self, index: u64, command: Command) -> Response {
+        // Commands that may free room on a node give waiting restores a chance (`checkpoint`).
+        let frees_room = match &command {
+            Command::ReportStatus { at_ms, .. }
+            | Command::ReportStatusOutcomes { at_ms, .. }
+            | Command::CancelJob { at_ms, .. }
+            | Command::CancelJobs { at_ms, .. }
+            | Command::StopSandboxes { at_ms, .. }
+            | Command::Expire { at_ms, .. }
+            | Command::Restore { at_ms, .. }
+            | Command::Checkpoint { at_ms, .. } => Some(*at_ms),
+            _ => None,
+        };
+        let reply = self.apply_one(index, command);
+        if let Some(at_ms) = frees_room {
+            self.try_restores(index, at_ms);
+        }
+        reply
+    }
+
+    fn apply_one(&mut self, index: u64, command: Command) -> Response {
         match command {
             Command::RegisterNode { node, at_ms } => self.register_node(index, node, at_ms),
             Command::SubmitJob {
@@ -167,6 +187,27 @@ impl ClusterState {
                 selector,
                 at_ms,
             } => self.cancel_jobs(index, tenant.as_deref(), &selector, at_ms),
+            Command::Checkpoint {
+                job_id,
+                first,
+                count,
+                at_ms: _,
+            } => self.checkpoint_sandboxes(index, job_id, first, count),
+            Command::Restore {
+                job_id,
+                first,
+                count,
+                paused,
+                at_ms: _,
+            } => {
+                if let Some(job) = self.jobs.get(&job_id) {
+                    if let Some(refused) = out_of_range(job, first, count) {
+                        return refused;
+                    }
+                }
+                self.request_restores(index, job_id, first, count, paused);
+                Response::Done
+            }
         }
     }
 
@@ -539,7 +580,7 @@ impl ClusterState {
         job.runs.update(first, count, |run| match run.state {
             // Nothing runs yet: stopped at once. A placed sandbox may be starting on its node;
             // it is no longer assigned there, so the node stops it as foreign.
-            SandboxState::Pending | SandboxState::Placed => {
+            SandboxState::Pending | SandboxState::Placed | SandboxState::Checkpointed => {
                 if let Some(n) = &run.node {
                     nodes.insert(n.clone());
                 }

@@ -14,8 +14,11 @@ use crate::command::{Command, Rejection, Response};
 use crate::model::{Job, JobId, Node, Resources};
 
 mod apply;
+mod checkpoint;
 mod lifetime;
 pub use lifetime::{expiries, tracks_idle};
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod lifetime_tests;
 mod query;
@@ -44,6 +47,10 @@ pub struct ClusterState {
     /// job (see `lifetime`).
     #[serde(default)]
     pub lifetimes: std::collections::BTreeSet<JobId>,
+    /// Jobs with a checkpointed sandbox waiting to be restored (room on its node): the only
+    /// jobs `try_restores` looks at (see `checkpoint`).
+    #[serde(default)]
+    pub restores: std::collections::BTreeSet<JobId>,
 }
 
 /// What a node holds: reservations and sandbox count of its active (placed, running, paused)
@@ -64,6 +71,8 @@ pub struct Assignment {
     pub paused: bool,
     /// The user asked for it to stop (`surge stop`).
     pub stop: bool,
+    /// Checkpoint it to disk (or keep its checkpoint: it is saved and not to be restored yet).
+    pub checkpoint: bool,
     pub resources: Resources,
 }
 

@@ -160,7 +160,9 @@ impl ClusterState {
                 continue;
             }
             for (first, run) in job.runs.iter() {
-                let Some(node) = run.node.as_deref().filter(|_| run.state.is_active()) else {
+                // A checkpointed sandbox stays in its node's desired set: the node keeps its image.
+                let held = run.state.is_active() || run.state == SandboxState::Checkpointed;
+                let Some(node) = run.node.as_deref().filter(|_| held) else {
                     continue;
                 };
                 if only.is_some_and(|o| o != node) {
@@ -174,6 +176,7 @@ impl ClusterState {
                         revision: run.revision,
                         paused: run.paused,
                         stop: run.stop,
+                        checkpoint: run.checkpoint,
                         resources: run.resources,
                     };
                     f(node, a);

@@ -11,7 +11,7 @@ impl ClusterState {
     /// Keep what nodes said about how sandboxes ended, for the current run of each only (a
     /// stale node's words about a sandbox it no longer holds are dropped like its status).
     /// Runs before the status ranges are applied, while the runs are still active.
-    fn record_outcomes(&mut self, outcomes: Vec<OutcomeReport>, at_ms: u64) {
+    fn record_outcomes(&mut self, index: u64, outcomes: Vec<OutcomeReport>, at_ms: u64) {
         for o in outcomes {
             let Some(job) = self.jobs.get_mut(&o.job) else {
                 continue;
@@ -19,6 +19,30 @@ impl ClusterState {
             let Some((_, run)) = job.runs.get(o.index) else {
                 continue;
             };
+            let live_note = run.generation == o.generation
+                && run.node.as_deref() == Some(o.node.as_str())
+                && matches!(run.state, SandboxState::Running | SandboxState::Paused)
+                && matches!(o.state, SandboxState::Running | SandboxState::Paused);
+            if live_note {
+                // A node's word about a live sandbox: its checkpoint failed and it runs on.
+                let first = o.index;
+                let node = o.node.clone();
+                let mut changed = false;
+                job.runs.update(first, 1, |run| {
+                    if run.checkpoint {
+                        run.checkpoint = false;
+                        run.note = o.message.clone();
+                        run.revision = index;
+                        changed = true;
+                    }
+                });
+                if changed {
+                    if let Some(n) = self.nodes.get_mut(&node) {
+                        n.revision = index;
+                    }
+                }
+                continue;
+            }
             let current = run.generation == o.generation
                 && run.node.as_deref() == Some(o.node.as_str())
                 && run.state.is_active()
@@ -65,7 +89,7 @@ impl ClusterState {
                 outcomes.len()
             )));
         }
-        self.record_outcomes(outcomes, at_ms);
+        self.record_outcomes(index, outcomes, at_ms);
         let mut applied = 0u64;
         let mut ignored = 0u64;
         let mut touched = std::collections::BTreeSet::new();
@@ -151,7 +175,17 @@ impl ClusterState {
                         run.exit_code = r.exit_code;
                         node_changed = true;
                     }
-                    SandboxState::Pending | SandboxState::Placed | SandboxState::Cancelled => {
+                    SandboxState::Checkpointed if run.checkpoint => {
+                        // `exit_code` carries the image's size in KiB (`image_kib_code`).
+                        run.state = SandboxState::Checkpointed;
+                        run.image_bytes = u64::try_from(r.exit_code).unwrap_or(0) * 1024;
+                        run.note.clear();
+                        node_changed = true;
+                    }
+                    SandboxState::Pending
+                    | SandboxState::Placed
+                    | SandboxState::Cancelled
+                    | SandboxState::Checkpointed => {
                         applied -= u64::from(run.count);
                         ignored += u64::from(run.count);
                     }

@@ -26,6 +26,7 @@ pub(crate) fn spec(count: u32, tenant: &str) -> JobSpec {
         restart: RestartPolicy::Never,
         labels: Default::default(),
         lifetime: Default::default(),
+        user: String::new(),
     }
 }
 
@@ -172,7 +173,7 @@ fn plan_for(s: &ClusterState, index: u64) -> Plan {
     placement::place(&s.placement_input(index, PlacementParams::default()))
 }
 
-fn apply(s: &mut ClusterState, index: u64, c: Command) -> Response {
+pub(super) fn apply(s: &mut ClusterState, index: u64, c: Command) -> Response {
     s.apply_command(index, c)
 }
 
@@ -687,7 +688,7 @@ fn gang_losing_a_node_is_requeued_whole() {
     assert!(s.assignments_of("b").is_empty());
 }
 
-fn placed_on_a(s: &mut ClusterState, count: u32) -> JobId {
+pub(super) fn placed_on_a(s: &mut ClusterState, count: u32) -> JobId {
     apply(
         s,
         1,
@@ -718,7 +719,7 @@ fn placed_on_a(s: &mut ClusterState, count: u32) -> JobId {
     2
 }
 
-fn range(first: u32, count: u32, state: SandboxState, exit_code: i32) -> StatusRange {
+pub(super) fn range(first: u32, count: u32, state: SandboxState, exit_code: i32) -> StatusRange {
     StatusRange {
         node: "a".into(),
         job: 2,

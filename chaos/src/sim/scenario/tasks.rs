@@ -286,6 +286,7 @@ pub(super) async fn client(sim: Arc<Sim>, c: u32) {
                 constraints: vec![],
                 labels: Default::default(),
                 lifetime: Default::default(),
+                user: String::new(),
                 restart: if r.chance(250) {
                     RestartPolicy::OnFailure { max_restarts: 2 }
                 } else {
@@ -450,6 +451,7 @@ mod tests {
             env: Default::default(),
             generation: 1,
             revision: 1,
+            user: String::new(),
         };
         let wanted = assignments(1, vec![sandbox]);
 

@@ -22,12 +22,36 @@ pub const CRUN_COMMAND_TIMEOUT_MS: u64 = 10_000;
 /// runs, or why it could not be executed: a start failure, told apart from an exit.
 const SHIM_SCRIPT: &str = r#""$1" --root "$2" run --preserve-fds 1 --bundle "$3" --pid-file "$3/container.pid" "$4" 3>>"$3/init.status"; echo $? > "$3/exit.code""#;
 
+/// The shim of a checkpointable sandbox: the same, with stdin, stdout and stderr as pipes (CRIU
+/// cannot dump a host file's descriptor; see `checkpoint`). `$5` is `run` or `restore`; a
+/// foreground `crun restore` waits for the restored container like `crun run` does.
+const SHIM_SCRIPT_PIPED: &str = r#"b="$3"
+if [ "$5" = restore ]; then
+  set -- "$1" --root "$2" restore --network-lock skip --image-path "$b/checkpoint/image" --work-path "$b/checkpoint/work" --bundle "$b" --pid-file "$b/container.pid" "$4"
+else
+  set -- "$1" --root "$2" run --preserve-fds 1 --bundle "$b" --pid-file "$b/container.pid" "$4"
+fi
+{ { : | "$@" 3>>"$b/init.status"; echo $? > "$b/exit.code"; } 2>&1 1>&4 | cat >>"$b/stderr.log"; } 4>&1 | cat >>"$b/stdout.log""#;
+
+/// How the shim starts the container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShimMode {
+    /// `crun run`, stdio on the log files (Debian's crun: no checkpoints).
+    Run,
+    /// `crun run`, stdio through pipes (a checkpointable sandbox).
+    RunPiped,
+    /// `crun restore` from the sandbox's image, stdio through pipes.
+    Restore,
+}
+
 /// The crun binary, its state directory, and the cgroup view its processes get.
 pub struct Crun {
     binary: PathBuf,
     root: PathBuf,
     /// For crun's private mount namespace on hybrid hosts (prepared before any fork).
     hide_unified: Option<CString>,
+    /// `PATH` for crun's processes: the CRIU kit's `bin/` first (libcriu runs `criu` from PATH).
+    path_env: Option<std::ffi::OsString>,
 }
 
 impl Crun {
@@ -61,7 +85,19 @@ impl Crun {
             binary: binary.to_owned(),
             root,
             hide_unified,
+            path_env: None,
         })
+    }
+
+    /// Put `dir` first on the PATH of crun's processes.
+    pub fn with_path_first(mut self, dir: &Path) -> Self {
+        let mut path = dir.as_os_str().to_owned();
+        path.push(":");
+        path.push(
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        );
+        self.path_env = Some(path);
+        self
     }
 
     pub fn binary(&self) -> &Path {
@@ -77,6 +113,9 @@ impl Crun {
     pub fn command(&self, program: &OsStr, setsid: bool) -> Command {
         let mut cmd = Command::new(program);
         cmd.stdin(Stdio::null()).kill_on_drop(false);
+        if let Some(path) = &self.path_env {
+            cmd.env("PATH", path);
+        }
         let hide = self.hide_unified.clone();
         if hide.is_none() && !setsid {
             return cmd;
@@ -118,6 +157,12 @@ impl Crun {
 
     /// Run `crun --root R <args>` to completion.
     pub async fn run(&self, args: &[&OsStr]) -> Result<String, RuntimeError> {
+        self.run_for(args, Duration::from_millis(CRUN_COMMAND_TIMEOUT_MS))
+            .await
+    }
+
+    /// Run `crun --root R <args>` to completion within `limit`.
+    pub async fn run_for(&self, args: &[&OsStr], limit: Duration) -> Result<String, RuntimeError> {
         let mut cmd = self.command(self.binary.as_os_str(), false);
         cmd.arg("--root")
             .arg(&self.root)
@@ -131,14 +176,13 @@ impl Crun {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        let out =
-            tokio::time::timeout(Duration::from_millis(CRUN_COMMAND_TIMEOUT_MS), cmd.output())
-                .await
-                .map_err(|_| RuntimeError::Timeout {
-                    what: command.clone(),
-                    after_ms: CRUN_COMMAND_TIMEOUT_MS,
-                })?
-                .map_err(|e| RuntimeError::io(format!("run {command}"), e))?;
+        let out = tokio::time::timeout(limit, cmd.output())
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                what: command.clone(),
+                after_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            })?
+            .map_err(|e| RuntimeError::io(format!("run {command}"), e))?;
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
@@ -152,7 +196,13 @@ impl Crun {
     /// Start the shim of a sandbox whose bundle is ready, in its own session (it outlives a
     /// daemon restart). Returns its pid; the child is not awaited: tokio reaps it when it exits,
     /// and the daemon follows it by pidfd.
-    pub fn spawn_shim(&self, id: SandboxId, bundle: &Path, cid: &str) -> Result<u32, RuntimeError> {
+    pub fn spawn_shim(
+        &self,
+        id: SandboxId,
+        bundle: &Path,
+        cid: &str,
+        mode: ShimMode,
+    ) -> Result<u32, RuntimeError> {
         let open = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -161,13 +211,22 @@ impl Crun {
                 .map_err(|e| RuntimeError::io(format!("open {name} of sandbox {id}"), e))
         };
         let mut cmd = self.command(OsStr::new("/bin/sh"), true);
+        let script = match mode {
+            ShimMode::Run => SHIM_SCRIPT,
+            ShimMode::RunPiped | ShimMode::Restore => SHIM_SCRIPT_PIPED,
+        };
         cmd.arg("-c")
-            .arg(SHIM_SCRIPT)
+            .arg(script)
             .arg(format!("surge-shim-{id}"))
             .arg(&self.binary)
             .arg(&self.root)
             .arg(bundle)
             .arg(cid)
+            .arg(if mode == ShimMode::Restore {
+                "restore"
+            } else {
+                "run"
+            })
             .current_dir(bundle)
             .stdout(open("stdout.log")?)
             .stderr(open("stderr.log")?);

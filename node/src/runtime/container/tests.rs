@@ -72,6 +72,7 @@ fn oci_spec_has_isolation_and_limits() {
         env: vec![("A".into(), "b=c".into())],
         cpu_millis: 500,
         memory_mib: 64,
+        user: String::new(),
     };
     let p = OciParams {
         id: SandboxId::new(42, 7),
@@ -185,6 +186,7 @@ pub(super) fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartR
             env: vec![("GREETING".into(), "hi".into())],
             cpu_millis: 500,
             memory_mib,
+            user: String::new(),
         },
         resources: Resources {
             cpu_millis: 500,

@@ -22,7 +22,7 @@ async fn long_lived(rt: &ContainerRuntime, job: u64, index: u32) -> SandboxId {
     SandboxId::new(job, index)
 }
 
-fn spec(argv: &[&str]) -> ExecSpec {
+pub(super) fn spec(argv: &[&str]) -> ExecSpec {
     ExecSpec {
         command: argv.iter().map(|s| (*s).to_owned()).collect(),
         env: BTreeMap::new(),
@@ -32,16 +32,21 @@ fn spec(argv: &[&str]) -> ExecSpec {
     }
 }
 
-struct Ran {
-    status: Result<ExecStatus, IoError>,
-    stdout: String,
+pub(super) struct Ran {
+    pub(super) status: Result<ExecStatus, IoError>,
+    pub(super) stdout: String,
     stderr: String,
     /// Stdout and stderr chunks in the order they came, tagged.
     order: Vec<(char, String)>,
 }
 
 /// Run an exec to its end, sending `stdin` first (then closing it).
-async fn run(rt: &ContainerRuntime, id: SandboxId, spec: ExecSpec, stdin: &[&str]) -> Ran {
+pub(super) async fn run(
+    rt: &ContainerRuntime,
+    id: SandboxId,
+    spec: ExecSpec,
+    stdin: &[&str],
+) -> Ran {
     let (ctl_tx, ctl_rx) = mpsc::channel(16);
     let (out_tx, mut out_rx) = mpsc::channel(16);
     for s in stdin {

@@ -26,6 +26,7 @@ fn spec(command: &[&str], env: &[(&str, &str)]) -> SandboxSpec {
             .collect(),
         cpu_millis: 1000,
         memory_mib: 256,
+        user: String::new(),
     }
 }
 

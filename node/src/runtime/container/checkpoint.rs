@@ -1,0 +1,389 @@
+//! Checkpoint and restore of container sandboxes ("close the lid" for real): CRIU, driven by a
+//! crun built with it (`scripts/setup-criu`, `vendor/crun-criu`).
+//!
+//! ```text
+//! <bundle>/checkpoint/image/   CRIU's image: the process tree, its memory, tmpfs contents
+//!                              (0700 directory, 0600 files: it holds the sandbox's memory)
+//! <bundle>/checkpoint/work/    CRIU's logs of the last dump or restore
+//! ```
+//!
+//! **Why a second crun.** Debian 12's crun 1.8 has no `checkpoint` command and its criu 3.17
+//! fails `criu check` on kernels >= 6.13. A node uses the kit's crun for every container it runs
+//! (the one that created a container must be the one that dumps it), and puts the kit's `bin/`
+//! first on crun's PATH: libcriu starts the `criu` binary from PATH.
+//!
+//! **Stdio must be pipes.** CRIU cannot dump a descriptor of a host file that is not visible in
+//! the container's mounts, so a checkpointable sandbox's shim feeds its stdout and stderr through
+//! pipes into the log files (`cat >> stdout.log`); on restore crun hands its own stdio pipes to
+//! CRIU in their place.
+//!
+//! **The record is the truth.** `checkpoint` in the record is `Pending` while a dump runs and
+//! `Done` once the image is complete. A daemon killed during a dump finds, on restart, either the
+//! container still running (the dump failed or never ended: the partial image is deleted) or a
+//! complete image (CRIU's `stats-dump` is written last): never neither.
+//!
+//! **Same node, same bundle.** CRIU does not save the root filesystem; the overlay stays mounted
+//! while the sandbox is checkpointed, and restore reopens files by path in the same bundle.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::super::RuntimeError;
+
+/// Where `scripts/setup-criu` installs the kit by default.
+pub const KIT_PREFIX_DEFAULT: &str = "/opt/surge-crun-criu";
+/// How long one dump or restore may take (a 1 GiB sandbox writes 1 GiB).
+pub const CHECKPOINT_TIMEOUT_MS: u64 = 300_000;
+/// Bytes of CRIU's log quoted in an error.
+const CRIU_LOG_TAIL_BYTES: usize = 1024;
+
+/// A crun with checkpoint/restore and the directory holding its `criu`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CriuKit {
+    pub crun: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+impl CriuKit {
+    /// The kit under `prefix`, if it works here: its crun says `+CRIU` and its `criu check`
+    /// passes. `Err` says why not, in one line.
+    pub fn probe(prefix: &Path) -> Result<Self, String> {
+        let crun = prefix.join("bin/crun");
+        let criu = prefix.join("sbin/criu");
+        if !crun.is_file() || !criu.is_file() {
+            return Err(format!(
+                "no usable CRIU: {} has no crun + criu (run scripts/setup-criu on this node)",
+                prefix.display()
+            ));
+        }
+        let version = std::process::Command::new(&crun)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("no usable CRIU: cannot run {}: {e}", crun.display()))?;
+        if !String::from_utf8_lossy(&version.stdout).contains("+CRIU") {
+            return Err(format!(
+                "no usable CRIU: {} is built without CRIU",
+                crun.display()
+            ));
+        }
+        let check = std::process::Command::new(&criu)
+            .arg("check")
+            .output()
+            .map_err(|e| format!("no usable CRIU: cannot run {}: {e}", criu.display()))?;
+        if !check.status.success() {
+            let err = String::from_utf8_lossy(&check.stderr);
+            let last = err.lines().last().unwrap_or("").trim();
+            return Err(format!("no usable CRIU: `criu check` fails here: {last}"));
+        }
+        Ok(Self {
+            crun,
+            bin_dir: prefix.join("bin"),
+        })
+    }
+}
+
+/// Where a sandbox stands with respect to checkpointing (kept in `meta.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckpointRecord {
+    /// A dump is under way.
+    Pending,
+    /// The sandbox is stopped; its image (this many bytes) is complete.
+    Done { image_bytes: u64 },
+}
+
+pub fn image_dir(bundle: &Path) -> PathBuf {
+    bundle.join("checkpoint/image")
+}
+
+pub fn work_dir(bundle: &Path) -> PathBuf {
+    bundle.join("checkpoint/work")
+}
+
+/// CRIU writes `stats-dump` at the very end of a successful dump.
+pub fn image_complete(bundle: &Path) -> bool {
+    image_dir(bundle).join("stats-dump").is_file()
+}
+
+/// Fresh, private directories for a dump (a previous image is removed).
+pub fn prepare_dump(bundle: &Path) -> Result<(), RuntimeError> {
+    let top = bundle.join("checkpoint");
+    remove_images(bundle)?;
+    for d in [top.clone(), image_dir(bundle), work_dir(bundle)] {
+        std::fs::create_dir_all(&d)
+            .map_err(|e| RuntimeError::io(format!("create {}", d.display()), e))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| RuntimeError::io(format!("chmod {}", d.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Make every image file 0600 and return the image's size.
+pub fn seal_image(bundle: &Path) -> Result<u64, RuntimeError> {
+    let dir = image_dir(bundle);
+    let mut total = 0u64;
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| RuntimeError::io(format!("stat {}", entry.path().display()), e))?;
+        if meta.is_file() {
+            total = total.saturating_add(meta.len());
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| RuntimeError::io(format!("chmod {}", entry.path().display()), e))?;
+        }
+    }
+    Ok(total)
+}
+
+/// Delete a sandbox's images (after a restore, a failed dump, or when it is forgotten).
+pub fn remove_images(bundle: &Path) -> Result<(), RuntimeError> {
+    let image = image_dir(bundle);
+    match std::fs::remove_dir_all(&image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RuntimeError::io(format!("remove {}", image.display()), e)),
+    }
+}
+
+/// The end of CRIU's log of the last `what` ("dump" or "restore"), for an error message.
+pub fn criu_log_tail(bundle: &Path, what: &str) -> String {
+    let log = work_dir(bundle).join(format!("{what}.log"));
+    let text = super::super::read_tail(&log, CRIU_LOG_TAIL_BYTES).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.contains("Error") || l.contains("rror ("))
+        .unwrap_or_else(|| text.lines().last().unwrap_or(""))
+        .trim()
+        .to_owned()
+}
+
+/// `crun checkpoint` of container `cid`, bounded by [`CHECKPOINT_TIMEOUT_MS`].
+pub async fn dump(crun: &super::Crun, bundle: &Path, cid: &str) -> Result<(), RuntimeError> {
+    let image = image_dir(bundle);
+    let work = work_dir(bundle);
+    let args: [&OsStr; 8] = [
+        OsStr::new("checkpoint"),
+        OsStr::new("--network-lock"),
+        OsStr::new("skip"),
+        OsStr::new("--image-path"),
+        image.as_os_str(),
+        OsStr::new("--work-path"),
+        work.as_os_str(),
+        OsStr::new(cid),
+    ];
+    crun.run_for(&args, Duration::from_millis(CHECKPOINT_TIMEOUT_MS))
+        .await
+        .map(|_| ())
+}
+
+// ---- the runtime's side ----
+
+use super::super::sandbox_dir::{lock, Final};
+use super::super::{ObservedState, SandboxId};
+use super::{container_id, ContainerRuntime, Sandbox};
+use crate::runtime::container::crun::ShimMode;
+
+/// The state a checkpoint decides, if any: `Some(Checkpointed)` for a complete image whose
+/// container is gone (also after a daemon died between the dump and writing `Done`).
+pub(super) fn held_state(sb: &Sandbox) -> Option<ObservedState> {
+    match sb.record().extra.checkpoint? {
+        CheckpointRecord::Done { image_bytes } => Some(ObservedState::Checkpointed { image_bytes }),
+        CheckpointRecord::Pending if !sb.alive() && image_complete(&sb.dir) => {
+            Some(ObservedState::Checkpointed {
+                image_bytes: seal_image(&sb.dir).unwrap_or(0),
+            })
+        }
+        CheckpointRecord::Pending => None,
+    }
+}
+
+fn remove_file(path: &Path) -> Result<(), RuntimeError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RuntimeError::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// Remove what a failed `crun restore` leaves of a sandbox's cgroup (its `.proxy-crun` child
+/// and the cgroup itself, in every hierarchy): left there, the next start of the same id fails
+/// (`write to devices.deny: Invalid argument`, a v1 cgroup with a child).
+fn clear_cgroup_debris(crun_path: &str) {
+    let relative = crun_path.trim_start_matches('/');
+    let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<PathBuf> = mounts.flatten().map(|e| e.path()).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup"));
+    for root in roots {
+        let dir = root.join(relative);
+        let _ = std::fs::remove_dir(dir.join(".proxy-crun"));
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+impl ContainerRuntime {
+    /// Whether this node's sandboxes can be checkpointed, or why not (one line).
+    pub fn checkpoint_support(&self) -> Result<(), String> {
+        match &self.criu {
+            Ok(_) => Ok(()),
+            Err(why) => Err(why.clone()),
+        }
+    }
+
+    pub(super) async fn checkpoint_sandbox(&self, id: SandboxId) -> Result<u64, RuntimeError> {
+        if let Err(why) = &self.criu {
+            return Err(RuntimeError::Checkpoint {
+                id,
+                reason: why.clone(),
+            });
+        }
+        let sb = self.sandboxes.live(self, id, "checkpoint").await?;
+        let cid = container_id(id);
+        if sb.record().paused {
+            // CRIU freezes the tree itself; a cgroup already frozen by `crun pause` is thawed
+            // first so the dump sees the same tree a running sandbox has.
+            self.crun
+                .run(&[OsStr::new("resume"), OsStr::new(&cid)])
+                .await?;
+            sb.update(|r| r.paused = false)?;
+        }
+        prepare_dump(&sb.dir)?;
+        sb.update(|r| r.extra.checkpoint = Some(CheckpointRecord::Pending))?;
+        if let Err(e) = dump(&self.crun, &sb.dir, &cid).await {
+            let criu = criu_log_tail(&sb.dir, "dump");
+            let _ = remove_images(&sb.dir);
+            sb.update(|r| r.extra.checkpoint = None)?;
+            let reason = match e {
+                RuntimeError::Command { stderr, .. } => stderr,
+                other => other.to_string(),
+            };
+            return Err(RuntimeError::Checkpoint {
+                id,
+                reason: format!("{reason}; criu: {criu}"),
+            });
+        }
+        // The container is gone; its shim records an exit status that means nothing here.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(super::CRUN_COMMAND_TIMEOUT_MS),
+            self.wait_shim(&sb),
+        )
+        .await;
+        remove_file(&sb.file("exit.code"))?;
+        remove_file(&sb.file("container.pid"))?;
+        let image_bytes = seal_image(&sb.dir)?;
+        sb.update(|r| r.extra.checkpoint = Some(CheckpointRecord::Done { image_bytes }))?;
+        *lock(&sb.watcher) = None;
+        Ok(image_bytes)
+    }
+
+    pub(super) async fn restore_sandbox(&self, id: SandboxId) -> Result<(), RuntimeError> {
+        let sb = self.sandboxes.get(self, id)?;
+        let state = self.sandboxes.state_of(self, &sb).await?;
+        if !matches!(state, ObservedState::Checkpointed { .. }) {
+            return Err(RuntimeError::WrongState {
+                id,
+                state,
+                operation: "restore",
+            });
+        }
+        let cid = container_id(id);
+        remove_file(&sb.file("exit.code"))?;
+        remove_file(&sb.file("container.pid"))?;
+        // A crun killed half-way may have left its state; restore recreates the container.
+        let _ = self
+            .crun
+            .run(&[
+                OsStr::new("delete"),
+                OsStr::new("--force"),
+                OsStr::new(&cid),
+            ])
+            .await;
+        clear_cgroup_debris(&sb.cgroup.crun_path);
+        sb.update(|r| r.extra.checkpoint = None)?;
+        *lock(&sb.watcher) = None;
+        let pid = self.crun.spawn_shim(id, &sb.dir, &cid, ShimMode::Restore)?;
+        let ticks = super::process_start_ticks(pid).unwrap_or(0);
+        sb.update(|r| super::RecordExtra::set_process(&mut r.extra, pid, ticks))?;
+        match self.sandboxes.await_started(self, &sb).await {
+            Ok(_) => {
+                self.watch_oom(&sb);
+                remove_images(&sb.dir)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self
+                    .crun
+                    .run(&[
+                        OsStr::new("delete"),
+                        OsStr::new("--force"),
+                        OsStr::new(&cid),
+                    ])
+                    .await;
+                clear_cgroup_debris(&sb.cgroup.crun_path);
+                let criu = criu_log_tail(&sb.dir, "restore");
+                Err(RuntimeError::Checkpoint {
+                    id,
+                    reason: format!("restore failed: {e}; criu: {criu}"),
+                })
+            }
+        }
+    }
+
+    /// Stop a checkpointed sandbox: there is no process; its image goes, and it ends.
+    pub(super) fn discard_checkpoint(&self, sb: &Sandbox) -> Result<(), RuntimeError> {
+        remove_images(&sb.dir)?;
+        sb.update(|r| r.extra.checkpoint = None)?;
+        self.sandboxes.settle(
+            sb,
+            Final {
+                state: ObservedState::Exited { code: 0 },
+                code: Some(0),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_sealed_private_and_measured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        prepare_dump(dir.path()).expect("prepare");
+        std::fs::write(image_dir(dir.path()).join("pages-1.img"), vec![7u8; 4096]).expect("w");
+        std::fs::write(image_dir(dir.path()).join("stats-dump"), b"x").expect("w");
+        assert!(image_complete(dir.path()));
+        assert_eq!(seal_image(dir.path()).expect("seal"), 4097);
+        let mode = std::fs::metadata(image_dir(dir.path()).join("pages-1.img"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dmode = std::fs::metadata(image_dir(dir.path()))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(dmode & 0o777, 0o700);
+        remove_images(dir.path()).expect("remove");
+        assert!(!image_complete(dir.path()));
+    }
+
+    #[test]
+    fn a_missing_kit_says_why_in_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = CriuKit::probe(dir.path()).expect_err("empty prefix");
+        assert!(
+            e.contains("no usable CRIU") && e.contains("setup-criu"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+    }
+}
