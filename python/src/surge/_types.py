@@ -124,6 +124,8 @@ class Counts:
     lost: int = 0
     cancelled: int = 0
     stopped: int = 0
+    # Saved to their nodes' disks (`surge pause --checkpoint`), holding no CPU or memory.
+    checkpointed: int = 0
     # Times sandboxes were preempted (they went back to pending).
     preempted: int = 0
 
@@ -140,6 +142,7 @@ class Counts:
             lost=c.lost,
             cancelled=c.cancelled,
             stopped=c.stopped,
+            checkpointed=c.checkpointed,
             preempted=c.preempted,
         )
 
@@ -205,6 +208,8 @@ class SandboxInfo:
     # The last bytes of stdout+stderr once it ended (when the job kept them).
     log_tail: str
     expires_at_ms: int
+    # With state "checkpointed": the size of its image on `node`, where it is pinned.
+    image_bytes: int = 0
 
     @property
     def ended(self) -> bool:
@@ -223,4 +228,5 @@ class SandboxInfo:
             message=s.message,
             log_tail=s.log_tail,
             expires_at_ms=s.expires_at_ms,
+            image_bytes=s.image_bytes,
         )

@@ -350,11 +350,12 @@ class SandboxInfo(_message.Message):
     INFRASTRUCTURE_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     LAST_ACTIVE_AT_MS_FIELD_NUMBER: _builtins.int
+    IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     index: _builtins.int
     state: _builtins.str
     """"pending", "placed", "running", "paused", "succeeded", "failed", "oom-killed", "lost",
-    "cancelled", "stopped"
+    "cancelled", "stopped", "checkpointed"
     """
     node: _builtins.str
     """Where it runs or last ran ("" when never placed)."""
@@ -389,6 +390,8 @@ class SandboxInfo(_message.Message):
     """Its TTL deadline (ms since the epoch, leader's clock; 0: none)."""
     last_active_at_ms: _builtins.int
     """Its last exec or file call as the leader recorded it (0: not tracked)."""
+    image_bytes: _builtins.int
+    """With state "checkpointed": the size of its image on `node` (where it is pinned)."""
     def __init__(
         self,
         *,
@@ -413,10 +416,11 @@ class SandboxInfo(_message.Message):
         infrastructure: _builtins.bool = ...,
         expires_at_ms: _builtins.int = ...,
         last_active_at_ms: _builtins.int = ...,
+        image_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millis", b"cpu_millis", "desired_state", b"desired_state", "end_reason", b"end_reason", "exit_code", b"exit_code", "expires_at_ms", b"expires_at_ms", "finished_at_ms", b"finished_at_ms", "generation", b"generation", "index", b"index", "infrastructure", b"infrastructure", "job_id", b"job_id", "last_active_at_ms", b"last_active_at_ms", "log_kept", b"log_kept", "log_tail", b"log_tail", "memory_mib", b"memory_mib", "message", b"message", "node", b"node", "restarts", b"restarts", "signal", b"signal", "start_failed", b"start_failed", "state", b"state", "submitted_at_ms", b"submitted_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millis", b"cpu_millis", "desired_state", b"desired_state", "end_reason", b"end_reason", "exit_code", b"exit_code", "expires_at_ms", b"expires_at_ms", "finished_at_ms", b"finished_at_ms", "generation", b"generation", "image_bytes", b"image_bytes", "index", b"index", "infrastructure", b"infrastructure", "job_id", b"job_id", "last_active_at_ms", b"last_active_at_ms", "log_kept", b"log_kept", "log_tail", b"log_tail", "memory_mib", b"memory_mib", "message", b"message", "node", b"node", "restarts", b"restarts", "signal", b"signal", "start_failed", b"start_failed", "state", b"state", "submitted_at_ms", b"submitted_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,7 +441,10 @@ class UpdateSandboxesRequest(_message.Message):
     count: _builtins.int
     """0: every sandbox from first_index to the end of the job."""
     action: _builtins.str
-    """"", "pause", "resume" or "stop" (graceful: SIGTERM, a grace period, then SIGKILL)"""
+    """"", "pause", "resume", "stop" (graceful: SIGTERM, a grace period, then SIGKILL) or
+    "checkpoint" (dump to the node's disk and release its CPU and memory; "resume" restores it
+    on the same node)
+    """
     cpu_millis: _builtins.int
     """0: unchanged."""
     memory_mib: _builtins.int
@@ -610,6 +617,7 @@ class JobSpec(_message.Message):
     TTL_MS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     cpu_millis: _builtins.int
     memory_mib: _builtins.int
@@ -628,6 +636,11 @@ class JobSpec(_message.Message):
     """Longest time without an exec or file call."""
     lease_ms: _builtins.int
     """The owner renews (Keepalive) within this long or the job's sandboxes end LEASE_LOST."""
+    user: _builtins.str
+    """"" (the node's sandbox user, uid 1000) or "root": uid 0 in the sandbox, still with no
+    capabilities and no_new_privs. Checkpointing needs it on hosts where root lacks
+    CAP_SYS_RESOURCE (CRIU cannot dump another uid's process there).
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -662,10 +675,11 @@ class JobSpec(_message.Message):
         ttl_ms: _builtins.int = ...,
         idle_timeout_ms: _builtins.int = ...,
         lease_ms: _builtins.int = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "constraints", b"constraints", "count", b"count", "cpu_millis", b"cpu_millis", "env", b"env", "gang", b"gang", "idle_timeout_ms", b"idle_timeout_ms", "labels", b"labels", "lease_ms", b"lease_ms", "memory_mib", b"memory_mib", "name", b"name", "priority", b"priority", "restart", b"restart", "strategy", b"strategy", "template", b"template", "tenant", b"tenant", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "constraints", b"constraints", "count", b"count", "cpu_millis", b"cpu_millis", "env", b"env", "gang", b"gang", "idle_timeout_ms", b"idle_timeout_ms", "labels", b"labels", "lease_ms", b"lease_ms", "memory_mib", b"memory_mib", "name", b"name", "priority", b"priority", "restart", b"restart", "strategy", b"strategy", "template", b"template", "tenant", b"tenant", "ttl_ms", b"ttl_ms", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -850,6 +864,7 @@ class Counts(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
+    CHECKPOINTED_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     placed: _builtins.int
     running: _builtins.int
@@ -862,6 +877,8 @@ class Counts(_message.Message):
     paused: _builtins.int
     oom_killed: _builtins.int
     stopped: _builtins.int
+    checkpointed: _builtins.int
+    """Saved to their nodes' disks (`surge pause --checkpoint`), holding no CPU or memory."""
     def __init__(
         self,
         *,
@@ -876,10 +893,11 @@ class Counts(_message.Message):
         paused: _builtins.int = ...,
         oom_killed: _builtins.int = ...,
         stopped: _builtins.int = ...,
+        checkpointed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "failed", b"failed", "lost", b"lost", "oom_killed", b"oom_killed", "paused", b"paused", "pending", b"pending", "placed", b"placed", "preempted", b"preempted", "running", b"running", "stopped", b"stopped", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "checkpointed", b"checkpointed", "failed", b"failed", "lost", b"lost", "oom_killed", b"oom_killed", "paused", b"paused", "pending", b"pending", "placed", b"placed", "preempted", b"preempted", "running", b"running", "stopped", b"stopped", "succeeded", b"succeeded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
