@@ -83,6 +83,11 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
         let rpc: InstallSnapshotRequest<TypeConfig> = self.decode(req)?;
         reply(&self.node.raft().install_snapshot(rpc).await)
     }
+
+    async fn timeout_now(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let rpc: crate::node::TimeoutNow = self.decode(req)?;
+        reply(&self.node.timeout_now(&rpc).await)
+    }
 }
 
 /// Serves status, membership and the replicas' internal forwarding calls.

@@ -21,8 +21,10 @@ use crate::types::{NodeId, Raft, StateMachine};
 mod membership;
 mod propose;
 mod start;
+mod stop;
 
 pub use start::{ping, SEED_WAIT};
+pub use stop::{accept_timeout_now, handover_target, Refusal, TimeoutNow, VoterView};
 
 /// Longest a proposal may take, forwarding and leader changes included.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -226,6 +228,10 @@ pub struct RaftNode<S: StateMachine> {
     data_dir: PathBuf,
     start: Start,
     gate_open: std::sync::atomic::AtomicBool,
+    /// Set by [`RaftNode::step_aside`]: this replica never stands for election again.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Set while a stopping leader hands over: proposals wait for the next leader.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 /// The id of the cluster a `--bootstrap` list forms: a digest of its sorted `id=address` pairs,

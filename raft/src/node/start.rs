@@ -145,6 +145,8 @@ impl<S: StateMachine> RaftNode<S> {
             data_dir: config.data_dir,
             start,
             gate_open: std::sync::atomic::AtomicBool::new(!pristine),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(publish_metrics(Arc::downgrade(&node)));
         Ok(node)
