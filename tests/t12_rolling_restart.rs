@@ -46,8 +46,8 @@ async fn rolling_restart_changes_leader_once_per_leader_restarted() {
     eprintln!("leaders by term: {leaders:?}");
     for s in &steps {
         eprintln!(
-            "restart of replica {} (leader: {}): new leaders {:?}, exit after {:?}, longest refused write {:?}",
-            s.id, s.was_leader, s.new_leaders, s.stop_took, s.longest_refused
+            "restart of replica {} (leader: {}): new leaders {:?}, terms moved {}, exit after {:?}, longest refused write {:?}",
+            s.id, s.was_leader, s.new_leaders, s.terms_moved, s.stop_took, s.longest_refused
         );
     }
     assert_eq!(steps.len(), 3);
@@ -68,6 +68,24 @@ async fn rolling_restart_changes_leader_once_per_leader_restarted() {
             s.new_leaders,
             s.allowed_changes()
         );
+        // The watch is not blind: a restarted leader has a successor, and it saw it; a
+        // restarted follower leaves the same leader in office.
+        if s.was_leader {
+            assert!(
+                !s.new_leaders.is_empty() && s.leader_after != s.id,
+                "restarting leader {}: leader afterwards {}, new leaders seen {:?}",
+                s.id,
+                s.leader_after,
+                s.new_leaders
+            );
+        }
+        if !s.was_leader {
+            assert_eq!(
+                s.leader_after, s.leader_before,
+                "restarting follower {} changed the leader",
+                s.id
+            );
+        }
         // The leader handed over: its successor is another replica.
         if s.was_leader {
             assert!(

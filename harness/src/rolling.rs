@@ -24,6 +24,8 @@ use crate::cluster::{LocalCluster, StartMode};
 /// How often [`LeaderWatch`] asks the replicas. A leader must last longer than this to be
 /// seen; one that wins an election holds on for at least an election timeout (150 ms).
 pub const WATCH_EVERY: Duration = Duration::from_millis(20);
+/// Longest one status call of the watch may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Refused-write windows a [`WriteLoad`] keeps (the rest are dropped).
 pub const REFUSALS_MAX: usize = 100_000;
 /// Longest a SIGTERMed replica may take to exit before it is killed.
@@ -46,19 +48,28 @@ impl LeaderWatch {
             async move {
                 let creds = client::Credentials::default();
                 while !stop.load(Ordering::Relaxed) {
+                    // All replicas at once, each with a generous timeout: on a loaded host a
+                    // short one would miss leaders and undercount.
+                    let mut polls = tokio::task::JoinSet::new();
                     for addr in &addrs {
-                        let Ok(mut c) = client::connect::cluster(addr, &creds) else {
-                            continue;
-                        };
-                        let call = c.status(StatusRequest {});
-                        if let Ok(Ok(r)) = tokio::time::timeout(WATCH_EVERY * 5, call).await {
-                            let s = r.into_inner();
-                            if s.leader_id != 0 {
-                                seen.lock()
-                                    .expect("leader watch lock")
-                                    .entry(s.term)
-                                    .or_insert((s.leader_id, Instant::now()));
-                            }
+                        let (creds, addr) = (creds.clone(), addr.clone());
+                        polls.spawn(async move {
+                            let mut c = client::connect::cluster(&addr, &creds).ok()?;
+                            let call = c.status(StatusRequest {});
+                            let r = tokio::time::timeout(STATUS_TIMEOUT, call)
+                                .await
+                                .ok()?
+                                .ok()?;
+                            Some((r.into_inner(), Instant::now()))
+                        });
+                    }
+                    while let Some(polled) = polls.join_next().await {
+                        let Ok(Some((s, at))) = polled else { continue };
+                        if s.leader_id != 0 {
+                            seen.lock()
+                                .expect("leader watch lock")
+                                .entry(s.term)
+                                .or_insert((s.leader_id, at));
                         }
                     }
                     tokio::time::sleep(WATCH_EVERY).await;
@@ -231,6 +242,13 @@ pub struct RestartStep {
     pub was_leader: bool,
     /// Leaders that appeared from the SIGTERM until the cluster converged again: `(term, id)`.
     pub new_leaders: Vec<(u64, u64)>,
+    /// The leader before the step.
+    pub leader_before: u64,
+    /// The leader after the step (when the cluster agreed on one again).
+    pub leader_after: u64,
+    /// How far the term moved during the step: elections started, won or not (an upper
+    /// bound of `new_leaders`).
+    pub terms_moved: u64,
     /// SIGTERM to exit.
     pub stop_took: Duration,
     /// Longest refused-write window that ended during the step.
@@ -254,6 +272,11 @@ pub async fn rolling_restart(
     let mut steps = Vec::new();
     for id in cluster.ids() {
         let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+        let term_before = cluster
+            .status(leader)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .term;
         // The watch must have seen the current leader before the step starts.
         tokio::time::sleep(WATCH_EVERY * 3).await;
         let started = Instant::now();
@@ -263,10 +286,19 @@ pub async fn rolling_restart(
         wait_caught_up(cluster, id, Duration::from_secs(60)).await?;
         // Let a late election (the restarted replica standing) show up in this step.
         tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let leader_after = cluster.wait_leader(Duration::from_secs(30)).await?;
+        let term_after = cluster
+            .status(leader_after)
+            .await
+            .map_err(anyhow::Error::msg)?
+            .term;
         let ended = Instant::now();
         steps.push(RestartStep {
             id,
             was_leader: leader == id,
+            leader_before: leader,
+            leader_after,
+            terms_moved: term_after.saturating_sub(term_before),
             new_leaders: watch.leaders_between(started, ended),
             stop_took,
             longest_refused: load.map_or(Duration::ZERO, |l| l.longest_refused_since(started)),

@@ -128,6 +128,8 @@ impl FailoverReport {
                 "steps": self.rolling.iter().map(|s| json!({
                     "replica": s.id,
                     "was_leader": s.was_leader,
+                    "leader_after": s.leader_after,
+                    "terms_moved": s.terms_moved,
                     "new_leaders": s.new_leaders.iter().map(|(t, l)| json!({"term": t, "leader": l})).collect::<Vec<_>>(),
                     "exit_ms": s.stop_took.as_secs_f64() * 1000.0,
                     "longest_refused_ms": s.longest_refused.as_secs_f64() * 1000.0,
@@ -231,12 +233,13 @@ pub async fn run(cfg: FailoverConfig, bin: &Path) -> anyhow::Result<FailoverRepo
         if args.progress {
             for s in &steps {
                 eprintln!(
-                    "rolling restart {}: replica {} ({}) exited after {:.0} ms; new leaders {:?}; longest refused write {:.0} ms",
+                    "rolling restart {}: replica {} ({}) exited after {:.0} ms; new leaders {:?} (terms moved {}); longest refused write {:.0} ms",
                     round + 1,
                     s.id,
                     if s.was_leader { "leader" } else { "follower" },
                     s.stop_took.as_secs_f64() * 1000.0,
                     s.new_leaders,
+                    s.terms_moved,
                     s.longest_refused.as_secs_f64() * 1000.0
                 );
             }
