@@ -21,6 +21,11 @@ async fn rolling_restart_changes_leader_once_per_leader_restarted() {
         .into_iter()
         .map(|id| c.addr(id).expect("addr"))
         .collect();
+    // Node daemons hold gRPC streams open (assignment watches) on every replica, as in
+    // production: a replica's drain then lasts its full grace, long enough to stand for
+    // election in it if nothing stopped it.
+    c.start_sim_nodes("n", 8, &["--sim-duration-ms", "600000"])
+        .expect("start simulated nodes");
     let watch = LeaderWatch::start(addrs.clone());
     let load = WriteLoad::start(addrs, "roll-", 4);
     // Some writes before the first stop, so that the load is on when it starts.

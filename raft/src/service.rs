@@ -68,6 +68,7 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.decode(req)?;
+        self.node.heard_leader();
         reply(&self.node.raft().append_entries(rpc).await)
     }
 

@@ -228,6 +228,12 @@ pub async fn run(cfg: FailoverConfig, bin: &Path) -> anyhow::Result<FailoverRepo
     let kill_longest_refused_ms = load.longest_refused_since(kills_started).as_secs_f64() * 1000.0;
 
     let mut rolling = Vec::new();
+    if args.rolling > 0 {
+        // Node daemons hold gRPC streams open on every replica, as in production: a stopping
+        // replica's drain then lasts its whole grace.
+        cluster.start_sim_nodes("n", 8, &["--sim-duration-ms", "600000"])?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     for round in 0..args.rolling {
         let steps = rolling_restart(&mut cluster, &watch, Some(&load)).await?;
         if args.progress {
