@@ -309,6 +309,23 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// [`Self::stop`] that waits without blocking the runtime's thread.
+    pub async fn stop_async(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
+        let r = self.replica_mut(id)?;
+        if let Some(mut c) = r.child.take() {
+            signal(&c, libc::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            reap(&mut c);
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
         let r = self.replica_mut(id)?;

@@ -23,6 +23,7 @@ pub mod dev_secure;
 pub mod etcd;
 pub mod netns;
 pub mod output;
+pub mod rolling;
 pub mod tracker;
 
 use std::path::PathBuf;

@@ -27,6 +27,11 @@ pub const PEERS_MAX: usize = 1024;
 pub const APPEND_BYTES_MAX: usize = surge_proto::MESSAGE_BYTES_MAX / 2;
 /// Time to establish a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause before the leader tries an unreachable follower again. openraft's default is 500 ms,
+/// longer than a restarted follower waits before it stands (leader lease + election timeout,
+/// from 450 ms): it would stand before its first heartbeat and depose a healthy leader with
+/// its higher term. A retry is one refused connect on a closed port, cheap at this rate.
+pub const UNREACHABLE_RETRY: Duration = Duration::from_millis(100);
 
 /// Lazily connected, reconnecting gRPC channels to other replicas, one per address; over mutual
 /// TLS (this replica's certificate, the cluster CA) when the replica has a `--tls-dir`.
@@ -173,6 +178,10 @@ impl PeerClient {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(UNREACHABLE_RETRY))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -68,6 +68,7 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.decode(req)?;
+        self.node.heard_leader();
         reply(&self.node.raft().append_entries(rpc).await)
     }
 
@@ -82,6 +83,11 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
     ) -> Result<Response<RaftReply>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = self.decode(req)?;
         reply(&self.node.raft().install_snapshot(rpc).await)
+    }
+
+    async fn timeout_now(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let rpc: crate::node::TimeoutNow = self.decode(req)?;
+        reply(&self.node.timeout_now(&rpc).await)
     }
 }
 

@@ -126,8 +126,14 @@ pub async fn run(
     .await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stepping = replica.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Before any server drains: from here on this replica never stands for election (a
+        // draining replica hears no heartbeats, and would win with its current log and then
+        // exit as leader), and a leader hands leadership to its most up-to-date voter.
+        let leader = stepping.step_aside().await;
+        tracing::info!(?leader, "stepped aside; draining");
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

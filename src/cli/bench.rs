@@ -113,9 +113,14 @@ pub struct FailoverArgs {
     /// Leader kills.
     #[arg(long, default_value_t = 5)]
     runs: u64,
-    /// Writers submitting during the kills.
+    /// Writers submitting during the kills and restarts.
     #[arg(long, default_value_t = 4)]
     writers: u64,
+    /// Rolling restarts after the kills: SIGTERM each replica in turn, start it again, wait
+    /// until converged; leader changes and the longest refused write are reported. Off by
+    /// default: with node daemons it adds ~1 min to a debug run.
+    #[arg(long, default_value_t = 0)]
+    rolling: u64,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -196,6 +201,7 @@ async fn run_failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
         runs: args.runs,
         writers: args.writers,
         progress: args.output == Output::Table,
+        rolling: args.rolling,
     };
     let r = failover::run(cfg, bin).await?;
     match args.output {
@@ -218,6 +224,27 @@ async fn run_failover(args: FailoverArgs, bin: &Path) -> anyhow::Result<()> {
                     r.lost.to_string(),
                     r.duplicated.to_string(),
                 ]],
+            );
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+            println!(
+                "phases after the kill (p50): stood {}, elected {}, blank entry committed {}, \
+                 first write accepted {}",
+                f(r.phase_p50(|p| p.stood_ms)),
+                f(r.phase_p50(|p| p.elected_ms)),
+                f(r.phase_p50(|p| p.blank_committed_ms)),
+                f(r.phase_p50(|p| Some(p.first_write_ms)))
+            );
+            let (changes, allowed) = r.rolling_changes();
+            println!(
+                "kills: {} leader changes, longest refused write {:.0} ms",
+                r.kill_leader_changes, r.kill_longest_refused_ms
+            );
+            println!(
+                "rolling restarts: {} replicas restarted ({} leaders), {changes} leader changes \
+                 (goal: at most {allowed}), longest refused write {:.0} ms",
+                r.rolling.len(),
+                r.rolling.iter().filter(|s| s.was_leader).count(),
+                r.rolling_longest_refused_ms()
             );
             let goal = failover::GOAL;
             let (p50, max) = (r.p50_ms / 1000.0, r.max_ms / 1000.0);

@@ -21,8 +21,10 @@ use crate::types::{NodeId, Raft, StateMachine};
 mod membership;
 mod propose;
 mod start;
+mod stop;
 
 pub use start::{ping, SEED_WAIT};
+pub use stop::{accept_timeout_now, handover_target, Refusal, TimeoutNow, VoterView};
 
 /// Longest a proposal may take, forwarding and leader changes included.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -49,6 +51,14 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
 /// 450 ms on a loaded host) before a follower stands against it.
 pub const ELECTION_TIMEOUT_MIN_MS: u64 = 150;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 300;
+
+/// A replica restarting on its data dir holds its elections until it has heard from a leader,
+/// or this long. Without pre-vote (openraft 0.9 has none) a restarted replica that stands before
+/// the leader's first AppendEntries reaches it — a slow process start on a loaded host — deposes
+/// a healthy leader with its higher term even though its log is too short to win: two leader
+/// changes for a follower's restart. If every replica restarts at once, nobody hears a leader
+/// and they all stand after the hold.
+pub const RESTART_ELECTION_HOLD: Duration = Duration::from_secs(2);
 
 /// How a replica takes its place in a cluster at start.
 #[derive(Clone, Debug)]
@@ -226,6 +236,12 @@ pub struct RaftNode<S: StateMachine> {
     data_dir: PathBuf,
     start: Start,
     gate_open: std::sync::atomic::AtomicBool,
+    /// Set by [`RaftNode::step_aside`]: this replica never stands for election again.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Set while a stopping leader hands over: proposals wait for the next leader.
+    handing_over: std::sync::atomic::AtomicBool,
+    /// An AppendEntries arrived since start (see [`RESTART_ELECTION_HOLD`]).
+    heard_leader: std::sync::atomic::AtomicBool,
 }
 
 /// The id of the cluster a `--bootstrap` list forms: a digest of its sorted `id=address` pairs,
@@ -319,6 +335,11 @@ impl<S: StateMachine> RaftNode<S> {
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
         Some((id, addr))
+    }
+
+    /// Called by the transport for every AppendEntries.
+    pub fn heard_leader(&self) {
+        self.heard_leader.store(true, Ordering::Relaxed);
     }
 
     pub fn is_leader(&self) -> bool {

@@ -42,23 +42,34 @@ impl<S: StateMachine> RaftNode<S> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         let mut backoff = Duration::from_millis(10);
         loop {
-            let attempt = match self.raft.client_write(Command(command.clone())).await {
+            // A stopping leader takes no new entries while it hands over: its successor must
+            // hold its whole log to win. The proposal waits and then goes to the successor.
+            let written = if self.is_handing_over() {
+                Err(None)
+            } else {
+                self.raft
+                    .client_write(Command(command.clone()))
+                    .await
+                    .map_err(Some)
+            };
+            let attempt = match written {
+                Err(None) => Err(ClusterError::NoLeader),
                 Ok(resp) => {
                     return Ok(Proposed {
                         index: resp.log_id.index,
                         reply: resp.data.0,
                     })
                 }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Some(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                     match f.leader_node {
                         Some(node) => self.forward(&node.addr, &command, hops).await,
                         None => Err(ClusterError::NoLeader),
                     }
                 }
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Some(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                     Err(ClusterError::Rejected(e.to_string()))
                 }
-                Err(RaftError::Fatal(_)) => return Err(ClusterError::ShuttingDown),
+                Err(Some(RaftError::Fatal(_))) => return Err(ClusterError::ShuttingDown),
             };
             match attempt {
                 Ok(p) => return Ok(p),

@@ -145,8 +145,15 @@ impl<S: StateMachine> RaftNode<S> {
             data_dir: config.data_dir,
             start,
             gate_open: std::sync::atomic::AtomicBool::new(!pristine),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
+            heard_leader: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(publish_metrics(Arc::downgrade(&node)));
+        if !pristine {
+            node.raft.runtime_config().elect(false);
+            tokio::spawn(release_elections(Arc::downgrade(&node)));
+        }
         Ok(node)
     }
 
@@ -342,6 +349,23 @@ pub async fn ping(peers: &Peers, addr: &str) -> Result<surge_proto::cluster::Pin
         Err(_) => Err(PeerError::Timeout(PING_TIMEOUT)),
         Ok(Err(status)) => Err(PeerError::Status(status)),
         Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
+/// Turn a restarted replica's elections back on once it heard a leader, or after
+/// [`super::RESTART_ELECTION_HOLD`] (see there), unless it is stopping by then.
+async fn release_elections<S: StateMachine>(node: std::sync::Weak<RaftNode<S>>) {
+    let until = Instant::now() + super::RESTART_ELECTION_HOLD;
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        if n.heard_leader.load(Ordering::Relaxed) || Instant::now() >= until {
+            if !n.is_stopping() {
+                n.raft.runtime_config().elect(true);
+            }
+            return;
+        }
+        drop(n);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
