@@ -27,6 +27,8 @@ pub struct DevConfig {
     pub real_nodes: u32,
     /// Mutual TLS on every link and tenant tokens ([`crate::dev_secure`]).
     pub secure: bool,
+    /// The real nodes make their sandboxes checkpointable (`surge node --checkpoint`).
+    pub checkpoint: bool,
 }
 
 /// The running cluster.
@@ -118,7 +120,11 @@ impl DevCluster {
             .filter_map(|id| cluster.addr(id).ok())
             .collect::<Vec<_>>()
             .join(",");
-        let real = RealNodes::start(bin, &cfg.root, &servers, real_nodes, &node_args)?;
+        let mut real_args = node_args.clone();
+        if cfg.checkpoint {
+            real_args.push("--checkpoint".to_owned());
+        }
+        let real = RealNodes::start(bin, &cfg.root, &servers, real_nodes, &real_args)?;
         Ok(DevCluster {
             cluster,
             leader,

@@ -50,6 +50,10 @@ pub struct DevArgs {
     /// start `surge dev` this way).
     #[arg(long, value_name = "FILE")]
     info_file: Option<PathBuf>,
+    /// The real nodes make their sandboxes checkpointable (`surge node --checkpoint`; needs the
+    /// CRIU kit of scripts/setup-criu).
+    #[arg(long)]
+    checkpoint: bool,
 }
 
 pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
@@ -74,6 +78,7 @@ pub async fn run(args: DevArgs, bin: PathBuf) -> anyhow::Result<()> {
         sim_nodes: args.sim_nodes,
         real_nodes: args.real_nodes,
         secure: args.secure,
+        checkpoint: args.checkpoint,
     };
     let mut dev = DevCluster::start(&cfg, &bin).await?;
     if let Some(why) = &dev.no_real_nodes {

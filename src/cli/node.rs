@@ -51,6 +51,12 @@ pub struct NodeArgs {
     /// simulated runtime.
     #[arg(long, value_name = "N")]
     simulate: Option<u32>,
+    /// Container runtime: make sandboxes checkpointable (`surge pause --checkpoint`, `surge
+    /// resume`) with the CRIU kit of scripts/setup-criu (at $SURGE_CRIU_PREFIX, default
+    /// /opt/surge-crun-criu). Every sandbox of the node then runs under the kit's crun with
+    /// piped stdio. Off: the node reports that it cannot checkpoint and why.
+    #[arg(long)]
+    checkpoint: bool,
     /// How long a simulated sandbox runs (one whose job has no command runs until stopped).
     #[arg(long, default_value_t = 60_000)]
     sim_duration_ms: u64,
@@ -112,6 +118,7 @@ pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow:
         advertise: args.advertise,
         tls: tls.as_ref().map(surge_security::TlsDir::client_config),
         server_tls: tls.as_ref().map(surge_security::TlsDir::server_config),
+        checkpoint: args.checkpoint,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut daemon = tokio::spawn(run_daemon(cfg, stop_rx));

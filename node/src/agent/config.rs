@@ -258,6 +258,10 @@ pub struct DaemonConfig {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// The same certificate serving the I/O service (replica certificates only may call).
     pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Checkpointing on (`--checkpoint`): the container runtime runs every sandbox under the
+    /// CRIU kit's crun with piped stdio, so that it can be dumped. Off: Debian's crun, and the
+    /// node says checkpointing is off.
+    pub checkpoint: bool,
 }
 
 impl DaemonConfig {

@@ -125,6 +125,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
             let dir = data_dir.clone();
             let node_id = cfg.node_id.clone();
+            let checkpoint = cfg.checkpoint;
             let (runtime, templates) = tokio::task::spawn_blocking(move || {
                 // Checkpointing needs the CRIU kit (scripts/setup-criu); without it the node
                 // runs Debian's crun and says why it cannot checkpoint.
@@ -136,7 +137,15 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                     },
                     std::path::PathBuf::from,
                 );
-                let criu = crate::runtime::container::checkpoint::CriuKit::probe(&prefix);
+                let criu = if checkpoint {
+                    crate::runtime::container::checkpoint::CriuKit::probe(&prefix)
+                } else {
+                    Err(
+                        "checkpointing is off on this node (start it with --checkpoint; it needs \
+                         the CRIU kit of scripts/setup-criu)"
+                            .to_string(),
+                    )
+                };
                 let runtime = ContainerRuntime::new(ContainerConfig {
                     cgroup_parent: format!("/surge/{}", cgroup_component(&node_id)),
                     criu,
