@@ -62,15 +62,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
 
-use super::cgroup::{
-    cpu_quota_us, cpu_shares, oom_kill_counted, register_v1_oom_eventfd, watch_v1_oom, Cgroup,
-    CPU_PERIOD_US, OOM_VERDICT_TIMEOUT_MS,
-};
-use super::sandbox_dir::{lock, mount_overlay, template_dir, unmount, write_json_atomic, Final};
+use super::cgroup::{cpu_quota_us, cpu_shares, Cgroup, CPU_PERIOD_US};
+use super::sandbox_dir::{mount_overlay, template_dir, unmount, write_json_atomic, Final};
 use super::supervise::{
     pidfd_open, process_start_ticks, Record, RecordExtra, Sandboxes, Supervised, Supervisor,
 };
@@ -87,11 +82,15 @@ mod files;
 pub mod init;
 mod io;
 pub mod oci;
+mod oom;
 mod resolve;
+mod shim;
 mod tarball;
 
-use checkpoint::{CheckpointRecord, CriuKit};
+use checkpoint::CriuKit;
 use crun::{Crun, ShimMode};
+pub use shim::{container_id, ShimRecord};
+use shim::{container_pid, exit_code, init_status, InitStatus};
 
 // Kept at their old paths for callers outside this module (`chaos` reads the cgroup mounts).
 pub use super::cgroup::{parse_cgroup_mounts, CgroupLayout, CgroupMount};
@@ -168,71 +167,7 @@ impl SandboxCgroup {
     }
 }
 
-/// The container runtime's fields of a sandbox's record (`meta.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ShimRecord {
-    shim_pid: u32,
-    shim_start_ticks: u64,
-    /// The cgroup parent the sandbox was started under (absent in records of older surge:
-    /// the configured parent then). Kept so a daemon restarted with another parent still finds
-    /// the cgroups of the sandboxes it re-adopts.
-    #[serde(default)]
-    cgroup_parent: Option<String>,
-    /// Set while the sandbox is being or has been checkpointed (see `checkpoint`).
-    #[serde(default)]
-    checkpoint: Option<CheckpointRecord>,
-}
-
-impl RecordExtra for ShimRecord {
-    fn process(&self) -> (u32, u64) {
-        (self.shim_pid, self.shim_start_ticks)
-    }
-    fn set_process(&mut self, pid: u32, start_ticks: u64) {
-        self.shim_pid = pid;
-        self.shim_start_ticks = start_ticks;
-    }
-}
-
 type Sandbox = Supervised<ContainerRuntime>;
-
-/// The container's status as the shim recorded it; `None` until the shim has written it.
-fn exit_code(sb: &Sandbox) -> Option<i32> {
-    let text = std::fs::read_to_string(sb.file("exit.code")).ok()?;
-    // The shim writes "N\n" in one write; without the newline it is still being written.
-    text.strip_suffix('\n')?.trim().parse().ok()
-}
-
-/// What surge-init said about starting the command: `None` while it has said nothing.
-enum InitStatus {
-    Ran,
-    Failed(String),
-}
-
-fn init_status(sb: &Sandbox) -> Option<InitStatus> {
-    match std::fs::read_to_string(sb.file("init.status")) {
-        // Started by a shim that passed no status file (an older surge): it ran.
-        Err(_) => Some(InitStatus::Ran),
-        Ok(t) if t.is_empty() => None,
-        Ok(t) if t.starts_with("ok\n") => Some(InitStatus::Ran),
-        Ok(t) => Some(InitStatus::Failed(
-            t.trim().chars().take(CRUN_ERROR_TAIL_BYTES).collect(),
-        )),
-    }
-}
-
-/// The container's first process, once crun has written its pid file.
-fn container_pid(sb: &Sandbox) -> Option<u32> {
-    std::fs::read_to_string(sb.file("container.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// crun container id of a sandbox.
-pub fn container_id(id: SandboxId) -> String {
-    format!("surge-{}-{}", id.job, id.index)
-}
 
 // ---- the runtime ----
 
@@ -467,49 +402,6 @@ impl ContainerRuntime {
             .spawn_shim(sb.id, &sb.dir, &container_id(sb.id), mode)?;
         let ticks = process_start_ticks(pid).unwrap_or(0);
         sb.update(|r| r.extra.set_process(pid, ticks))
-    }
-
-    /// v1: watch `memory.oom_control` through an eventfd (see the module docs).
-    fn watch_oom(&self, sb: &Arc<Sandbox>) {
-        if sb.cgroup.dirs.v2 {
-            return;
-        }
-        let mut slot = lock(&sb.watcher);
-        if slot.is_some() {
-            return;
-        }
-        match register_v1_oom_eventfd(&sb.cgroup.dirs.memory) {
-            Ok(efd) => {
-                let (tx, rx) = watch::channel(false);
-                *slot = Some(rx);
-                let memcg = sb.cgroup.dirs.memory.clone();
-                let marker = sb.file("oom");
-                let id = sb.id;
-                tokio::spawn(async move {
-                    if let Err(e) = watch_v1_oom(efd, &memcg, &marker).await {
-                        tracing::warn!(sandbox = %id, error = %e, "OOM watcher failed; OOM kills may be reported as exits");
-                    }
-                    let _ = tx.send(true);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %sb.id, error = %e, "cannot watch memory.oom_control")
-            }
-        }
-    }
-
-    /// Whether the kernel OOM-killed something in the sandbox.
-    async fn oom_evidence(&self, sb: &Sandbox) -> bool {
-        if let Some(owned) = &sb.cgroup.owned {
-            return oom_kill_counted(owned, true);
-        }
-        if let Some(mut rx) = sb.watcher() {
-            let settled = rx.wait_for(|done| *done);
-            let _ =
-                tokio::time::timeout(Duration::from_millis(OOM_VERDICT_TIMEOUT_MS + 500), settled)
-                    .await;
-        }
-        sb.file("oom").exists()
     }
 
     /// Wait for the shim to exit (pidfd), without finalizing.
