@@ -177,9 +177,26 @@ pub async fn dump(crun: &super::Crun, bundle: &Path, cid: &str) -> Result<(), Ru
         work.as_os_str(),
         OsStr::new(cid),
     ];
-    crun.run_for(&args, Duration::from_millis(CHECKPOINT_TIMEOUT_MS))
+    match crun
+        .run_for(&args, Duration::from_millis(CHECKPOINT_TIMEOUT_MS))
         .await
-        .map(|_| ())
+    {
+        Ok(_) => Ok(()),
+        // CRIU's dump ended the container, and the shim's foreground `crun run` removed the
+        // container's state before `crun checkpoint` came to remove it: the dump itself is
+        // whole (`stats-dump` is written last), only crun's clean-up lost the race.
+        Err(RuntimeError::Command { stderr, .. })
+            if state_dir_already_removed(&stderr) && image_complete(bundle) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// crun's complaint when the container's state directory was already gone.
+fn state_dir_already_removed(stderr: &str) -> bool {
+    stderr.contains("cannot rm state directory") && stderr.contains("No such file or directory")
 }
 
 // ---- the runtime's side ----
@@ -352,6 +369,19 @@ impl ContainerRuntime {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_lost_race_to_remove_the_state_dir_is_forgiven() {
+        assert!(super::state_dir_already_removed(
+            "cannot rm state directory `/x/crun/surge-92-0`: No such file or directory"
+        ));
+        assert!(!super::state_dir_already_removed(
+            "cannot rm state directory `/x`: Device or resource busy"
+        ));
+        assert!(!super::state_dir_already_removed(
+            "criu failed: type DUMP errno 0"
+        ));
+    }
+
     use super::*;
 
     #[test]
