@@ -197,7 +197,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             job_id,
             first_index: u32_of(&mut r),
             count: u32_of(&mut r),
-            action: ["", "pause", "resume", "stop", "explode"][r.index(5)].into(),
+            action: ["", "pause", "resume", "stop", "checkpoint", "explode"][r.index(6)].into(),
             cpu_millis: if r.chance(500) { u64_of(&mut r) } else { 0 },
             memory_mib: if r.chance(500) { u64_of(&mut r) } else { 0 },
         };

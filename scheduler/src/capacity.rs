@@ -20,19 +20,6 @@ pub const LABELS_MAX: usize = 200;
 /// The label value of the pools or tenants beyond [`LABELS_MAX`].
 pub const OTHER: &str = "_other";
 
-/// Every sandbox state, in display order.
-pub const SANDBOX_STATES: [SandboxState; 10] = [
-    SandboxState::Pending,
-    SandboxState::Placed,
-    SandboxState::Running,
-    SandboxState::Paused,
-    SandboxState::Succeeded,
-    SandboxState::Failed,
-    SandboxState::OomKilled,
-    SandboxState::Lost,
-    SandboxState::Cancelled,
-    SandboxState::Stopped,
-];
 /// Every job state.
 pub const JOB_STATES: [JobState; 5] = [
     JobState::Pending,
@@ -102,7 +89,10 @@ fn bounded<V: Default>(seen: &mut BTreeMap<String, V>, name: &str) -> String {
 /// The numbers of `s`; `used` is a node's used resources by its id (the leader's heartbeats).
 pub fn summarize(s: &ClusterState, used: impl Fn(&str) -> Resources) -> Capacity {
     let mut c = Capacity {
-        sandboxes: SANDBOX_STATES.iter().map(|st| (st.as_str(), 0)).collect(),
+        sandboxes: SandboxState::ALL
+            .iter()
+            .map(|st| (st.as_str(), 0))
+            .collect(),
         jobs: JOB_STATES.iter().map(|st| (st.as_str(), 0)).collect(),
         nodes: NODE_STATES.iter().map(|st| (st.as_str(), 0)).collect(),
         ..Capacity::default()

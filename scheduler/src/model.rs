@@ -403,19 +403,7 @@ mod tests {
 
     #[test]
     fn finished_counts_every_terminal_state_and_failed_only_the_bad_ends() {
-        let states = [
-            SandboxState::Pending,
-            SandboxState::Placed,
-            SandboxState::Running,
-            SandboxState::Paused,
-            SandboxState::Succeeded,
-            SandboxState::Failed,
-            SandboxState::OomKilled,
-            SandboxState::Lost,
-            SandboxState::Cancelled,
-            SandboxState::Stopped,
-            SandboxState::Checkpointed,
-        ];
+        let states = SandboxState::ALL;
         for (i, state) in states.into_iter().enumerate() {
             let mut c = Counts {
                 preempted: 100,

@@ -32,6 +32,21 @@ pub enum SandboxState {
 }
 
 impl SandboxState {
+    /// Every state, in display order.
+    pub const ALL: [SandboxState; 11] = [
+        SandboxState::Pending,
+        SandboxState::Placed,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Succeeded,
+        SandboxState::Failed,
+        SandboxState::OomKilled,
+        SandboxState::Lost,
+        SandboxState::Cancelled,
+        SandboxState::Stopped,
+        SandboxState::Checkpointed,
+    ];
+
     /// Holds resources on its node.
     pub fn is_active(self) -> bool {
         matches!(

@@ -201,32 +201,27 @@ impl JobsService {
             "" => None,
             "pause" => Some(true),
             "resume" => Some(false),
-            "checkpoint" => {
+            action @ ("checkpoint" | "stop") => {
                 if req.cpu_millis != 0 || req.memory_mib != 0 {
-                    return Err(JobApiError::Invalid(
-                        "checkpoint takes no new resources".into(),
-                    ));
+                    return Err(JobApiError::Invalid(format!(
+                        "{action} takes no new resources; {action} and resize are separate requests"
+                    )));
                 }
-                let command = Command::Checkpoint {
-                    job_id: req.job_id,
-                    first: req.first_index,
-                    count,
-                    at_ms: now_ms(),
-                };
-                self.batcher.propose(command).await?;
-                return self.get(caller, req.job_id).await;
-            }
-            "stop" => {
-                if req.cpu_millis != 0 || req.memory_mib != 0 {
-                    return Err(JobApiError::Invalid(
-                        "stop takes no new resources; stop and resize are separate requests".into(),
-                    ));
-                }
-                let command = Command::StopSandboxes {
-                    job_id: req.job_id,
-                    first: req.first_index,
-                    count,
-                    at_ms: now_ms(),
+                let (job_id, first, at_ms) = (req.job_id, req.first_index, now_ms());
+                let command = if action == "stop" {
+                    Command::StopSandboxes {
+                        job_id,
+                        first,
+                        count,
+                        at_ms,
+                    }
+                } else {
+                    Command::Checkpoint {
+                        job_id,
+                        first,
+                        count,
+                        at_ms,
+                    }
                 };
                 self.batcher.propose(command).await?;
                 return self.get(caller, req.job_id).await;

@@ -40,7 +40,7 @@ pub(super) fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
 }
 
 /// `Some(refusal)` when `first..first+count` is empty or not within the job's sandboxes.
-fn out_of_range(job: &Job, first: u32, count: u32) -> Option<Response> {
+pub(super) fn out_of_range(job: &Job, first: u32, count: u32) -> Option<Response> {
     let end = u64::from(first) + u64::from(count);
     (end > u64::from(job.spec.count) || count == 0).then(|| {
         Response::Rejected(Rejection::Invalid(format!(

@@ -58,13 +58,10 @@ impl ClusterState {
         let Some(job) = self.jobs.get(&job_id) else {
             return Response::Rejected(Rejection::NoSuchJob(job_id));
         };
-        let end = u64::from(first) + u64::from(count);
-        if count == 0 || end > u64::from(job.spec.count) {
-            return Response::Rejected(Rejection::Invalid(format!(
-                "job {job_id} has sandboxes 0..{}; {first}..{end} is out of range",
-                job.spec.count
-            )));
+        if let Some(refusal) = super::apply::out_of_range(job, first, count) {
+            return refusal;
         }
+        let end = u64::from(first) + u64::from(count);
         let mut nodes = BTreeSet::new();
         for (f, run) in job.runs.iter() {
             let hi = u64::from(f) + u64::from(run.count);

@@ -60,20 +60,20 @@ impl CriuKit {
                 prefix.display()
             ));
         }
-        let version = std::process::Command::new(&crun)
-            .arg("--version")
-            .output()
-            .map_err(|e| format!("no usable CRIU: cannot run {}: {e}", crun.display()))?;
+        let run = |program: &Path, arg: &str| {
+            std::process::Command::new(program)
+                .arg(arg)
+                .output()
+                .map_err(|e| format!("no usable CRIU: cannot run {}: {e}", program.display()))
+        };
+        let version = run(&crun, "--version")?;
         if !String::from_utf8_lossy(&version.stdout).contains("+CRIU") {
             return Err(format!(
                 "no usable CRIU: {} is built without CRIU",
                 crun.display()
             ));
         }
-        let check = std::process::Command::new(&criu)
-            .arg("check")
-            .output()
-            .map_err(|e| format!("no usable CRIU: cannot run {}: {e}", criu.display()))?;
+        let check = run(&criu, "check")?;
         if !check.status.success() {
             let err = String::from_utf8_lossy(&check.stderr);
             let last = err.lines().last().unwrap_or("").trim();
