@@ -4,7 +4,7 @@
 //! ```text
 //! <bundle>/checkpoint/image/   CRIU's image: the process tree, its memory, tmpfs contents
 //!                              (0700 directory, 0600 files: it holds the sandbox's memory)
-//! <bundle>/checkpoint/work/    CRIU's logs of the last dump or restore
+//! <bundle>/checkpoint/work/    CRIU's logs of the last dump or restore, and its `stats-dump`
 //! ```
 //!
 //! **Why a second crun.** Debian 12's crun 1.8 has no `checkpoint` command and its criu 3.17
@@ -20,7 +20,7 @@
 //! **The record is the truth.** `checkpoint` in the record is `Pending` while a dump runs and
 //! `Done` once the image is complete. A daemon killed during a dump finds, on restart, either the
 //! container still running (the dump failed or never ended: the partial image is deleted) or a
-//! complete image (CRIU's `stats-dump` is written last): never neither.
+//! complete image (CRIU writes `stats-dump`, into the work directory, last): never neither.
 //!
 //! **Same node, same bundle.** CRIU does not save the root filesystem; the overlay stays mounted
 //! while the sandbox is checkpointed, and restore reopens files by path in the same bundle.
@@ -103,9 +103,16 @@ pub fn work_dir(bundle: &Path) -> PathBuf {
     bundle.join("checkpoint/work")
 }
 
-/// CRIU writes `stats-dump` at the very end of a successful dump.
+/// CRIU writes `stats-dump` at the very end of a successful dump, into its work directory
+/// (`-W`), not the image directory.
+fn stats_dump(bundle: &Path) -> PathBuf {
+    work_dir(bundle).join("stats-dump")
+}
+
+/// Whether the last dump finished: its `stats-dump` exists ([`remove_images`] deletes it with
+/// the image, so a previous dump's never counts).
 pub fn image_complete(bundle: &Path) -> bool {
-    image_dir(bundle).join("stats-dump").is_file()
+    stats_dump(bundle).is_file() && image_dir(bundle).is_dir()
 }
 
 /// Fresh, private directories for a dump (a previous image is removed).
@@ -141,8 +148,15 @@ pub fn seal_image(bundle: &Path) -> Result<u64, RuntimeError> {
     Ok(total)
 }
 
-/// Delete a sandbox's images (after a restore, a failed dump, or when it is forgotten).
+/// Delete a sandbox's images and the mark that they are complete (after a restore, a failed
+/// dump, or when it is forgotten). CRIU's logs stay for diagnosis.
 pub fn remove_images(bundle: &Path) -> Result<(), RuntimeError> {
+    let stats = stats_dump(bundle);
+    match std::fs::remove_file(&stats) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(RuntimeError::io(format!("remove {}", stats.display()), e)),
+    }
     let image = image_dir(bundle);
     match std::fs::remove_dir_all(&image) {
         Ok(()) => Ok(()),
@@ -182,21 +196,14 @@ pub async fn dump(crun: &super::Crun, bundle: &Path, cid: &str) -> Result<(), Ru
         .await
     {
         Ok(_) => Ok(()),
-        // CRIU's dump ended the container, and the shim's foreground `crun run` removed the
-        // container's state before `crun checkpoint` came to remove it: the dump itself is
-        // whole (`stats-dump` is written last), only crun's clean-up lost the race.
-        Err(RuntimeError::Command { stderr, .. })
-            if state_dir_already_removed(&stderr) && image_complete(bundle) =>
-        {
-            Ok(())
-        }
+        // CRIU writes `stats-dump` (into the work directory, `-W`) only after a successful dump,
+        // and a successful dump has ended the container's processes. What fails after it is
+        // crun's own clean-up racing the shim's foreground `crun run`, which removes the
+        // container's state when its process exits: seen as "cannot rm state directory" and
+        // "cannot open directory" (No such file or directory). The image is whole either way.
+        Err(RuntimeError::Command { .. }) if image_complete(bundle) => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// crun's complaint when the container's state directory was already gone.
-fn state_dir_already_removed(stderr: &str) -> bool {
-    stderr.contains("cannot rm state directory") && stderr.contains("No such file or directory")
 }
 
 // ---- the runtime's side ----
@@ -369,19 +376,6 @@ impl ContainerRuntime {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn only_a_lost_race_to_remove_the_state_dir_is_forgiven() {
-        assert!(super::state_dir_already_removed(
-            "cannot rm state directory `/x/crun/surge-92-0`: No such file or directory"
-        ));
-        assert!(!super::state_dir_already_removed(
-            "cannot rm state directory `/x`: Device or resource busy"
-        ));
-        assert!(!super::state_dir_already_removed(
-            "criu failed: type DUMP errno 0"
-        ));
-    }
-
     use super::*;
 
     #[test]
@@ -389,9 +383,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         prepare_dump(dir.path()).expect("prepare");
         std::fs::write(image_dir(dir.path()).join("pages-1.img"), vec![7u8; 4096]).expect("w");
-        std::fs::write(image_dir(dir.path()).join("stats-dump"), b"x").expect("w");
+        assert!(!image_complete(dir.path()), "no stats-dump yet");
+        std::fs::write(work_dir(dir.path()).join("stats-dump"), b"x").expect("w");
         assert!(image_complete(dir.path()));
-        assert_eq!(seal_image(dir.path()).expect("seal"), 4097);
+        assert_eq!(seal_image(dir.path()).expect("seal"), 4096);
         let mode = std::fs::metadata(image_dir(dir.path()).join("pages-1.img"))
             .expect("stat")
             .permissions()
@@ -404,6 +399,48 @@ mod tests {
         assert_eq!(dmode & 0o777, 0o700);
         remove_images(dir.path()).expect("remove");
         assert!(!image_complete(dir.path()));
+    }
+
+    /// A stand-in for crun whose `checkpoint` fails the way crun does when the shim's `crun run`
+    /// removed the container's state first; it writes CRIU's `stats-dump` where CRIU does (the
+    /// work directory) only if `whole`.
+    fn racing_crun(dir: &Path, whole: bool) -> super::super::Crun {
+        let script = dir.join("crun");
+        let write = if whole {
+            r#"w=""; prev=""; for a in "$@"; do [ "$prev" = --work-path ] && w="$a"; prev="$a"; done; echo stats > "$w/stats-dump""#
+        } else {
+            ":"
+        };
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --version ] && exit 0\n{write}\necho 'cannot rm state directory `/r/surge-1-0`: No such file or directory' >&2\nexit 1\n"
+            ),
+        )
+        .expect("write script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let layout = crate::runtime::cgroup::CgroupLayout::V2 {
+            root: dir.to_owned(),
+        };
+        super::super::Crun::new(&script, dir.join("root"), &layout).expect("fake crun")
+    }
+
+    #[tokio::test]
+    async fn a_dump_that_lost_only_crun_clean_up_counts_when_criu_finished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bundle");
+        prepare_dump(&bundle).expect("prepare");
+        let crun = racing_crun(dir.path(), true);
+        dump(&crun, &bundle, "surge-1-0").await.expect("whole dump");
+        assert!(image_complete(&bundle));
+
+        prepare_dump(&bundle).expect("prepare again");
+        assert!(!image_complete(&bundle), "a previous dump's mark is gone");
+        let crun = racing_crun(dir.path(), false);
+        let e = dump(&crun, &bundle, "surge-1-0")
+            .await
+            .expect_err("CRIU did not finish");
+        assert!(e.to_string().contains("cannot rm state directory"), "{e}");
     }
 
     #[test]
