@@ -79,6 +79,7 @@ pub mod checkpoint;
 pub mod crun;
 mod exec;
 mod files;
+pub mod fork;
 pub mod init;
 mod io;
 pub mod oci;
@@ -184,6 +185,8 @@ pub struct ContainerRuntime {
     io: io::IoState,
     /// The kit this node checkpoints with, or why it cannot.
     criu: Result<CriuKit, String>,
+    /// One fork image is made at a time (see `fork`).
+    fork_lock: tokio::sync::Mutex<()>,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -297,6 +300,7 @@ impl ContainerRuntime {
         Ok(Self {
             init,
             criu: config.criu.clone(),
+            fork_lock: tokio::sync::Mutex::new(()),
             io: io::IoState::default(),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
@@ -630,6 +634,15 @@ impl Runtime for ContainerRuntime {
         self.restore_sandbox(id).await
     }
 
+    async fn fork(
+        &self,
+        source: SandboxId,
+        key: u64,
+        req: StartRequest,
+    ) -> Result<SandboxHandle, RuntimeError> {
+        self.fork_sandbox(source, key, req).await
+    }
+
     fn checkpoint_support(&self) -> Result<(), String> {
         ContainerRuntime::checkpoint_support(self)
     }
@@ -671,5 +684,7 @@ impl Runtime for ContainerRuntime {
 mod tests;
 #[cfg(test)]
 mod tests_checkpoint;
+#[cfg(test)]
+mod tests_fork;
 #[cfg(test)]
 mod tests_io;

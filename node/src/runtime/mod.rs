@@ -210,6 +210,20 @@ pub trait Runtime: Send + Sync + 'static {
         std::future::ready(Err(RuntimeError::Checkpoint { id, reason }))
     }
 
+    /// Start `req` as a fork of the running sandbox `source`: restored from a checkpoint of it
+    /// (which keeps running), with a copy of its filesystem. The forks of one fork job (`key`)
+    /// share one checkpoint.
+    fn fork(
+        &self,
+        source: SandboxId,
+        key: u64,
+        req: StartRequest,
+    ) -> impl Future<Output = Result<SandboxHandle, RuntimeError>> + Send {
+        let _ = (key, req);
+        let reason = self.checkpoint_support().err().unwrap_or_default();
+        std::future::ready(Err(RuntimeError::Checkpoint { id: source, reason }))
+    }
+
     /// `Ok` when this node can checkpoint its sandboxes, else why not, in one line.
     fn checkpoint_support(&self) -> Result<(), String> {
         Err(format!(

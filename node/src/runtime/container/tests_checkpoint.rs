@@ -13,7 +13,7 @@ use super::tests_io::{run, spec};
 use super::*;
 use crate::testing::{is_root, unavailable};
 
-fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
+pub(super) fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
     if !is_root() {
         unavailable(&format!("{test}: needs root (namespaces, cgroups, CRIU)"));
         return None;
@@ -42,7 +42,7 @@ fn runtime(test: &str) -> Option<(ContainerRuntime, PathBuf)> {
 }
 
 /// The numbers a counter loop printed so far.
-fn printed(data: &Path, id: SandboxId) -> Vec<u64> {
+pub(super) fn printed(data: &Path, id: SandboxId) -> Vec<u64> {
     let log = data
         .join("sandboxes")
         .join(id.to_string())
@@ -54,7 +54,7 @@ fn printed(data: &Path, id: SandboxId) -> Vec<u64> {
         .collect()
 }
 
-async fn until_printed(data: &Path, id: SandboxId, at_least: usize) {
+pub(super) async fn until_printed(data: &Path, id: SandboxId, at_least: usize) {
     for _ in 0..600 {
         if printed(data, id).len() >= at_least {
             return;
@@ -67,7 +67,7 @@ async fn until_printed(data: &Path, id: SandboxId, at_least: usize) {
     );
 }
 
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
+pub(super) const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.05; done";
 
 #[tokio::test]
 async fn a_counter_continues_across_checkpoints_and_exec_works_after() {
