@@ -160,6 +160,18 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Fork a running sandbox (JOB.INDEX): COUNT new sandboxes (a new job, labelled
+    /// surge-fork-of=JOB.INDEX) restored side by side from one checkpoint of it, on its node;
+    /// it keeps running. Each fork has its own copy of the filesystem and its own identity.
+    /// Needs a node started with --checkpoint; as many as fit run, the rest wait there.
+    Fork {
+        sandbox: String,
+        /// Forks to make, 1 to 64.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Stop sandboxes (JOB or JOB.INDEX): SIGTERM, a grace period, then SIGKILL; they end
     /// `stopped`, not `failed`, and are not restarted.
     Stop {
@@ -364,6 +376,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let c = client(&target)?;
             cli::client::update_sandboxes(&c, target.output, &sandbox, "", cpu, memory_mib).await
         }
+        Cmd::Fork {
+            sandbox,
+            count,
+            target,
+        } => cli::client::fork(&client(&target)?, target.output, &sandbox, count).await,
         Cmd::Stop { sandbox, target } => {
             let c = client(&target)?;
             cli::client::update_sandboxes(&c, target.output, &sandbox, "stop", None, None).await

@@ -365,6 +365,23 @@ impl Client {
         .await
     }
 
+    /// `surge fork`: a new job of `req.count` sandboxes restored from one checkpoint of a
+    /// running sandbox, on its node. An idempotency key is made up when none is given, so a
+    /// retry returns the first fork job.
+    pub async fn fork(
+        &self,
+        mut req: pb::ForkSandboxRequest,
+    ) -> Result<pb::SubmitJobReply, ClientError> {
+        if req.idempotency_key.is_empty() {
+            req.idempotency_key = fresh_key();
+        }
+        self.call(Repeat::Safe, |a| {
+            let req = req.clone();
+            async move { Ok(self.jobs_at(&a)?.fork_sandbox(req).await?.into_inner()) }
+        })
+        .await
+    }
+
     /// Cancel every job of the caller's tenant whose labels match `req.labels` (one entry).
     pub async fn cancel_jobs(
         &self,

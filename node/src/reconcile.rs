@@ -105,6 +105,9 @@ pub struct SandboxSpec {
     /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
     #[serde(default)]
     pub user: String,
+    /// A fork (`surge fork`): started by restoring a checkpoint of this sandbox of the node.
+    #[serde(default)]
+    pub fork_of: Option<SandboxId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

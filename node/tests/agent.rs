@@ -247,6 +247,7 @@ fn sandbox(job: u64, index: u32, command: &[&str]) -> pn::Sandbox {
         generation: 1,
         revision: 1,
         user: String::new(),
+        ..Default::default()
     }
 }
 

@@ -153,6 +153,17 @@ pub enum Command {
         paused: bool,
         at_ms: u64,
     },
+    /// `surge fork`: a new job of `count` sandboxes restored side by side from a checkpoint of
+    /// the running sandbox `index` of `job_id`, on its node (see `state::fork`). `tenant`: the
+    /// caller's (`None`: an admin), who must own the source.
+    Fork {
+        job_id: JobId,
+        index: u32,
+        count: u32,
+        tenant: Option<String>,
+        idempotency_key: String,
+        at_ms: u64,
+    },
 }
 
 /// Commands in one [`Command::Batch`], at most.

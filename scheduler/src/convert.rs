@@ -84,6 +84,7 @@ pub fn job_spec_from_pb(spec: pb::JobSpec) -> Result<JobSpec, Invalid> {
             lease_ms: spec.lease_ms,
         },
         user: spec.user,
+        fork_of: None,
     };
     if !matches!(spec.user.as_str(), "" | "root") {
         return Err(invalid(
@@ -395,5 +396,8 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         generation: a.generation,
         revision: a.revision,
         user: spec.user.clone(),
+        fork: spec.fork_of.is_some(),
+        fork_of_job: spec.fork_of.map_or(0, |f| f.job_id),
+        fork_of_index: spec.fork_of.map_or(0, |f| f.index),
     }
 }

@@ -211,6 +211,17 @@ pub struct JobSpec {
     /// "" (the node's sandbox user) or "root" (uid 0, no capabilities, no_new_privs).
     #[serde(default)]
     pub user: String,
+    /// A fork job's origin (`surge fork`, see `state::fork`): its sandboxes are restored from a
+    /// checkpoint of this sandbox, on its node. Never set by a submission.
+    #[serde(default)]
+    pub fork_of: Option<ForkOf>,
+}
+
+/// The sandbox a fork job was forked from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkOf {
+    pub job_id: JobId,
+    pub index: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

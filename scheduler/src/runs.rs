@@ -152,6 +152,10 @@ pub struct Run {
     /// Why the last checkpoint failed, or why a restore waits (empty: nothing to say).
     #[serde(default)]
     pub note: String,
+    /// A fork not yet placed (`state::fork`): it waits, `Checkpointed` with `restore`, for room
+    /// on its source's node, and is in no node's desired set until then.
+    #[serde(default)]
+    pub forking: bool,
 }
 
 impl Run {
@@ -173,6 +177,7 @@ impl Run {
             stop_cause: crate::lifetime::StopCause::User,
             checkpoint: false,
             restore: false,
+            forking: false,
             image_bytes: 0,
             note: String::new(),
         }

@@ -316,6 +316,7 @@ fn seeded_state() -> (ClusterState, u64) {
             labels: Default::default(),
             lifetime: Default::default(),
             user: String::new(),
+            fork_of: None,
         };
         s.apply_command(
             next(),

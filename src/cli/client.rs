@@ -609,6 +609,26 @@ pub async fn update_sandboxes(
     Ok(())
 }
 
+/// `surge fork JOB.INDEX --count N`.
+pub async fn fork(c: &Client, output: Output, sandbox: &str, count: u32) -> anyhow::Result<()> {
+    let (job_id, index) = Sandboxes::parse_one(sandbox)?;
+    let r = c
+        .fork(pb::ForkSandboxRequest {
+            job_id,
+            index,
+            count,
+            idempotency_key: String::new(),
+        })
+        .await?;
+    match output {
+        Output::Json => print_json(
+            &json!({"job_id": r.job_id, "created": r.created, "index": r.index, "fork_of": sandbox}),
+        ),
+        Output::Table => println!("job {}: {count} forks of {job_id}.{index}", r.job_id),
+    }
+    Ok(())
+}
+
 pub async fn drain(c: &Client, output: Output, node: String) -> anyhow::Result<()> {
     let n = c.drain_node(node).await?;
     match output {

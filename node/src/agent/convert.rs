@@ -92,6 +92,9 @@ pub fn desired_from_pb(s: &pn::Sandbox) -> Result<DesiredSandbox, ConvertError> 
             cpu_millis: resources.cpu_millis,
             memory_mib: resources.memory_mib,
             user: s.user.clone(),
+            fork_of: s
+                .fork
+                .then(|| SandboxId::new(s.fork_of_job, s.fork_of_index)),
         },
         resources,
     })
@@ -389,6 +392,7 @@ mod tests {
             generation,
             revision,
             user: String::new(),
+            ..Default::default()
         }
     }
 

@@ -400,7 +400,14 @@ impl<'a, R: Runtime> Owner<'a, R> {
                 let generation = req.generation;
                 let resources = req.resources;
                 let permit = self.ctx.start_permits.clone().acquire_owned().await;
-                let started = timed(START_TIMEOUT_MS, "start", rt.start(req.clone())).await;
+                // A fork restores a checkpoint of its source (the forks of one job share it).
+                let started = match req.spec.fork_of {
+                    Some(source) => {
+                        let fork = rt.fork(source, id.job, req.clone());
+                        timed(START_TIMEOUT_MS, "fork", fork).await
+                    }
+                    None => timed(START_TIMEOUT_MS, "start", rt.start(req.clone())).await,
+                };
                 drop(permit);
                 match started {
                     Ok(_) => {

@@ -12,6 +12,7 @@ fn spec() -> SandboxSpec {
         cpu_millis: 500,
         memory_mib: 256,
         user: String::new(),
+        fork_of: None,
     }
 }
 

@@ -29,6 +29,7 @@ fn spec(count: u32) -> JobSpec {
         labels: Default::default(),
         lifetime: Default::default(),
         user: String::new(),
+        fork_of: None,
     }
 }
 

@@ -95,6 +95,42 @@ impl JobsService {
         }
     }
 
+    /// `surge fork`: the checks and the new job are the state machine's (`state::fork`); the
+    /// caller's tenant travels in the command, which refuses another tenant's source as "no job".
+    pub async fn fork(
+        &self,
+        caller: &Caller,
+        req: pb::ForkSandboxRequest,
+    ) -> Result<pb::SubmitJobReply, JobApiError> {
+        let key = if req.idempotency_key.is_empty() {
+            format!(
+                "auto-fork:{}:{}:{}",
+                self.replica.id(),
+                now_ms(),
+                self.key_seq.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            validate::idempotency_key(&req.idempotency_key).map_err(JobApiError::from)?;
+            req.idempotency_key
+        };
+        let command = Command::Fork {
+            job_id: req.job_id,
+            index: req.index,
+            count: req.count,
+            tenant: caller.tenant().map(str::to_owned),
+            idempotency_key: key,
+            at_ms: now_ms(),
+        };
+        match self.batcher.propose(command).await? {
+            (index, Reply::JobSubmitted { job_id, created }) => Ok(pb::SubmitJobReply {
+                job_id,
+                created,
+                index,
+            }),
+            (_, other) => Err(unexpected(other)),
+        }
+    }
+
     /// Another tenant's job is "no job", exactly as a job that does not exist: a tenant learns
     /// nothing about the others.
     pub async fn get(&self, caller: &Caller, job_id: JobId) -> Result<pb::Job, JobApiError> {
@@ -470,6 +506,14 @@ impl Jobs for JobsService {
         Ok(Response::new(
             self.keepalive(&caller, req.into_inner()).await?,
         ))
+    }
+
+    async fn fork_sandbox(
+        &self,
+        req: Request<pb::ForkSandboxRequest>,
+    ) -> Result<Response<pb::SubmitJobReply>, Status> {
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(self.fork(&caller, req.into_inner()).await?))
     }
 
     async fn wait_job(

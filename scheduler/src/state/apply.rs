@@ -119,6 +119,7 @@ impl ClusterState {
             | Command::StopSandboxes { at_ms, .. }
             | Command::Expire { at_ms, .. }
             | Command::Restore { at_ms, .. }
+            | Command::Fork { at_ms, .. }
             | Command::Checkpoint { at_ms, .. } => Some(*at_ms),
             _ => None,
         };
@@ -132,6 +133,11 @@ impl ClusterState {
     fn apply_one(&mut self, index: u64, command: Command) -> Response {
         match command {
             Command::RegisterNode { node, at_ms } => self.register_node(index, node, at_ms),
+            Command::SubmitJob { ref spec, .. } if spec.fork_of.is_some() => {
+                Response::Rejected(Rejection::Invalid(
+                    "a submission cannot name a fork origin; use `surge fork`".into(),
+                ))
+            }
             Command::SubmitJob {
                 spec,
                 idempotency_key,
@@ -208,6 +214,24 @@ impl ClusterState {
                 self.request_restores(index, job_id, first, count, paused);
                 Response::Done
             }
+            Command::Fork {
+                job_id,
+                index: source_index,
+                count,
+                tenant,
+                idempotency_key,
+                at_ms,
+            } => self.fork_sandbox(
+                index,
+                super::fork::ForkRequest {
+                    job_id,
+                    index: source_index,
+                    count,
+                    tenant,
+                    idempotency_key,
+                },
+                at_ms,
+            ),
         }
     }
 
@@ -268,7 +292,13 @@ impl ClusterState {
         Response::NodeRegistered
     }
 
-    fn submit_job(&mut self, index: u64, spec: JobSpec, key: String, at_ms: u64) -> Response {
+    pub(super) fn submit_job(
+        &mut self,
+        index: u64,
+        spec: JobSpec,
+        key: String,
+        at_ms: u64,
+    ) -> Response {
         if let Err(e) = validate::job_spec(&spec).and_then(|()| validate::idempotency_key(&key)) {
             return Response::Rejected(Rejection::Invalid(e.to_string()));
         }

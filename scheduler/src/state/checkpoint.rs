@@ -17,12 +17,12 @@ use std::collections::BTreeSet;
 
 use crate::command::{Rejection, Response};
 use crate::model::{JobId, NodeState};
-use crate::runs::SandboxState;
+use crate::runs::{Run, SandboxState};
 
 use super::ClusterState;
 
 /// Why a node cannot checkpoint, from what it registered.
-fn cannot_checkpoint(node: &crate::model::Node) -> Option<String> {
+pub(super) fn cannot_checkpoint(node: &crate::model::Node) -> Option<String> {
     if node
         .spec
         .labels
@@ -133,8 +133,9 @@ impl ClusterState {
         }
     }
 
-    /// Restore the waiting checkpointed sandboxes whose nodes have room; end those whose node
-    /// is gone (`node-lost`); the others keep waiting with a reason.
+    /// Restore the waiting checkpointed sandboxes whose nodes have room, as many of each range
+    /// as fit (a range is split: the first ones go, the others wait); end those whose node is
+    /// gone (`node-lost`); the others keep waiting with a reason.
     pub(super) fn try_restores(&mut self, index: u64, at_ms: u64) {
         if self.restores.is_empty() {
             return;
@@ -147,54 +148,73 @@ impl ClusterState {
                 self.restores.remove(&job_id);
                 continue;
             };
-            let total = job.spec.count;
+            let waiting_runs: Vec<(u32, Run)> = job
+                .runs
+                .iter()
+                .filter(|(_, r)| r.state == SandboxState::Checkpointed && r.restore)
+                .map(|(f, r)| (f, r.clone()))
+                .collect();
             let mut waiting = false;
-            let nodes = &self.nodes;
-            job.runs.update(0, total, |run| {
-                if run.state != SandboxState::Checkpointed || !run.restore {
-                    return;
-                }
+            for (first, run) in waiting_runs {
                 let Some(name) = run.node.clone() else {
-                    run.state = SandboxState::Lost;
-                    run.revision = index;
-                    return;
+                    job.runs.update(first, run.count, |r| {
+                        r.state = SandboxState::Lost;
+                        r.revision = index;
+                    });
+                    continue;
                 };
-                let node = nodes.get(&name).filter(|n| n.state != NodeState::Down);
+                let node = self.nodes.get(&name).filter(|n| n.state != NodeState::Down);
                 let Some(node) = node else {
                     // Its image is on a node that is gone: nothing can bring it back.
-                    run.state = SandboxState::Lost;
-                    run.note = format!("node-lost: its checkpoint was on node {name}, which is down or gone");
-                    run.revision = index;
+                    job.runs.update(first, run.count, |r| {
+                        r.state = SandboxState::Lost;
+                        r.note = format!(
+                            "node-lost: its checkpoint was on node {name}, which is down or gone"
+                        );
+                        r.revision = index;
+                    });
                     touched.insert(name);
-                    return;
+                    continue;
                 };
-                let want = run.resources.saturating_mul(u64::from(run.count));
                 let u = usage.entry(name.clone()).or_default();
                 let cap = node.spec.allocatable;
-                let fits = u.allocated.saturating_add(want).fits_in(&cap)
-                    && (node.spec.max_sandboxes == 0
-                        || u.sandboxes.saturating_add(run.count) <= node.spec.max_sandboxes);
-                if fits {
-                    u.allocated = u.allocated.saturating_add(want);
-                    u.sandboxes = u.sandboxes.saturating_add(run.count);
-                    run.state = SandboxState::Placed;
-                    run.checkpoint = false;
-                    run.restore = false;
-                    run.note.clear();
-                    run.revision = index;
-                    touched.insert(name);
-                } else {
+                let free = cap.saturating_sub(u.allocated);
+                let mut fit = free.count_fitting(&run.resources).min(u64::from(run.count));
+                if node.spec.max_sandboxes > 0 {
+                    let slots = node.spec.max_sandboxes.saturating_sub(u.sandboxes);
+                    fit = fit.min(u64::from(slots));
+                }
+                let fit = u32::try_from(fit).expect("at most run.count");
+                if fit > 0 {
+                    u.allocated = u
+                        .allocated
+                        .saturating_add(run.resources.saturating_mul(u64::from(fit)));
+                    u.sandboxes = u.sandboxes.saturating_add(fit);
+                    job.runs.update(first, fit, |r| {
+                        r.state = SandboxState::Placed;
+                        r.checkpoint = false;
+                        r.restore = false;
+                        r.forking = false;
+                        r.note.clear();
+                        r.revision = index;
+                    });
+                    touched.insert(name.clone());
+                }
+                if fit < run.count {
                     let note = format!(
-                        "waiting for room on node {name} (its checkpoint is there): needs {want}, {} free",
+                        "waiting for room on node {name} (its checkpoint is there): needs {} each, {} free",
+                        run.resources,
                         cap.saturating_sub(u.allocated)
                     );
-                    if run.note != note {
-                        run.note = note;
-                        run.revision = index;
-                    }
+                    job.runs.update(first + fit, run.count - fit, |r| {
+                        if r.note != note {
+                            r.note.clone_from(&note);
+                            r.revision = index;
+                        }
+                    });
                     waiting = true;
                 }
-            });
+            }
             job.refresh(index, at_ms);
             if !waiting {
                 self.restores.remove(&job_id);

@@ -15,10 +15,14 @@ use crate::model::{Job, JobId, Node, Resources};
 
 mod apply;
 mod checkpoint;
+mod fork;
+pub use fork::{FORK_COUNT_MAX, FORK_LABEL};
 mod lifetime;
 pub use lifetime::{expiries, tracks_idle};
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod fork_tests;
 #[cfg(test)]
 mod lifetime_tests;
 mod query;

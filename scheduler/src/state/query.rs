@@ -161,7 +161,9 @@ impl ClusterState {
             }
             for (first, run) in job.runs.iter() {
                 // A checkpointed sandbox stays in its node's desired set: the node keeps its image.
-                let held = run.state.is_active() || run.state == SandboxState::Checkpointed;
+                // A fork not yet placed has nothing on its node yet (`fork`).
+                let held = run.state.is_active()
+                    || (run.state == SandboxState::Checkpointed && !run.forking);
                 let Some(node) = run.node.as_deref().filter(|_| held) else {
                     continue;
                 };

@@ -27,6 +27,7 @@ pub(crate) fn spec(count: u32, tenant: &str) -> JobSpec {
         labels: Default::default(),
         lifetime: Default::default(),
         user: String::new(),
+        fork_of: None,
     }
 }
 

@@ -287,6 +287,7 @@ pub(super) async fn client(sim: Arc<Sim>, c: u32) {
                 labels: Default::default(),
                 lifetime: Default::default(),
                 user: String::new(),
+                fork_of: None,
                 restart: if r.chance(250) {
                     RestartPolicy::OnFailure { max_restarts: 2 }
                 } else {
@@ -452,6 +453,9 @@ mod tests {
             generation: 1,
             revision: 1,
             user: String::new(),
+            fork: false,
+            fork_of_job: 0,
+            fork_of_index: 0,
         };
         let wanted = assignments(1, vec![sandbox]);
 

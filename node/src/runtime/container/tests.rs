@@ -73,6 +73,7 @@ fn oci_spec_has_isolation_and_limits() {
         cpu_millis: 500,
         memory_mib: 64,
         user: String::new(),
+        fork_of: None,
     };
     let p = OciParams {
         id: SandboxId::new(42, 7),
@@ -187,6 +188,7 @@ pub(super) fn req(job: u64, index: u32, script: &str, memory_mib: u64) -> StartR
             cpu_millis: 500,
             memory_mib,
             user: String::new(),
+            fork_of: None,
         },
         resources: Resources {
             cpu_millis: 500,

@@ -27,6 +27,7 @@ fn spec(command: &[&str], env: &[(&str, &str)]) -> SandboxSpec {
         cpu_millis: 1000,
         memory_mib: 256,
         user: String::new(),
+        fork_of: None,
     }
 }
 

@@ -1,0 +1,230 @@
+//! Fork in the books: the new job, pinned to the source's node, as many booked as fit, the rest
+//! waiting with a reason; refusals in one line.
+
+use super::tests::{apply, node, placed_on_a, range};
+use super::*;
+use crate::model::{ForkOf, NodeState};
+use crate::runs::SandboxState;
+
+fn can_checkpoint(s: &mut ClusterState, index: u64, id: &str, cpus: u64, yes: bool) {
+    let mut spec = node(id, cpus);
+    spec.runtime = "container".into();
+    spec.labels.insert("checkpoint".into(), yes.to_string());
+    apply(
+        s,
+        index,
+        Command::RegisterNode {
+            node: spec,
+            at_ms: 0,
+        },
+    );
+}
+
+/// Job 2 (tenant "t", 2 sandboxes of 1 CPU + 2 GiB) running on node "a" of `cpus` CPUs.
+fn source(cpus: u64, checkpoint: bool) -> ClusterState {
+    let mut s = ClusterState::default();
+    placed_on_a(&mut s, 2);
+    can_checkpoint(&mut s, 4, "a", cpus, checkpoint);
+    apply(
+        &mut s,
+        5,
+        Command::ReportStatus {
+            reports: vec![range(0, 2, SandboxState::Running, 0)],
+            at_ms: 10,
+        },
+    );
+    s
+}
+
+fn fork(s: &mut ClusterState, index: u64, count: u32, tenant: Option<&str>) -> Response {
+    apply(
+        s,
+        index,
+        Command::Fork {
+            job_id: 2,
+            index: 1,
+            count,
+            tenant: tenant.map(str::to_owned),
+            idempotency_key: format!("fork-{index}"),
+            at_ms: 100,
+        },
+    )
+}
+
+fn refusal(r: Response) -> String {
+    match r {
+        Response::Rejected(why) => why.to_string(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_fork_is_a_new_job_pinned_to_the_source_node_and_booked_as_far_as_it_fits() {
+    // 10 CPUs: the source job holds 2; 8 forks of 1 CPU fit, not 9.
+    let mut s = source(10, true);
+    let Response::JobSubmitted {
+        job_id,
+        created: true,
+    } = fork(&mut s, 6, 3, Some("t"))
+    else {
+        panic!("fork refused");
+    };
+    let job = &s.jobs[&job_id];
+    assert_eq!(job.spec.count, 3);
+    assert_eq!(
+        job.spec.fork_of,
+        Some(ForkOf {
+            job_id: 2,
+            index: 1
+        })
+    );
+    assert_eq!(job.spec.labels[FORK_LABEL], "2.1");
+    assert_eq!(job.spec.tenant, "t");
+    assert_eq!(job.spec.template, s.jobs[&2].spec.template);
+    for i in 0..3 {
+        let (_, run) = job.runs.get(i).expect("run");
+        assert_eq!(run.state, SandboxState::Placed);
+        assert_eq!(run.node.as_deref(), Some("a"));
+        assert!(!run.forking);
+    }
+    // Booked, and in the node's desired set as running sandboxes.
+    assert_eq!(s.node_usage()["a"].allocated, Resources::new(5000, 10240));
+    let on_a = s.assignments_of("a");
+    assert_eq!(
+        on_a.iter()
+            .filter(|a| a.job == job_id && !a.checkpoint && !a.stop)
+            .count(),
+        3
+    );
+
+    // Seven more: five fit (10 CPUs), two wait on node "a" with a reason, in no desired set.
+    let Response::JobSubmitted { job_id: more, .. } = fork(&mut s, 7, 7, None) else {
+        panic!("fork refused");
+    };
+    let job = &s.jobs[&more];
+    let states: Vec<SandboxState> = (0..7)
+        .map(|i| job.runs.get(i).expect("run").1.state)
+        .collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|x| **x == SandboxState::Placed)
+            .count(),
+        7 - 2
+    );
+    let (_, waiting) = job.runs.get(6).expect("run");
+    assert_eq!(waiting.state, SandboxState::Checkpointed);
+    assert!(waiting.forking);
+    assert!(
+        waiting.note.contains("waiting for room on node a"),
+        "{}",
+        waiting.note
+    );
+    assert_eq!(
+        s.assignments_of("a")
+            .iter()
+            .filter(|a| a.job == more)
+            .count(),
+        5,
+        "a waiting fork is in no node's desired set"
+    );
+    assert!(s.overcommitted().is_none());
+
+    // The first fork job ends: the waiting two are booked in the same entry.
+    apply(&mut s, 8, Command::CancelJob { job_id, at_ms: 200 });
+    let job = &s.jobs[&more];
+    for i in 0..7 {
+        assert_eq!(
+            job.runs.get(i).expect("run").1.state,
+            SandboxState::Placed,
+            "fork {i}"
+        );
+    }
+    assert!(s.overcommitted().is_none());
+}
+
+#[test]
+fn a_fork_waiting_for_room_ends_node_lost_when_its_node_goes() {
+    let mut s = source(3, true);
+    let Response::JobSubmitted { job_id, .. } = fork(&mut s, 6, 2, Some("t")) else {
+        panic!("fork refused");
+    };
+    assert_eq!(
+        s.jobs[&job_id].runs.get(1).expect("run").1.state,
+        SandboxState::Checkpointed
+    );
+    apply(
+        &mut s,
+        7,
+        Command::SetNodeState {
+            node: "a".into(),
+            state: NodeState::Down,
+            at_ms: 300,
+        },
+    );
+    apply(
+        &mut s,
+        8,
+        Command::ReportStatus {
+            reports: vec![],
+            at_ms: 310,
+        },
+    );
+    let (_, run) = s.jobs[&job_id].runs.get(1).expect("run");
+    assert_eq!(run.state, SandboxState::Lost);
+    assert_eq!(
+        crate::lifetime::end_reason(run),
+        Some(crate::lifetime::EndReason::NodeLost)
+    );
+}
+
+#[test]
+fn forks_are_refused_with_one_line_each() {
+    let mut s = source(10, true);
+    assert!(refusal(fork(&mut s, 6, 0, None)).contains("1 to 64"));
+    assert!(refusal(fork(&mut s, 6, FORK_COUNT_MAX + 1, None)).contains("1 to 64"));
+    // Another tenant's job is "no job".
+    assert_eq!(refusal(fork(&mut s, 6, 1, Some("other"))), "no job 2");
+    // Never fits: 11 forks of 1 CPU on a 10-CPU node.
+    let why = refusal(fork(&mut s, 6, 11, None));
+    assert!(why.contains("can never fit on node a"), "{why}");
+    // A sandbox that is not running.
+    apply(
+        &mut s,
+        7,
+        Command::StopSandboxes {
+            job_id: 2,
+            first: 1,
+            count: 1,
+            at_ms: 50,
+        },
+    );
+    let why = refusal(fork(&mut s, 8, 1, None));
+    assert!(
+        why.contains("only a running sandbox can be forked"),
+        "{why}"
+    );
+    // A submission cannot claim to be a fork.
+    let mut spec = super::tests::spec(1, "t");
+    spec.fork_of = Some(ForkOf {
+        job_id: 2,
+        index: 0,
+    });
+    let why = refusal(apply(
+        &mut s,
+        9,
+        Command::SubmitJob {
+            spec,
+            idempotency_key: "sneaky".into(),
+            at_ms: 0,
+        },
+    ));
+    assert!(why.contains("surge fork"), "{why}");
+
+    // A node without checkpointing: one clear line.
+    let mut s = source(10, false);
+    let why = refusal(fork(&mut s, 6, 2, None));
+    assert!(why.contains("cannot checkpoint"), "{why}");
+    assert!(!why.contains('\n'));
+    assert_eq!(s.jobs.len(), 1, "nothing was created");
+}
