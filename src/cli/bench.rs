@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
-use surge_harness::bench::{burst, exec, failover, raft};
+use surge_harness::bench::{burst, exec, failover, raft, snapshot};
 use surge_harness::output::{json as print_json, table, Output};
 
 #[derive(clap::Subcommand)]
@@ -18,6 +18,30 @@ pub enum BenchCmd {
     /// Exec and files: API vs plain `crun exec` side by side, the RL pattern on real
     /// containers, and execs into 10,000 simulated sandboxes through every replica.
     Exec(ExecArgs),
+    /// Checkpoint and restore of container sandboxes holding 64 MiB and 1 GiB beside a cold
+    /// start that re-runs the set-up, and a fork of 8 (root, the CRIU kit: scripts/setup-criu).
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// Memory each measured sandbox holds, in MiB (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,1024")]
+    sizes_mib: Vec<u64>,
+    /// Checkpoint + restore cycles and cold starts for sizes up to 256 MiB ...
+    #[arg(long, default_value_t = 20)]
+    cycles: u32,
+    /// ... and for larger ones.
+    #[arg(long, default_value_t = 5)]
+    cycles_large: u32,
+    /// Sandboxes per fork ...
+    #[arg(long, default_value_t = 8)]
+    forks: u32,
+    /// ... and forks measured.
+    #[arg(long, default_value_t = 5)]
+    fork_runs: u32,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +155,7 @@ pub async fn run(cmd: BenchCmd, bin: PathBuf) -> anyhow::Result<()> {
         BenchCmd::Failover(a) => run_failover(a, &bin).await,
         BenchCmd::Burst(a) => run_burst(a, &bin).await,
         BenchCmd::Exec(a) => run_exec(a, &bin).await,
+        BenchCmd::Snapshot(a) => run_snapshot(a).await,
     }
 }
 
@@ -425,5 +450,98 @@ async fn run_exec(args: ExecArgs, bin: &Path) -> anyhow::Result<()> {
             .collect();
         table(&["REPLICA", "ROLE", "CPU_S"], &rows);
     }
+    Ok(())
+}
+
+async fn run_snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    let cfg = snapshot::SnapshotConfig {
+        sizes_mib: args.sizes_mib,
+        cycles: args.cycles,
+        cycles_large: args.cycles_large,
+        forks: args.forks,
+        fork_runs: args.fork_runs,
+        data_dir: None,
+    };
+    let r = snapshot::run(cfg).await?;
+    let restore_goal = surge_harness::bench::Goal {
+        what: "restore of 64 MiB, p50",
+        limit_s: 0.150,
+    };
+    let fork_goal = surge_harness::bench::Goal {
+        what: "fork of 8, all running",
+        limit_s: 1.0,
+    };
+    let small = r.sizes.iter().find(|s| s.size_mib == 64);
+    if args.output == Output::Json {
+        let mut goals = vec![fork_goal.json(r.fork.all_running.p50_ms / 1000.0)];
+        if let Some(s) = small {
+            goals.push(restore_goal.json(s.restore.p50_ms / 1000.0));
+        }
+        print_json(&serde_json::json!({"sizes": r.sizes, "fork": r.fork, "goals": goals}));
+        return Ok(());
+    }
+    let f = |x: f64| format!("{x:.0}");
+    let rows: Vec<Vec<String>> = r
+        .sizes
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{} MiB", s.size_mib),
+                format!("{:.0}", s.cgroup_mib),
+                format!("{:.1}", s.image_mib),
+                format!("{}/{}", f(s.checkpoint.p50_ms), f(s.checkpoint.p99_ms)),
+                format!("{}/{}", f(s.restore.p50_ms), f(s.restore.p99_ms)),
+                format!(
+                    "{}/{}",
+                    f(s.cold_start_setup.p50_ms),
+                    f(s.cold_start_setup.p99_ms)
+                ),
+                s.restore.n.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOLDS",
+            "CGROUP MIB",
+            "IMAGE MIB",
+            "CHECKPOINT P50/P99 MS",
+            "RESTORE P50/P99 MS",
+            "COLD START + SET-UP P50/P99 MS",
+            "N",
+        ],
+        &rows,
+    );
+    let fk = &r.fork;
+    println!(
+        "\nfork of {} from a {} MiB sandbox (dump + copies + restores, all running): p50 {} ms, p99 {} ms over {} forks",
+        fk.count,
+        fk.source_mib,
+        f(fk.all_running.p50_ms),
+        f(fk.all_running.p99_ms),
+        fk.all_running.n
+    );
+    if let Some(s) = small {
+        let m = s.restore.p50_ms / 1000.0;
+        println!(
+            "goal: {} <= {:.0} ms: {} ({:.0} ms)",
+            restore_goal.what,
+            restore_goal.limit_s * 1000.0,
+            if m <= restore_goal.limit_s {
+                "met"
+            } else {
+                "missed"
+            },
+            s.restore.p50_ms
+        );
+    }
+    let m = fk.all_running.p50_ms / 1000.0;
+    println!(
+        "goal: {} < {:.0} ms: {} ({:.0} ms)",
+        fork_goal.what,
+        fork_goal.limit_s * 1000.0,
+        fork_goal.verdict(m),
+        fk.all_running.p50_ms
+    );
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod failover;
 mod profile;
 pub mod raft;
+pub mod snapshot;
 
 use std::path::Path;
 use std::time::Duration;

@@ -187,6 +187,8 @@ pub struct ContainerRuntime {
     criu: Result<CriuKit, String>,
     /// One fork image is made at a time (see `fork`).
     fork_lock: tokio::sync::Mutex<()>,
+    /// CRIU's options for this host (`checkpoint::criu_config`), named in every bundle.
+    criu_conf: Option<PathBuf>,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -297,10 +299,15 @@ impl ContainerRuntime {
             Err(_) => Crun::new(&config.crun, config.data_dir.join("crun"), &layout)?,
         };
         let init = init::install(&config.data_dir)?;
+        let criu_conf = match &config.criu {
+            Ok(_) => checkpoint::install_criu_config(&config.data_dir)?,
+            Err(_) => None,
+        };
         Ok(Self {
             init,
             criu: config.criu.clone(),
             fork_lock: tokio::sync::Mutex::new(()),
+            criu_conf,
             io: io::IoState::default(),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
@@ -361,7 +368,7 @@ impl ContainerRuntime {
             std::fs::create_dir_all(owned)
                 .map_err(|e| RuntimeError::io(ctx("create cgroup"), e))?;
         }
-        let config = oci_config(&OciParams {
+        let mut config = oci_config(&OciParams {
             id: req.id,
             spec: &req.spec,
             resources: req.resources,
@@ -376,6 +383,9 @@ impl ContainerRuntime {
             reason,
             stderr_tail: String::new(),
         })?;
+        if let Some(conf) = &self.criu_conf {
+            config["annotations"]["org.criu.config"] = conf.display().to_string().into();
+        }
         write_json_atomic(&bundle.join("config.json"), &config)?;
         let record = Record {
             id: req.id,

@@ -86,6 +86,56 @@ impl CriuKit {
     }
 }
 
+/// CRIU's options for this host, as a config file crun hands to CRIU (the OCI annotation
+/// `org.criu.config`), or `None` where the defaults do. `proc_self_cgroup` is the daemon's
+/// `/proc/self/cgroup`.
+///
+/// **Why.** On a v1 or hybrid host crun places a container in the v1 hierarchies only; its
+/// processes stay in the daemon's cgroup of the v2 hierarchy (often its root). CRIU dumps every
+/// hierarchy a task is in, with the whole subtree below its cgroup, and recreates that subtree
+/// under the restored container's cgroup: each restore copied the host's v2 tree one level
+/// deeper (seen here as 88-deep `surge-ck-counter/surge-91-0/...` chains, and forks that timed
+/// out creating them). Naming the v1 hierarchies makes CRIU leave the v2 one alone.
+pub fn criu_config(proc_self_cgroup: &str) -> Option<String> {
+    let mut names = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, Some(controllers)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if controllers.is_empty() {
+            continue; // the v2 hierarchy
+        }
+        names.push(controllers.to_owned());
+        if controllers.contains(',') {
+            names.extend(controllers.split(',').map(str::to_owned));
+        }
+    }
+    if names.is_empty() {
+        return None; // a pure v2 host: the container has its own v2 cgroup
+    }
+    Some(
+        names
+            .iter()
+            .map(|n| format!("cgroup-dump-controller {n}\n"))
+            .collect(),
+    )
+}
+
+/// Write [`criu_config`] for this host under `data_dir`; its path, or `None` where none is
+/// needed.
+pub fn install_criu_config(data_dir: &Path) -> Result<Option<PathBuf>, RuntimeError> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| RuntimeError::io("read /proc/self/cgroup", e))?;
+    let Some(text) = criu_config(&own) else {
+        return Ok(None);
+    };
+    let path = data_dir.join("criu.conf");
+    std::fs::write(&path, text)
+        .map_err(|e| RuntimeError::io(format!("write {}", path.display()), e))?;
+    Ok(Some(path))
+}
+
 /// Where a sandbox stands with respect to checkpointing (kept in `meta.json`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckpointRecord {
@@ -377,6 +427,19 @@ impl ContainerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn criu_is_told_to_leave_the_v2_hierarchy_alone_on_v1_and_hybrid_hosts() {
+        let hybrid = "9:name=systemd:/\n4:memory:/a/b\n1:cpu,cpuacct:/\n0::/\n";
+        let conf = criu_config(hybrid).expect("a v1 host needs one");
+        assert_eq!(
+            conf,
+            "cgroup-dump-controller name=systemd\ncgroup-dump-controller memory\n\
+             cgroup-dump-controller cpu,cpuacct\ncgroup-dump-controller cpu\n\
+             cgroup-dump-controller cpuacct\n"
+        );
+        assert_eq!(criu_config("0::/user.slice\n"), None, "pure v2: none");
+    }
 
     #[test]
     fn images_are_sealed_private_and_measured() {
