@@ -141,7 +141,7 @@ where
 
 async fn in_state(addr: &str, job: u64, index: u32, state: &str) -> Option<pb::SandboxInfo> {
     let s = sandbox(addr, job, index).await;
-    (s.state == state).then_some(s)
+    (s.state().name() == state).then_some(s)
 }
 
 fn cli(addr: &str, args: &[&str]) -> String {
@@ -256,7 +256,7 @@ async fn checkpoint_resume_then_fork_of_three_through_the_daemon() {
         (node.counter(forks, 1) > now + 3).then_some(())
     })
     .await;
-    assert_eq!(sandbox(&addr, job, 0).await.state, "running");
+    assert_eq!(sandbox(&addr, job, 0).await.state().name(), "running");
 
     // Refusals come back in one line.
     let refused = surge_client::Client::open(&addr)
