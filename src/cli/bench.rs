@@ -330,6 +330,24 @@ async fn run_burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
                     println!("goal {}: p50 {p50:.3} s, {}", g.what, g.verdict(p50));
                 }
             }
+            let stalls: Vec<String> = r
+                .runs
+                .iter()
+                .flat_map(|run| &run.stalls)
+                .map(|s| format!("{:.1} s at {:.1} s ({})", s.lasted_s, s.at_s, s.cause()))
+                .collect();
+            println!(
+                "nodes registered in {:.1} s; elections: {} while registering, {:?} in the runs; \
+                 stalls (no progress > 2 s): {}",
+                r.registered_s,
+                r.registration_terms_moved,
+                r.runs.iter().map(|run| run.terms_moved).collect::<Vec<_>>(),
+                if stalls.is_empty() {
+                    "none".to_string()
+                } else {
+                    stalls.join(", ")
+                }
+            );
         }
     }
     Ok(())
