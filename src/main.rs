@@ -421,9 +421,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// This executable, to start replicas as child processes.
+/// The binary the benches start replicas and node daemons from: `SURGE_BIN` when set (to
+/// measure another build with this one's harness, side by side), else this executable.
 fn surge_binary() -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?)
+    match std::env::var_os("SURGE_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(std::env::current_exe()?),
+    }
 }
 
 /// `surge chaos ARGS`: replace this process with `surge-chaos ARGS`, found beside this binary

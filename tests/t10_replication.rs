@@ -55,6 +55,16 @@ async fn submissions_through_a_follower_survive_leader_kill() {
     c.kill(leader).expect("kill leader");
     let new_leader = wait_leader(&mut c).await;
     assert_ne!(new_leader, leader);
+    // The survivors found the leader's port closed (raft/src/node/gone.rs) instead of only
+    // waiting out their timers; one of them stood as the leases ended.
+    let noticed = survivors
+        .iter()
+        .filter(|id| {
+            c.log_tail(**id, 100_000)
+                .contains("the leader's port is closed")
+        })
+        .count();
+    assert!(noticed > 0, "no survivor noticed the leader's closed port");
     let mut all = acked.clone();
     all.extend(load.await.expect("load"));
     // A client that never saw its ack retries: same key, same job.

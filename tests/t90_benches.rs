@@ -139,4 +139,11 @@ fn failover_bench_loses_nothing() {
     assert_eq!(r["lost"], 0);
     assert_eq!(r["duplicated"], 0);
     assert!(r["acked_writes"].as_u64().expect("acked") > 0, "{r}");
+    // The same kills against etcd when it is installed: one figure per kill.
+    if surge_harness::etcd::find_binary().is_some() {
+        let etcd = &r["etcd"]["first_write_ms"];
+        assert_eq!(etcd.as_array().map(Vec::len), Some(2), "{r}");
+    } else {
+        assert!(r["etcd"].is_null(), "{r}");
+    }
 }

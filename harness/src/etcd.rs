@@ -24,6 +24,10 @@ pub fn find_binary() -> Option<PathBuf> {
 
 /// Running etcd members; dropping it kills them and removes their data.
 pub struct EtcdCluster {
+    bin: PathBuf,
+    /// Per member: (client port, peer port).
+    ports: Vec<(u16, u16)>,
+    initial_cluster: String,
     children: Vec<Child>,
     client_urls: Vec<String>,
     dir: tempfile::TempDir,
@@ -47,35 +51,72 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = EtcdCluster {
+            bin: bin.to_path_buf(),
+            client_urls: ports
+                .iter()
+                .map(|(client, _)| format!("http://127.0.0.1:{client}"))
+                .collect(),
+            ports,
+            initial_cluster,
             children: Vec::with_capacity(members),
-            client_urls: Vec::with_capacity(members),
             dir,
         };
-        for (i, (client, peer)) in ports.iter().enumerate() {
-            let client_url = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(cluster.dir.path().join(format!("e{i}.log")))?;
-            let child = Command::new(bin)
-                .arg("--name")
-                .arg(format!("e{i}"))
-                .arg("--data-dir")
-                .arg(cluster.dir.path().join(format!("e{i}")))
-                .args(["--listen-client-urls", &client_url])
-                .args(["--advertise-client-urls", &client_url])
-                .args(["--listen-peer-urls", &peer_url])
-                .args(["--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &initial_cluster])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "surge-bench"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
+        for i in 0..members {
+            let child = cluster.spawn(i)?;
             cluster.children.push(child);
-            cluster.client_urls.push(client_url);
         }
         Ok(cluster)
+    }
+
+    /// Start member `i` on its data dir (a new member the first time, a restart afterwards:
+    /// etcd ignores the initial-cluster flags when its data dir holds a cluster).
+    fn spawn(&self, i: usize) -> anyhow::Result<Child> {
+        let (client, peer) = *self.ports.get(i).context("no such etcd member")?;
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("e{i}.log")))?;
+        Command::new(&self.bin)
+            .arg("--name")
+            .arg(format!("e{i}"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("e{i}")))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "surge-bench"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))
+    }
+
+    /// Every member's client URL, by member index.
+    pub fn urls(&self) -> &[String] {
+        &self.client_urls
+    }
+
+    /// kill -9 member `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(c) = self.children.get_mut(i) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start member `i` again on its data dir after [`EtcdCluster::kill`].
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.spawn(i)?;
+        if let Some(c) = self.children.get_mut(i) {
+            *c = child;
+        }
+        Ok(())
     }
 
     /// The leader's client URL, once one is elected and answers.
@@ -134,6 +175,18 @@ pub fn version(bin: &Path) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("etcd Version:"))
         .map(|v| v.trim().to_string())
+}
+
+/// `(member id, leader id)` as the member at `url` reports them, if it answers within 200 ms.
+pub async fn status(url: &str) -> Option<(u64, u64)> {
+    let mut c = maintenance(url).ok()?;
+    let call = c.status(pb::StatusRequest {});
+    let r = tokio::time::timeout(Duration::from_millis(200), call)
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    Some((r.header.map(|h| h.member_id).unwrap_or(0), r.leader))
 }
 
 fn channel(url: &str) -> anyhow::Result<Channel> {

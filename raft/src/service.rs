@@ -69,7 +69,9 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
     ) -> Result<Response<RaftReply>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.decode(req)?;
         self.node.heard_leader();
-        reply(&self.node.raft().append_entries(rpc).await)
+        let answer = self.node.raft().append_entries(rpc).await;
+        self.node.appended();
+        reply(&answer)
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -118,7 +120,10 @@ impl<S: StateMachine> Cluster for ClusterService<S> {
     }
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        let (last_log_term, last_log_index) = self.node.last_log();
         Ok(Response::new(PingReply {
+            last_log_term,
+            last_log_index,
             id: self.node.id(),
             cluster_id: self.node.cluster_id().to_string(),
             applied_index: self.node.applied_index(),

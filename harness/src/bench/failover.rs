@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
+use super::failover_etcd::EtcdFailover;
 use super::{list_all, percentile, small_job, start_cluster, Goal};
 use crate::cluster::StartMode;
 use crate::rolling::{rolling_restart, LeaderWatch, RestartStep, WriteLoad};
@@ -45,6 +46,8 @@ pub struct FailoverConfig {
     pub progress: bool,
     /// Rolling restarts (SIGTERM each replica in turn) after the kills.
     pub rolling: u64,
+    /// Skip the same kills against etcd (run when `etcd` is on PATH).
+    pub no_etcd: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -62,12 +65,20 @@ pub struct FailoverReport {
     pub kill_longest_refused_ms: f64,
     /// The rolling restarts, step by step.
     pub rolling: Vec<RestartStep>,
+    /// The same kills against etcd, if it ran.
+    pub etcd: Option<EtcdFailover>,
+    /// etcd was wanted but is not installed.
+    pub etcd_missing: bool,
 }
 
-/// The goal the figures are held against.
-pub const GOAL: Goal = Goal {
-    what: "failover < 1 s",
-    limit_s: 1.0,
+/// The goals the figures are held against (issue 15): the median kill and the worst one.
+pub const GOAL_P50: Goal = Goal {
+    what: "failover p50 < 400 ms",
+    limit_s: 0.4,
+};
+pub const GOAL_MAX: Goal = Goal {
+    what: "failover max < 600 ms",
+    limit_s: 0.6,
 };
 
 impl FailoverReport {
@@ -135,7 +146,16 @@ impl FailoverReport {
                     "longest_refused_ms": s.longest_refused.as_secs_f64() * 1000.0,
                 })).collect::<Vec<_>>(),
             },
-            "goal": {"p50": GOAL.json(self.p50_ms / 1000.0), "max": GOAL.json(self.max_ms / 1000.0)},
+            "goal": {"p50": GOAL_P50.json(self.p50_ms / 1000.0), "max": GOAL_MAX.json(self.max_ms / 1000.0)},
+            "etcd_missing": self.etcd_missing,
+            "etcd": self.etcd.as_ref().map(|e| json!({
+                "version": e.version,
+                "first_write_ms": e.first_write_ms,
+                "elected_ms": e.elected_ms,
+                "p50_ms": e.p50_ms(),
+                "max_ms": e.max_ms(),
+                "elected_p50_ms": e.elected_p50_ms(),
+            })),
         })
     }
 }
@@ -254,6 +274,11 @@ pub async fn run(cfg: FailoverConfig, bin: &Path) -> anyhow::Result<FailoverRepo
     }
     let stats = load.stop().await;
     let _ = watch.stop().await;
+    let etcd_bin = if args.no_etcd {
+        None
+    } else {
+        crate::etcd::find_binary()
+    };
 
     let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
     let mut c = surge_client::open::jobs(&cluster.addr(leader)?)?;
@@ -271,6 +296,15 @@ pub async fn run(cfg: FailoverConfig, bin: &Path) -> anyhow::Result<FailoverRepo
         .filter(|(k, id)| by_key.get(*k).is_none_or(|ids| !ids.contains(id)))
         .count();
     let duplicated = by_key.values().filter(|ids| ids.len() > 1).count();
+    // The anchor runs on the same machine right after, with surge's replicas gone.
+    drop(cluster);
+    let etcd = match &etcd_bin {
+        Some(e) if args.runs > 0 => Some(
+            super::failover_etcd::run(e, args.replicas, args.runs, args.writers, args.progress)
+                .await?,
+        ),
+        _ => None,
+    };
     let mut sorted = times_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let p50 = percentile(&sorted, 50.0);
@@ -286,6 +320,8 @@ pub async fn run(cfg: FailoverConfig, bin: &Path) -> anyhow::Result<FailoverRepo
         kill_leader_changes,
         kill_longest_refused_ms,
         rolling,
+        etcd,
+        etcd_missing: etcd_bin.is_none() && !args.no_etcd,
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod burst;
 pub mod exec;
 pub mod failover;
+pub mod failover_etcd;
 mod profile;
 pub mod raft;
 pub mod snapshot;

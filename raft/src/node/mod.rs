@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use surge_proto::cluster::cluster_client::ClusterClient;
@@ -18,11 +18,13 @@ use crate::network::Peers;
 use crate::store::{Applied, OpenError, Storage};
 use crate::types::{NodeId, Raft, StateMachine};
 
+mod gone;
 mod membership;
 mod propose;
 mod start;
 mod stop;
 
+pub use gone::{first_to_stand, LogPos};
 pub use start::{ping, SEED_WAIT};
 pub use stop::{accept_timeout_now, handover_target, Refusal, TimeoutNow, VoterView};
 
@@ -242,6 +244,13 @@ pub struct RaftNode<S: StateMachine> {
     handing_over: std::sync::atomic::AtomicBool,
     /// An AppendEntries arrived since start (see [`RESTART_ELECTION_HOLD`]).
     heard_leader: std::sync::atomic::AtomicBool,
+    /// openraft's leader lease (`election_timeout_max`): how long a voter refuses votes after
+    /// its last heartbeat.
+    lease: Duration,
+    /// When the replica started: the origin of `last_append_us`.
+    born: Instant,
+    /// Microseconds after `born` when the last AppendEntries was handled (0: none yet).
+    last_append_us: AtomicU64,
 }
 
 /// The id of the cluster a `--bootstrap` list forms: a digest of its sorted `id=address` pairs,
@@ -340,6 +349,20 @@ impl<S: StateMachine> RaftNode<S> {
     /// Called by the transport for every AppendEntries.
     pub fn heard_leader(&self) {
         self.heard_leader.store(true, Ordering::Relaxed);
+    }
+
+    /// Called by the transport after each AppendEntries was handled: the leader was heard.
+    pub fn appended(&self) {
+        let us = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_append_us.store(us.max(1), Ordering::Relaxed);
+    }
+
+    /// When the last AppendEntries was handled, if any was.
+    fn last_append(&self) -> Option<Instant> {
+        match self.last_append_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.born + Duration::from_micros(us)),
+        }
     }
 
     pub fn is_leader(&self) -> bool {

@@ -148,7 +148,11 @@ impl<S: StateMachine> RaftNode<S> {
             stopping: std::sync::atomic::AtomicBool::new(false),
             handing_over: std::sync::atomic::AtomicBool::new(false),
             heard_leader: std::sync::atomic::AtomicBool::new(false),
+            lease: Duration::from_millis(config.election_timeout_max_ms),
+            born: Instant::now(),
+            last_append_us: std::sync::atomic::AtomicU64::new(0),
         });
+        tokio::spawn(super::gone::watch_leader(Arc::downgrade(&node)));
         tokio::spawn(publish_metrics(Arc::downgrade(&node)));
         if !pristine {
             node.raft.runtime_config().elect(false);

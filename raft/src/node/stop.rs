@@ -248,7 +248,7 @@ impl<S: StateMachine> RaftNode<S> {
     }
 }
 
-fn m_addr(raft: &crate::types::Raft, id: NodeId) -> Option<String> {
+pub(super) fn m_addr(raft: &crate::types::Raft, id: NodeId) -> Option<String> {
     raft.metrics()
         .borrow()
         .membership_config
