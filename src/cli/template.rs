@@ -72,7 +72,12 @@ pub async fn copy(
     let failed: Vec<_> = reply
         .copies
         .iter()
-        .filter(|c| c.bytes == 0 && !c.error.starts_with("already holds"))
+        .filter(|c| {
+            c.bytes == 0
+                && !c
+                    .error
+                    .starts_with(surge_scheduler::service::template_copy::ALREADY_HOLDS)
+        })
         .collect();
     match output {
         surge_harness::output::Output::Json => {
@@ -110,7 +115,11 @@ pub async fn copy(
         }
     }
     if !failed.is_empty() {
-        anyhow::bail!("{} of the copies failed", failed.len());
+        let why: Vec<String> = failed
+            .iter()
+            .map(|c| format!("{}: {}", c.node_id, c.error))
+            .collect();
+        anyhow::bail!("{} of the copies failed: {}", failed.len(), why.join("; "));
     }
     Ok(())
 }

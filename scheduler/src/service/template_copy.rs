@@ -24,6 +24,8 @@ use tonic::Status;
 use super::io_proxy::IoProxy;
 use crate::model::{Node, NodeState};
 
+/// How a copy's reply says a target needed no copy (`surge template copy` counts it as done).
+pub const ALREADY_HOLDS: &str = "already holds template";
 /// Targets one copy call may name or select.
 pub const COPY_TARGETS_MAX: usize = 1024;
 /// Pulls the replica keeps in flight for one copy call (each target node also caps what it
@@ -165,7 +167,7 @@ pub fn plan_copy(
             .ok_or_else(|| CopyRefused::NotFound(format!("no node {id}")))?;
         if holds(n, name) {
             plan.skipped
-                .push((id.clone(), format!("already holds template {name}")));
+                .push((id.clone(), format!("{ALREADY_HOLDS} {name}")));
         } else if !reachable(n) {
             return Err(CopyRefused::Unavailable(format!(
                 "node {id} is {} or serves no node calls (no --listen address)",
@@ -192,6 +194,7 @@ impl IoProxy {
         let template = req.template.clone();
         let pulls = plan.targets.into_iter().map(|target| {
             let (source, template) = (source.clone(), template.clone());
+            let held = format!("{ALREADY_HOLDS} {template}");
             async move {
                 let pulled = match self.transfer(&target.address) {
                     Ok(mut client) => {
@@ -215,6 +218,13 @@ impl IoProxy {
                         bytes: r.bytes,
                         duration_ms: r.duration_ms,
                         sha256: r.sha256.iter().map(|b| format!("{b:02x}")).collect(),
+                    },
+                    // Copied by an earlier call that this replica's state does not show yet
+                    // (the node re-registers its templates within seconds).
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => pb::TemplateCopy {
+                        node_id: target.node_id,
+                        error: held,
+                        ..Default::default()
                     },
                     Err(s) => pb::TemplateCopy {
                         node_id: target.node_id,
