@@ -242,3 +242,45 @@ async fn a_template_made_from_a_sandbox_starts_elsewhere_after_a_copy() {
         "{s:?}"
     );
 }
+
+/// Where a snapshot cannot work (simulated nodes: no root filesystem on the host), the call
+/// fails in one line saying why; another tenant's sandbox is "no job", as for exec; a copy
+/// nobody can serve names why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_copies_refuse_with_reasons_on_simulated_nodes() {
+    let (mut c, _dir, leader) = cluster(1, &[]).await;
+    c.start_sim_nodes("s", 2, &["--sim-duration-ms", "600000"])
+        .expect("nodes");
+    let addr = c.addr(leader).expect("addr");
+    let id = submit_spec(
+        &addr,
+        pb::JobSpec {
+            count: 1,
+            cpu_millis: 100,
+            memory_mib: 64,
+            template: "busybox".into(),
+            command: vec!["sleep".into(), "600".into()],
+            tenant: "t".into(),
+            ..Default::default()
+        },
+        "sim",
+    )
+    .await;
+    let sb = format!("{id}.0");
+    cli(&addr, &["wait", &sb, "--timeout", "60s"]);
+    let err = cli_fails(&addr, &["snapshot", &sb, "--template", "x"]);
+    assert!(
+        err.contains("not supported by this runtime") && err.contains("container"),
+        "{err}"
+    );
+    let err = cli_fails(
+        &addr,
+        &["snapshot", &format!("{}.0", id + 100), "--template", "x"],
+    );
+    assert!(err.contains(&format!("no job {}", id + 100)), "{err}");
+    // Every node holds busybox already: nothing to copy, nothing failed.
+    let out = cli(&addr, &["template", "copy", "busybox", "--count", "1"]);
+    assert!(out.contains("0 copied, 0 failed"), "{out}");
+    let err = cli_fails(&addr, &["template", "copy", "busybox"]);
+    assert!(err.contains("say where to copy"), "{err}");
+}

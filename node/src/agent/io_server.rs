@@ -476,7 +476,10 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
             .get(&node_id)
             .and_then(|h| h.templates.clone())
             .ok_or_else(|| {
-                Status::unimplemented(format!("node {node_id} keeps no templates on disk"))
+                Status::unimplemented(format!(
+                    "a snapshot into a template is not supported by this runtime ({}) on node {node_id}: only container sandboxes have a root filesystem on the host to copy",
+                    runtime.name()
+                ))
             })?;
         let stats = runtime
             .snapshot(id, templates, req.template.clone())
