@@ -59,7 +59,7 @@ async fn wait_nodes_ready(addr: &str, n: usize) {
             .list_nodes()
             .await
             .expect("list nodes");
-        if nodes.iter().filter(|n| n.state == "ready").count() >= n {
+        if nodes.iter().filter(|n| n.state().name() == "ready").count() >= n {
             return;
         }
         assert!(
@@ -88,7 +88,7 @@ async fn ten_thousand_sandboxes_land_on_fifty_nodes() {
         counts(j).running == 10_000
     })
     .await;
-    assert_eq!(j.state, "running");
+    assert_eq!(j.state().name(), "running");
     // No node holds more than it offers, and the job is spread over several nodes (bin-packing
     // fills nodes: 10,000 x 0.5 CPU needs at least 40 of them).
     let nodes = surge_client::Client::open(&addr)
@@ -194,15 +194,21 @@ async fn silent_node_is_marked_down_and_its_sandboxes_rescheduled() {
         let a = nodes.iter().find(|n| n.node_id == "a-0").expect("a-0");
         let b = nodes.iter().find(|n| n.node_id == "b-0").expect("b-0");
         let j = job(&addr, id).await;
-        if a.state == "down" && a.sandboxes == 0 && b.sandboxes == 8 && counts(&j).running == 8 {
-            assert_eq!(j.state, "running");
+        if a.state().name() == "down"
+            && a.sandboxes == 0
+            && b.sandboxes == 8
+            && counts(&j).running == 8
+        {
+            assert_eq!(j.state().name(), "running");
             break;
         }
         if Instant::now() > deadline {
             dump_logs(&c);
             panic!(
                 "not rescheduled: a-0 {} with {}, b-0 with {}; job {j:?}",
-                a.state, a.sandboxes, b.sandboxes
+                a.state().name(),
+                a.sandboxes,
+                b.sandboxes
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

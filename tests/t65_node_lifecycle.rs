@@ -257,7 +257,11 @@ async fn wait_nodes_ready(c: &LocalCluster, nodes: &[&Node], addr: &str) {
     wait_for(c, nodes, "all nodes ready", || async {
         let listed = list_nodes(addr).await?;
         want.iter()
-            .all(|w| listed.iter().any(|n| &n.node_id == w && n.state == "ready"))
+            .all(|w| {
+                listed
+                    .iter()
+                    .any(|n| &n.node_id == w && n.state().name() == "ready")
+            })
             .then_some(())
     })
     .await
@@ -284,16 +288,16 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
     let id = submit(&addr, spec(2, script), "exits").await;
     let j = wait_for(&c, &[&node], "the job ends", || async {
         let j = job(&addr, id).await;
-        matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+        matches!(j.state().name(), "complete" | "failed").then_some(j)
     })
     .await;
-    assert_eq!(j.state, "failed", "one sandbox failed: {j:?}");
+    assert_eq!(j.state().name(), "failed", "one sandbox failed: {j:?}");
     let counts = j.counts.unwrap_or_default();
     assert_eq!((counts.succeeded, counts.failed), (1, 1), "{j:?}");
     assert_eq!(j.exits.len(), 1, "{:?}", j.exits);
     assert_eq!(
         (
-            j.exits[0].state.as_str(),
+            j.exits[0].state().name(),
             j.exits[0].exit_code,
             j.exits[0].count
         ),
@@ -303,7 +307,7 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
     let failed = sandbox(&addr, id, 1).await;
     assert_eq!(
         (
-            failed.state.as_str(),
+            failed.state().name(),
             failed.exit_code,
             failed.node.as_str()
         ),
@@ -317,7 +321,7 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
     );
     assert!(failed.finished_at_ms >= failed.submitted_at_ms);
     let ok = sandbox(&addr, id, 0).await;
-    assert_eq!((ok.state.as_str(), ok.exit_code), ("succeeded", 0));
+    assert_eq!((ok.state().name(), ok.exit_code), ("succeeded", 0));
     assert!(ok.log_tail.contains("hello from 0"), "{:?}", ok.log_tail);
 
     // The same through the CLI a user types.
@@ -344,10 +348,10 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
     let never = submit(&addr, missing, "never-starts").await;
     let j = wait_for(&c, &[&node], "the job ends", || async {
         let j = job(&addr, never).await;
-        matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+        matches!(j.state().name(), "complete" | "failed").then_some(j)
     })
     .await;
-    assert_eq!(j.state, "failed", "{j:?}");
+    assert_eq!(j.state().name(), "failed", "{j:?}");
     assert!(
         j.exits.len() == 1 && j.exits[0].start_failed,
         "{:?}",
@@ -397,19 +401,23 @@ async fn exit_codes_and_output_reach_job_sandbox_and_logs_and_stop_ends_stopped(
         (j.counts.unwrap_or_default().stopped == 2).then_some(j)
     })
     .await;
-    assert_eq!(j.state, "complete", "stopping is not failing: {j:?}");
+    assert_eq!(
+        j.state().name(),
+        "complete",
+        "stopping is not failing: {j:?}"
+    );
     let counts = j.counts.unwrap_or_default();
     assert_eq!((counts.failed, counts.pending, counts.running), (0, 0, 0));
     let graceful = sandbox(&addr, id, 0).await;
     assert_eq!(
-        (graceful.state.as_str(), graceful.exit_code),
+        (graceful.state().name(), graceful.exit_code),
         ("stopped", 0)
     );
     assert!(graceful.log_tail.contains("got TERM"), "{graceful:?}");
     assert_eq!(graceful.generation, 0, "not restarted");
     let forced = sandbox(&addr, id, 1).await;
     assert_eq!(
-        (forced.state.as_str(), forced.exit_code),
+        (forced.state().name(), forced.exit_code),
         ("stopped", 137),
         "SIGKILL after the grace period: {forced:?}"
     );
@@ -504,11 +512,11 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
         "the job runs on the new template",
         || async {
             let j = job(&addr, id).await;
-            matches!(j.state.as_str(), "complete" | "failed").then_some(j)
+            matches!(j.state().name(), "complete" | "failed").then_some(j)
         },
     )
     .await;
-    assert_eq!(j.state, "complete", "{j:?}");
+    assert_eq!(j.state().name(), "complete", "{j:?}");
     for i in 0..2 {
         let s = sandbox(&addr, id, i).await;
         assert_eq!((s.node.as_str(), s.log_tail.as_str()), ("real-j", "mint\n"));
@@ -555,7 +563,7 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
         );
         let s = sandbox(&addr, id, i).await;
         assert_eq!(
-            (s.state.as_str(), s.generation, s.node.as_str()),
+            (s.state().name(), s.generation, s.node.as_str()),
             ("running", 0, "real-r")
         );
     }
@@ -609,7 +617,7 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
     a.signal(libc::SIGSTOP);
     let moved = wait_for(&c, &[&a, &b], "the sandbox is rescheduled on b", || async {
         let s = sandbox(&addr, id, 0).await;
-        (s.node == "real-y" && s.state == "running" && s.generation == 1).then_some(s)
+        (s.node == "real-y" && s.state().name() == "running" && s.generation == 1).then_some(s)
     })
     .await;
     assert_eq!(moved.generation, 1);
@@ -637,7 +645,7 @@ async fn a_node_cut_off_past_the_ttl_loses_its_work_and_stops_it_on_return() {
     assert!(b.counter(id, 0) > b_before, "b's run keeps going");
     let s = sandbox(&addr, id, 0).await;
     assert_eq!(
-        (s.node.as_str(), s.state.as_str(), s.generation),
+        (s.node.as_str(), s.state().name(), s.generation),
         ("real-y", "running", 1),
         "a's late report about generation 0 changed nothing"
     );

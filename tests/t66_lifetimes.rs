@@ -145,7 +145,11 @@ async fn ttl_and_lease_end_sandboxes_with_their_reasons_and_renewals_keep_them()
 
     // The TTL job ended by then, each sandbox with its reason.
     let j = wait_ended(&c, ttl, 30).await;
-    assert_eq!(j.state, "complete", "a TTL is not a failure: {j:?}");
+    assert_eq!(
+        j.state().name(),
+        "complete",
+        "a TTL is not a failure: {j:?}"
+    );
     for i in 0..4 {
         assert_eq!(reason(&c, ttl, i).await, pb::EndReason::TtlExpired);
     }
@@ -201,14 +205,14 @@ async fn expiry_happens_after_the_leader_is_killed() {
     };
     let id = submit_spec(&addr, spec, "ttl-failover").await;
     let j = wait_running(&client(std::slice::from_ref(&addr)), id).await;
-    assert_eq!(j.state, "running");
+    assert_eq!(j.state().name(), "running");
     // The deadline is in the replicated state: the old leader's memory goes with it.
     cl.kill(leader).expect("kill the leader");
     let new_leader = wait_leader(&mut cl).await;
     assert_ne!(new_leader, leader);
     let c = client(&survivors);
     let j = wait_ended(&c, id, 60).await;
-    assert_eq!(j.state, "complete", "{j:?}");
+    assert_eq!(j.state().name(), "complete", "{j:?}");
     for i in 0..2 {
         assert_eq!(reason(&c, id, i).await, pb::EndReason::TtlExpired);
     }
@@ -259,11 +263,11 @@ async fn idle_timeout_follows_the_activity_nodes_report() {
     }
     assert_eq!(reason(&c, id, 1).await, pb::EndReason::IdleTimeout);
     let s = c.get_sandbox(id, 0).await.expect("sandbox 0");
-    assert_eq!(s.state, "running", "used: not idle: {s:?}");
+    assert_eq!(s.state().name(), "running", "used: not idle: {s:?}");
     assert!(s.last_active_at_ms > 0, "the leader recorded its activity");
     // No more calls: it goes idle too.
     let j = wait_ended(&c, id, 30).await;
-    assert_eq!(j.state, "complete");
+    assert_eq!(j.state().name(), "complete");
     assert_eq!(reason(&c, id, 0).await, pb::EndReason::IdleTimeout);
     stop_tx.send(true).expect("stop the node");
     let _ = node.await;

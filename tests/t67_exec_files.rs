@@ -176,7 +176,7 @@ async fn bad_exec_calls_get_clear_errors() {
         job_id: job,
         first_index: 1,
         count: 1,
-        action: "stop".into(),
+        action: pb::SandboxAction::Stop as i32,
         ..Default::default()
     })
     .await
@@ -408,11 +408,11 @@ async fn execs_keep_an_idle_timeout_at_bay() {
         .await
         .expect("sandbox 0 stopped taking execs");
     let s0 = cl.get_sandbox(id, 0).await.expect("sandbox 0");
-    assert_eq!(s0.state, "running", "{s0:?}");
+    assert_eq!(s0.state().name(), "running", "{s0:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let s1 = loop {
         let s1 = cl.get_sandbox(id, 1).await.expect("sandbox 1");
-        if s1.state == "stopped" {
+        if s1.state().name() == "stopped" {
             break s1;
         }
         assert!(
@@ -451,14 +451,7 @@ async fn a_leader_failover_does_not_cut_an_exec_through_a_follower() {
     .await;
     let via = Client::open(&follower(&c, leader)).expect("client");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while via
-        .get_sandbox(id, 0)
-        .await
-        .map(|s| s.state)
-        .ok()
-        .as_deref()
-        != Some("running")
-    {
+    while via.get_sandbox(id, 0).await.map(|s| s.state()).ok() != Some(pb::SandboxState::Running) {
         assert!(Instant::now() < deadline, "never running");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -93,7 +93,9 @@ async fn reports(client: &Client, node: &str, t: &str) -> Option<()> {
     let nodes = client.list_nodes().await.ok()?;
     nodes
         .iter()
-        .any(|n| n.node_id == node && n.state == "ready" && n.templates.iter().any(|x| x == t))
+        .any(|n| {
+            n.node_id == node && n.state().name() == "ready" && n.templates.iter().any(|x| x == t)
+        })
         .then_some(())
 }
 
@@ -236,7 +238,7 @@ async fn a_template_made_from_a_sandbox_starts_elsewhere_after_a_copy() {
     })
     .await;
     assert_eq!(s.node, "tpl-b", "{s:?}");
-    assert_eq!(s.state, "succeeded", "{s:?}");
+    assert_eq!(s.state().name(), "succeeded", "{s:?}");
     assert!(
         s.log_tail.contains("made-in-the-sandbox") && s.log_tail.contains("42"),
         "{s:?}"

@@ -197,7 +197,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             job_id,
             first_index: u32_of(&mut r),
             count: u32_of(&mut r),
-            action: ["", "pause", "resume", "stop", "checkpoint", "explode"][r.index(6)].into(),
+            action: [0, 1, 2, 3, 4, 77, -1][r.index(7)],
             cpu_millis: if r.chance(500) { u64_of(&mut r) } else { 0 },
             memory_mib: if r.chance(500) { u64_of(&mut r) } else { 0 },
         };
@@ -205,7 +205,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
         judge(&shown, jobs.update_sandboxes(req).await, &mut findings);
         let req = pb::ListJobsRequest {
             tenant: string(&mut r),
-            state: string(&mut r),
+            state: [0, 1, 5, 6, -3][r.index(5)],
             limit: u32_of(&mut r),
             before_id: u64_of(&mut r),
             labels: Default::default(),
@@ -253,7 +253,7 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             .map(|_| pn::SandboxStatus {
                 job_id: if r.chance(500) { real } else { u64_of(&mut r) },
                 index: u32_of(&mut r),
-                state: ["running", "succeeded", "exploded", ""][r.index(4)].into(),
+                state: [3, 5, 77, 0, 1][r.index(5)],
                 generation: u64_of(&mut r),
                 ..Default::default()
             })

@@ -90,7 +90,7 @@ async fn list(addr: &str, c: &Credentials) -> Result<Vec<pb::Job>, tonic::Status
         .expect("client")
         .list_jobs(pb::ListJobsRequest {
             tenant: String::new(),
-            state: String::new(),
+            state: 0,
             limit: 1000,
             before_id: 0,
             labels: Default::default(),
@@ -334,7 +334,7 @@ async fn mtls_and_tokens_guard_every_link() {
             .expect("list nodes")
             .into_inner()
             .nodes;
-        if nodes.iter().any(|n| n.state == "ready") {
+        if nodes.iter().any(|n| n.state().name() == "ready") {
             break;
         }
         assert!(
@@ -353,7 +353,7 @@ async fn mtls_and_tokens_guard_every_link() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = loop {
         let j = get(&addr, &alpha, id).await.expect("alpha reads its job");
-        if j.state == "complete" {
+        if j.state().name() == "complete" {
             break j;
         }
         if Instant::now() > deadline {
@@ -856,7 +856,11 @@ async fn label_operations_stay_within_the_tenant() {
         .into_inner();
     assert_eq!(r.cancelled, 2);
     let b = get(&addr, &beta, b1).await.expect("beta's job");
-    assert_eq!(b.state, "pending", "another tenant's job is untouched");
+    assert_eq!(
+        b.state().name(),
+        "pending",
+        "another tenant's job is untouched"
+    );
     // An admin's selector spans tenants.
     let r = client::jobs(&addr, &admin)
         .expect("client")

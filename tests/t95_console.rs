@@ -61,7 +61,7 @@ async fn ready_nodes(addr: &str) -> Vec<npb::NodeInfo> {
             .into_inner()
             .nodes
             .into_iter()
-            .filter(|n| n.state == "ready")
+            .filter(|n| n.state().name() == "ready")
             .collect(),
         Err(e) => {
             eprintln!("t95: list nodes: {e}");
@@ -173,7 +173,7 @@ async fn the_console_shows_the_cluster_in_a_real_browser() {
         let f = try_job(&addr, failing).await;
         let b = try_job(&addr, busy).await;
         if let (Some(f), Some(b)) = (&f, &b) {
-            if f.state == "failed" && b.counts.unwrap_or_default().running == 2000 {
+            if f.state().name() == "failed" && b.counts.unwrap_or_default().running == 2000 {
                 break;
             }
         }

@@ -487,7 +487,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<Report, ChaosError> {
                 break;
             }
             if let Ok(s) = workload::sandbox_info(addr, job, index).await {
-                if matches!(s.state.as_str(), "failed" | "oom-killed") {
+                if matches!(s.state().name(), "failed" | "oom-killed") {
                     told += 1;
                     let tail: String = {
                         let chars: Vec<char> = s.log_tail.chars().collect();
@@ -495,7 +495,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<Report, ChaosError> {
                     };
                     let text = format!(
                         "{FAILURE_NOTE}{job}.{index} {} on node {} (generation {}): exit code {}, message {:?}, output tail {:?}",
-                        s.state, s.node, s.generation, s.exit_code, s.message, tail
+                        s.state().name(), s.node, s.generation, s.exit_code, s.message, tail
                     );
                     recorder.record(Process::Final, EventType::Info, Op::Note { text });
                 }

@@ -336,7 +336,7 @@ async fn cancel_job(cfg: &WorkloadConfig, me: u32, rng: &mut Rng, recorder: &Rec
                     EventType::Ok,
                     Op::Cancelled {
                         job_id: job,
-                        state: r.into_inner().state,
+                        state: r.into_inner().state().name().to_string(),
                     },
                 );
                 return;
@@ -429,7 +429,7 @@ pub fn job_sample(j: &pb::Job) -> JobSample {
         count: spec.count,
         cpu_millis: spec.cpu_millis,
         memory_mib: spec.memory_mib,
-        state: j.state.clone(),
+        state: j.state().name().to_string(),
         pending: c.pending,
         placed: c.placed,
         running: c.running,
@@ -460,7 +460,7 @@ pub async fn read_jobs(addr: &str, tenant: &str) -> Result<Vec<JobSample>, Strin
     while all.len() < SAMPLE_JOBS_MAX {
         let req = pb::ListJobsRequest {
             tenant: tenant.to_string(),
-            state: String::new(),
+            state: pb::JobState::Unspecified as i32,
             limit: 10_000,
             before_id,
             labels: Default::default(),
@@ -502,9 +502,10 @@ pub async fn read_nodes(addr: &str) -> Result<Vec<NodeSample>, String> {
         .map(|n| {
             let a = n.allocatable.unwrap_or_default();
             let b = n.allocated.unwrap_or_default();
+            let state = n.state().name().to_string();
             NodeSample {
                 id: n.node_id,
-                state: n.state,
+                state,
                 allocatable_cpu_millis: a.cpu_millis,
                 allocatable_memory_mib: a.memory_mib,
                 allocated_cpu_millis: b.cpu_millis,

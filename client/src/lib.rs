@@ -358,9 +358,8 @@ impl Client {
         &self,
         req: pb::UpdateSandboxesRequest,
     ) -> Result<pb::Job, ClientError> {
-        self.call(Repeat::Safe, |a| {
-            let req = req.clone();
-            async move { Ok(self.jobs_at(&a)?.update_sandboxes(req).await?.into_inner()) }
+        self.call(Repeat::Safe, |a| async move {
+            Ok(self.jobs_at(&a)?.update_sandboxes(req).await?.into_inner())
         })
         .await
     }

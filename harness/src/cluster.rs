@@ -311,36 +311,34 @@ impl LocalCluster {
 
     /// [`Self::stop`] that waits without blocking the runtime's thread.
     pub async fn stop_async(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
-        let r = self.replica_mut(id)?;
-        if let Some(mut c) = r.child.take() {
-            signal(&c, libc::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return Ok(());
-                }
+        if let Some(mut s) = self.begin_stop(id, grace)? {
+            while !s.over() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            reap(&mut c);
         }
         Ok(())
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&mut self, id: u64, grace: Duration) -> Result<(), ClusterError> {
-        let r = self.replica_mut(id)?;
-        if let Some(mut c) = r.child.take() {
-            signal(&c, libc::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        if let Some(mut s) = self.begin_stop(id, grace)? {
+            while !s.over() {
+                std::thread::sleep(Duration::from_millis(10));
             }
-            reap(&mut c);
         }
         Ok(())
+    }
+
+    /// SIGTERM a running replica; `None` when it is not running.
+    fn begin_stop(&mut self, id: u64, grace: Duration) -> Result<Option<Stopping>, ClusterError> {
+        let r = self.replica_mut(id)?;
+        Ok(r.child.take().map(|child| {
+            signal(&child, libc::SIGTERM);
+            Stopping {
+                child,
+                deadline: Instant::now() + grace,
+            }
+        }))
     }
 
     /// SIGSTOP (`resume == false`) or SIGCONT.
@@ -587,6 +585,26 @@ impl Drop for LocalCluster {
 }
 
 /// `kill -9` a child and reap it.
+/// A replica told to stop (SIGTERM) and given until `deadline`.
+struct Stopping {
+    child: Child,
+    deadline: Instant,
+}
+
+impl Stopping {
+    /// It has exited, or its grace ran out and it was killed.
+    fn over(&mut self) -> bool {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        if Instant::now() >= self.deadline {
+            reap(&mut self.child);
+            return true;
+        }
+        false
+    }
+}
+
 fn reap(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();

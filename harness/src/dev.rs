@@ -156,7 +156,10 @@ impl DevCluster {
         let started = Instant::now();
         loop {
             let ready = match client.list_nodes().await {
-                Ok(nodes) => nodes.iter().filter(|x| x.state == "ready").count(),
+                Ok(nodes) => nodes
+                    .iter()
+                    .filter(|x| x.state() == surge_proto::node::NodeState::Ready)
+                    .count(),
                 Err(_) => 0,
             };
             if ready >= n {

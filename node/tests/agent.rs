@@ -232,11 +232,16 @@ impl Fake {
     }
 }
 
+/// A desired state on the wire, by the name people use.
+fn wire_state(name: &str) -> i32 {
+    surge_proto::jobs::SandboxState::from_name(name).expect("a sandbox state") as i32
+}
+
 fn sandbox(job: u64, index: u32, command: &[&str]) -> pn::Sandbox {
     pn::Sandbox {
         job_id: job,
         index,
-        desired_state: "running".into(),
+        desired_state: wire_state("running"),
         resources: Some(pn::Resources {
             cpu_millis: 250,
             memory_mib: 64,
@@ -382,7 +387,7 @@ async fn registers_then_reports_twenty_sandboxes_running_then_succeeded_with(han
             let mut seen = std::collections::BTreeSet::new();
             for rep in &r.reports {
                 for u in &rep.updates {
-                    if u.state == "running" {
+                    if u.state().name() == "running" {
                         seen.insert(u.index);
                     }
                 }
@@ -393,7 +398,7 @@ async fn registers_then_reports_twenty_sandboxes_running_then_succeeded_with(han
     .await;
     until("all twenty reported succeeded", || {
         let latest = fake.latest();
-        latest.len() == 20 && latest.values().all(|s| s.state == "succeeded")
+        latest.len() == 20 && latest.values().all(|s| s.state().name() == "succeeded")
     })
     .await;
     for s in fake.latest().values() {
@@ -446,7 +451,7 @@ async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_with(ha
     );
     until("both running", || {
         let l = fake.latest();
-        l.len() == 2 && l.values().all(|s| s.state == "running")
+        l.len() == 2 && l.values().all(|s| s.state().name() == "running")
     })
     .await;
 
@@ -454,11 +459,11 @@ async fn a_sandbox_removed_from_the_desired_set_is_stopped_and_forgotten_with(ha
     until("8.1 reported ended", || {
         fake.latest()
             .get(&(8, 1))
-            .is_some_and(|s| s.state != "running")
+            .is_some_and(|s| s.state().name() != "running")
     })
     .await;
     let stopped = fake.latest()[&(8, 1)].clone();
-    assert_eq!((stopped.state.as_str(), stopped.exit_code), ("failed", 143));
+    assert_eq!((stopped.state().name(), stopped.exit_code), ("failed", 143));
     assert!(
         stopped.message.contains("no longer assigned"),
         "{}",
@@ -495,7 +500,7 @@ async fn after_the_stream_closes_it_reconnects_and_resends_a_full_report_with(ha
     let agent = start_sim_agent(hands, node_config("n-3"), sim(600_000), &[addr.to_string()]);
     until("three running", || {
         let l = fake.latest();
-        l.len() == 3 && l.values().all(|s| s.state == "running")
+        l.len() == 3 && l.values().all(|s| s.state().name() == "running")
     })
     .await;
     let reports_before = fake.with(|r| r.reports.len());
@@ -519,7 +524,7 @@ async fn after_the_stream_closes_it_reconnects_and_resends_a_full_report_with(ha
     let listed: Vec<_> = full
         .updates
         .iter()
-        .map(|u| (u.job_id, u.index, u.state.as_str()))
+        .map(|u| (u.job_id, u.index, u.state().name()))
         .collect();
     assert_eq!(
         listed,
@@ -585,7 +590,7 @@ async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays_with(hand
     );
     until("three running", || {
         let l = fake.latest();
-        l.len() == 3 && l.values().all(|s| s.state == "running")
+        l.len() == 3 && l.values().all(|s| s.state().name() == "running")
     })
     .await;
     first.stop().await;
@@ -626,22 +631,25 @@ async fn a_restarted_agent_readopts_running_sandboxes_and_stops_strays_with(hand
     let mut listed: Vec<_> = full.updates.iter().map(|u| (u.job_id, u.index)).collect();
     listed.sort_unstable();
     assert_eq!(listed, vec![(10, 0), (10, 1), (10, 2), (99, 0)]);
-    assert!(full.updates.iter().all(|u| u.state == "running"));
+    assert!(full.updates.iter().all(|u| u.state().name() == "running"));
 
     let rt = runtime.clone();
     until("the stray is stopped and released", || rt.len() == 3).await;
     until("the stray's end reported", || {
         fake.latest()
             .get(&(99, 0))
-            .is_some_and(|s| s.state != "running")
+            .is_some_and(|s| s.state().name() != "running")
     })
     .await;
     let stray = fake.latest()[&(99, 0)].clone();
-    assert_eq!((stray.state.as_str(), stray.exit_code), ("failed", 143));
+    assert_eq!((stray.state().name(), stray.exit_code), ("failed", 143));
     // The adopted sandboxes are watched by the new agent: their exits are reported.
     until("the adopted sandboxes reported succeeded", || {
         let l = fake.latest();
-        (0..3).all(|i| l.get(&(10, i)).is_some_and(|s| s.state == "succeeded"))
+        (0..3).all(|i| {
+            l.get(&(10, i))
+                .is_some_and(|s| s.state().name() == "succeeded")
+        })
     })
     .await;
     for i in 0..3 {
@@ -694,17 +702,17 @@ async fn pauses_resumes_and_stops_on_request_with(hands: Hands) {
     let agent = start_sim_agent(hands, cfg, runtime.clone(), &[addr.to_string()]);
     until("both running", || {
         let l = fake.latest();
-        l.len() == 2 && l.values().all(|s| s.state == "running")
+        l.len() == 2 && l.values().all(|s| s.state().name() == "running")
     })
     .await;
     let with_state = |state: &str| pn::Sandbox {
-        desired_state: state.into(),
+        desired_state: wire_state(state),
         ..sandbox(13, 0, &["x"])
     };
 
     fake.push(vec![with_state("paused")], vec![]);
     until("13.0 reported paused", || {
-        fake.latest()[&(13, 0)].state == "paused"
+        fake.latest()[&(13, 0)].state().name() == "paused"
     })
     .await;
     let id = SandboxId::new(13, 0);
@@ -714,7 +722,7 @@ async fn pauses_resumes_and_stops_on_request_with(hands: Hands) {
     );
     fake.push(vec![with_state("running")], vec![]);
     until("13.0 reported running again", || {
-        fake.latest()[&(13, 0)].state == "running"
+        fake.latest()[&(13, 0)].state().name() == "running"
     })
     .await;
     assert_eq!(
@@ -723,12 +731,14 @@ async fn pauses_resumes_and_stops_on_request_with(hands: Hands) {
     );
 
     let stopped_1 = pn::Sandbox {
-        desired_state: "stopped".into(),
+        desired_state: wire_state("stopped"),
         ..sandbox(13, 1, &["y"])
     };
     fake.push(vec![with_state("stopped"), stopped_1], vec![]);
     until("both reported stopped", || {
-        fake.latest().values().all(|s| s.state == "stopped")
+        fake.latest()
+            .values()
+            .all(|s| s.state().name() == "stopped")
     })
     .await;
     let l = fake.latest();
@@ -784,11 +794,11 @@ async fn container_exit_code_and_log_tail_are_reported() {
     until("11.0 reported ended", || {
         fake.latest()
             .get(&(11, 0))
-            .is_some_and(|s| s.state != "running")
+            .is_some_and(|s| s.state().name() != "running")
     })
     .await;
     let s = fake.latest()[&(11, 0)].clone();
-    assert_eq!((s.state.as_str(), s.exit_code), ("failed", 3), "{s:?}");
+    assert_eq!((s.state().name(), s.exit_code), ("failed", 3), "{s:?}");
     assert!(s.log_tail.contains("hi"), "log tail: {:?}", s.log_tail);
     assert_eq!(
         fake.with(|r| r.registrations[0].runtime.clone()),
@@ -840,7 +850,7 @@ async fn five_hundred_simulated_nodes_share_one_connection() {
             r.reports
                 .iter()
                 .flat_map(|rep| &rep.updates)
-                .filter(|u| u.state == "running")
+                .filter(|u| u.state().name() == "running")
                 .count()
         });
         running >= 4 * NODES

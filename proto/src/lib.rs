@@ -71,3 +71,103 @@ impl jobs::Counts {
         self.failed + self.oom_killed + self.lost
     }
 }
+
+/// The wire enums' names as people read and type them (`surge job`, `--state`, the HTTP API's
+/// JSON, the console): one table per enum, used both ways by every program.
+macro_rules! names {
+    ($ty:ty { $unspecified:ident, $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The name people read ("oom-killed"); "" for the unspecified value.
+            pub fn name(self) -> &'static str {
+                match self {
+                    <$ty>::$unspecified => "",
+                    $(<$ty>::$variant => $name,)*
+                }
+            }
+
+            /// The value whose [`name`](Self::name) is `name`; `None` for anything else
+            /// (the empty string included).
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some(<$ty>::$variant),)*
+                    _ => None,
+                }
+            }
+
+            /// Every name but the unspecified one's, for error messages.
+            pub fn names() -> &'static [&'static str] {
+                &[$($name),*]
+            }
+        }
+    };
+}
+
+names!(jobs::SandboxState {
+    Unspecified,
+    Pending => "pending",
+    Placed => "placed",
+    Running => "running",
+    Paused => "paused",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    OomKilled => "oom-killed",
+    Lost => "lost",
+    Cancelled => "cancelled",
+    Stopped => "stopped",
+    Checkpointed => "checkpointed",
+});
+
+names!(jobs::JobState {
+    Unspecified,
+    Pending => "pending",
+    Running => "running",
+    Complete => "complete",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+
+names!(jobs::SandboxAction {
+    None,
+    Pause => "pause",
+    Resume => "resume",
+    Stop => "stop",
+    Checkpoint => "checkpoint",
+});
+
+names!(node::NodeState {
+    Unspecified,
+    Ready => "ready",
+    Down => "down",
+    Draining => "draining",
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips_and_unspecified_has_none() {
+        for n in jobs::SandboxState::names() {
+            let v = jobs::SandboxState::from_name(n).expect("known name");
+            assert_eq!(v.name(), *n);
+            assert_ne!(v, jobs::SandboxState::Unspecified);
+        }
+        assert_eq!(jobs::SandboxState::names().len(), 11);
+        assert_eq!(jobs::SandboxState::from_name(""), None);
+        assert_eq!(jobs::SandboxState::from_name("Running"), None);
+        assert_eq!(
+            jobs::JobState::from_name("complete"),
+            Some(jobs::JobState::Complete)
+        );
+        assert_eq!(jobs::SandboxAction::None.name(), "");
+        assert_eq!(
+            jobs::SandboxAction::from_name("checkpoint"),
+            Some(jobs::SandboxAction::Checkpoint)
+        );
+        assert_eq!(
+            node::NodeState::from_name("draining"),
+            Some(node::NodeState::Draining)
+        );
+        assert_eq!(node::NodeState::names(), &["ready", "down", "draining"]);
+    }
+}

@@ -43,3 +43,27 @@ def test_builds_a_wheel_with_types_and_stubs(tmp_path: Path) -> None:
     for want in ["surge/__init__.py", "surge/py.typed", "surge/_proto/jobs_pb2.py",
                  "surge/_proto/jobs_pb2.pyi", "surge/testing.py"]:  # fmt: skip
         assert want in names, (want, sorted(names))
+
+
+def test_wire_states_read_as_surge_prints_them() -> None:
+    from surge._proto import jobs_pb2
+    from surge._types import job_state_name, job_state_value, sandbox_state_name
+
+    # The names the CLI and the HTTP API print (proto/src/lib.rs holds the same table).
+    rust = (REPO / "proto" / "src" / "lib.rs").read_text()
+    for full in jobs_pb2.SandboxState.keys():  # noqa: SIM118
+        name = sandbox_state_name(jobs_pb2.SandboxState.Value(full))
+        if full == "SANDBOX_STATE_UNSPECIFIED":
+            assert name == ""
+        else:
+            assert f'=> "{name}"' in rust, name
+    assert sandbox_state_name(jobs_pb2.SANDBOX_STATE_OOM_KILLED) == "oom-killed"
+    assert sandbox_state_name(999) == ""
+    assert job_state_name(jobs_pb2.JOB_STATE_COMPLETE) == "complete"
+    assert job_state_value("cancelled") == jobs_pb2.JOB_STATE_CANCELLED
+    try:
+        job_state_value("done")
+    except ValueError as e:
+        assert "pending, running, complete, failed, cancelled" in str(e)
+    else:
+        raise AssertionError("an unknown job state is refused")

@@ -261,7 +261,7 @@ impl From<&pb::Job> for JobJson {
         JobJson {
             id: j.id,
             name: spec.name,
-            state: j.state.clone(),
+            state: j.state().name().to_string(),
             tenant: spec.tenant,
             count: spec.count,
             cpu_millis: spec.cpu_millis,
@@ -292,7 +292,7 @@ impl From<&pb::Job> for JobJson {
                 .exits
                 .iter()
                 .map(|e| ExitJson {
-                    state: e.state.clone(),
+                    state: e.state().name().to_string(),
                     exit_code: (!e.start_failed).then_some(e.exit_code),
                     count: e.count,
                     start_failed: e.start_failed,
@@ -349,8 +349,8 @@ impl From<&pb::SandboxInfo> for SandboxJson {
             id: format!("{}.{}", s.job_id, s.index),
             job_id: s.job_id,
             index: s.index,
-            state: s.state.clone(),
-            desired_state: s.desired_state.clone(),
+            state: s.state().name().to_string(),
+            desired_state: s.desired_state().name().to_string(),
             node: s.node.clone(),
             generation: s.generation,
             cpu_millis: s.cpu_millis,

@@ -6,8 +6,8 @@ use surge_proto::node as pn;
 
 use crate::lifetime::{end_reason, EndReason};
 use crate::model::{
-    constraint, constraint_key, Counts, Job, JobSpec, Node, NodeSpec, Operator, Resources,
-    RestartPolicy, Strategy,
+    constraint, constraint_key, Counts, Job, JobSpec, JobState, Node, NodeSpec, NodeState,
+    Operator, Resources, RestartPolicy, Strategy,
 };
 use crate::runs::{SandboxState, EXIT_NOT_RUN};
 use crate::state::NodeUsage;
@@ -15,6 +15,80 @@ use crate::validate::{self, Invalid};
 
 pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_TEMPLATE: &str = "busybox";
+
+/// A sandbox's state on the wire.
+pub fn sandbox_state_to_pb(s: SandboxState) -> pb::SandboxState {
+    match s {
+        SandboxState::Pending => pb::SandboxState::Pending,
+        SandboxState::Placed => pb::SandboxState::Placed,
+        SandboxState::Running => pb::SandboxState::Running,
+        SandboxState::Paused => pb::SandboxState::Paused,
+        SandboxState::Succeeded => pb::SandboxState::Succeeded,
+        SandboxState::Failed => pb::SandboxState::Failed,
+        SandboxState::OomKilled => pb::SandboxState::OomKilled,
+        SandboxState::Lost => pb::SandboxState::Lost,
+        SandboxState::Cancelled => pb::SandboxState::Cancelled,
+        SandboxState::Stopped => pb::SandboxState::Stopped,
+        SandboxState::Checkpointed => pb::SandboxState::Checkpointed,
+    }
+}
+
+/// The scheduler's state for a wire value (`None`: unspecified or unknown).
+pub fn sandbox_state_from_pb(s: i32) -> Option<SandboxState> {
+    Some(match pb::SandboxState::try_from(s).ok()? {
+        pb::SandboxState::Unspecified => return None,
+        pb::SandboxState::Pending => SandboxState::Pending,
+        pb::SandboxState::Placed => SandboxState::Placed,
+        pb::SandboxState::Running => SandboxState::Running,
+        pb::SandboxState::Paused => SandboxState::Paused,
+        pb::SandboxState::Succeeded => SandboxState::Succeeded,
+        pb::SandboxState::Failed => SandboxState::Failed,
+        pb::SandboxState::OomKilled => SandboxState::OomKilled,
+        pb::SandboxState::Lost => SandboxState::Lost,
+        pb::SandboxState::Cancelled => SandboxState::Cancelled,
+        pb::SandboxState::Stopped => SandboxState::Stopped,
+        pb::SandboxState::Checkpointed => SandboxState::Checkpointed,
+    })
+}
+
+pub fn job_state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Running => pb::JobState::Running,
+        JobState::Complete => pb::JobState::Complete,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// A job-state filter: `Ok(None)` for unspecified (any state).
+pub fn job_state_from_pb(s: i32) -> Result<Option<JobState>, Invalid> {
+    Ok(Some(match pb::JobState::try_from(s) {
+        Ok(pb::JobState::Unspecified) => return Ok(None),
+        Ok(pb::JobState::Pending) => JobState::Pending,
+        Ok(pb::JobState::Running) => JobState::Running,
+        Ok(pb::JobState::Complete) => JobState::Complete,
+        Ok(pb::JobState::Failed) => JobState::Failed,
+        Ok(pb::JobState::Cancelled) => JobState::Cancelled,
+        Err(_) => {
+            return Err(invalid(
+                "state",
+                format!(
+                    "unknown job state {s}; use {}",
+                    pb::JobState::names().join(", ")
+                ),
+            ))
+        }
+    }))
+}
+
+fn node_state_to_pb(s: NodeState) -> pn::NodeState {
+    match s {
+        NodeState::Ready => pn::NodeState::Ready,
+        NodeState::Down => pn::NodeState::Down,
+        NodeState::Draining => pn::NodeState::Draining,
+    }
+}
 
 fn invalid(field: &str, reason: impl Into<String>) -> Invalid {
     Invalid {
@@ -215,7 +289,7 @@ pub fn exits_of(job: &Job) -> Vec<pb::ExitSummary> {
     let mut out: Vec<pb::ExitSummary> = by
         .into_iter()
         .map(|((reason, state, exit_code), count)| pb::ExitSummary {
-            state: state.as_str().to_string(),
+            state: sandbox_state_to_pb(state) as i32,
             exit_code: wire_exit_code(exit_code),
             count,
             start_failed: exit_code == EXIT_NOT_RUN,
@@ -233,13 +307,13 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
     let outcome = job.outcomes.get(index);
     let reason = end_reason(run);
     let desired = if run.stop {
-        "stopped"
+        pb::SandboxState::Stopped
     } else if run.checkpoint && !run.restore {
-        "checkpointed"
+        pb::SandboxState::Checkpointed
     } else if run.paused {
-        "paused"
+        pb::SandboxState::Paused
     } else {
-        "running"
+        pb::SandboxState::Running
     };
     let finished_at_ms = match outcome {
         Some(o) => o.at_ms,
@@ -249,12 +323,12 @@ pub fn sandbox_to_pb(job: &Job, index: u32) -> Option<pb::SandboxInfo> {
     Some(pb::SandboxInfo {
         job_id: job.id,
         index,
-        state: run.state.as_str().to_string(),
+        state: sandbox_state_to_pb(run.state) as i32,
         node: run.node.clone().unwrap_or_default(),
         generation: run.generation,
         cpu_millis: run.resources.cpu_millis,
         memory_mib: run.resources.memory_mib,
-        desired_state: desired.to_string(),
+        desired_state: desired as i32,
         exit_code: wire_exit_code(run.exit_code),
         restarts: run.restarts,
         submitted_at_ms: job.submitted_at_ms,
@@ -293,7 +367,7 @@ pub fn job_to_pb(job: &Job) -> pb::Job {
         id: job.id,
         spec: Some(job_spec_to_pb(&job.spec)),
         idempotency_key: job.idempotency_key.clone(),
-        state: job.state.as_str().to_string(),
+        state: job_state_to_pb(job.state) as i32,
         counts: Some(counts_to_pb(&job.counts)),
         pending_reason: job.pending_reason.clone(),
         submitted_at_ms: job.submitted_at_ms,
@@ -338,7 +412,7 @@ pub fn node_to_pb(node: &Node, usage: NodeUsage, used: Resources) -> pn::NodeInf
     pn::NodeInfo {
         node_id: node.spec.id.clone(),
         address: node.spec.address.clone(),
-        state: node.state.as_str().to_string(),
+        state: node_state_to_pb(node.state) as i32,
         allocatable: Some(resources_to_pb(node.spec.allocatable)),
         allocated: Some(resources_to_pb(usage.allocated)),
         used: Some(resources_to_pb(used)),
@@ -379,15 +453,14 @@ pub fn assignment_to_pb(a: &crate::state::Assignment, spec: &JobSpec) -> pn::San
         job_id: a.job,
         index: a.index,
         desired_state: if a.stop {
-            "stopped"
+            pb::SandboxState::Stopped
         } else if a.checkpoint {
-            "checkpointed"
+            pb::SandboxState::Checkpointed
         } else if a.paused {
-            "paused"
+            pb::SandboxState::Paused
         } else {
-            "running"
-        }
-        .to_string(),
+            pb::SandboxState::Running
+        } as i32,
         resources: Some(resources_to_pb(a.resources)),
         template: spec.template.clone(),
         command: spec.command.clone(),

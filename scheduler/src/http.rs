@@ -225,9 +225,21 @@ async fn list_jobs(
         Ok(l) => l,
         Err(e) => return bad_request(e.to_string()),
     };
+    let job_state = match q.state.as_str() {
+        "" => pb::JobState::Unspecified,
+        s => match pb::JobState::from_name(s) {
+            Some(st) => st,
+            None => {
+                return bad_request(format!(
+                    "state: unknown {s:?}; use {}",
+                    pb::JobState::names().join(", ")
+                ))
+            }
+        },
+    };
     let req = pb::ListJobsRequest {
         tenant: q.tenant,
-        state: q.state,
+        state: job_state as i32,
         limit: q.limit,
         before_id: q.before_id,
         labels,

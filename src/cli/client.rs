@@ -259,7 +259,7 @@ fn job_row(j: &pb::Job) -> Vec<String> {
     vec![
         j.id.to_string(),
         spec.tenant,
-        j.state.clone(),
+        j.state().name().to_string(),
         spec.count.to_string(),
         format_cpu(spec.cpu_millis),
         spec.memory_mib.to_string(),
@@ -287,10 +287,19 @@ pub async fn jobs(
     limit: u32,
     labels: &[String],
 ) -> anyhow::Result<()> {
+    let state = match state.as_deref() {
+        None | Some("") => pb::JobState::Unspecified,
+        Some(s) => pb::JobState::from_name(s).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--state: unknown {s:?}; use {}",
+                pb::JobState::names().join(", ")
+            )
+        })?,
+    };
     let r = c
         .list_jobs(pb::ListJobsRequest {
             tenant: tenant.unwrap_or_default(),
-            state: state.unwrap_or_default(),
+            state: state as i32,
             limit,
             before_id: 0,
             labels: surge_client::convert::parse_labels(labels)?,
@@ -314,7 +323,7 @@ fn progress_line(j: &pb::Job) -> String {
         j.id,
         "#".repeat(filled),
         "-".repeat(width - filled.min(width)),
-        j.state,
+        j.state().name(),
         c.pending,
         c.placed,
         c.running,
@@ -367,13 +376,20 @@ pub fn exits_line(j: &pb::Job) -> Option<String> {
         .map(|e| {
             let reason = surge_scheduler::convert::end_reason_name(e.reason);
             match (e.start_failed, reason) {
-                (true, _) => format!("{} {} (never started)", e.count, e.state),
+                (true, _) => format!("{} {} (never started)", e.count, e.state().name()),
                 (false, "signal") => {
-                    format!("{} {} (signal {})", e.count, e.state, e.exit_code - 128)
+                    format!(
+                        "{} {} (signal {})",
+                        e.count,
+                        e.state().name(),
+                        e.exit_code - 128
+                    )
                 }
-                (false, "" | "exited") => format!("{} {} (exit {})", e.count, e.state, e.exit_code),
+                (false, "" | "exited") => {
+                    format!("{} {} (exit {})", e.count, e.state().name(), e.exit_code)
+                }
                 // ttl-expired, idle-timeout, lease-lost, node-lost, cancelled, ...
-                (false, why) => format!("{} {} ({why})", e.count, e.state),
+                (false, why) => format!("{} {} ({why})", e.count, e.state().name()),
             }
         })
         .collect();
@@ -420,7 +436,11 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
         Output::Table => {
             let node = if s.node.is_empty() { "-" } else { &s.node };
             println!("sandbox    {}.{}", s.job_id, s.index);
-            println!("state      {} (desired {})", s.state, s.desired_state);
+            println!(
+                "state      {} (desired {})",
+                s.state().name(),
+                s.desired_state().name()
+            );
             println!("node       {node}");
             println!(
                 "resources  {} CPU, {} MiB",
@@ -428,17 +448,20 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
                 s.memory_mib
             );
             println!("generation {}  restarts {}", s.generation, s.restarts);
-            if s.state == "checkpointed" {
+            if s.state() == pb::SandboxState::Checkpointed {
                 println!(
                     "checkpoint {:.1} MiB image on node {node} (pinned there; `surge resume` restores it)",
                     f64::from(u32::try_from(s.image_bytes / 1024).unwrap_or(u32::MAX)) / 1024.0
                 );
             }
-            if !s.message.is_empty() && !s.state.is_empty() && s.finished_at_ms == 0 {
+            if !s.message.is_empty()
+                && s.state() != pb::SandboxState::Unspecified
+                && s.finished_at_ms == 0
+            {
                 println!("note       {}", s.message);
             }
             if matches!(
-                s.state.as_str(),
+                s.state().name(),
                 "succeeded" | "failed" | "oom-killed" | "stopped" | "lost" | "cancelled"
             ) {
                 if s.start_failed {
@@ -468,7 +491,7 @@ pub async fn sandbox(c: &Client, output: Output, id: &str) -> anyhow::Result<()>
 }
 
 fn no_log_reason(s: &pb::SandboxInfo) -> String {
-    match s.state.as_str() {
+    match s.state().name() {
         "pending" | "placed" | "running" | "paused" => {
             "not reported yet (a node reports the tail of stdout/stderr when the sandbox ends)"
                 .to_string()
@@ -486,7 +509,7 @@ pub async fn logs(c: &Client, output: Output, id: &str) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(&json!({
             "id": format!("{}.{}", s.job_id, s.index),
-            "state": s.state,
+            "state": s.state().name(),
             "exit_code": (!s.start_failed).then_some(s.exit_code),
             "start_failed": s.start_failed,
             "log_tail": s.log_tail,
@@ -512,7 +535,7 @@ pub async fn cancel(c: &Client, output: Output, id: u64) -> anyhow::Result<()> {
     let j = c.cancel_job(id).await?;
     match output {
         Output::Json => print_json(&job_json(&j)),
-        Output::Table => println!("job {} {}", j.id, j.state),
+        Output::Table => println!("job {} {}", j.id, j.state().name()),
     }
     Ok(())
 }
@@ -527,7 +550,7 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                 .map(|n| {
                     let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
                     json!({
-                        "node_id": n.node_id, "address": n.address, "state": n.state,
+                        "node_id": n.node_id, "address": n.address, "state": n.state().name(),
                         "os": n.os, "arch": n.arch, "labels": n.labels, "sandboxes": n.sandboxes,
                         "templates": n.templates, "runtime": n.runtime,
                         "checkpoint": n.labels.get("checkpoint").is_some_and(|v| v == "true"),
@@ -545,7 +568,7 @@ pub async fn nodes(c: &Client, output: Output) -> anyhow::Result<()> {
                     let (a, b, u) = (res(n.allocatable), res(n.allocated), res(n.used));
                     vec![
                         n.node_id.clone(),
-                        n.state.clone(),
+                        n.state().name().to_string(),
                         format!(
                             "{}/{}/{}",
                             format_cpu(a.cpu_millis),
@@ -592,12 +615,17 @@ pub async fn update_sandboxes(
 ) -> anyhow::Result<()> {
     let (job_id, first_index, count) = Sandboxes::parse(sandbox)?.range();
     let cpu_millis = surge_client::convert::cpu_millis(cpu.as_deref())?;
+    let action = match action {
+        "" => pb::SandboxAction::None,
+        a => pb::SandboxAction::from_name(a)
+            .ok_or_else(|| anyhow::anyhow!("unknown sandbox action {a:?}"))?,
+    };
     let j = c
         .update_sandboxes(pb::UpdateSandboxesRequest {
             job_id,
             first_index,
             count,
-            action: action.to_string(),
+            action: action as i32,
             cpu_millis,
             memory_mib: memory_mib.unwrap_or(0),
         })
@@ -612,8 +640,8 @@ pub async fn update_sandboxes(
 pub async fn drain(c: &Client, output: Output, node: String) -> anyhow::Result<()> {
     let n = c.drain_node(node).await?;
     match output {
-        Output::Json => print_json(&json!({"node_id": n.node_id, "state": n.state})),
-        Output::Table => println!("node {} {}", n.node_id, n.state),
+        Output::Json => print_json(&json!({"node_id": n.node_id, "state": n.state().name()})),
+        Output::Table => println!("node {} {}", n.node_id, n.state().name()),
     }
     Ok(())
 }

@@ -69,7 +69,7 @@ fn finish_wait(output: Output, what: &str, r: &pb::WaitJobReply) -> anyhow::Resu
     match output {
         Output::Json => print_json(&wait_json(r)),
         Output::Table => {
-            let state = r.job.as_ref().map_or("", |j| j.state.as_str());
+            let state = r.job.as_ref().map_or("", |j| j.state().name());
             println!("{what}: {} (job {state})", outcome_name(r.outcome));
         }
     }
@@ -160,10 +160,10 @@ pub async fn keepalive(
         Output::Table if j.lease_expires_at_ms != 0 => println!(
             "job {} {}; lease until {}",
             j.id,
-            j.state,
+            j.state().name(),
             super::client::time_ms(j.lease_expires_at_ms)
         ),
-        Output::Table => println!("job {} {}", j.id, j.state),
+        Output::Table => println!("job {} {}", j.id, j.state().name()),
     }
     Ok(())
 }

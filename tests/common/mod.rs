@@ -111,7 +111,7 @@ pub async fn jobs_on(addr: &str) -> Vec<pb::Job> {
     let mut c = client::jobs(addr).expect("client");
     c.list_jobs(pb::ListJobsRequest {
         tenant: "test".into(),
-        state: String::new(),
+        state: 0,
         limit: 10_000,
         before_id: 0,
         labels: Default::default(),

@@ -84,7 +84,7 @@ pub async fn list_all(
         let page = c
             .list_jobs(pb::ListJobsRequest {
                 tenant: tenant.into(),
-                state: String::new(),
+                state: pb::JobState::Unspecified as i32,
                 limit: 10_000,
                 before_id,
                 labels: Default::default(),
@@ -142,7 +142,10 @@ pub async fn node_totals(addr: &str) -> anyhow::Result<(usize, u64)> {
         .await?
         .into_inner()
         .nodes;
-    let ready = nodes.iter().filter(|n| n.state == "ready").count();
+    let ready = nodes
+        .iter()
+        .filter(|n| n.state() == surge_proto::node::NodeState::Ready)
+        .count();
     let held = nodes.iter().map(|n| u64::from(n.sandboxes)).sum();
     Ok((ready, held))
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use surge_proto::jobs::SandboxState as Ss;
 use surge_proto::node as pn;
 
 use crate::reconcile::{
@@ -17,25 +18,14 @@ use crate::runtime::ExitReport;
 /// Bytes of log output carried in one status report (stdout and stderr together).
 pub const LOG_TAIL_REPORT_MAX_BYTES: usize = 4 * 1024;
 
-/// Report states, as the node API spells them.
-pub const STATE_RUNNING: &str = "running";
-pub const STATE_PAUSED: &str = "paused";
-pub const STATE_CHECKPOINTED: &str = "checkpointed";
-pub const STATE_SUCCEEDED: &str = "succeeded";
-pub const STATE_FAILED: &str = "failed";
-pub const STATE_OOM_KILLED: &str = "oom-killed";
-pub const STATE_LOST: &str = "lost";
-/// Ended because the scheduler asked for `desired_state = "stopped"` (`surge stop`).
-pub const STATE_STOPPED: &str = "stopped";
-
 /// Exit status reported for an OOM kill when the runtime does not know one (128 + SIGKILL).
 const OOM_EXIT_CODE: i32 = 137;
 
 /// A sandbox from the scheduler that this node cannot act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
-    #[error("sandbox {id}: desired_state {state:?} is not one of running, paused, stopped; the scheduler is newer than this node, upgrade the node")]
-    UnknownDesiredState { id: SandboxId, state: String },
+    #[error("sandbox {id}: desired_state {state} is not one of RUNNING, PAUSED, STOPPED, CHECKPOINTED; the scheduler is newer than this node, upgrade the node")]
+    UnknownDesiredState { id: SandboxId, state: i32 },
     #[error("sandbox {id}: no resources given; the scheduler must send cpu_millis and memory_mib")]
     MissingResources { id: SandboxId },
 }
@@ -54,16 +44,13 @@ pub fn resources_to_pb(r: Resources) -> pn::Resources {
     }
 }
 
-pub fn desired_state_from_pb(id: SandboxId, s: &str) -> Result<DesiredState, ConvertError> {
-    match s {
-        "running" => Ok(DesiredState::Running),
-        "paused" => Ok(DesiredState::Paused),
-        "stopped" => Ok(DesiredState::Stopped),
-        "checkpointed" => Ok(DesiredState::Checkpointed),
-        other => Err(ConvertError::UnknownDesiredState {
-            id,
-            state: other.to_owned(),
-        }),
+pub fn desired_state_from_pb(id: SandboxId, s: i32) -> Result<DesiredState, ConvertError> {
+    match Ss::try_from(s) {
+        Ok(Ss::Running) => Ok(DesiredState::Running),
+        Ok(Ss::Paused) => Ok(DesiredState::Paused),
+        Ok(Ss::Stopped) => Ok(DesiredState::Stopped),
+        Ok(Ss::Checkpointed) => Ok(DesiredState::Checkpointed),
+        _ => Err(ConvertError::UnknownDesiredState { id, state: s }),
     }
 }
 
@@ -84,7 +71,7 @@ pub fn desired_from_pb(s: &pn::Sandbox) -> Result<DesiredSandbox, ConvertError> 
         id,
         generation: s.generation,
         revision: s.revision,
-        desired_state: desired_state_from_pb(id, &s.desired_state)?,
+        desired_state: desired_state_from_pb(id, s.desired_state)?,
         spec: SandboxSpec {
             template: s.template.clone(),
             command: s.command.clone(),
@@ -251,7 +238,7 @@ pub fn status_live(
     pn::SandboxStatus {
         job_id: id.job,
         index: id.index,
-        state: if paused { STATE_PAUSED } else { STATE_RUNNING }.to_owned(),
+        state: if paused { Ss::Paused } else { Ss::Running } as i32,
         resources: Some(resources_to_pb(resources)),
         generation,
         ..Default::default()
@@ -265,14 +252,14 @@ pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
         _ => 0,
     };
     let (state, exit_code, message) = match &o.state {
-        ObservedState::Checkpointed { .. } => (STATE_CHECKPOINTED, 0, String::new()),
-        ObservedState::Starting | ObservedState::Running => (STATE_RUNNING, 0, String::new()),
-        ObservedState::Paused => (STATE_PAUSED, 0, String::new()),
-        ObservedState::Exited { code: 0 } => (STATE_SUCCEEDED, 0, String::new()),
-        ObservedState::Exited { code } => (STATE_FAILED, *code, String::new()),
-        ObservedState::Failed { reason } => (STATE_FAILED, 0, reason.clone()),
+        ObservedState::Checkpointed { .. } => (Ss::Checkpointed, 0, String::new()),
+        ObservedState::Starting | ObservedState::Running => (Ss::Running, 0, String::new()),
+        ObservedState::Paused => (Ss::Paused, 0, String::new()),
+        ObservedState::Exited { code: 0 } => (Ss::Succeeded, 0, String::new()),
+        ObservedState::Exited { code } => (Ss::Failed, *code, String::new()),
+        ObservedState::Failed { reason } => (Ss::Failed, 0, reason.clone()),
         ObservedState::OomKilled => (
-            STATE_OOM_KILLED,
+            Ss::OomKilled,
             OOM_EXIT_CODE,
             "killed by the kernel for exceeding its memory limit".to_owned(),
         ),
@@ -280,7 +267,7 @@ pub fn status_from_observed(o: &ObservedSandbox) -> pn::SandboxStatus {
     pn::SandboxStatus {
         job_id: o.id.job,
         index: o.id.index,
-        state: state.to_owned(),
+        state: state as i32,
         exit_code,
         message,
         resources: Some(resources_to_pb(o.resources)),
@@ -307,13 +294,13 @@ pub fn status_from_exit(
     };
     let mut status = status_from_observed(&observed);
     if let Some(code) = report.code {
-        if status.state != STATE_SUCCEEDED {
+        if status.state() != Ss::Succeeded {
             status.exit_code = code;
         }
     }
     if stopped == Some(StopReason::Requested) {
         // Asked for: a stop, not a failure, whatever the exit status (143 after SIGTERM).
-        status.state = STATE_STOPPED.to_owned();
+        status.state = Ss::Stopped as i32;
         status.exit_code = report.code.unwrap_or(status.exit_code);
     }
     if let Some(reason) = stopped {
@@ -341,7 +328,7 @@ pub fn status_start_failed(
     pn::SandboxStatus {
         job_id: id.job,
         index: id.index,
-        state: STATE_FAILED.to_owned(),
+        state: Ss::Failed as i32,
         exit_code: 0,
         message,
         resources: Some(resources_to_pb(resources)),
@@ -360,7 +347,7 @@ pub fn status_lost(
     message: String,
 ) -> pn::SandboxStatus {
     pn::SandboxStatus {
-        state: STATE_LOST.to_owned(),
+        state: Ss::Lost as i32,
         ..status_start_failed(id, generation, resources, message)
     }
 }
@@ -373,7 +360,7 @@ mod tests {
         pn::Sandbox {
             job_id: job,
             index,
-            desired_state: state.into(),
+            desired_state: Ss::from_name(state).map_or(99, |s| s as i32),
             resources: Some(pn::Resources {
                 cpu_millis: 500,
                 memory_mib: 256,
@@ -430,7 +417,7 @@ mod tests {
             desired_from_pb(&pb(1, 0, 1, 1, "hibernating")),
             Err(ConvertError::UnknownDesiredState {
                 id: SandboxId::new(1, 0),
-                state: "hibernating".into()
+                state: 99
             })
         );
         let mut none = pb(1, 0, 1, 1, "running");
@@ -534,20 +521,20 @@ mod tests {
         };
         let ok = status_from_exit(&exit(ObservedState::Exited { code: 0 }, Some(0)), res, None);
         assert_eq!(
-            (ok.state.as_str(), ok.exit_code, ok.generation),
+            (ok.state().name(), ok.exit_code, ok.generation),
             ("succeeded", 0, 2)
         );
         assert_eq!(ok.log_tail, "hi\noops\n");
         let bad = status_from_exit(&exit(ObservedState::Exited { code: 3 }, Some(3)), res, None);
-        assert_eq!((bad.state.as_str(), bad.exit_code), ("failed", 3));
+        assert_eq!((bad.state().name(), bad.exit_code), ("failed", 3));
         let oom = status_from_exit(&exit(ObservedState::OomKilled, None), res, None);
-        assert_eq!((oom.state.as_str(), oom.exit_code), ("oom-killed", 137));
+        assert_eq!((oom.state().name(), oom.exit_code), ("oom-killed", 137));
         let stopped = status_from_exit(
             &exit(ObservedState::Exited { code: 143 }, Some(143)),
             res,
             Some(StopReason::Unassigned),
         );
-        assert_eq!((stopped.state.as_str(), stopped.exit_code), ("failed", 143));
+        assert_eq!((stopped.state().name(), stopped.exit_code), ("failed", 143));
         assert!(stopped.message.contains("no longer assigned"));
         let requested = status_from_exit(
             &exit(ObservedState::Exited { code: 143 }, Some(143)),
@@ -555,7 +542,7 @@ mod tests {
             Some(StopReason::Requested),
         );
         assert_eq!(
-            (requested.state.as_str(), requested.exit_code),
+            (requested.state().name(), requested.exit_code),
             ("stopped", 143)
         );
         assert_eq!(requested.log_tail, "hi\noops\n");
@@ -570,7 +557,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            (failed.state.as_str(), failed.message.as_str()),
+            (failed.state().name(), failed.message.as_str()),
             ("failed", "no crun")
         );
         assert_eq!(
@@ -582,9 +569,9 @@ mod tests {
                 resources: res,
                 owned: false
             })
-            .state,
-            "paused"
+            .state(),
+            Ss::Paused
         );
-        assert_eq!(status_lost(id, 1, res, "gone".into()).state, "lost");
+        assert_eq!(status_lost(id, 1, res, "gone".into()).state(), Ss::Lost);
     }
 }

@@ -334,7 +334,7 @@ mod tests {
         pn::SandboxStatus {
             job_id: job,
             index,
-            state: state.into(),
+            state: surge_proto::jobs::SandboxState::from_name(state).expect("a state") as i32,
             generation,
             ..Default::default()
         }
@@ -348,7 +348,7 @@ mod tests {
         o.record(st(1, 1, 1, "running"));
         assert_eq!(o.pending_len(), 2);
         let batch = o.take_batch(REPORT_BATCH_MAX);
-        assert_eq!(batch[0].state, "succeeded");
+        assert_eq!(batch[0].state().name(), "succeeded");
         assert_eq!(o.pending_len(), 0);
     }
 
@@ -377,7 +377,7 @@ mod tests {
         o.record(st(1, 3, 1, "succeeded"));
         o.settle(sent, 2); // the scheduler accepted 1.0 and 1.1 only
         let again = o.take_batch(10);
-        let got: Vec<_> = again.iter().map(|s| (s.index, s.state.as_str())).collect();
+        let got: Vec<_> = again.iter().map(|s| (s.index, s.state().name())).collect();
         assert_eq!(got, vec![(2, "running"), (3, "succeeded")]);
         o.settle(again, 0); // failed: everything comes back
         assert_eq!(o.pending_len(), 2);
@@ -395,7 +395,7 @@ mod tests {
         let full = o.full_report();
         let got: Vec<_> = full
             .iter()
-            .map(|s| (s.job_id, s.index, s.generation, s.state.as_str()))
+            .map(|s| (s.job_id, s.index, s.generation, s.state().name()))
             .collect();
         assert_eq!(got, vec![(1, 0, 2, "running"), (1, 1, 1, "failed")]);
         // Left to send as changes: the old incarnation's exit and the forgotten sandbox's end.

@@ -22,7 +22,7 @@ from ._proto import cluster_pb2, jobs_pb2
 from ._sandbox import AsyncSandbox, parse_ref
 from ._spec import Constraints, Duration, job_spec
 from ._transport import REQUEST_TIMEOUT, Repeat, Transport
-from ._types import JobInfo
+from ._types import JobInfo, job_state_value
 from .errors import InvalidArgument, QuotaExceeded, SandboxEnded, StartTimeout, SurgeError
 
 # Owner lease of what a client creates, unless told otherwise.
@@ -344,8 +344,12 @@ class AsyncClient:
         """Jobs, newest first (a tenant's token sees its own)."""
         if not 0 < limit <= JOBS_LIMIT_MAX:
             raise InvalidArgument(f"limit {limit}: 1 to {JOBS_LIMIT_MAX}")
+        try:
+            wire_state = job_state_value(state) if state else jobs_pb2.JOB_STATE_UNSPECIFIED
+        except ValueError as e:
+            raise InvalidArgument(f"state: {e}") from None
         req = jobs_pb2.ListJobsRequest(
-            tenant=tenant or "", state=state or "", limit=limit, labels=dict(labels or {})
+            tenant=tenant or "", state=wire_state, limit=limit, labels=dict(labels or {})
         )
         reply = await self._unary(Repeat.SAFE, "list jobs", lambda s: s.ListJobs, req)
         return [JobInfo.from_pb(j) for j in reply.jobs]

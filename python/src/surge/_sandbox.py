@@ -148,7 +148,10 @@ class AsyncSandbox:
                     f"stop sandbox {self.id}",
                     lambda s: s.UpdateSandboxes,
                     jobs_pb2.UpdateSandboxesRequest(
-                        job_id=self.job_id, first_index=self.index, count=1, action="stop"
+                        job_id=self.job_id,
+                        first_index=self.index,
+                        count=1,
+                        action=jobs_pb2.SANDBOX_ACTION_STOP,
                     ),
                 )
         except SandboxNotFound:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from ._proto import jobs_pb2, sandbox_pb2
 
@@ -46,6 +47,42 @@ _END_REASONS: dict[int, EndReason] = {
     jobs_pb2.END_REASON_CANCELLED: EndReason.CANCELLED,
     jobs_pb2.END_REASON_RUNTIME_ERROR: EndReason.RUNTIME_ERROR,
 }
+
+
+def _name(prefix: str, full: str) -> str:
+    """A wire enum value's name as surge prints it: SANDBOX_STATE_OOM_KILLED -> oom-killed."""
+    return full.removeprefix(prefix).lower().replace("_", "-")
+
+
+def sandbox_state_name(value: int) -> str:
+    """A sandbox state's name ("" for unspecified or a value this SDK does not know)."""
+    if value == jobs_pb2.SANDBOX_STATE_UNSPECIFIED:
+        return ""
+    try:
+        return _name("SANDBOX_STATE_", jobs_pb2.SandboxState.Name(cast(Any, value)))
+    except ValueError:
+        return ""
+
+
+def job_state_name(value: int) -> str:
+    """A job state's name ("" for unspecified or a value this SDK does not know)."""
+    if value == jobs_pb2.JOB_STATE_UNSPECIFIED:
+        return ""
+    try:
+        return _name("JOB_STATE_", jobs_pb2.JobState.Name(cast(Any, value)))
+    except ValueError:
+        return ""
+
+
+def job_state_value(name: str) -> jobs_pb2.JobState.ValueType:
+    """The wire value of a job state name ("running"); ValueError for an unknown one."""
+    names = [n for n in jobs_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED"]  # noqa: SIM118
+    for full in names:
+        if _name("JOB_STATE_", full) == name:
+            return jobs_pb2.JobState.Value(full)
+    known = ", ".join(_name("JOB_STATE_", n) for n in names)
+    raise ValueError(f"unknown job state {name!r}; use {known}")
+
 
 # Sandbox states after which nothing runs again.
 ENDED_STATES = frozenset({"succeeded", "failed", "oom-killed", "lost", "cancelled", "stopped"})
@@ -181,7 +218,7 @@ class JobInfo:
     def from_pb(j: jobs_pb2.Job) -> JobInfo:
         return JobInfo(
             id=j.id,
-            state=j.state,
+            state=job_state_name(j.state),
             tenant=j.spec.tenant,
             count=j.spec.count,
             counts=Counts.from_pb(j.counts),
@@ -190,7 +227,10 @@ class JobInfo:
             submitted_at_ms=j.submitted_at_ms,
             finished_at_ms=j.finished_at_ms,
             name=j.spec.name,
-            exits=[(e.state, e.exit_code, e.count, EndReason.from_pb(e.reason)) for e in j.exits],
+            exits=[
+                (sandbox_state_name(e.state), e.exit_code, e.count, EndReason.from_pb(e.reason))
+                for e in j.exits
+            ],
         )
 
 
@@ -220,7 +260,7 @@ class SandboxInfo:
         return SandboxInfo(
             job_id=s.job_id,
             index=s.index,
-            state=s.state,
+            state=sandbox_state_name(s.state),
             node=s.node,
             exit_code=s.exit_code,
             end_reason=EndReason.from_pb(s.end_reason),

@@ -14,7 +14,7 @@ use super::guard::Caller;
 use super::{now_ms, Replica};
 use crate::command::{Command, Response as Reply};
 use crate::convert;
-use crate::model::{JobId, JobState};
+use crate::model::JobId;
 use crate::validate;
 
 /// Most jobs one `ListJobs` returns.
@@ -123,14 +123,7 @@ impl JobsService {
             }
             req.tenant = t.to_string();
         }
-        let state = match req.state.as_str() {
-            "" => None,
-            s => Some(JobState::parse(s).ok_or_else(|| {
-                JobApiError::Invalid(format!(
-                    "state: unknown {s:?}; use pending, running, complete, failed or cancelled"
-                ))
-            })?),
-        };
+        let state = convert::job_state_from_pb(req.state).map_err(JobApiError::from)?;
         validate::labels(&req.labels).map_err(JobApiError::from)?;
         let limit = match req.limit {
             0 => LIST_LIMIT_DEFAULT,
@@ -197,11 +190,12 @@ impl JobsService {
         } else {
             req.count
         };
-        let paused = match req.action.as_str() {
-            "" => None,
-            "pause" => Some(true),
-            "resume" => Some(false),
-            action @ ("checkpoint" | "stop") => {
+        let paused = match pb::SandboxAction::try_from(req.action) {
+            Ok(pb::SandboxAction::None) => None,
+            Ok(pb::SandboxAction::Pause) => Some(true),
+            Ok(pb::SandboxAction::Resume) => Some(false),
+            Ok(action @ (pb::SandboxAction::Checkpoint | pb::SandboxAction::Stop)) => {
+                let action = action.name();
                 if req.cpu_millis != 0 || req.memory_mib != 0 {
                     return Err(JobApiError::Invalid(format!(
                         "{action} takes no new resources; {action} and resize are separate requests"
@@ -226,9 +220,11 @@ impl JobsService {
                 self.batcher.propose(command).await?;
                 return self.get(caller, req.job_id).await;
             }
-            other => {
+            Err(_) => {
                 return Err(JobApiError::Invalid(format!(
-                    "action: unknown {other:?}; use pause, resume, checkpoint or stop"
+                    "action: unknown action {}; use {}",
+                    req.action,
+                    pb::SandboxAction::names().join(", ")
                 )))
             }
         };
@@ -359,7 +355,11 @@ impl JobsService {
             if tx.send(last.clone()).await.is_err() {
                 return;
             }
-            while JobState::parse(&last.state).is_some_and(|s| !s.is_terminal()) {
+            while convert::job_state_from_pb(last.state)
+                .ok()
+                .flatten()
+                .is_some_and(|s| !s.is_terminal())
+            {
                 if applied.changed().await.is_err() {
                     return;
                 }

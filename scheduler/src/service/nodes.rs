@@ -103,8 +103,8 @@ fn resources(r: Option<pn::Resources>) -> Option<Resources> {
     r.map(|r| Resources::new(r.cpu_millis, r.memory_mib))
 }
 
-fn state_of(s: &str) -> Result<SandboxState, Status> {
-    match SandboxState::parse(s) {
+fn state_of(s: i32) -> Result<SandboxState, Status> {
+    match convert::sandbox_state_from_pb(s) {
         Some(st @ (SandboxState::Running
         | SandboxState::Paused
         | SandboxState::Succeeded
@@ -114,7 +114,7 @@ fn state_of(s: &str) -> Result<SandboxState, Status> {
         | SandboxState::Stopped
         | SandboxState::Checkpointed)) => Ok(st),
         _ => Err(Status::invalid_argument(format!(
-            "updates: unknown sandbox state {s:?}; use running, paused, succeeded, failed, oom-killed, lost, stopped or checkpointed"
+            "updates: sandbox state {s} is not one a node reports; use RUNNING, PAUSED, SUCCEEDED, FAILED, OOM_KILLED, LOST, STOPPED or CHECKPOINTED"
         ))),
     }
 }
@@ -302,7 +302,7 @@ impl NodeApi for NodesService {
         let mut updates = Vec::with_capacity(req.updates.len());
         let mut outcomes = Vec::new();
         for u in &req.updates {
-            let state = state_of(&u.state)?;
+            let state = state_of(u.state)?;
             let exit_code = if u.start_failed {
                 crate::runs::EXIT_NOT_RUN
             } else if state == SandboxState::Checkpointed {

@@ -4,7 +4,9 @@
 //!  Running|Paused --Checkpoint cmd--> (checkpoint=true; node dumps) --node: checkpointed-->
 //!  Checkpointed (holds nothing; pinned to its node) --resume--> restore=true
 //!     --try_restores: node up and room--> Placed (books it again; node restores) --> Running
-//!     --node down or gone--> Lost (node-lost)       --no room--> waits, `note` says why
+//!     --node down or gone--> Lost (node-lost)
+//!     --no room--> preempts strictly lower priority work there (`restore_room`), else waits,
+//!                  `note` says why
 //!  a failed dump: the node says so (an outcome note); checkpoint=false, it keeps running
 //! ```
 //!
@@ -139,6 +141,8 @@ impl ClusterState {
         if self.restores.is_empty() {
             return;
         }
+        // A full node makes room by preempting lower priority work (`restore_room`).
+        self.preempt_for_restores(index, at_ms, crate::placement::PlacementParams::default());
         let mut usage = self.node_usage();
         let jobs: Vec<JobId> = self.restores.iter().copied().collect();
         let mut touched = BTreeSet::new();

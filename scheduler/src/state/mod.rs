@@ -23,6 +23,9 @@ mod checkpoint_tests;
 mod lifetime_tests;
 mod query;
 mod report;
+mod restore_room;
+#[cfg(test)]
+mod restore_room_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -162,7 +162,7 @@ impl SimNode {
 /// A node's status report as the leader takes it (what `Nodes.ReportStatus` does with each
 /// update); a state the leader does not know is dropped, as the service refuses it.
 fn update_of(u: &pn::SandboxStatus) -> Option<StatusUpdate> {
-    let state = SandboxState::parse(&u.state)?;
+    let state = surge_scheduler::convert::sandbox_state_from_pb(u.state)?;
     let resources = u
         .resources
         .as_ref()
@@ -425,7 +425,7 @@ mod tests {
     fn states(batch: &[pn::SandboxStatus]) -> Vec<(u64, u32, u64, &str)> {
         batch
             .iter()
-            .map(|s| (s.job_id, s.index, s.generation, s.state.as_str()))
+            .map(|s| (s.job_id, s.index, s.generation, s.state().name()))
             .collect()
     }
 
@@ -441,7 +441,7 @@ mod tests {
         let sandbox = pn::Sandbox {
             job_id: 1,
             index: 0,
-            desired_state: "running".into(),
+            desired_state: surge_proto::jobs::SandboxState::Running as i32,
             resources: Some(pn::Resources {
                 cpu_millis: 500,
                 memory_mib: 256,

@@ -566,15 +566,11 @@ async fn stop_is_graceful_then_forced() {
     .await
     .expect("start");
     let grace = Duration::from_millis(1500);
-    let t0 = Instant::now();
     let report = rt.stop(polite, grace).await.expect("stop");
+    // Exit 7 is its TERM trap's: it ended on SIGTERM, not SIGKILL after the grace (no timing
+    // asserted: this machine is shared).
     assert_eq!(report.state, ObservedState::Exited { code: 7 });
     assert!(report.stdout_tail.contains("bye"));
-    assert!(
-        t0.elapsed() < grace,
-        "graceful stop took {:?}",
-        t0.elapsed()
-    );
     let t1 = Instant::now();
     let report = rt.stop(stubborn, grace).await.expect("stop");
     assert_eq!(report.state, ObservedState::Exited { code: 137 });

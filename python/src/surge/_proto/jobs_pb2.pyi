@@ -19,6 +19,109 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SandboxState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SandboxStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SANDBOX_STATE_UNSPECIFIED: _SandboxState.ValueType  # 0
+    SANDBOX_STATE_PENDING: _SandboxState.ValueType  # 1
+    """Waiting for a node."""
+    SANDBOX_STATE_PLACED: _SandboxState.ValueType  # 2
+    """Assigned to a node that has not reported it running yet."""
+    SANDBOX_STATE_RUNNING: _SandboxState.ValueType  # 3
+    SANDBOX_STATE_PAUSED: _SandboxState.ValueType  # 4
+    SANDBOX_STATE_SUCCEEDED: _SandboxState.ValueType  # 5
+    SANDBOX_STATE_FAILED: _SandboxState.ValueType  # 6
+    SANDBOX_STATE_OOM_KILLED: _SandboxState.ValueType  # 7
+    SANDBOX_STATE_LOST: _SandboxState.ValueType  # 8
+    """Its node went down and it could not be rescheduled."""
+    SANDBOX_STATE_CANCELLED: _SandboxState.ValueType  # 9
+    SANDBOX_STATE_STOPPED: _SandboxState.ValueType  # 10
+    """Ended at a user's request (graceful stop)."""
+    SANDBOX_STATE_CHECKPOINTED: _SandboxState.ValueType  # 11
+    """Saved to its node's disk and stopped, holding no CPU or memory; pinned to that node."""
+
+class SandboxState(_SandboxState, metaclass=_SandboxStateEnumTypeWrapper):
+    """A sandbox's state (the scheduler's view; a node's reports and desired states use a subset)."""
+
+SANDBOX_STATE_UNSPECIFIED: SandboxState.ValueType  # 0
+SANDBOX_STATE_PENDING: SandboxState.ValueType  # 1
+"""Waiting for a node."""
+SANDBOX_STATE_PLACED: SandboxState.ValueType  # 2
+"""Assigned to a node that has not reported it running yet."""
+SANDBOX_STATE_RUNNING: SandboxState.ValueType  # 3
+SANDBOX_STATE_PAUSED: SandboxState.ValueType  # 4
+SANDBOX_STATE_SUCCEEDED: SandboxState.ValueType  # 5
+SANDBOX_STATE_FAILED: SandboxState.ValueType  # 6
+SANDBOX_STATE_OOM_KILLED: SandboxState.ValueType  # 7
+SANDBOX_STATE_LOST: SandboxState.ValueType  # 8
+"""Its node went down and it could not be rescheduled."""
+SANDBOX_STATE_CANCELLED: SandboxState.ValueType  # 9
+SANDBOX_STATE_STOPPED: SandboxState.ValueType  # 10
+"""Ended at a user's request (graceful stop)."""
+SANDBOX_STATE_CHECKPOINTED: SandboxState.ValueType  # 11
+"""Saved to its node's disk and stopped, holding no CPU or memory; pinned to that node."""
+Global___SandboxState: _TypeAlias = SandboxState  # noqa: Y015
+
+class _JobState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    """In a request: any state."""
+    JOB_STATE_PENDING: _JobState.ValueType  # 1
+    JOB_STATE_RUNNING: _JobState.ValueType  # 2
+    JOB_STATE_COMPLETE: _JobState.ValueType  # 3
+    JOB_STATE_FAILED: _JobState.ValueType  # 4
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 5
+
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+
+JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+"""In a request: any state."""
+JOB_STATE_PENDING: JobState.ValueType  # 1
+JOB_STATE_RUNNING: JobState.ValueType  # 2
+JOB_STATE_COMPLETE: JobState.ValueType  # 3
+JOB_STATE_FAILED: JobState.ValueType  # 4
+JOB_STATE_CANCELLED: JobState.ValueType  # 5
+Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+class _SandboxAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SandboxActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SANDBOX_ACTION_NONE: _SandboxAction.ValueType  # 0
+    """Only resize."""
+    SANDBOX_ACTION_PAUSE: _SandboxAction.ValueType  # 1
+    """Freeze its processes (cgroup freezer); it keeps its CPU and memory."""
+    SANDBOX_ACTION_RESUME: _SandboxAction.ValueType  # 2
+    """Thaw a paused sandbox, or restore a checkpointed one on its node."""
+    SANDBOX_ACTION_STOP: _SandboxAction.ValueType  # 3
+    """Graceful: SIGTERM, a grace period, then SIGKILL."""
+    SANDBOX_ACTION_CHECKPOINT: _SandboxAction.ValueType  # 4
+    """Dump to the node's disk and release its CPU and memory."""
+
+class SandboxAction(_SandboxAction, metaclass=_SandboxActionEnumTypeWrapper):
+    """What UpdateSandboxes does besides resizing."""
+
+SANDBOX_ACTION_NONE: SandboxAction.ValueType  # 0
+"""Only resize."""
+SANDBOX_ACTION_PAUSE: SandboxAction.ValueType  # 1
+"""Freeze its processes (cgroup freezer); it keeps its CPU and memory."""
+SANDBOX_ACTION_RESUME: SandboxAction.ValueType  # 2
+"""Thaw a paused sandbox, or restore a checkpointed one on its node."""
+SANDBOX_ACTION_STOP: SandboxAction.ValueType  # 3
+"""Graceful: SIGTERM, a grace period, then SIGKILL."""
+SANDBOX_ACTION_CHECKPOINT: SandboxAction.ValueType  # 4
+"""Dump to the node's disk and release its CPU and memory."""
+Global___SandboxAction: _TypeAlias = SandboxAction  # noqa: Y015
+
 class _EndReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -353,17 +456,14 @@ class SandboxInfo(_message.Message):
     IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     index: _builtins.int
-    state: _builtins.str
-    """"pending", "placed", "running", "paused", "succeeded", "failed", "oom-killed", "lost",
-    "cancelled", "stopped", "checkpointed"
-    """
+    state: Global___SandboxState.ValueType
     node: _builtins.str
     """Where it runs or last ran ("" when never placed)."""
     generation: _builtins.int
     cpu_millis: _builtins.int
     memory_mib: _builtins.int
-    desired_state: _builtins.str
-    """"running", "paused" or "stopped": what the scheduler asks its node for."""
+    desired_state: Global___SandboxState.ValueType
+    """What the scheduler asks its node for: RUNNING, PAUSED, STOPPED or CHECKPOINTED."""
     exit_code: _builtins.int
     restarts: _builtins.int
     submitted_at_ms: _builtins.int
@@ -397,12 +497,12 @@ class SandboxInfo(_message.Message):
         *,
         job_id: _builtins.int = ...,
         index: _builtins.int = ...,
-        state: _builtins.str = ...,
+        state: Global___SandboxState.ValueType = ...,
         node: _builtins.str = ...,
         generation: _builtins.int = ...,
         cpu_millis: _builtins.int = ...,
         memory_mib: _builtins.int = ...,
-        desired_state: _builtins.str = ...,
+        desired_state: Global___SandboxState.ValueType = ...,
         exit_code: _builtins.int = ...,
         restarts: _builtins.int = ...,
         submitted_at_ms: _builtins.int = ...,
@@ -440,11 +540,7 @@ class UpdateSandboxesRequest(_message.Message):
     first_index: _builtins.int
     count: _builtins.int
     """0: every sandbox from first_index to the end of the job."""
-    action: _builtins.str
-    """"", "pause", "resume", "stop" (graceful: SIGTERM, a grace period, then SIGKILL) or
-    "checkpoint" (dump to the node's disk and release its CPU and memory; "resume" restores it
-    on the same node)
-    """
+    action: Global___SandboxAction.ValueType
     cpu_millis: _builtins.int
     """0: unchanged."""
     memory_mib: _builtins.int
@@ -454,7 +550,7 @@ class UpdateSandboxesRequest(_message.Message):
         job_id: _builtins.int = ...,
         first_index: _builtins.int = ...,
         count: _builtins.int = ...,
-        action: _builtins.str = ...,
+        action: Global___SandboxAction.ValueType = ...,
         cpu_millis: _builtins.int = ...,
         memory_mib: _builtins.int = ...,
     ) -> None: ...
@@ -785,7 +881,8 @@ class ListJobsRequest(_message.Message):
     BEFORE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
-    state: _builtins.str
+    state: Global___JobState.ValueType
+    """UNSPECIFIED: any."""
     limit: _builtins.int
     before_id: _builtins.int
     """Paging: only jobs with an id below this (0: from the newest). Jobs come newest first."""
@@ -797,7 +894,7 @@ class ListJobsRequest(_message.Message):
         self,
         *,
         tenant: _builtins.str = ...,
-        state: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
         limit: _builtins.int = ...,
         before_id: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
@@ -914,7 +1011,7 @@ class ExitSummary(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     START_FAILED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    state: _builtins.str
+    state: Global___SandboxState.ValueType
     exit_code: _builtins.int
     count: _builtins.int
     start_failed: _builtins.bool
@@ -923,7 +1020,7 @@ class ExitSummary(_message.Message):
     def __init__(
         self,
         *,
-        state: _builtins.str = ...,
+        state: Global___SandboxState.ValueType = ...,
         exit_code: _builtins.int = ...,
         count: _builtins.int = ...,
         start_failed: _builtins.bool = ...,
@@ -954,8 +1051,7 @@ class Job(_message.Message):
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     idempotency_key: _builtins.str
-    state: _builtins.str
-    """"pending", "running", "complete", "failed", "cancelled" """
+    state: Global___JobState.ValueType
     pending_reason: _builtins.str
     """Why sandboxes are still pending, in words ("needs 4,000 more CPUs")."""
     submitted_at_ms: _builtins.int
@@ -979,7 +1075,7 @@ class Job(_message.Message):
         id: _builtins.int = ...,
         spec: Global___JobSpec | None = ...,
         idempotency_key: _builtins.str = ...,
-        state: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
         counts: Global___Counts | None = ...,
         pending_reason: _builtins.str = ...,
         submitted_at_ms: _builtins.int = ...,
