@@ -142,6 +142,16 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Capture a running container sandbox's filesystem (JOB.INDEX) as a new template on its
+    /// node: the sandbox is frozen for the copy, then thawed. `surge template copy` spreads it.
+    Snapshot {
+        sandbox: String,
+        /// The new template's name (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        template: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Resume paused sandboxes (JOB or JOB.INDEX).
     Resume {
         sandbox: String,
@@ -405,7 +415,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Cmd::Cp { args, target } => cli::io::cp(&client(&target)?, target.output, args).await,
+        Cmd::Template {
+            action: cli::template::TemplateCmd::Copy(args),
+        } => {
+            let c = client(&args.target)?;
+            let output = args.target.output;
+            cli::template::copy(&c, output, args).await
+        }
         Cmd::Template { action } => cli::template::run(action).await,
+        Cmd::Snapshot {
+            sandbox,
+            template,
+            target,
+        } => cli::template::snapshot(&client(&target)?, target.output, &sandbox, &template).await,
         Cmd::Drain { node, target } => {
             cli::client::drain(&client(&target)?, target.output, node).await
         }

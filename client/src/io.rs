@@ -359,6 +359,40 @@ impl Client {
         })
         .await
     }
+
+    /// Capture sandbox `job_id.index`'s filesystem as template `template` on its node
+    /// (`surge snapshot`). Not repeated once a replica took it (a second try would find the
+    /// template made by the first).
+    pub async fn snapshot(
+        &self,
+        job_id: u64,
+        index: u32,
+        template: &str,
+    ) -> Result<pb::SnapshotReply, ClientError> {
+        let req = pb::SnapshotRequest {
+            sandbox: sandbox(job_id, index),
+            template: template.to_string(),
+        };
+        self.call(Repeat::Unsent, |a| {
+            let req = req.clone();
+            async move { Ok(self.io_at(&a)?.snapshot(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Copy a template from a node that holds it to others (`surge template copy`; admin).
+    /// Repeating it is harmless (nodes that hold it by then are skipped), so it is retried
+    /// like a read.
+    pub async fn copy_template(
+        &self,
+        req: pb::CopyTemplateRequest,
+    ) -> Result<pb::CopyTemplateReply, ClientError> {
+        self.call(Repeat::Safe, |a| {
+            let req = req.clone();
+            async move { Ok(self.io_at(&a)?.copy_template(req).await?.into_inner()) }
+        })
+        .await
+    }
 }
 
 /// A request stream: `first`, then each chunk of `data` wrapped by `wrap`.

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod archive;
+pub mod transfer;
 
 pub use archive::{check_members, Member, MemberKind};
 
@@ -127,6 +128,8 @@ pub enum TemplateError {
     },
     #[error("{path} does not look like a root filesystem: {why}")]
     NotARootfs { path: PathBuf, why: String },
+    #[error("the copy of template `{name}` is damaged: {why}; nothing was imported")]
+    Damaged { name: String, why: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -343,6 +346,23 @@ impl Templates {
         name: &str,
         build: impl FnOnce(&Path) -> Result<(), TemplateError>,
     ) -> Result<PathBuf, TemplateError> {
+        let staging = self.stage_unchecked(name)?;
+        build(staging.dir())?;
+        staging.rename()
+    }
+
+    /// A staging directory for a new template `name` (checked: a valid name, not installed
+    /// yet, room for one more). Fill it, then [`Staging::commit`]; dropping it removes it.
+    pub fn stage(&self, name: &str) -> Result<Staging, TemplateError> {
+        validate_name(name)?;
+        let held = self.list()?.len();
+        if held >= TEMPLATES_MAX {
+            return Err(TemplateError::TooMany { held });
+        }
+        self.stage_unchecked(name)
+    }
+
+    fn stage_unchecked(&self, name: &str) -> Result<Staging, TemplateError> {
         let path = self.root.join(name);
         if path.exists() {
             return Err(TemplateError::Exists {
@@ -355,25 +375,90 @@ impl Templates {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let staging = self
+        let dir = self
             .root
             .join(format!(".staging-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&staging).map_err(io(format!("create {}", staging.display())))?;
-        set_mode(&staging, 0o755)?;
-        let result = build(&staging).and_then(|()| {
-            std::fs::rename(&staging, &path).map_err(|e| match e.raw_os_error() {
-                Some(libc::EEXIST | libc::ENOTEMPTY) => TemplateError::Exists {
-                    name: name.to_owned(),
-                    path: path.clone(),
-                },
-                _ => io(format!("rename into {}", path.display()))(e),
-            })
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
-        result.map(|()| path)
+        std::fs::create_dir(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let staging = Staging {
+            dir,
+            target: path,
+            name: name.to_owned(),
+            done: false,
+        };
+        set_mode(&staging.dir, 0o755)?;
+        Ok(staging)
     }
+}
+
+/// A template being assembled in a hidden directory of the templates root, invisible under its
+/// name until [`Staging::commit`] renames it there; dropped uncommitted, it is removed.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    target: PathBuf,
+    name: String,
+    done: bool,
+}
+
+impl Staging {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Check that the staging directory holds a root filesystem (see `finish_rootfs`;
+    /// `source` names where it came from in errors), flush it to disk, and rename it into
+    /// place.
+    pub fn commit(self, source: &Path) -> Result<PathBuf, TemplateError> {
+        finish_rootfs(source, &self.dir)?;
+        sync_filesystem(&self.dir)?;
+        self.rename()
+    }
+
+    fn rename(mut self) -> Result<PathBuf, TemplateError> {
+        std::fs::rename(&self.dir, &self.target).map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST | libc::ENOTEMPTY) => TemplateError::Exists {
+                name: self.name.clone(),
+                path: self.target.clone(),
+            },
+            _ => io(format!("rename into {}", self.target.display()))(e),
+        })?;
+        self.done = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Flush the filesystem holding `dir` (the new template's files) before it is renamed into
+/// place: a template is whole on disk before it has a name.
+fn sync_filesystem(dir: &Path) -> Result<(), TemplateError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).map_err(io(format!("open {}", dir.display())))?;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc != 0 {
+        return Err(io(format!("sync {}", dir.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Copy a directory tree (a sandbox's root, seen through its overlay) into `staging`, owners,
+/// modes and links kept; refused past the template caps before anything is copied.
+pub fn copy_tree(source: &Path, staging: &Staging) -> Result<TreeSize, TemplateError> {
+    let size = tree_size(source)?;
+    check_size(source, size)?;
+    let mut from = source.as_os_str().to_owned();
+    from.push("/.");
+    run(Command::new("cp").arg("-a").arg(&from).arg(staging.dir()))?;
+    Ok(size)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), TemplateError> {

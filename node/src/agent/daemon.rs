@@ -56,6 +56,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
     let io = IoPlan {
         listener: io_listener,
         tls: cfg.server_tls.clone(),
+        client_tls: cfg.tls.clone(),
         stop: stop.clone(),
     };
     let exec_output = bytes::Bytes::from(vec![b'x'; cfg.sim_exec_output_bytes]);
@@ -90,6 +91,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                 Hosted {
                     runtime: runtime.clone(),
                     activity: node.activity.clone(),
+                    templates: None,
                 },
             );
             // At scale: no task, channel or timer per sandbox, and no memory guard polling.
@@ -262,6 +264,10 @@ async fn run_one<R: Runtime + SandboxIo>(
         Hosted {
             runtime: runtime.clone(),
             activity: node.activity.clone(),
+            templates: node
+                .template_data_dir
+                .as_deref()
+                .map(crate::template::Templates::new),
         },
     )]);
     let _io = io.serve(hosted);
@@ -274,13 +280,15 @@ async fn run_one<R: Runtime + SandboxIo>(
 struct IoPlan {
     listener: tokio::net::TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    /// How this node calls other nodes (template copies): its client identity.
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
     stop: watch::Receiver<bool>,
 }
 
 impl IoPlan {
     /// Serve exec and files for `nodes` until stop; the task ends with the returned guard.
     fn serve<R: Runtime + SandboxIo>(self, nodes: HashMap<String, Hosted<R>>) -> AbortOnDrop<()> {
-        let service = IoService::new(nodes, self.tls.is_some());
+        let service = IoService::new(nodes, self.tls.is_some()).with_client_tls(self.client_tls);
         AbortOnDrop(tokio::spawn(async move {
             if let Err(e) = io_server::serve(self.listener, service, self.tls, self.stop).await {
                 tracing::error!(error = %e, "the I/O service (exec and files) stopped");

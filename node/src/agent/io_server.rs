@@ -35,13 +35,30 @@ pub const HOSTED_MAX: usize = 100_000;
 pub struct Hosted<R> {
     pub runtime: Arc<R>,
     pub activity: Arc<Activity>,
+    /// The node's templates (`None`: a simulated node, which has none on disk).
+    pub templates: Option<crate::template::Templates>,
 }
 
 /// The service; see the module docs.
 pub struct IoService<R> {
-    nodes: Arc<HashMap<String, Hosted<R>>>,
+    pub(super) nodes: Arc<HashMap<String, Hosted<R>>>,
     /// `Some`: callers must present a replica certificate (the server runs mutual TLS).
-    tls: bool,
+    pub(super) tls: bool,
+    /// How this process calls other nodes' template exports.
+    pub(super) client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Template copies in and out at once (see `template_server`).
+    pub(super) transfers: Arc<super::template_server::Transfers>,
+}
+
+impl<R> Clone for IoService<R> {
+    fn clone(&self) -> Self {
+        Self {
+            nodes: self.nodes.clone(),
+            tls: self.tls,
+            client_tls: self.client_tls.clone(),
+            transfers: self.transfers.clone(),
+        }
+    }
 }
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -51,7 +68,14 @@ impl<R: Runtime + SandboxIo> IoService<R> {
         Self {
             nodes: Arc::new(nodes),
             tls,
+            client_tls: None,
+            transfers: Arc::default(),
         }
+    }
+
+    pub fn with_client_tls(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.client_tls = tls;
+        self
     }
 
     pub fn into_server(self) -> SandboxIoServer<Self> {
@@ -63,6 +87,15 @@ impl<R: Runtime + SandboxIo> IoService<R> {
     /// Only a replica may call: with TLS its certificate says so; without, the node trusts its
     /// network (as the replicas' own internal APIs do).
     fn check_peer<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.check_peer_is(req, &[surge_security::Role::Replica])
+    }
+
+    /// The caller's certificate names one of `roles` (always true without TLS).
+    pub(super) fn check_peer_is<T>(
+        &self,
+        req: &Request<T>,
+        roles: &[surge_security::Role],
+    ) -> Result<(), Status> {
         if !self.tls {
             return Ok(());
         }
@@ -73,10 +106,15 @@ impl<R: Runtime + SandboxIo> IoService<R> {
             .first()
             .ok_or_else(|| Status::permission_denied("a client certificate is required"))?;
         match surge_security::role::role_of(leaf.as_ref()) {
-            Ok(surge_security::Role::Replica) => Ok(()),
+            Ok(role) if roles.contains(&role) => Ok(()),
             Ok(role) => Err(Status::permission_denied(format!(
-                "a {} certificate may not call a node's I/O service; only replicas may",
-                role.as_str()
+                "a {} certificate may not call this on a node; only {} may",
+                role.as_str(),
+                roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ))),
             Err(e) => Err(Status::permission_denied(e.to_string())),
         }
@@ -118,6 +156,7 @@ pub fn status_of(e: IoError) -> Status {
             Status::invalid_argument(msg)
         }
         IoError::Busy(_) => Status::resource_exhausted(msg),
+        IoError::Exists(_) => Status::already_exists(msg),
         IoError::Unsupported(_) => Status::unimplemented(msg),
         IoError::Runtime(_) | IoError::Io { .. } => Status::internal(msg),
     }
@@ -417,6 +456,52 @@ impl<R: Runtime + SandboxIo> SandboxIoApi for IoService<R> {
             bytes: stats.bytes,
         }))
     }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        self.check_peer(&req)?;
+        let req = req.into_inner();
+        crate::template::validate_name(&req.template)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let node_id = req
+            .sandbox
+            .as_ref()
+            .map(|s| s.node_id.clone())
+            .unwrap_or_default();
+        let (runtime, _, id) = self.target(req.sandbox.as_ref()).await?;
+        let templates = self
+            .nodes
+            .get(&node_id)
+            .and_then(|h| h.templates.clone())
+            .ok_or_else(|| {
+                Status::unimplemented(format!(
+                    "a snapshot into a template is not supported by this runtime ({}) on node {node_id}: only container sandboxes have a root filesystem on the host to copy",
+                    runtime.name()
+                ))
+            })?;
+        let stats = runtime
+            .snapshot(id, templates, req.template.clone())
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::SnapshotReply {
+            node_id,
+            template: req.template,
+            bytes: stats.size.bytes,
+            entries: stats.size.entries,
+            frozen_ms: u64::try_from(stats.frozen.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn copy_template(
+        &self,
+        _req: Request<pb::CopyTemplateRequest>,
+    ) -> Result<Response<pb::CopyTemplateReply>, Status> {
+        Err(Status::unimplemented(
+            "a node daemon does not plan template copies; ask a scheduler replica (surge template copy)",
+        ))
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -441,6 +526,7 @@ pub async fn serve<R: Runtime + SandboxIo>(
     builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(service.clone().into_transfer_server())
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod node_core;
 pub mod owner;
 pub mod report;
+pub mod template_server;
 pub mod view;
 
 use std::collections::{BTreeMap, HashMap};

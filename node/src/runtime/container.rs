@@ -86,6 +86,7 @@ pub mod oci;
 mod oom;
 mod resolve;
 mod shim;
+mod snapshot;
 mod tarball;
 
 use checkpoint::CriuKit;

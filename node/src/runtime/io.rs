@@ -188,6 +188,8 @@ pub enum IoError {
     #[error("{0} is not supported by this runtime")]
     Unsupported(&'static str),
     #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
     Runtime(String),
     #[error("{context}: {source}")]
     Io {
@@ -260,6 +262,47 @@ pub trait SandboxIo: Send + Sync + 'static {
         path: String,
         data: mpsc::Receiver<Bytes>,
     ) -> impl Future<Output = Result<UploadStats, IoError>> + Send;
+
+    /// Capture the running sandbox's filesystem as template `name` of `templates` (see
+    /// `surge snapshot`). Runtimes without a host-visible root filesystem cannot.
+    fn snapshot(
+        &self,
+        id: SandboxId,
+        templates: crate::template::Templates,
+        name: String,
+    ) -> impl Future<Output = Result<SnapshotStats, IoError>> + Send {
+        let _ = (id, templates, name);
+        async {
+            Err(IoError::Unsupported(
+                "a snapshot into a template (only container sandboxes have a root filesystem on the host to copy)",
+            ))
+        }
+    }
+}
+
+/// What a snapshot captured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    pub size: crate::template::TreeSize,
+    /// How long the sandbox was frozen for the copy.
+    pub frozen: Duration,
+}
+
+impl From<crate::template::TemplateError> for IoError {
+    fn from(e: crate::template::TemplateError) -> Self {
+        use crate::template::TemplateError as T;
+        let msg = e.to_string();
+        match e {
+            T::InvalidName { .. } | T::NotARootfs { .. } | T::Escapes { .. } => {
+                IoError::Invalid(msg)
+            }
+            T::Exists { .. } => IoError::Exists(msg),
+            T::NotFound { .. } | T::SourceMissing { .. } => IoError::Invalid(msg),
+            T::TooLarge { .. } => IoError::TooLarge(msg),
+            T::TooMany { .. } => IoError::Busy(msg),
+            _ => IoError::Runtime(msg),
+        }
+    }
 }
 
 #[cfg(test)]

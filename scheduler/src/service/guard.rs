@@ -95,6 +95,7 @@ pub fn need_of(path: &str) -> Need {
         ("surge.node.NodeApi", "DrainNode") => Need::Admin,
         ("surge.jobs.Jobs", "SetQuota") => Need::Admin,
         ("surge.jobs.Jobs", _) => Need::Jobs,
+        ("surge.sandbox.SandboxIo", "CopyTemplate") => Need::Admin,
         ("surge.sandbox.SandboxIo", _) => Need::Jobs,
         _ => Need::Unknown,
     }

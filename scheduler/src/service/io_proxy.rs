@@ -162,11 +162,20 @@ impl IoProxy {
         Ok(self.replica.read(|s, _| route_in(s, caller, job, index))?)
     }
 
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
     /// A client of the node at `address` (connections are made lazily and kept).
     pub fn node(&self, address: &str) -> Result<SandboxIoClient<Channel>, Status> {
+        self.channel(address).map(client)
+    }
+
+    /// The connection to the node at `address`.
+    pub fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(address) {
-            return Ok(client(c.clone()));
+            return Ok(c.clone());
         }
         let uri = surge_security::tls::uri_for(address, self.tls.is_some());
         let mut endpoint = Endpoint::from_shared(uri)
@@ -184,7 +193,7 @@ impl IoProxy {
             map.clear();
         }
         map.insert(address.to_string(), channel.clone());
-        Ok(client(channel))
+        Ok(channel)
     }
 
     /// Open the node's side of a client-streaming call: the first message (with the route
@@ -356,5 +365,30 @@ impl SandboxIo for IoProxy {
             .upload(Self::forward(msg, inbound))
             .await
             .map_err(|s| node_status(&route.address, s))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let mut req = req.into_inner();
+        crate::validate::name("template", &req.template)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let route = self.route(&caller, req.sandbox.as_ref()).await?;
+        req.sandbox = Some(route.sandbox);
+        self.node(&route.address)?
+            .snapshot(req)
+            .await
+            .map_err(|s| node_status(&route.address, s))
+    }
+
+    async fn copy_template(
+        &self,
+        req: Request<pb::CopyTemplateRequest>,
+    ) -> Result<Response<pb::CopyTemplateReply>, Status> {
+        // Admin only (the guard's rule): templates are shared by every tenant of a node.
+        Caller::of(&req)?;
+        self.run_copy(req.into_inner()).await.map(Response::new)
     }
 }

@@ -10,6 +10,7 @@ pub mod io_proxy;
 pub mod jobs;
 pub mod lifetimes;
 pub mod nodes;
+pub mod template_copy;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -48,7 +48,10 @@ impl IoState {
 
 impl ContainerRuntime {
     /// A sandbox that runs (not starting, paused or ended) and its I/O state.
-    async fn running(&self, id: SandboxId) -> Result<(Arc<Sandbox>, Arc<PerSandbox>), IoError> {
+    pub(super) async fn running(
+        &self,
+        id: SandboxId,
+    ) -> Result<(Arc<Sandbox>, Arc<PerSandbox>), IoError> {
         let sb = self.get(id).map_err(|_| IoError::NoSandbox(id))?;
         let state = self
             .sandboxes
@@ -221,6 +224,15 @@ impl SandboxIo for ContainerRuntime {
             super::tarball::download(&root, &path, &out)
         })
         .await
+    }
+
+    async fn snapshot(
+        &self,
+        id: SandboxId,
+        templates: crate::template::Templates,
+        name: String,
+    ) -> Result<crate::runtime::io::SnapshotStats, IoError> {
+        self.snapshot_rootfs(id, templates, name).await
     }
 
     async fn upload(
