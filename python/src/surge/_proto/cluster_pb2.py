@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asurge/_proto/cluster.proto\x12\rsurge.cluster\"\x0f\n\rStatusRequest\"G\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\x12\x11\n\treachable\x18\x04 \x01(\x08\"\xb4\x02\n\x0bStatusReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x16\n\x0eleader_address\x18\x05 \x01(\t\x12\x0c\n\x04term\x18\x06 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\x16\n\x0elast_log_index\x18\t \x01(\x04\x12\x14\n\x0cpurged_index\x18\n \x01(\x04\x12\x16\n\x0esnapshot_index\x18\x0b \x01(\x04\x12&\n\x07members\x18\x0c \x03(\x0b\x32\x15.surge.cluster.Member\x12\x0c\n\x04role\x18\r \x01(\t\x12\x12\n\nstate_hash\x18\x0e \x01(\t\"\r\n\x0bPingRequest\"B\n\tPingReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\">\n\x10\x41\x64\x64MemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"!\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"M\n\x0fMembershipReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12&\n\x07members\x18\x02 \x03(\x0b\x32\x15.surge.cluster.Member\"C\n\x0eProposeRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x0c\n\x04hops\x18\x03 \x01(\r\"/\n\x0cProposeReply\x12\x10\n\x08response\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\"&\n\x10ReadIndexRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"\x1f\n\x0eReadIndexReply\x12\r\n\x05index\x18\x01 \x01(\x04\x32\xc1\x03\n\x07\x43luster\x12\x42\n\x06Status\x12\x1c.surge.cluster.StatusRequest\x1a\x1a.surge.cluster.StatusReply\x12<\n\x04Ping\x12\x1a.surge.cluster.PingRequest\x1a\x18.surge.cluster.PingReply\x12L\n\tAddMember\x12\x1f.surge.cluster.AddMemberRequest\x1a\x1e.surge.cluster.MembershipReply\x12R\n\x0cRemoveMember\x12\".surge.cluster.RemoveMemberRequest\x1a\x1e.surge.cluster.MembershipReply\x12\x45\n\x07Propose\x12\x1d.surge.cluster.ProposeRequest\x1a\x1b.surge.cluster.ProposeReply\x12K\n\tReadIndex\x12\x1f.surge.cluster.ReadIndexRequest\x1a\x1d.surge.cluster.ReadIndexReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asurge/_proto/cluster.proto\x12\rsurge.cluster\"\x0f\n\rStatusRequest\"G\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\x12\x11\n\treachable\x18\x04 \x01(\x08\"\xb4\x02\n\x0bStatusReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x11\n\tleader_id\x18\x04 \x01(\x04\x12\x16\n\x0eleader_address\x18\x05 \x01(\t\x12\x0c\n\x04term\x18\x06 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\x16\n\x0elast_log_index\x18\t \x01(\x04\x12\x14\n\x0cpurged_index\x18\n \x01(\x04\x12\x16\n\x0esnapshot_index\x18\x0b \x01(\x04\x12&\n\x07members\x18\x0c \x03(\x0b\x32\x15.surge.cluster.Member\x12\x0c\n\x04role\x18\r \x01(\t\x12\x12\n\nstate_hash\x18\x0e \x01(\t\"\r\n\x0bPingRequest\"q\n\tPingReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\x12\x15\n\rlast_log_term\x18\x04 \x01(\x04\x12\x16\n\x0elast_log_index\x18\x05 \x01(\x04\">\n\x10\x41\x64\x64MemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"!\n\x13RemoveMemberRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"M\n\x0fMembershipReply\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12&\n\x07members\x18\x02 \x03(\x0b\x32\x15.surge.cluster.Member\"C\n\x0eProposeRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\x0c\x12\x0c\n\x04hops\x18\x03 \x01(\r\"/\n\x0cProposeReply\x12\x10\n\x08response\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\x04\"&\n\x10ReadIndexRequest\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"\x1f\n\x0eReadIndexReply\x12\r\n\x05index\x18\x01 \x01(\x04\x32\xc1\x03\n\x07\x43luster\x12\x42\n\x06Status\x12\x1c.surge.cluster.StatusRequest\x1a\x1a.surge.cluster.StatusReply\x12<\n\x04Ping\x12\x1a.surge.cluster.PingRequest\x1a\x18.surge.cluster.PingReply\x12L\n\tAddMember\x12\x1f.surge.cluster.AddMemberRequest\x1a\x1e.surge.cluster.MembershipReply\x12R\n\x0cRemoveMember\x12\".surge.cluster.RemoveMemberRequest\x1a\x1e.surge.cluster.MembershipReply\x12\x45\n\x07Propose\x12\x1d.surge.cluster.ProposeRequest\x1a\x1b.surge.cluster.ProposeReply\x12K\n\tReadIndex\x12\x1f.surge.cluster.ReadIndexRequest\x1a\x1d.surge.cluster.ReadIndexReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_start=446
   _globals['_PINGREQUEST']._serialized_end=459
   _globals['_PINGREPLY']._serialized_start=461
-  _globals['_PINGREPLY']._serialized_end=527
-  _globals['_ADDMEMBERREQUEST']._serialized_start=529
-  _globals['_ADDMEMBERREQUEST']._serialized_end=591
-  _globals['_REMOVEMEMBERREQUEST']._serialized_start=593
-  _globals['_REMOVEMEMBERREQUEST']._serialized_end=626
-  _globals['_MEMBERSHIPREPLY']._serialized_start=628
-  _globals['_MEMBERSHIPREPLY']._serialized_end=705
-  _globals['_PROPOSEREQUEST']._serialized_start=707
-  _globals['_PROPOSEREQUEST']._serialized_end=774
-  _globals['_PROPOSEREPLY']._serialized_start=776
-  _globals['_PROPOSEREPLY']._serialized_end=823
-  _globals['_READINDEXREQUEST']._serialized_start=825
-  _globals['_READINDEXREQUEST']._serialized_end=863
-  _globals['_READINDEXREPLY']._serialized_start=865
-  _globals['_READINDEXREPLY']._serialized_end=896
-  _globals['_CLUSTER']._serialized_start=899
-  _globals['_CLUSTER']._serialized_end=1348
+  _globals['_PINGREPLY']._serialized_end=574
+  _globals['_ADDMEMBERREQUEST']._serialized_start=576
+  _globals['_ADDMEMBERREQUEST']._serialized_end=638
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=640
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=673
+  _globals['_MEMBERSHIPREPLY']._serialized_start=675
+  _globals['_MEMBERSHIPREPLY']._serialized_end=752
+  _globals['_PROPOSEREQUEST']._serialized_start=754
+  _globals['_PROPOSEREQUEST']._serialized_end=821
+  _globals['_PROPOSEREPLY']._serialized_start=823
+  _globals['_PROPOSEREPLY']._serialized_end=870
+  _globals['_READINDEXREQUEST']._serialized_start=872
+  _globals['_READINDEXREQUEST']._serialized_end=910
+  _globals['_READINDEXREPLY']._serialized_start=912
+  _globals['_READINDEXREPLY']._serialized_end=943
+  _globals['_CLUSTER']._serialized_start=946
+  _globals['_CLUSTER']._serialized_end=1395
 # @@protoc_insertion_point(module_scope)

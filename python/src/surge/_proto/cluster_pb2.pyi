@@ -149,19 +149,26 @@ class PingReply(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     APPLIED_INDEX_FIELD_NUMBER: _builtins.int
+    LAST_LOG_TERM_FIELD_NUMBER: _builtins.int
+    LAST_LOG_INDEX_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     cluster_id: _builtins.str
     applied_index: _builtins.int
+    last_log_term: _builtins.int
+    """The replica's last log id (term, index): who stands first when the leader's process is gone."""
+    last_log_index: _builtins.int
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         cluster_id: _builtins.str = ...,
         applied_index: _builtins.int = ...,
+        last_log_term: _builtins.int = ...,
+        last_log_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "cluster_id", b"cluster_id", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "cluster_id", b"cluster_id", "id", b"id", "last_log_index", b"last_log_index", "last_log_term", b"last_log_term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

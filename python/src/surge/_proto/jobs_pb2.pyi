@@ -241,6 +241,36 @@ STRATEGY_SPREAD: Strategy.ValueType  # 1
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
 @_typing.final
+class ForkSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    index: _builtins.int
+    count: _builtins.int
+    """1 to 64."""
+    idempotency_key: _builtins.str
+    """Client-chosen: the same key twice (within a tenant) returns the first fork job."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "idempotency_key", b"idempotency_key", "index", b"index", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSandboxRequest: _TypeAlias = ForkSandboxRequest  # noqa: Y015
+
+@_typing.final
 class CancelJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

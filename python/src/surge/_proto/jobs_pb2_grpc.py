@@ -89,6 +89,11 @@ class JobsStub:
                 request_serializer=surge_dot___proto_dot_jobs__pb2.WaitJobRequest.SerializeToString,
                 response_deserializer=surge_dot___proto_dot_jobs__pb2.WaitJobReply.FromString,
                 _registered_method=True)
+        self.ForkSandbox = channel.unary_unary(
+                '/surge.jobs.Jobs/ForkSandbox',
+                request_serializer=surge_dot___proto_dot_jobs__pb2.ForkSandboxRequest.SerializeToString,
+                response_deserializer=surge_dot___proto_dot_jobs__pb2.SubmitJobReply.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -169,6 +174,15 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSandbox(self, request, context):
+        """`surge fork JOB.INDEX --count N`: a new job of N sandboxes restored side by side from one
+        checkpoint of a running sandbox (which keeps running), on its node. Each has its own copy of
+        the filesystem and its own identity. The new job carries the label surge-fork-of=JOB.INDEX.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +240,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.WaitJob,
                     request_deserializer=surge_dot___proto_dot_jobs__pb2.WaitJobRequest.FromString,
                     response_serializer=surge_dot___proto_dot_jobs__pb2.WaitJobReply.SerializeToString,
+            ),
+            'ForkSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSandbox,
+                    request_deserializer=surge_dot___proto_dot_jobs__pb2.ForkSandboxRequest.FromString,
+                    response_serializer=surge_dot___proto_dot_jobs__pb2.SubmitJobReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +544,33 @@ class Jobs:
             '/surge.jobs.Jobs/WaitJob',
             surge_dot___proto_dot_jobs__pb2.WaitJobRequest.SerializeToString,
             surge_dot___proto_dot_jobs__pb2.WaitJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/surge.jobs.Jobs/ForkSandbox',
+            surge_dot___proto_dot_jobs__pb2.ForkSandboxRequest.SerializeToString,
+            surge_dot___proto_dot_jobs__pb2.SubmitJobReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class JobsStub:
     """Wait, without polling, until one sandbox or all of a job's are running (or ended), the job
     ended, or the timeout passed. Driven by the replica's applied-state notifications.
     """
+    ForkSandbox: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ForkSandboxRequest, _jobs_pb2.SubmitJobReply]
+    """`surge fork JOB.INDEX --count N`: a new job of N sandboxes restored side by side from one
+    checkpoint of a running sandbox (which keeps running), on its node. Each has its own copy of
+    the filesystem and its own identity. The new job carries the label surge-fork-of=JOB.INDEX.
+    """
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -78,6 +83,11 @@ class JobsAsyncStub(JobsStub):
     WaitJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.WaitJobRequest, _jobs_pb2.WaitJobReply]  # type: ignore[assignment]
     """Wait, without polling, until one sandbox or all of a job's are running (or ended), the job
     ended, or the timeout passed. Driven by the replica's applied-state notifications.
+    """
+    ForkSandbox: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ForkSandboxRequest, _jobs_pb2.SubmitJobReply]  # type: ignore[assignment]
+    """`surge fork JOB.INDEX --count N`: a new job of N sandboxes restored side by side from one
+    checkpoint of a running sandbox (which keeps running), on its node. Each has its own copy of
+    the filesystem and its own identity. The new job carries the label surge-fork-of=JOB.INDEX.
     """
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +177,17 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.WaitJobReply, _abc.Awaitable[_jobs_pb2.WaitJobReply]]:
         """Wait, without polling, until one sandbox or all of a job's are running (or ended), the job
         ended, or the timeout passed. Driven by the replica's applied-state notifications.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSandbox(
+        self,
+        request: _jobs_pb2.ForkSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.SubmitJobReply, _abc.Awaitable[_jobs_pb2.SubmitJobReply]]:
+        """`surge fork JOB.INDEX --count N`: a new job of N sandboxes restored side by side from one
+        checkpoint of a running sandbox (which keeps running), on its node. Each has its own copy of
+        the filesystem and its own identity. The new job carries the label surge-fork-of=JOB.INDEX.
         """
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

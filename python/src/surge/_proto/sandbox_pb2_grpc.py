@@ -64,6 +64,16 @@ class SandboxIoStub:
                 request_serializer=surge_dot___proto_dot_sandbox__pb2.UploadInput.SerializeToString,
                 response_deserializer=surge_dot___proto_dot_sandbox__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/surge.sandbox.SandboxIo/Snapshot',
+                request_serializer=surge_dot___proto_dot_sandbox__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=surge_dot___proto_dot_sandbox__pb2.SnapshotReply.FromString,
+                _registered_method=True)
+        self.CopyTemplate = channel.unary_unary(
+                '/surge.sandbox.SandboxIo/CopyTemplate',
+                request_serializer=surge_dot___proto_dot_sandbox__pb2.CopyTemplateRequest.SerializeToString,
+                response_deserializer=surge_dot___proto_dot_sandbox__pb2.CopyTemplateReply.FromString,
+                _registered_method=True)
 
 
 class SandboxIoServicer:
@@ -112,6 +122,24 @@ class SandboxIoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Capture the sandbox's filesystem (its overlay's merged view: the template and the sandbox's
+        writes) as a new template on its node, with the sandbox frozen (cgroup freezer) for the
+        copy and thawed after. The node reports the template with its others within seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyTemplate(self, request, context):
+        """Replicas only (admin): copy a template from a node that holds it to other nodes. Each
+        target node pulls it from the source node's `TemplateTransfer.Export`; no replica carries
+        template bytes. Node daemons answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxIoServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +172,16 @@ def add_SandboxIoServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=surge_dot___proto_dot_sandbox__pb2.UploadInput.FromString,
                     response_serializer=surge_dot___proto_dot_sandbox__pb2.UploadReply.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=surge_dot___proto_dot_sandbox__pb2.SnapshotRequest.FromString,
+                    response_serializer=surge_dot___proto_dot_sandbox__pb2.SnapshotReply.SerializeToString,
+            ),
+            'CopyTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyTemplate,
+                    request_deserializer=surge_dot___proto_dot_sandbox__pb2.CopyTemplateRequest.FromString,
+                    response_serializer=surge_dot___proto_dot_sandbox__pb2.CopyTemplateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +346,184 @@ class SandboxIo:
             '/surge.sandbox.SandboxIo/Upload',
             surge_dot___proto_dot_sandbox__pb2.UploadInput.SerializeToString,
             surge_dot___proto_dot_sandbox__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/surge.sandbox.SandboxIo/Snapshot',
+            surge_dot___proto_dot_sandbox__pb2.SnapshotRequest.SerializeToString,
+            surge_dot___proto_dot_sandbox__pb2.SnapshotReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/surge.sandbox.SandboxIo/CopyTemplate',
+            surge_dot___proto_dot_sandbox__pb2.CopyTemplateRequest.SerializeToString,
+            surge_dot___proto_dot_sandbox__pb2.CopyTemplateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TemplateTransferStub:
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Export = channel.unary_stream(
+                '/surge.sandbox.TemplateTransfer/Export',
+                request_serializer=surge_dot___proto_dot_sandbox__pb2.ExportTemplateRequest.SerializeToString,
+                response_deserializer=surge_dot___proto_dot_sandbox__pb2.TemplatePiece.FromString,
+                _registered_method=True)
+        self.Pull = channel.unary_unary(
+                '/surge.sandbox.TemplateTransfer/Pull',
+                request_serializer=surge_dot___proto_dot_sandbox__pb2.PullTemplateRequest.SerializeToString,
+                response_deserializer=surge_dot___proto_dot_sandbox__pb2.PullTemplateReply.FromString,
+                _registered_method=True)
+
+
+class TemplateTransferServicer:
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    def Export(self, request, context):
+        """The template as a tar stream, then its SHA-256 and length as the last message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pull(self, request, context):
+        """Fetch template `name` from the node at `source_address` (its Export), check the digest,
+        and import it atomically (nothing is left of a failed or damaged copy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TemplateTransferServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=surge_dot___proto_dot_sandbox__pb2.ExportTemplateRequest.FromString,
+                    response_serializer=surge_dot___proto_dot_sandbox__pb2.TemplatePiece.SerializeToString,
+            ),
+            'Pull': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=surge_dot___proto_dot_sandbox__pb2.PullTemplateRequest.FromString,
+                    response_serializer=surge_dot___proto_dot_sandbox__pb2.PullTemplateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'surge.sandbox.TemplateTransfer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('surge.sandbox.TemplateTransfer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TemplateTransfer:
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/surge.sandbox.TemplateTransfer/Export',
+            surge_dot___proto_dot_sandbox__pb2.ExportTemplateRequest.SerializeToString,
+            surge_dot___proto_dot_sandbox__pb2.TemplatePiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/surge.sandbox.TemplateTransfer/Pull',
+            surge_dot___proto_dot_sandbox__pb2.PullTemplateRequest.SerializeToString,
+            surge_dot___proto_dot_sandbox__pb2.PullTemplateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,16 @@ class SandboxIoStub:
     """A file or a directory tree as a tar stream."""
     Upload: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.UploadInput, _sandbox_pb2.UploadReply]
     """The first message is `start`; then a tar stream, unpacked under `start.path`."""
+    Snapshot: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SnapshotRequest, _sandbox_pb2.SnapshotReply]
+    """Capture the sandbox's filesystem (its overlay's merged view: the template and the sandbox's
+    writes) as a new template on its node, with the sandbox frozen (cgroup freezer) for the
+    copy and thawed after. The node reports the template with its others within seconds.
+    """
+    CopyTemplate: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.CopyTemplateRequest, _sandbox_pb2.CopyTemplateReply]
+    """Replicas only (admin): copy a template from a node that holds it to other nodes. Each
+    target node pulls it from the source node's `TemplateTransfer.Export`; no replica carries
+    template bytes. Node daemons answer UNIMPLEMENTED.
+    """
 
 @_typing.type_check_only
 class SandboxIoAsyncStub(SandboxIoStub):
@@ -69,6 +79,16 @@ class SandboxIoAsyncStub(SandboxIoStub):
     """A file or a directory tree as a tar stream."""
     Upload: _aio.StreamUnaryMultiCallable[_sandbox_pb2.UploadInput, _sandbox_pb2.UploadReply]  # type: ignore[assignment]
     """The first message is `start`; then a tar stream, unpacked under `start.path`."""
+    Snapshot: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SnapshotRequest, _sandbox_pb2.SnapshotReply]  # type: ignore[assignment]
+    """Capture the sandbox's filesystem (its overlay's merged view: the template and the sandbox's
+    writes) as a new template on its node, with the sandbox frozen (cgroup freezer) for the
+    copy and thawed after. The node reports the template with its others within seconds.
+    """
+    CopyTemplate: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.CopyTemplateRequest, _sandbox_pb2.CopyTemplateReply]  # type: ignore[assignment]
+    """Replicas only (admin): copy a template from a node that holds it to other nodes. Each
+    target node pulls it from the source node's `TemplateTransfer.Export`; no replica carries
+    template bytes. Node daemons answer UNIMPLEMENTED.
+    """
 
 class SandboxIoServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -121,4 +141,81 @@ class SandboxIoServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.UploadReply, _abc.Awaitable[_sandbox_pb2.UploadReply]]:
         """The first message is `start`; then a tar stream, unpacked under `start.path`."""
 
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _sandbox_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.SnapshotReply, _abc.Awaitable[_sandbox_pb2.SnapshotReply]]:
+        """Capture the sandbox's filesystem (its overlay's merged view: the template and the sandbox's
+        writes) as a new template on its node, with the sandbox frozen (cgroup freezer) for the
+        copy and thawed after. The node reports the template with its others within seconds.
+        """
+
+    @_abc_1.abstractmethod
+    def CopyTemplate(
+        self,
+        request: _sandbox_pb2.CopyTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.CopyTemplateReply, _abc.Awaitable[_sandbox_pb2.CopyTemplateReply]]:
+        """Replicas only (admin): copy a template from a node that holds it to other nodes. Each
+        target node pulls it from the source node's `TemplateTransfer.Export`; no replica carries
+        template bytes. Node daemons answer UNIMPLEMENTED.
+        """
+
 def add_SandboxIoServicer_to_server(servicer: SandboxIoServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TemplateTransferStub:
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TemplateTransferAsyncStub: ...
+    Export: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.ExportTemplateRequest, _sandbox_pb2.TemplatePiece]
+    """The template as a tar stream, then its SHA-256 and length as the last message."""
+    Pull: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.PullTemplateRequest, _sandbox_pb2.PullTemplateReply]
+    """Fetch template `name` from the node at `source_address` (its Export), check the digest,
+    and import it atomically (nothing is left of a failed or damaged copy).
+    """
+
+@_typing.type_check_only
+class TemplateTransferAsyncStub(TemplateTransferStub):
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Export: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ExportTemplateRequest, _sandbox_pb2.TemplatePiece]  # type: ignore[assignment]
+    """The template as a tar stream, then its SHA-256 and length as the last message."""
+    Pull: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.PullTemplateRequest, _sandbox_pb2.PullTemplateReply]  # type: ignore[assignment]
+    """Fetch template `name` from the node at `source_address` (its Export), check the digest,
+    and import it atomically (nothing is left of a failed or damaged copy).
+    """
+
+class TemplateTransferServicer(metaclass=_abc_1.ABCMeta):
+    """Template bytes between node daemons. Served by node daemons only; called by replicas (Pull)
+    and by other node daemons (Export).
+    """
+
+    @_abc_1.abstractmethod
+    def Export(
+        self,
+        request: _sandbox_pb2.ExportTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.TemplatePiece], _abc.AsyncIterator[_sandbox_pb2.TemplatePiece]]:
+        """The template as a tar stream, then its SHA-256 and length as the last message."""
+
+    @_abc_1.abstractmethod
+    def Pull(
+        self,
+        request: _sandbox_pb2.PullTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.PullTemplateReply, _abc.Awaitable[_sandbox_pb2.PullTemplateReply]]:
+        """Fetch template `name` from the node at `source_address` (its Export), check the digest,
+        and import it atomically (nothing is left of a failed or damaged copy).
+        """
+
+def add_TemplateTransferServicer_to_server(servicer: TemplateTransferServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
