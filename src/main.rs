@@ -60,7 +60,7 @@ enum Cmd {
     /// List, add or remove scheduler replicas.
     Members {
         #[command(subcommand)]
-        action: cli::client::MembersCmd,
+        action: cli::cluster::MembersCmd,
         #[command(flatten)]
         target: Target,
     },
@@ -322,9 +322,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cert { action } => cli::security::cert(action),
         Cmd::Token { action } => cli::security::token(action),
         Cmd::Dev(args) => cli::dev::run(args, surge_binary()?).await,
-        Cmd::Status { target } => cli::client::status(&client(&target)?, target.output).await,
+        Cmd::Status { target } => cli::cluster::status(&client(&target)?, target.output).await,
         Cmd::Members { action, target } => {
-            cli::client::members(&client(&target)?, target.output, action).await
+            cli::cluster::members(&client(&target)?, target.output, action).await
         }
         Cmd::Submit { args, target } => {
             cli::client::submit(&client(&target)?, target.output, args).await
