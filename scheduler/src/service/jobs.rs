@@ -69,22 +69,31 @@ impl JobsService {
             }
         }
         let spec = convert::job_spec_from_pb(spec).map_err(JobApiError::from)?;
-        let key = if req.idempotency_key.is_empty() {
-            format!(
-                "auto:{}:{}:{}",
-                self.replica.id(),
-                now_ms(),
-                self.key_seq.fetch_add(1, Ordering::Relaxed)
-            )
-        } else {
-            validate::idempotency_key(&req.idempotency_key).map_err(JobApiError::from)?;
-            req.idempotency_key
-        };
-        let command = Command::SubmitJob {
+        let key = self.idempotency_key("auto", req.idempotency_key)?;
+        self.propose_job(Command::SubmitJob {
             spec,
             idempotency_key: key,
             at_ms: now_ms(),
-        };
+        })
+        .await
+    }
+
+    /// The caller's idempotency key, validated, or a fresh one unique to this replica.
+    fn idempotency_key(&self, prefix: &str, given: String) -> Result<String, JobApiError> {
+        if given.is_empty() {
+            return Ok(format!(
+                "{prefix}:{}:{}:{}",
+                self.replica.id(),
+                now_ms(),
+                self.key_seq.fetch_add(1, Ordering::Relaxed)
+            ));
+        }
+        validate::idempotency_key(&given).map_err(JobApiError::from)?;
+        Ok(given)
+    }
+
+    /// Propose a command that makes a job (a submission or a fork) and answer with it.
+    async fn propose_job(&self, command: Command) -> Result<pb::SubmitJobReply, JobApiError> {
         match self.batcher.propose(command).await? {
             (index, Reply::JobSubmitted { job_id, created }) => Ok(pb::SubmitJobReply {
                 job_id,
@@ -102,17 +111,7 @@ impl JobsService {
         caller: &Caller,
         req: pb::ForkSandboxRequest,
     ) -> Result<pb::SubmitJobReply, JobApiError> {
-        let key = if req.idempotency_key.is_empty() {
-            format!(
-                "auto-fork:{}:{}:{}",
-                self.replica.id(),
-                now_ms(),
-                self.key_seq.fetch_add(1, Ordering::Relaxed)
-            )
-        } else {
-            validate::idempotency_key(&req.idempotency_key).map_err(JobApiError::from)?;
-            req.idempotency_key
-        };
+        let key = self.idempotency_key("auto-fork", req.idempotency_key)?;
         let command = Command::Fork {
             job_id: req.job_id,
             index: req.index,
@@ -121,14 +120,7 @@ impl JobsService {
             idempotency_key: key,
             at_ms: now_ms(),
         };
-        match self.batcher.propose(command).await? {
-            (index, Reply::JobSubmitted { job_id, created }) => Ok(pb::SubmitJobReply {
-                job_id,
-                created,
-                index,
-            }),
-            (_, other) => Err(unexpected(other)),
-        }
+        self.propose_job(command).await
     }
 
     /// Another tenant's job is "no job", exactly as a job that does not exist: a tenant learns
