@@ -180,9 +180,14 @@ pub fn prepare_dump(bundle: &Path) -> Result<(), RuntimeError> {
 
 /// Make every image file 0600 and return the image's size.
 pub fn seal_image(bundle: &Path) -> Result<u64, RuntimeError> {
-    let dir = image_dir(bundle);
+    seal_dir(&image_dir(bundle))
+}
+
+/// Make every file of the image directory `dir` 0600 (it holds a sandbox's memory) and return
+/// their total size.
+pub fn seal_dir(dir: &Path) -> Result<u64, RuntimeError> {
     let mut total = 0u64;
-    let entries = std::fs::read_dir(&dir)
+    let entries = std::fs::read_dir(dir)
         .map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
     for entry in entries {
         let entry = entry.map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?;
@@ -217,8 +222,12 @@ pub fn remove_images(bundle: &Path) -> Result<(), RuntimeError> {
 
 /// The end of CRIU's log of the last `what` ("dump" or "restore"), for an error message.
 pub fn criu_log_tail(bundle: &Path, what: &str) -> String {
-    let log = work_dir(bundle).join(format!("{what}.log"));
-    let text = super::super::read_tail(&log, CRIU_LOG_TAIL_BYTES).unwrap_or_default();
+    log_error_line(&work_dir(bundle).join(format!("{what}.log")))
+}
+
+/// The last error line of the CRIU log `log` (else its last line), for an error message.
+pub fn log_error_line(log: &Path) -> String {
+    let text = super::super::read_tail(log, CRIU_LOG_TAIL_BYTES).unwrap_or_default();
     text.lines()
         .rev()
         .find(|l| l.contains("Error") || l.contains("rror ("))
@@ -229,22 +238,7 @@ pub fn criu_log_tail(bundle: &Path, what: &str) -> String {
 
 /// `crun checkpoint` of container `cid`, bounded by [`CHECKPOINT_TIMEOUT_MS`].
 pub async fn dump(crun: &super::Crun, bundle: &Path, cid: &str) -> Result<(), RuntimeError> {
-    let image = image_dir(bundle);
-    let work = work_dir(bundle);
-    let args: [&OsStr; 8] = [
-        OsStr::new("checkpoint"),
-        OsStr::new("--network-lock"),
-        OsStr::new("skip"),
-        OsStr::new("--image-path"),
-        image.as_os_str(),
-        OsStr::new("--work-path"),
-        work.as_os_str(),
-        OsStr::new(cid),
-    ];
-    match crun
-        .run_for(&args, Duration::from_millis(CHECKPOINT_TIMEOUT_MS))
-        .await
-    {
+    match crun_checkpoint(crun, &image_dir(bundle), &work_dir(bundle), cid, false).await {
         Ok(_) => Ok(()),
         // CRIU writes `stats-dump` (into the work directory, `-W`) only after a successful dump,
         // and a successful dump has ended the container's processes. What fails after it is
@@ -254,6 +248,32 @@ pub async fn dump(crun: &super::Crun, bundle: &Path, cid: &str) -> Result<(), Ru
         Err(RuntimeError::Command { .. }) if image_complete(bundle) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// `crun checkpoint` of `cid` into `image` (CRIU's logs and stats in `work`), bounded by
+/// [`CHECKPOINT_TIMEOUT_MS`]; `leave_running` keeps the container running (a fork's source).
+pub async fn crun_checkpoint(
+    crun: &super::Crun,
+    image: &Path,
+    work: &Path,
+    cid: &str,
+    leave_running: bool,
+) -> Result<String, RuntimeError> {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("checkpoint")];
+    if leave_running {
+        args.push(OsStr::new("--leave-running"));
+    }
+    args.extend([
+        OsStr::new("--network-lock"),
+        OsStr::new("skip"),
+        OsStr::new("--image-path"),
+        image.as_os_str(),
+        OsStr::new("--work-path"),
+        work.as_os_str(),
+        OsStr::new(cid),
+    ]);
+    crun.run_for(&args, Duration::from_millis(CHECKPOINT_TIMEOUT_MS))
+        .await
 }
 
 // ---- the runtime's side ----

@@ -213,41 +213,13 @@ impl ContainerRuntime {
             copy_tree(&sb.file("upper"), &dir.join("upper")).await?;
             let image = dir.join("image");
             let work = dir.join("work");
-            let args: [&OsStr; 9] = [
-                OsStr::new("checkpoint"),
-                OsStr::new("--leave-running"),
-                OsStr::new("--network-lock"),
-                OsStr::new("skip"),
-                OsStr::new("--image-path"),
-                image.as_os_str(),
-                OsStr::new("--work-path"),
-                work.as_os_str(),
-                OsStr::new(&cid),
-            ];
-            self.crun
-                .run_for(
-                    &args,
-                    Duration::from_millis(checkpoint::CHECKPOINT_TIMEOUT_MS),
-                )
+            checkpoint::crun_checkpoint(&self.crun, &image, &work, &cid, true)
                 .await
                 .map_err(|e| {
-                    let log =
-                        crate::runtime::read_tail(&work.join("dump.log"), 1024).unwrap_or_default();
-                    let criu = log
-                        .lines()
-                        .rev()
-                        .find(|l| l.contains("Error"))
-                        .unwrap_or("")
-                        .trim()
-                        .to_owned();
+                    let criu = checkpoint::log_error_line(&work.join("dump.log"));
                     fail(format!("dump for a fork failed: {e}; criu: {criu}"))
                 })?;
-            for f in std::fs::read_dir(&image)
-                .map_err(|e| RuntimeError::io(format!("read {}", image.display()), e))?
-                .flatten()
-            {
-                let _ = std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600));
-            }
+            checkpoint::seal_dir(&image)?;
             Ok::<(), RuntimeError>(())
         }
         .await;
