@@ -9,7 +9,8 @@ use crate::model::NodeState;
 use crate::outcomes::OutcomeReport;
 use crate::runs::SandboxState;
 
-fn can_checkpoint(s: &mut ClusterState, index: u64, id: &str, cpus: u64, yes: bool) {
+/// Register node `id` (`cpus` CPUs, a container node) saying whether it can checkpoint.
+pub(super) fn can_checkpoint(s: &mut ClusterState, index: u64, id: &str, cpus: u64, yes: bool) {
     let mut spec = node(id, cpus);
     spec.runtime = "container".into();
     spec.labels.insert("checkpoint".into(), yes.to_string());

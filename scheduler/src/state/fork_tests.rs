@@ -1,24 +1,11 @@
 //! Fork in the books: the new job, pinned to the source's node, as many booked as fit, the rest
 //! waiting with a reason; refusals in one line.
 
-use super::tests::{apply, node, placed_on_a, range};
+use super::checkpoint_tests::can_checkpoint;
+use super::tests::{apply, placed_on_a, range};
 use super::*;
 use crate::model::{ForkOf, NodeState};
 use crate::runs::SandboxState;
-
-fn can_checkpoint(s: &mut ClusterState, index: u64, id: &str, cpus: u64, yes: bool) {
-    let mut spec = node(id, cpus);
-    spec.runtime = "container".into();
-    spec.labels.insert("checkpoint".into(), yes.to_string());
-    apply(
-        s,
-        index,
-        Command::RegisterNode {
-            node: spec,
-            at_ms: 0,
-        },
-    );
-}
 
 /// Job 2 (tenant "t", 2 sandboxes of 1 CPU + 2 GiB) running on node "a" of `cpus` CPUs.
 fn source(cpus: u64, checkpoint: bool) -> ClusterState {

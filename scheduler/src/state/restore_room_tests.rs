@@ -2,7 +2,8 @@
 //! equal or higher never is, nor gangs, nor a job in its cool-down, nor anything when the
 //! evictions would not make the restore fit.
 
-use super::tests::{apply, node, range, spec};
+use super::checkpoint_tests::can_checkpoint;
+use super::tests::{apply, range, spec};
 use super::*;
 use crate::command::{image_kib_code, StatusRange};
 use crate::placement::PlacementParams;
@@ -12,10 +13,7 @@ use crate::runs::SandboxState;
 /// it, running; its sandbox 0 checkpointed (1 CPU free).
 fn one_checkpointed() -> ClusterState {
     let mut s = ClusterState::default();
-    let mut a = node("a", 2);
-    a.runtime = "container".into();
-    a.labels.insert("checkpoint".into(), "true".into());
-    apply(&mut s, 1, Command::RegisterNode { node: a, at_ms: 0 });
+    can_checkpoint(&mut s, 1, "a", 2, true);
     submit(&mut s, 2, spec(2, "t"), "k");
     place(&mut s, 3);
     report(&mut s, 4, 2, 0, 2, SandboxState::Running, 0);
