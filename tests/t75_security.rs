@@ -593,6 +593,32 @@ async fn mtls_and_tokens_guard_every_link() {
         .await
         .expect_err("beta must not read alpha's files");
     assert_eq!(read.code(), Some(Code::NotFound), "{read}");
+    // The same for the calls that copy a sandbox: a snapshot into a template and a fork.
+    let snap = as_beta
+        .snapshot(io_job, 0, "stolen")
+        .await
+        .expect_err("beta must not snapshot alpha's sandbox");
+    assert_eq!(snap.code(), Some(Code::NotFound), "{snap}");
+    let fork = as_beta
+        .fork(pb::ForkSandboxRequest {
+            job_id: io_job,
+            index: 0,
+            count: 1,
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect_err("beta must not fork alpha's sandbox");
+    assert_eq!(fork.code(), Some(Code::NotFound), "{fork}");
+    // Copying templates between nodes is an operator's call, not a tenant's.
+    let copy = as_alpha
+        .copy_template(surge_proto::sandbox::CopyTemplateRequest {
+            template: "busybox".into(),
+            count: 1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a tenant must not copy templates between nodes");
+    assert_eq!(copy.code(), Some(Code::PermissionDenied), "{copy}");
     // The node's own port: a client certificate is refused, plaintext too; the replicas'
     // forwarding above is the positive control.
     let nodes = client::nodes(&addr, &admin_c)
