@@ -203,6 +203,16 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
         };
         let shown = format!("UpdateSandboxes {req:?}");
         judge(&shown, jobs.update_sandboxes(req).await, &mut findings);
+        // Forks of missing, out-of-range or not-running sandboxes, counts past the cap, keys
+        // of any shape: refused with a reason, never a crash.
+        let req = pb::ForkSandboxRequest {
+            job_id,
+            index: u32_of(&mut r),
+            count: [0, 1, 64, 65, u32::MAX][r.index(5)],
+            idempotency_key: string(&mut r),
+        };
+        let shown = format!("ForkSandbox {req:?}");
+        judge(&shown, jobs.fork_sandbox(req).await, &mut findings);
         let req = pb::ListJobsRequest {
             tenant: string(&mut r),
             state: [0, 1, 5, 6, -3][r.index(5)],
