@@ -458,17 +458,7 @@ fn command_of(s: &ClusterState, index: u64, step: &Step) -> Command {
             generation,
             state,
         } => {
-            let state = [
-                SandboxState::Pending,
-                SandboxState::Placed,
-                SandboxState::Running,
-                SandboxState::Paused,
-                SandboxState::Succeeded,
-                SandboxState::Failed,
-                SandboxState::OomKilled,
-                SandboxState::Lost,
-                SandboxState::Cancelled,
-            ][usize::from(state) % 9];
+            let state = SandboxState::ALL[usize::from(state) % SandboxState::ALL.len()];
             Command::ReportStatus {
                 reports: vec![StatusRange {
                     node: node_name(node),
