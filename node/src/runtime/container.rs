@@ -65,7 +65,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::cgroup::{cpu_quota_us, cpu_shares, Cgroup, CPU_PERIOD_US};
-use super::sandbox_dir::{mount_overlay, template_dir, unmount, write_json_atomic, Final};
+use super::sandbox_dir::{mount_overlay, release_mounts, template_dir, write_json_atomic, Final};
 use super::supervise::{
     pidfd_open, process_start_ticks, Record, RecordExtra, Sandboxes, Supervised, Supervisor,
 };
@@ -82,6 +82,7 @@ mod files;
 pub mod fork;
 pub mod init;
 mod io;
+pub mod netns;
 pub mod oci;
 mod oom;
 mod resolve;
@@ -387,6 +388,17 @@ impl ContainerRuntime {
         if let Some(conf) = &self.criu_conf {
             config["annotations"]["org.criu.config"] = conf.display().to_string().into();
         }
+        if self.criu.is_ok() {
+            // A namespace CRIU treats as external: no `ip`/`iptables` runs in a restore.
+            netns::create(bundle)?;
+            netns::name_in_config(&mut config, bundle).map_err(|reason| {
+                RuntimeError::StartFailed {
+                    id: req.id,
+                    reason,
+                    stderr_tail: String::new(),
+                }
+            })?;
+        }
         write_json_atomic(&bundle.join("config.json"), &config)?;
         let record = Record {
             id: req.id,
@@ -455,7 +467,7 @@ impl Runtime for ContainerRuntime {
         let record = match self.prepare_bundle(&req, &bundle) {
             Ok(r) => r,
             Err(e) => {
-                unmount(&bundle.join("rootfs"));
+                release_mounts(&bundle);
                 let _ = std::fs::remove_dir_all(&bundle);
                 return Err(e);
             }
@@ -674,7 +686,7 @@ impl Runtime for ContainerRuntime {
                 OsStr::new(&container_id(id)),
             ])
             .await;
-        unmount(&sb.file("rootfs"));
+        release_mounts(&sb.dir);
         self.io.forget(id);
         if let Some(owned) = &sb.cgroup.owned {
             let _ = std::fs::remove_dir(owned.join("ctr"));

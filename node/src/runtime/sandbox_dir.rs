@@ -71,7 +71,7 @@ pub fn clear_debris(dir: &Path) -> Result<(), RuntimeError> {
     if !dir.exists() {
         return Ok(());
     }
-    unmount(&dir.join("rootfs"));
+    release_mounts(dir);
     std::fs::remove_dir_all(dir)
         .map_err(|e| RuntimeError::io(format!("clear {}", dir.display()), e))
 }
@@ -149,6 +149,13 @@ pub fn is_mount_point(path: &Path) -> bool {
         return false;
     };
     std::fs::metadata(parent).is_ok_and(|p| p.dev() != me.dev())
+}
+
+/// Unmount what a sandbox directory holds: its root and, for a checkpointable container, its
+/// network namespace file (`container::netns`). Lazily; not mounted is fine.
+pub fn release_mounts(dir: &Path) {
+    unmount(&dir.join("rootfs"));
+    unmount(&dir.join("netns"));
 }
 
 /// Lazily unmount; not mounted is fine.

@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::sandbox_dir::{
-    clear_debris, is_mount_point, lock, read_json, sandbox_ids, unmount, write_json_atomic, Final,
+    clear_debris, is_mount_point, lock, read_json, release_mounts, sandbox_ids, write_json_atomic,
+    Final,
 };
 use super::{
     read_tail, ExitReport, ObservedSandbox, ObservedState, Resources, RuntimeError, SandboxId,
@@ -240,7 +241,7 @@ impl<S: Supervisor> Sandboxes<S> {
         }
         let f = sup.verdict(sb).await?;
         write_json_atomic(&sb.file("final.json"), &f)?;
-        unmount(&sb.file("rootfs"));
+        release_mounts(&sb.dir);
         *lock(&sb.ended) = Some(f.clone());
         Ok(f)
     }
@@ -269,7 +270,7 @@ impl<S: Supervisor> Sandboxes<S> {
     /// Fix how a sandbox ended without asking the verdict (a checkpointed sandbox stopped).
     pub fn settle(&self, sb: &Supervised<S>, f: Final) -> Result<(), RuntimeError> {
         write_json_atomic(&sb.file("final.json"), &f)?;
-        unmount(&sb.file("rootfs"));
+        release_mounts(&sb.dir);
         *lock(&sb.ended) = Some(f);
         Ok(())
     }
@@ -381,7 +382,7 @@ impl<S: Supervisor> Sandboxes<S> {
     /// through (that would delete the sandbox's writes through the mount, or worse).
     pub fn delete(&self, sb: &Supervised<S>) -> Result<(), RuntimeError> {
         let rootfs = sb.file("rootfs");
-        unmount(&rootfs);
+        release_mounts(&sb.dir);
         if is_mount_point(&rootfs) {
             return Err(RuntimeError::Cgroup(format!(
                 "{} is still mounted; not deleting the {} directory",

@@ -31,7 +31,7 @@ use std::time::Duration;
 use super::checkpoint::{self, criu_log_tail};
 use super::crun::ShimMode;
 use super::{container_id, ContainerRuntime, StartRequest};
-use crate::runtime::sandbox_dir::unmount;
+use crate::runtime::sandbox_dir::release_mounts;
 use crate::runtime::supervise::{process_start_ticks, RecordExtra};
 use crate::runtime::{RuntimeError, SandboxHandle, SandboxId};
 
@@ -280,7 +280,7 @@ impl ContainerRuntime {
         let record = match prepared {
             Ok(r) => r,
             Err(e) => {
-                unmount(&bundle.join("rootfs"));
+                release_mounts(&bundle);
                 let _ = std::fs::remove_dir_all(&bundle);
                 return Err(e);
             }

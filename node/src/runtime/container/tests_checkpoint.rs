@@ -115,12 +115,17 @@ async fn a_counter_continues_across_checkpoints_and_exec_works_after() {
     let ran = run(
         &rt,
         id,
-        spec(&["/bin/sh", "-c", "echo after; ls /proc | grep -c ."]),
+        spec(&[
+            "/bin/sh",
+            "-c",
+            "echo after; ls /sys/class/net; cat /sys/class/net/lo/flags",
+        ]),
         &[],
     )
     .await;
     assert!(ran.status.is_ok(), "exec after restore: {:?}", ran.status);
-    assert!(ran.stdout.starts_with("after\n"), "{}", ran.stdout);
+    // Its own network namespace (only lo), kept across the restores, with lo up (IFF_UP 0x1).
+    assert_eq!(ran.stdout, "after\nlo\n0x9\n", "{}", ran.stderr);
     let numbers = printed(&data, id);
     let expected: Vec<u64> = (1..=u64::try_from(numbers.len()).expect("len")).collect();
     assert_eq!(

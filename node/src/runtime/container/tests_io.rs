@@ -35,7 +35,7 @@ pub(super) fn spec(argv: &[&str]) -> ExecSpec {
 pub(super) struct Ran {
     pub(super) status: Result<ExecStatus, IoError>,
     pub(super) stdout: String,
-    stderr: String,
+    pub(super) stderr: String,
     /// Stdout and stderr chunks in the order they came, tagged.
     order: Vec<(char, String)>,
 }
