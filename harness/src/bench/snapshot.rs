@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use surge_node::reconcile::{Resources, SandboxId, SandboxSpec};
-use surge_node::runtime::container::checkpoint::{CriuKit, KIT_PREFIX_DEFAULT};
+use surge_node::runtime::container::checkpoint::{kit_prefix, CriuKit};
 use surge_node::runtime::container::{ContainerConfig, ContainerRuntime};
 use surge_node::runtime::{Runtime, StartRequest};
 
@@ -150,7 +150,7 @@ pub async fn run(cfg: SnapshotConfig) -> anyhow::Result<SnapshotReport> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("surge bench snapshot needs root (namespaces, cgroups, CRIU)");
     }
-    let kit = CriuKit::probe(Path::new(KIT_PREFIX_DEFAULT)).map_err(anyhow::Error::msg)?;
+    let kit = CriuKit::probe(&kit_prefix()).map_err(anyhow::Error::msg)?;
     let data = cfg.data_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("surge-bench-snapshot-{}", std::process::id()))
     });

@@ -131,14 +131,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             let (runtime, templates) = tokio::task::spawn_blocking(move || {
                 // Checkpointing needs the CRIU kit (scripts/setup-criu); without it the node
                 // runs Debian's crun and says why it cannot checkpoint.
-                let prefix = std::env::var_os("SURGE_CRIU_PREFIX").map_or_else(
-                    || {
-                        std::path::PathBuf::from(
-                            crate::runtime::container::checkpoint::KIT_PREFIX_DEFAULT,
-                        )
-                    },
-                    std::path::PathBuf::from,
-                );
+                let prefix = crate::runtime::container::checkpoint::kit_prefix();
                 let criu = if checkpoint {
                     crate::runtime::container::checkpoint::CriuKit::probe(&prefix)
                 } else {

@@ -37,6 +37,12 @@ use super::super::RuntimeError;
 
 /// Where `scripts/setup-criu` installs the kit by default.
 pub const KIT_PREFIX_DEFAULT: &str = "/opt/surge-crun-criu";
+
+/// Where this host's kit is: `$SURGE_CRIU_PREFIX`, else [`KIT_PREFIX_DEFAULT`].
+pub fn kit_prefix() -> PathBuf {
+    std::env::var_os("SURGE_CRIU_PREFIX")
+        .map_or_else(|| PathBuf::from(KIT_PREFIX_DEFAULT), PathBuf::from)
+}
 /// How long one dump or restore may take (a 1 GiB sandbox writes 1 GiB).
 pub const CHECKPOINT_TIMEOUT_MS: u64 = 300_000;
 /// Bytes of CRIU's log quoted in an error.
