@@ -160,3 +160,77 @@ async fn the_cli_rides_out_a_leader_kill_and_names_the_replica_that_failed() {
         "{said}"
     );
 }
+
+/// 600 nodes registering at once through every replica (a cluster start, a leader change):
+/// each is known on every replica, and they share log entries (registrations go through a
+/// batcher in `scheduler/src/service/nodes.rs`) instead of taking one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_share_entries_and_none_is_lost() {
+    const NODES: usize = 600;
+    // No heartbeats follow: a long TTL keeps the leader from marking them down meanwhile.
+    let (c, _dir, _leader) = cluster(3, &["--node-ttl-ms", "600000"]).await;
+    let ids = c.ids();
+    let addrs: Vec<String> = ids.iter().map(|id| c.addr(*id).expect("addr")).collect();
+    let before = c
+        .wait_converged(&ids, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .applied_index;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..NODES {
+        let addr = addrs[i % addrs.len()].clone();
+        tasks.spawn(async move {
+            let req = surge_proto::node::RegisterNodeRequest {
+                node_id: format!("reg-{i}"),
+                address: format!("10.0.{}.{}:7071", i / 250, i % 250),
+                allocatable: Some(surge_proto::node::Resources {
+                    cpu_millis: 8_000,
+                    memory_mib: 16_384,
+                }),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                pool: "default".into(),
+                ..Default::default()
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut nodes = surge_client::open::nodes(&addr).expect("client");
+                match nodes.register_node(req.clone()).await {
+                    Ok(_) => return,
+                    Err(s) if std::time::Instant::now() < deadline => {
+                        assert_ne!(s.code(), tonic::Code::InvalidArgument, "{s}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(s) => panic!("reg-{i} never registered: {s}"),
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("registration task");
+    }
+    let after = c
+        .wait_converged(&ids, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .applied_index;
+    assert!(
+        after - before < NODES as u64 / 2,
+        "{NODES} concurrent registrations took {} entries: nothing was batched",
+        after - before
+    );
+    for addr in &addrs {
+        let listed = surge_client::open::nodes(addr)
+            .expect("client")
+            .list_nodes(surge_proto::node::ListNodesRequest {})
+            .await
+            .expect("list nodes")
+            .into_inner()
+            .nodes;
+        let mut names: Vec<String> = listed.into_iter().map(|n| n.node_id).collect();
+        names.sort();
+        let mut want: Vec<String> = (0..NODES).map(|i| format!("reg-{i}")).collect();
+        want.sort();
+        assert_eq!(names, want, "replica at {addr}");
+    }
+}

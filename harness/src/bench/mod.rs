@@ -7,6 +7,7 @@
 //! - [`exec`]: exec and files: API vs `crun exec`, the RL pattern, and execs at scale.
 
 pub mod burst;
+pub mod cpu;
 pub mod exec;
 pub mod failover;
 pub mod failover_etcd;
