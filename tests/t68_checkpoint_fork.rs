@@ -7,7 +7,8 @@
 //! A counter sandbox is checkpointed (it stops counting, its reservation is released), resumed
 //! (it continues from where it was), then forked 3 times through the CLI: the forks run on the
 //! same node, continue the counter from the source's value (not from 1), each in its own
-//! filesystem, and the source keeps running.
+//! filesystem, and the source keeps running. The HTTP API does the same (fork, checkpoint,
+//! resume), and refuses bad requests with JSON errors.
 
 mod common;
 
@@ -270,6 +271,62 @@ async fn checkpoint_resume_then_fork_of_three_through_the_daemon() {
         .await
         .expect_err("65 forks");
     assert!(refused.to_string().contains("1 to 64"), "{refused}");
+
+    // The same through the HTTP API: a fork of 2, a checkpoint and a resume of one of them, and
+    // refusals as JSON errors.
+    let web = c.replica(leader).expect("replica").http.clone();
+    let json = "application/json";
+    let path = |what: &str| format!("/v1/jobs/{job}/sandboxes/0/{what}");
+    let (code, text) = http(&web, "POST", &path("fork"), json, br#"{"count": 2}"#).await;
+    assert_eq!(code, 200, "{text}");
+    let reply: serde_json::Value = serde_json::from_str(&text).expect("fork reply");
+    let web_forks = reply["job_id"].as_u64().expect("job_id");
+    for i in 0..2 {
+        wait_for(&c, &node, "an HTTP fork runs", || {
+            in_state(&addr, web_forks, i, "running")
+        })
+        .await;
+        assert_eq!(sandbox(&addr, web_forks, i).await.node, "ck-a");
+    }
+    let fork_path = |what: &str| format!("/v1/jobs/{web_forks}/sandboxes/1/{what}");
+    let (code, text) = http(&web, "POST", &fork_path("checkpoint"), json, b"").await;
+    assert_eq!(code, 200, "{text}");
+    wait_for(&c, &node, "an HTTP checkpoint", || {
+        in_state(&addr, web_forks, 1, "checkpointed")
+    })
+    .await;
+    let (code, text) = http(&web, "POST", &fork_path("resume"), json, b"").await;
+    assert_eq!(code, 200, "{text}");
+    wait_for(&c, &node, "an HTTP resume", || {
+        in_state(&addr, web_forks, 1, "running")
+    })
+    .await;
+    for (body, expect) in [
+        (&br#"{"count": 65}"#[..], "1 to 64"),
+        (&br#"{"count": 0}"#[..], "1 to 64"),
+        (&br#"{}"#[..], "count"),
+        (&br#"{"count": 1, "extra": 1}"#[..], "extra"),
+        (&b"[1]"[..], "request body"),
+    ] {
+        let (code, text) = http(&web, "POST", &path("fork"), json, body).await;
+        assert_eq!(code, 400, "{}: {text}", String::from_utf8_lossy(body));
+        let err: serde_json::Value = serde_json::from_str(&text).expect("a JSON error");
+        let msg = err["error"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(expect), "{text}");
+    }
+    let (code, text) = http(&web, "POST", "/v1/jobs/x/sandboxes/0/fork", json, b"{}").await;
+    assert_eq!(code, 400, "{text}");
+    // A checkpoint of a job that does not exist: 404, in JSON.
+    let (code, text) = http(
+        &web,
+        "POST",
+        "/v1/jobs/999999/sandboxes/0/checkpoint",
+        json,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 404, "{text}");
+    cli(&addr, &["cancel", &web_forks.to_string()]);
 
     cli(&addr, &["cancel", &forks.to_string()]);
     cli(&addr, &["cancel", &job.to_string()]);

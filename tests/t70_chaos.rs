@@ -176,6 +176,11 @@ async fn gang_stays_whole_when_its_nodes_die() {
 /// have seen which live node holds which sandbox (including the containers crun runs, so
 /// `one_live_node_per_sandbox` is not vacuous), and nothing of the run (container, shim, mount,
 /// cgroup) may be left on the host.
+///
+/// With the CRIU kit of `scripts/setup-criu` (which `scripts/setup` installs), the container
+/// nodes run with `--checkpoint` and the clients checkpoint, resume and fork counters on them:
+/// some of each must be acknowledged, the host reads must show restores, and
+/// `checkpoint_restored_once` must pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_nodes_survive_kills_and_freezes() {
     if let Err(why) = surge_harness::containers::usable() {
@@ -183,10 +188,16 @@ async fn container_nodes_survive_kills_and_freezes() {
         return;
     }
     let mut cfg = config(seed_or(76), "nodes,kill", Duration::from_secs(40));
+    if let Err(why) = run::checkpoint_kit_usable() {
+        surge_node::testing::unavailable(&format!(
+            "chaos checkpoints on the container nodes need the CRIU kit: {why}"
+        ));
+    }
     cfg.container_nodes = 2;
     cfg.node_ttl_ms = 2000;
     let dir = tempfile::tempdir().expect("tempdir");
     cfg.history = Some(dir.path().join("history.jsonl"));
+    let cfg_checkpoint = cfg.container_checkpoint;
     let replay = replay(&cfg);
     let report = run_and_check(cfg).await;
     let path = report.history.clone().expect("the history file, as asked");
@@ -219,6 +230,23 @@ async fn container_nodes_survive_kills_and_freezes() {
         o.assignment_samples >= 20 && o.container_runs_seen > 0,
         "the holdings sampler saw too little: {o:?}\nreplay: {replay}"
     );
+    eprintln!(
+        "checkpoints {} / resumes {} / forks {} acknowledged; {} host reads showed {} restores",
+        o.checkpoints_acknowledged,
+        o.resumes_acknowledged,
+        o.forks_acknowledged,
+        o.host_reads,
+        o.restores_seen
+    );
+    if cfg_checkpoint {
+        assert!(
+            o.checkpoints_acknowledged > 0
+                && o.resumes_acknowledged > 0
+                && o.forks_acknowledged > 0
+                && o.restores_seen > 0,
+            "too few checkpoints, resumes, forks or restores to judge `checkpoint_restored_once`: {o:?}\nreplay: {replay}"
+        );
+    }
     assert!(
         report.containers.leftovers.is_empty(),
         "{:?}",

@@ -20,6 +20,8 @@
 //! |                             | replicas at one applied index never disagree on the hash      |
 //! | `liveness`                  | after the faults heal, every placeable pending job is placed  |
 //! |                             | within the bound                                              |
+//! | `checkpoint_restored_once`  | no run on two hosts at once; a run back on its host only once |
+//! |                             | per checkpoint, on the same node; forks on their source's node|
 //!
 //! The real-process harness adds `containers_cleaned_up` after the run (`crate::run`): nothing
 //! of its container nodes is left on the host.
@@ -62,6 +64,7 @@ pub const CHECKERS: &[(&str, Check)] = &[
     ("gang_all_or_nothing", gang_all_or_nothing),
     ("converged", converged),
     ("liveness", liveness),
+    ("checkpoint_restored_once", checkpoint_restored_once),
 ];
 
 /// Run every checker; the violations found, in checker order.
@@ -97,6 +100,7 @@ pub struct Checks {
     gangs: GangAllOrNothing,
     converged: Converged,
     liveness: Liveness,
+    restored_once: lid::RestoredOnce,
 }
 
 impl Fold for Checks {
@@ -109,6 +113,7 @@ impl Fold for Checks {
         self.gangs.observe(e);
         self.converged.observe(e);
         self.liveness.observe(e);
+        self.restored_once.observe(e);
     }
 }
 
@@ -124,6 +129,7 @@ impl Checks {
             self.gangs.finish(f),
             self.converged.finish(f),
             self.liveness.finish(f),
+            self.restored_once.finish(f),
         ]
         .into_iter()
         .flatten()
@@ -137,6 +143,11 @@ impl Checks {
             .values()
             .filter(|k| k.invoked)
             .count() as u64
+    }
+
+    /// Host reads and returns of a run to its host (restores) `checkpoint_restored_once` saw.
+    pub fn host_reads_and_restores(&self) -> (u64, u64) {
+        (self.restored_once.host_reads, self.restored_once.restores)
     }
 
     /// Idempotency keys whose submission the cluster acknowledged.
@@ -288,12 +299,13 @@ impl KeyOps {
 impl Checker for AcknowledgedOnce {
     fn observe(&mut self, e: &Event) {
         match (&e.op, e.kind) {
-            (Op::Submit { key, .. }, kind) => {
+            // A fork is a submission too: its job carries the fork's key.
+            (Op::Submit { key, .. } | Op::Fork { key, .. }, kind) => {
                 let k = self.keys.entry(key.clone()).or_default();
                 k.invoked |= kind == EventType::Invoke;
                 k.keep(e);
             }
-            (Op::Submitted { key, job_id, .. }, kind) => {
+            (Op::Submitted { key, job_id, .. } | Op::Forked { key, job_id, .. }, kind) => {
                 let k = self.keys.entry(key.clone()).or_default();
                 k.keep(e);
                 if kind != EventType::Ok {
@@ -694,12 +706,14 @@ pub fn gang_all_or_nothing(h: &History) -> Option<Violation> {
 }
 
 mod converged;
+mod lid;
 mod liveness;
 
 use converged::Converged;
 use liveness::Liveness;
 
 pub use converged::converged;
+pub use lid::checkpoint_restored_once;
 pub use liveness::{liveness, placeable, satisfies_all};
 
 #[cfg(test)]

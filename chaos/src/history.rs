@@ -108,6 +108,15 @@ pub struct NodeSample {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// A sandbox run a container node's host runs, as crun lists it (the ground truth).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HostCopy {
+    pub node: String,
+    pub job: u64,
+    pub index: u32,
+    pub generation: u64,
+}
+
 /// What an operation did or asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -162,6 +171,34 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         stale: Vec<StaleCopy>,
     },
+    /// Close or open the lid of sandbox `job_id`.`sandbox_index`: `action` is `checkpoint` (`surge pause
+    /// --checkpoint`) or `resume`. The reply is the same op with `ok`; a refusal is an `Error`.
+    Lid {
+        job_id: u64,
+        /// (Not `index`: the event's own position in the history is `index`.)
+        sandbox_index: u32,
+        action: String,
+        replica: u64,
+    },
+    /// Fork sandbox `job_id`.`sandbox_index` into `count` sandboxes under idempotency key `key`.
+    Fork {
+        key: String,
+        job_id: u64,
+        sandbox_index: u32,
+        count: u32,
+        replica: u64,
+    },
+    /// The reply to a fork: its new job, and the node the scheduler pinned its forks to (the
+    /// source's node when it forked; "" when the read that tells it failed).
+    Forked {
+        key: String,
+        source_job: u64,
+        source_index: u32,
+        job_id: u64,
+        node: String,
+    },
+    /// Every sandbox run the container nodes' hosts run, in one read of all of them.
+    ReadHosts { copies: Vec<HostCopy> },
     /// A replica's applied index and state hash (`fail`: it did not answer).
     ReplicaStatus {
         replica: u64,

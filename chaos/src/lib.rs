@@ -13,6 +13,7 @@ pub mod checker;
 pub mod faults;
 pub mod history;
 pub mod holdings;
+pub mod lid;
 pub mod memory;
 pub mod report;
 pub mod run;

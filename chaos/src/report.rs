@@ -34,6 +34,14 @@ pub struct Operations {
     pub assignments_checked: u64,
     /// Of those, runs seen running on a container daemon's host.
     pub container_runs_seen: u64,
+    /// Checkpoints, resumes and forks of the workload's counters the cluster acknowledged.
+    pub checkpoints_acknowledged: u64,
+    pub resumes_acknowledged: u64,
+    pub forks_acknowledged: u64,
+    /// Reads of what the container nodes' hosts run, and the returns of a run to its host
+    /// (restores) they showed (`checkpoint_restored_once`).
+    pub host_reads: u64,
+    pub restores_seen: u64,
     pub events: u64,
 }
 
@@ -95,6 +103,8 @@ pub struct Tally {
     assignment_samples: u64,
     assignments_checked: u64,
     container_runs_seen: u64,
+    /// Acknowledged checkpoints, resumes, forks.
+    lids: (u64, u64, u64),
     faults: BTreeMap<String, u64>,
     events: u64,
     /// The container jobs of the first successful final read.
@@ -116,6 +126,11 @@ impl Fold for Tally {
         }
         match (&e.op, e.kind) {
             (Op::Cancelled { .. }, EventType::Ok) => self.cancels += 1,
+            (Op::Lid { action, .. }, EventType::Ok) => match action.as_str() {
+                "checkpoint" => self.lids.0 += 1,
+                _ => self.lids.1 += 1,
+            },
+            (Op::Forked { .. }, EventType::Ok) => self.lids.2 += 1,
             (Op::ReadJobs { jobs, .. }, EventType::Ok) => {
                 self.samples += 1;
                 if e.process == Process::Final && self.final_container_jobs.is_none() {
@@ -211,6 +226,11 @@ impl Report {
                 assignment_samples: t.assignment_samples,
                 assignments_checked: t.assignments_checked,
                 container_runs_seen: t.container_runs_seen,
+                checkpoints_acknowledged: t.lids.0,
+                resumes_acknowledged: t.lids.1,
+                forks_acknowledged: t.lids.2,
+                host_reads: fold.checks.host_reads_and_restores().0,
+                restores_seen: fold.checks.host_reads_and_restores().1,
                 events: t.events,
             },
             container_nodes: facts.container_nodes,

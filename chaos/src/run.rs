@@ -75,6 +75,10 @@ pub struct ChaosConfig {
     /// Real node daemons on the container runtime, besides the simulated nodes (each also a
     /// unit of the `nodes` fault). Needs root and crun: see [`surge_harness::containers::usable`].
     pub container_nodes: u32,
+    /// Container nodes run with `--checkpoint` and the workload checkpoints, resumes and forks
+    /// some of their sandboxes (`checkpoint_restored_once`). Default: when the CRIU kit of
+    /// `scripts/setup-criu` is usable here ([`checkpoint_kit_usable`]).
+    pub container_checkpoint: bool,
     pub node_cpus: u32,
     pub node_memory_mib: u64,
     pub clients: u32,
@@ -104,6 +108,7 @@ impl ChaosConfig {
             nodes: 20,
             node_groups: 4,
             container_nodes: 0,
+            container_checkpoint: checkpoint_kit_usable().is_ok(),
             node_cpus: 16,
             node_memory_mib: 65_536,
             clients: 4,
@@ -117,6 +122,16 @@ impl ChaosConfig {
             history: None,
         }
     }
+}
+
+/// Whether the CRIU kit a `surge node --checkpoint` uses is installed and passes its probe (at
+/// `$SURGE_CRIU_PREFIX`, default `/opt/surge-crun-criu`); why not, when it is not.
+pub fn checkpoint_kit_usable() -> Result<(), String> {
+    use surge_node::runtime::container::checkpoint::{CriuKit, KIT_PREFIX_DEFAULT};
+    let prefix = std::env::var_os("SURGE_CRIU_PREFIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(KIT_PREFIX_DEFAULT));
+    CriuKit::probe(&prefix).map(|_| ())
 }
 
 /// Every fault kind; partitions only where the harness can create network namespaces (root).
@@ -297,6 +312,7 @@ pub async fn run(cfg: &ChaosConfig) -> Result<Report, ChaosError> {
             live_jobs_max: cfg.live_jobs_max_per_client,
             stop_watches: stop_watches.clone(),
             container_jobs: !daemons.is_empty(),
+            lid_ops: !daemons.is_empty() && cfg.container_checkpoint,
         },
         recorder.clone(),
     ));
@@ -620,7 +636,7 @@ pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
             kind: GroupKind::Sim,
         })
         .filter(|g| g.count > 0);
-    let container_args = vec![
+    let mut container_args = vec![
         "--cpus".to_string(),
         CONTAINER_NODE_CPUS.to_string(),
         "--memory-mib".to_string(),
@@ -628,6 +644,9 @@ pub fn node_groups(cfg: &ChaosConfig) -> Vec<NodeGroup> {
         "--label".to_string(),
         format!("{CLASS_LABEL}={CONTAINER_CLASS}"),
     ];
+    if cfg.container_checkpoint {
+        container_args.push("--checkpoint".to_string());
+    }
     let pid = std::process::id();
     let containers = (0..cfg.container_nodes.min(CONTAINER_NODES_MAX)).map(|i| NodeGroup {
         name: format!("ctr-{pid}-{i}"),

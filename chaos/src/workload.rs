@@ -13,8 +13,11 @@ use surge_proto::jobs as pb;
 use surge_proto::node::ListNodesRequest;
 
 use crate::faults::Rng;
-use crate::history::{in_flight, EventType, JobSample, NodeSample, Op, Process, Recorder};
+use crate::history::{
+    in_flight, EventType, HostCopy, JobSample, NodeSample, Op, Process, Recorder,
+};
 use crate::holdings;
+pub use crate::lid::lid_op;
 use surge_client::open as client;
 use surge_harness::containers::{self, ContainerDaemon};
 
@@ -45,6 +48,9 @@ pub struct WorkloadConfig {
     pub stop_watches: Arc<AtomicBool>,
     /// Whether container nodes run: then some jobs are small real ones for them.
     pub container_jobs: bool,
+    /// Whether the container nodes can checkpoint: then some container jobs are long counters
+    /// the clients checkpoint, resume and fork (see [`lid_op`]).
+    pub lid_ops: bool,
 }
 
 /// The node label that keeps simulated and real work apart: simulated nodes carry
@@ -56,79 +62,22 @@ pub const SIM_CLASS: &str = "sim";
 pub const CONTAINER_CLASS: &str = "container";
 /// Share of submissions (percent) that are container jobs when container nodes run.
 pub const CONTAINER_JOBS_PERCENT: u64 = 20;
+/// Share of container jobs (percent) that are checkpointable counters, when the container
+/// nodes can checkpoint.
+pub const LID_JOBS_PERCENT: u64 = 40;
+/// Share of a client's turns (percent) spent on a checkpoint, resume or fork of one of its
+/// counters, when it has one.
+pub const LID_OPS_PERCENT: u64 = 25;
+/// Most forks one fork operation asks for (the container nodes are small).
+pub const LID_FORKS_MAX: u32 = 2;
 
-/// What a client asks for in one submission.
-#[derive(Clone, Debug)]
-struct Ask {
-    gang: bool,
-    count: u32,
-    cpu_millis: u64,
-    memory_mib: u64,
-    /// [`SIM_CLASS`] or [`CONTAINER_CLASS`].
-    class: &'static str,
-    command: Vec<String>,
-}
-
-fn ask(rng: &mut Rng) -> Ask {
-    if rng.chance(25) {
-        Ask {
-            gang: true,
-            count: rng.range_u32(2, 6),
-            cpu_millis: 1000,
-            memory_mib: 512,
-            class: SIM_CLASS,
-            command: vec!["true".into()],
-        }
-    } else {
-        Ask {
-            gang: false,
-            count: rng.range_u32(1, 8),
-            cpu_millis: [250, 500, 1000][rng.index(3)],
-            memory_mib: [256, 512, 1024][rng.index(3)],
-            class: SIM_CLASS,
-            command: vec!["true".into()],
-        }
-    }
-}
-
-/// A small real job for the container nodes: a command that ends at once, in half a second, or
-/// after 6 or 20 seconds: long enough to be running when its daemon is frozen or killed, and the
-/// longest outlives a daemon held down past the TTL, so that a returning node finds a copy the
-/// scheduler has run elsewhere meanwhile. The long ones end at once on SIGTERM, so a cancel or a
-/// returning node stops them without the kill grace.
-fn container_ask(rng: &mut Rng) -> Ask {
-    let long = |secs: u32| {
-        vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            format!("trap 'exit 0' TERM; sleep {secs} & wait"),
-        ]
-    };
-    let command: Vec<String> = match rng.below(4) {
-        0 => vec!["true".into()],
-        1 => vec!["sleep".into(), "0.5".into()],
-        2 => long(6),
-        _ => long(20),
-    };
-    let gang = rng.chance(25);
-    Ask {
-        gang,
-        count: if gang {
-            rng.range_u32(2, 3)
-        } else {
-            rng.range_u32(1, 4)
-        },
-        cpu_millis: [100, 200][rng.index(2)],
-        memory_mib: [32, 64][rng.index(2)],
-        class: CONTAINER_CLASS,
-        command,
-    }
-}
+mod asks;
+use asks::{ask, container_ask, lid_ask, Ask};
 
 /// An error is definite (the request was refused before it could take effect) only for a
 /// rejection of the request itself; a timeout, a lost leader or a dropped connection leave the
 /// outcome unknown.
-fn completion_of(status: &tonic::Status) -> EventType {
+pub(crate) fn completion_of(status: &tonic::Status) -> EventType {
     match status.code() {
         tonic::Code::InvalidArgument | tonic::Code::NotFound => EventType::Fail,
         _ => EventType::Info,
@@ -170,23 +119,42 @@ async fn client_loop(
     let mut rng = Rng::fork(cfg.seed, 0xC11E_0000 + u64::from(me));
     // This client's jobs that are not cancelled yet, oldest first.
     let mut live: Vec<u64> = Vec::new();
+    // Of those, its checkpointable counters.
+    let mut lids: Vec<u64> = Vec::new();
     let mut n = 0u64;
     while Instant::now() < cfg.deadline && n < cfg.ops_max {
         n += 1;
+        // No draw at all without checkpointing container nodes: a seed names the same workload.
+        if cfg.lid_ops && !lids.is_empty() && rng.chance(LID_OPS_PERCENT) {
+            let job = lids[rng.index(lids.len())];
+            if let Some(fork) = lid_op(cfg, me, &mut rng, recorder, job, n).await {
+                live.push(fork);
+            }
+            tokio::time::sleep(Duration::from_millis(rng.range(20, 200))).await;
+            continue;
+        }
         let cancel = !live.is_empty() && (live.len() >= cfg.live_jobs_max || rng.chance(15));
         if cancel {
             let job = live.remove(rng.index(live.len()));
+            lids.retain(|j| *j != job);
             cancel_job(cfg, me, &mut rng, recorder, job).await;
         } else {
             let key = format!("c{me}-{n}");
             // No draw at all without container nodes: a seed names the same workload as before.
             let a = if cfg.container_jobs && rng.chance(CONTAINER_JOBS_PERCENT) {
-                container_ask(&mut rng)
+                if cfg.lid_ops && rng.chance(LID_JOBS_PERCENT) {
+                    lid_ask()
+                } else {
+                    container_ask(&mut rng)
+                }
             } else {
                 ask(&mut rng)
             };
             if let Some(id) = submit(cfg, me, &mut rng, recorder, &key, &a).await {
                 live.push(id);
+                if a.lid {
+                    lids.push(id);
+                }
                 if a.gang {
                     // Drawn whether or not a watcher starts: a seed names one workload.
                     let first = rng.next_u64();
@@ -206,11 +174,11 @@ async fn client_loop(
     }
 }
 
-fn pick(cfg: &WorkloadConfig, rng: &mut Rng) -> (u64, String) {
+pub(crate) fn pick(cfg: &WorkloadConfig, rng: &mut Rng) -> (u64, String) {
     cfg.replicas[rng.index(cfg.replicas.len())].clone()
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((100 * u64::from(attempt)).min(1000))
 }
 
@@ -251,6 +219,7 @@ async fn submit(
                 tenant: cfg.tenant.clone(),
                 gang: a.gang,
                 name: key.to_string(),
+                user: a.user.to_string(),
                 constraints: vec![pb::Constraint {
                     key: CLASS_LABEL.into(),
                     op: "=".into(),
@@ -618,6 +587,7 @@ pub async fn sample_holdings(
             ))
         }
     };
+    let daemons_empty = daemons.is_empty();
     let daemons = daemons.to_vec();
     let copies = tokio::task::spawn_blocking(move || {
         daemons
@@ -639,7 +609,27 @@ pub async fn sample_holdings(
     })
     .await;
     match copies {
-        Ok(Ok(c)) => all.extend(c.into_iter().flatten()),
+        Ok(Ok(c)) => {
+            let c: Vec<holdings::Holding> = c.into_iter().flatten().collect();
+            if !daemons_empty {
+                recorder.record(
+                    Process::Sampler,
+                    EventType::Ok,
+                    Op::ReadHosts {
+                        copies: c
+                            .iter()
+                            .map(|h| HostCopy {
+                                node: h.node.clone(),
+                                job: h.job,
+                                index: h.index,
+                                generation: h.generation,
+                            })
+                            .collect(),
+                    },
+                );
+            }
+            all.extend(c);
+        }
         Ok(Err(e)) => return note(format!("read of the container daemons' state failed: {e}")),
         Err(e) => return note(format!("read of the container daemons' state failed: {e}")),
     }

@@ -91,6 +91,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/watch", get(watch_job))
         .merge(crate::http_io::routes())
+        .merge(crate::http_lid::routes())
         .merge(crate::ui_api::routes())
         .merge(crate::ui::routes())
         .route("/v1/jobs/cancel", post(crate::http_life::cancel_jobs))

@@ -20,6 +20,7 @@ pub mod command;
 pub mod convert;
 pub mod http;
 pub mod http_io;
+mod http_lid;
 mod http_life;
 pub mod https;
 pub mod leader;

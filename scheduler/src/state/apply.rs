@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::command::{Command, Rejection, Response, BATCH_COMMANDS_MAX};
 use crate::model::{
-    Counts, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState, Resources, RestartPolicy,
+    Counts, ForkOf, Job, JobId, JobSpec, JobState, Node, NodeSpec, NodeState, Resources,
+    RestartPolicy,
 };
 use crate::outcomes::Outcomes;
 use crate::placement::{self, PlacementParams, Plan};
@@ -19,10 +20,29 @@ pub(super) fn is_restartable(policy: RestartPolicy, restarts: u32) -> bool {
 }
 
 /// Send a sandbox back to the queue as a new generation (or give up after too many reschedules).
-pub(super) fn reschedule(run: &mut Run, per_sandbox: Resources, index: u64) {
+///
+/// A fork (`fork_of` of its job) is never sent back: it exists only as a restore of its source's
+/// checkpoint on its source's node, and any other node would fail to fork it (or start a cold
+/// copy that is no fork at all). It ends `Lost` (node-lost) with the reason instead.
+pub(super) fn reschedule(
+    run: &mut Run,
+    per_sandbox: Resources,
+    index: u64,
+    fork_of: Option<ForkOf>,
+) {
     if run.stop {
         // Asked to stop and its node is gone: nothing left to stop, nothing to run again.
         run.state = SandboxState::Stopped;
+    } else if let Some(source) = fork_of {
+        run.state = SandboxState::Lost;
+        run.note = format!(
+            "node-lost: a fork of {}.{} lives only on node {}, where its source's checkpoint was made; it lost its place there and is not moved to another node",
+            source.job_id,
+            source.index,
+            run.node.as_deref().unwrap_or("(none)")
+        );
+        run.restore = false;
+        run.forking = false;
     } else if run.reschedules >= RESCHEDULES_MAX {
         run.state = SandboxState::Lost;
     } else {
@@ -64,9 +84,10 @@ impl Job {
         if waiting && holding {
             let per = self.spec.per_sandbox;
             let total = self.spec.count;
+            let fork_of = self.spec.fork_of;
             self.runs.update(0, total, |run| {
                 if run.state.is_active() {
-                    reschedule(run, per, index);
+                    reschedule(run, per, index, fork_of);
                 }
             });
         }
@@ -409,11 +430,12 @@ impl ClusterState {
                 continue;
             };
             let per = job.spec.per_sandbox;
+            let fork_of = job.spec.fork_of;
             let mut n = 0u32;
             job.runs.update(p.first_index, p.count, |run| {
                 if run.state.is_active() && run.node.as_deref() == Some(p.node.as_str()) {
                     n += run.count;
-                    reschedule(run, per, index);
+                    reschedule(run, per, index, fork_of);
                 }
             });
             job.counts.preempted = job.counts.preempted.saturating_add(n);
@@ -485,10 +507,11 @@ impl ClusterState {
             for job in self.jobs.values_mut() {
                 let per = job.spec.per_sandbox;
                 let total = job.spec.count;
+                let fork_of = job.spec.fork_of;
                 let mut moved = false;
                 job.runs.update(0, total, |run| {
                     if run.state.is_active() && run.node.as_deref() == Some(node_id) {
-                        reschedule(run, per, index);
+                        reschedule(run, per, index, fork_of);
                         moved = true;
                     }
                 });

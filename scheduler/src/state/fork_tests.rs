@@ -215,3 +215,74 @@ fn forks_are_refused_with_one_line_each() {
     assert!(!why.contains('\n'));
     assert_eq!(s.jobs.len(), 1, "nothing was created");
 }
+
+#[test]
+fn a_running_fork_whose_node_goes_ends_node_lost_and_is_never_moved() {
+    let mut s = source(10, true);
+    let Response::JobSubmitted { job_id, .. } = fork(&mut s, 6, 2, Some("t")) else {
+        panic!("fork refused");
+    };
+    let fork_range = |first: u32, state: SandboxState| crate::command::StatusRange {
+        job: job_id,
+        ..range(first, 1, state, 0)
+    };
+    apply(
+        &mut s,
+        7,
+        Command::ReportStatus {
+            reports: vec![
+                fork_range(0, SandboxState::Running),
+                fork_range(1, SandboxState::Running),
+            ],
+            at_ms: 110,
+        },
+    );
+    // Another node with room and checkpointing, where a moved fork could be placed.
+    can_checkpoint(&mut s, 8, "b", 10, true);
+    // Node "a" says it lost fork 1 (its process vanished): it is not sent back to the queue.
+    apply(
+        &mut s,
+        9,
+        Command::ReportStatus {
+            reports: vec![fork_range(1, SandboxState::Lost)],
+            at_ms: 120,
+        },
+    );
+    // Then node "a" goes down: fork 0 ends too, while the source's sandboxes (no fork) are
+    // sent back to the queue as usual.
+    apply(
+        &mut s,
+        10,
+        Command::SetNodeState {
+            node: "a".into(),
+            state: NodeState::Down,
+            at_ms: 300,
+        },
+    );
+    let job = &s.jobs[&job_id];
+    for i in 0..2 {
+        let (_, run) = job.runs.get(i).expect("run");
+        assert_eq!(run.state, SandboxState::Lost, "fork {i}");
+        assert_eq!(run.node.as_deref(), Some("a"), "fork {i} stays on its node");
+        assert_eq!(run.generation, 0, "fork {i} has no new run");
+        assert_eq!(
+            crate::lifetime::end_reason(run),
+            Some(crate::lifetime::EndReason::NodeLost)
+        );
+        assert!(
+            run.note.contains("fork of 2.1") && run.note.contains("not moved"),
+            "{}",
+            run.note
+        );
+    }
+    assert_eq!(job.counts.pending, 0);
+    assert_eq!(job.counts.lost, 2);
+    assert!(
+        s.assignments_of("b").iter().all(|a| a.job != job_id),
+        "no fork is given to node b"
+    );
+    assert_eq!(
+        s.jobs[&2].counts.pending, 2,
+        "the source's sandboxes are moved"
+    );
+}

@@ -104,6 +104,7 @@ impl ClusterState {
             };
             let policy = job.spec.restart;
             let per = job.spec.per_sandbox;
+            let fork_of = job.spec.fork_of;
             let life = job.spec.lifetime;
             let mut node_changed = false;
             job.runs.update(r.first, r.count, |run| {
@@ -167,7 +168,7 @@ impl ClusterState {
                         node_changed = true;
                     }
                     SandboxState::Lost => {
-                        reschedule(run, per, index);
+                        reschedule(run, per, index, fork_of);
                         node_changed = true;
                     }
                     SandboxState::Stopped => {

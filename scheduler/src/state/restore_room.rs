@@ -110,11 +110,12 @@ impl ClusterState {
                 v.count -= k;
                 if let Some(job) = self.jobs.get_mut(&v.job) {
                     let per = job.spec.per_sandbox;
+                    let fork_of = job.spec.fork_of;
                     let mut n = 0u32;
                     job.runs.update(first, k, |run| {
                         if run.state.is_active() && run.node.as_deref() == Some(w.node.as_str()) {
                             n += run.count;
-                            reschedule(run, per, index);
+                            reschedule(run, per, index, fork_of);
                         }
                     });
                     job.counts.preempted = job.counts.preempted.saturating_add(n);
