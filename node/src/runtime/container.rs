@@ -84,6 +84,7 @@ pub mod init;
 mod io;
 pub mod oci;
 mod oom;
+pub mod pool;
 mod resolve;
 mod shim;
 mod snapshot;
@@ -122,6 +123,8 @@ pub struct ContainerConfig {
     /// The crun + CRIU that checkpoints sandboxes, or why this node cannot (see `checkpoint`).
     /// With a kit, every container runs under its crun with piped stdio.
     pub criu: Result<CriuKit, String>,
+    /// Sandboxes kept created ahead per template (`surge node --warm-pool`; see `pool`).
+    pub warm_pool: Vec<pool::WarmPoolSpec>,
 }
 
 impl ContainerConfig {
@@ -134,6 +137,7 @@ impl ContainerConfig {
             sandbox_gid: SANDBOX_GID,
             tmp_size_mib: 256,
             criu: Err("checkpointing is not enabled on this node".to_owned()),
+            warm_pool: Vec::new(),
         }
     }
 }
@@ -190,6 +194,8 @@ pub struct ContainerRuntime {
     fork_lock: tokio::sync::Mutex<()>,
     /// CRIU's options for this host (`checkpoint::criu_config`), named in every bundle.
     criu_conf: Option<PathBuf>,
+    /// The warm pools (see `pool`).
+    pools: pool::Pools,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -310,6 +316,7 @@ impl ContainerRuntime {
             fork_lock: tokio::sync::Mutex::new(()),
             criu_conf,
             io: io::IoState::default(),
+            pools: pool::Pools::new(&config.data_dir, config.warm_pool.clone(), &layout),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
             config,
@@ -346,6 +353,44 @@ impl ContainerRuntime {
         req: &StartRequest,
         bundle: &Path,
     ) -> Result<Record<ShimRecord>, RuntimeError> {
+        let cgroup = SandboxCgroup::new(
+            &self.layout,
+            &self.config.cgroup_parent,
+            &container_id(req.id),
+        );
+        let config = self.make_bundle(req, bundle, &cgroup)?;
+        write_json_atomic(&bundle.join("config.json"), &config)?;
+        let record = self.record_of(req);
+        write_json_atomic(&bundle.join("meta.json"), &record)?;
+        Ok(record)
+    }
+
+    /// The record of a sandbox about to start (its shim not known yet).
+    fn record_of(&self, req: &StartRequest) -> Record<ShimRecord> {
+        Record {
+            id: req.id,
+            generation: req.generation,
+            revision: req.revision,
+            resources: req.resources,
+            spec: req.spec.clone(),
+            paused: false,
+            extra: ShimRecord {
+                shim_pid: 0,
+                shim_start_ticks: 0,
+                cgroup_parent: Some(self.config.cgroup_parent.clone()),
+                checkpoint: None,
+            },
+        }
+    }
+
+    /// Bundle directories, the overlay root and the cgroup directory; returns the OCI spec
+    /// (not written: the warm pool changes it first).
+    fn make_bundle(
+        &self,
+        req: &StartRequest,
+        bundle: &Path,
+        cgroup: &SandboxCgroup,
+    ) -> Result<serde_json::Value, RuntimeError> {
         let ctx = |what: &str| format!("sandbox {}: {what}", req.id);
         let template = template_dir(&self.templates, &req.spec.template)?;
         for dir in ["", "upper", "ovl-work", "rootfs"] {
@@ -360,20 +405,29 @@ impl ContainerRuntime {
             .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
         mount_overlay(&template, &bundle.join("upper"), &bundle.join("ovl-work"), &bundle.join("rootfs"))
             .map_err(|e| RuntimeError::io(ctx("mount the overlay root (is the data dir on a filesystem overlayfs accepts as upper, e.g. ext4 or xfs?)"), e))?;
-        let cgroup = SandboxCgroup::new(
-            &self.layout,
-            &self.config.cgroup_parent,
-            &container_id(req.id),
-        );
         if let Some(owned) = &cgroup.owned {
             std::fs::create_dir_all(owned)
                 .map_err(|e| RuntimeError::io(ctx("create cgroup"), e))?;
         }
-        let mut config = oci_config(&OciParams {
+        let mut config = self.oci_config_of(req, &cgroup.crun_path)?;
+        if let Some(conf) = &self.criu_conf {
+            config["annotations"]["org.criu.config"] = conf.display().to_string().into();
+        }
+        Ok(config)
+    }
+
+    /// The OCI spec of `req` with its cgroup at `cgroups_path`.
+    fn oci_config_of(
+        &self,
+        req: &StartRequest,
+        cgroups_path: &str,
+    ) -> Result<serde_json::Value, RuntimeError> {
+        let (uid, gid) = self.user_of(&req.spec);
+        oci_config(&OciParams {
             id: req.id,
             spec: &req.spec,
             resources: req.resources,
-            cgroups_path: &cgroup.crun_path,
+            cgroups_path,
             uid,
             gid,
             tmp_size_mib: self.config.tmp_size_mib,
@@ -383,27 +437,7 @@ impl ContainerRuntime {
             id: req.id,
             reason,
             stderr_tail: String::new(),
-        })?;
-        if let Some(conf) = &self.criu_conf {
-            config["annotations"]["org.criu.config"] = conf.display().to_string().into();
-        }
-        write_json_atomic(&bundle.join("config.json"), &config)?;
-        let record = Record {
-            id: req.id,
-            generation: req.generation,
-            revision: req.revision,
-            resources: req.resources,
-            spec: req.spec.clone(),
-            paused: false,
-            extra: ShimRecord {
-                shim_pid: 0,
-                shim_start_ticks: 0,
-                cgroup_parent: Some(self.config.cgroup_parent.clone()),
-                checkpoint: None,
-            },
-        };
-        write_json_atomic(&bundle.join("meta.json"), &record)?;
-        Ok(record)
+        })
     }
 
     fn spawn_shim(&self, sb: &Sandbox) -> Result<(), RuntimeError> {
@@ -451,6 +485,9 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn start(&self, req: StartRequest) -> Result<SandboxHandle, RuntimeError> {
+        if let Some(started) = self.start_from_pool(&req).await {
+            return started;
+        }
         let bundle = self.sandboxes.begin_start(self, req.id)?;
         let record = match self.prepare_bundle(&req, &bundle) {
             Ok(r) => r,
@@ -699,3 +736,5 @@ mod tests_checkpoint;
 mod tests_fork;
 #[cfg(test)]
 mod tests_io;
+#[cfg(test)]
+mod tests_pool;
