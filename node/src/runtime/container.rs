@@ -343,6 +343,16 @@ impl ContainerRuntime {
         &self.templates
     }
 
+    /// The crun this runtime drives (benchmarks run `crun run` beside it the same way).
+    pub fn crun(&self) -> &Crun {
+        &self.crun
+    }
+
+    /// surge-init on the host (what `config.json` bind-mounts as PID 1).
+    pub fn init_path(&self) -> &Path {
+        &self.init
+    }
+
     fn get(&self, id: SandboxId) -> Result<Arc<Sandbox>, RuntimeError> {
         self.sandboxes.get(self, id)
     }

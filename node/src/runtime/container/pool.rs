@@ -175,6 +175,8 @@ pub(super) struct Pools {
     dir: PathBuf,
     ready: Mutex<HashMap<String, VecDeque<Entry>>>,
     next_slot: Mutex<u32>,
+    /// Signalled when a placement took a pool sandbox (the refill task waits on it).
+    wanted: tokio::sync::Notify,
     /// Every v1 hierarchy (crun makes the container's cgroup in each), or empty on v2.
     v1_mounts: Vec<PathBuf>,
 }
@@ -212,6 +214,7 @@ impl Pools {
             dir,
             ready: Mutex::new(HashMap::new()),
             next_slot: Mutex::new(last),
+            wanted: tokio::sync::Notify::new(),
             v1_mounts,
         }
     }
@@ -230,6 +233,11 @@ impl ContainerRuntime {
     /// The configured pools.
     pub fn warm_pools(&self) -> &[WarmPoolSpec] {
         &self.pools.specs
+    }
+
+    /// Returns once a placement took a pool sandbox since the last call.
+    pub async fn pool_wanted(&self) {
+        self.pools.wanted.notified().await;
     }
 
     /// Pool sandboxes up and waiting, per template.
@@ -367,6 +375,7 @@ impl ContainerRuntime {
         let entry = lock(&self.pools.ready)
             .get_mut(&req.spec.template)?
             .pop_front()?;
+        self.pools.wanted.notify_one();
         let bundle = match self.sandboxes.begin_start(self, req.id) {
             Ok(b) => b,
             Err(e) => {
