@@ -287,12 +287,14 @@ pub async fn run(cfg: StartConfig, bin: &Path) -> anyhow::Result<StartReport> {
     report.burst_pooled = burst(&pooled, 4, cfg.burst, cfg.cap).await?;
     pooled.pool_drain().await;
     drop((cold, pooled));
-    for sub in ["cold", "pooled", "direct", ""] {
-        let _ = std::fs::remove_dir(
-            Path::new("/sys/fs/cgroup/memory")
-                .join(parent.trim_start_matches('/'))
-                .join(sub),
-        );
+    // The parents of this run's cgroups, in every hierarchy (crun makes one in each on v1).
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for m in surge_node::runtime::container::parse_cgroup_mounts(&mounts) {
+        let top = m.mount_point.join(parent.trim_start_matches('/'));
+        for sub in ["cold", "pooled", "direct"] {
+            let _ = std::fs::remove_dir(top.join(sub));
+        }
+        let _ = std::fs::remove_dir(top);
     }
     if !cfg.skip_api {
         eprintln!("start bench: through the API, cold node...");

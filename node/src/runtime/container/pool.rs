@@ -157,7 +157,7 @@ pub fn spec_message(argv: &[String], env: &[String]) -> Option<Vec<u8>> {
 }
 
 /// The weight cgroup v2 gives for v1 CPU shares (crun's conversion).
-fn cpu_weight(shares: u64) -> u64 {
+pub(super) fn cpu_weight(shares: u64) -> u64 {
     1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142
 }
 
@@ -689,76 +689,4 @@ fn set_hostname(pid: u32, hostname: &str) -> Result<(), RuntimeError> {
     .join()
     .map_err(|_| RuntimeError::Cgroup("the hostname thread panicked".into()))?
     .map_err(|e| RuntimeError::io(format!("set the hostname of {pid}"), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warm_pool_flags_are_validated() {
-        let p = parse_warm_pool("busybox=4").expect("plain");
-        assert_eq!(
-            (p.template.as_str(), p.count, p.resources),
-            ("busybox", 4, WARM_POOL_DEFAULT)
-        );
-        let p = parse_warm_pool("py=2:500:128").expect("sized");
-        assert_eq!(
-            p.resources,
-            Resources {
-                cpu_millis: 500,
-                memory_mib: 128
-            }
-        );
-        for bad in [
-            "busybox",
-            "busybox=x",
-            "busybox=100000",
-            "=3",
-            "../x=1",
-            "b=1:500",
-            "b=1:0:64",
-            "b=1:5:1:2",
-        ] {
-            assert!(parse_warm_pool(bad).is_err(), "{bad} accepted");
-        }
-        let twice = [
-            parse_warm_pool("a=1").expect("a"),
-            parse_warm_pool("a=2").expect("a"),
-        ];
-        assert!(validate_warm_pools(&twice).is_err());
-    }
-
-    #[test]
-    fn the_pool_reserves_what_it_holds_when_full() {
-        let specs = [
-            parse_warm_pool("a=4").expect("a"),
-            parse_warm_pool("b=2:500:128").expect("b"),
-        ];
-        assert_eq!(
-            reservation(&specs),
-            Resources {
-                cpu_millis: 4 * 1000 + 2 * 500,
-                memory_mib: 4 * 256 + 2 * 128
-            }
-        );
-        assert_eq!(reservation(&[]), Resources::default());
-    }
-
-    #[test]
-    fn spec_messages_are_framed_and_bounded() {
-        let m =
-            spec_message(&["sh".into(), "-c".into(), "x".into()], &["A=1".into()]).expect("small");
-        assert_eq!(m, b"14\n3\0sh\0-c\0x\0A=1\0".to_vec());
-        assert_eq!(spec_message(&[], &[]).expect("empty"), b"2\n0\0".to_vec());
-        assert!(spec_message(&["a\0b".into()], &[]).is_none());
-        assert!(spec_message(&["x".repeat(SPEC_MESSAGE_MAX)], &[]).is_none());
-    }
-
-    #[test]
-    fn v2_weights_follow_crun() {
-        assert_eq!(cpu_weight(2), 1);
-        assert_eq!(cpu_weight(262_144), 10_000);
-        assert_eq!(cpu_weight(1024), 39);
-    }
 }

@@ -1,7 +1,7 @@
 //! The warm pool on real crun: a pooled start runs the job's command with the job's identity
 //! and limits, the pool refills, and a drain leaves no container, cgroup, mount or directory.
 
-use super::pool::parse_warm_pool;
+use super::pool::*;
 use super::tests::req;
 use super::*;
 use crate::testing::{is_root, unavailable};
@@ -162,4 +162,72 @@ async fn a_new_runtime_clears_pool_sandboxes_a_dead_daemon_left() {
         let _ = std::fs::remove_dir(m.mount_point.join(parent.trim_matches('/')));
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+// ---- pure parts ----
+
+#[test]
+fn warm_pool_flags_are_validated() {
+    let p = parse_warm_pool("busybox=4").expect("plain");
+    assert_eq!(
+        (p.template.as_str(), p.count, p.resources),
+        ("busybox", 4, WARM_POOL_DEFAULT)
+    );
+    let p = parse_warm_pool("py=2:500:128").expect("sized");
+    assert_eq!(
+        p.resources,
+        Resources {
+            cpu_millis: 500,
+            memory_mib: 128
+        }
+    );
+    for bad in [
+        "busybox",
+        "busybox=x",
+        "busybox=100000",
+        "=3",
+        "../x=1",
+        "b=1:500",
+        "b=1:0:64",
+        "b=1:5:1:2",
+    ] {
+        assert!(parse_warm_pool(bad).is_err(), "{bad} accepted");
+    }
+    let twice = [
+        parse_warm_pool("a=1").expect("a"),
+        parse_warm_pool("a=2").expect("a"),
+    ];
+    assert!(validate_warm_pools(&twice).is_err());
+}
+
+#[test]
+fn the_pool_reserves_what_it_holds_when_full() {
+    let specs = [
+        parse_warm_pool("a=4").expect("a"),
+        parse_warm_pool("b=2:500:128").expect("b"),
+    ];
+    assert_eq!(
+        reservation(&specs),
+        Resources {
+            cpu_millis: 4 * 1000 + 2 * 500,
+            memory_mib: 4 * 256 + 2 * 128
+        }
+    );
+    assert_eq!(reservation(&[]), Resources::default());
+}
+
+#[test]
+fn spec_messages_are_framed_and_bounded() {
+    let m = spec_message(&["sh".into(), "-c".into(), "x".into()], &["A=1".into()]).expect("small");
+    assert_eq!(m, b"14\n3\0sh\0-c\0x\0A=1\0".to_vec());
+    assert_eq!(spec_message(&[], &[]).expect("empty"), b"2\n0\0".to_vec());
+    assert!(spec_message(&["a\0b".into()], &[]).is_none());
+    assert!(spec_message(&["x".repeat(SPEC_MESSAGE_MAX)], &[]).is_none());
+}
+
+#[test]
+fn v2_weights_follow_crun() {
+    assert_eq!(cpu_weight(2), 1);
+    assert_eq!(cpu_weight(262_144), 10_000);
+    assert_eq!(cpu_weight(1024), 39);
 }
