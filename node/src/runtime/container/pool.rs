@@ -16,8 +16,9 @@
 //! file names its cgroup and bundle, which are rewritten), cgroup directories can be renamed
 //! within their parent on v1 and v2, and a bundle directory can be renamed while the overlay
 //! mounted inside it is in use. The shim writes its exit code relative to its working
-//! directory (the bundle), which follows the rename. After the take nothing tells a pooled
-//! sandbox from a cold one except `meta.json`'s `pooled`-free record being written later.
+//! directory (the bundle), which follows the rename. After the take a pooled sandbox has the
+//! same names, files and record as a cold one (only its PID 1's argv, `surge-init pool`,
+//! tells them apart).
 //!
 //! **Identity.** The job's argv and environment (including `SURGE_SANDBOX_ID`) replace the
 //! pool's in surge-init before the command runs; the hostname is set from the host; limits
