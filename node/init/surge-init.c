@@ -15,6 +15,13 @@
  *       until SIGTERM/SIGINT/SIGHUP, then passes SIGTERM to everything left and exits 0 once
  *       it is gone (the node's stop kills what ignores it after the grace period).
  *
+ *   surge-init pool
+ *       PID 1 of a warm-pool sandbox (the node's `--warm-pool`): created ahead of any job, it
+ *       waits for the job's process on fd 4 (a pipe only the node writes to), then becomes
+ *       `surge-init init` for it. The message is "LEN\n" and LEN bytes of NUL-terminated strings:
+ *       ARGC, the ARGC arguments of the command, then the environment (which replaces this
+ *       process's own: the job's variables, not the pool's). Until it arrives SIGTERM ends it.
+ *
  *   surge-init exec CMD ARGS...
  *       The first process of an exec (`crun exec --process`, with the sandbox's user, no
  *       capabilities and no_new_privs). fd 3 is a socket to the node: this process writes
@@ -181,6 +188,72 @@ static int run_init(char **cmd) {
     }
 }
 
+/* ---- warm pool ---- */
+
+/* The descriptor of the job's process spec in `surge-init pool`. */
+#define SPEC_FD 4
+/* Largest spec message (the node refuses larger specs before writing). */
+#define SPEC_MAX (1 << 20)
+/* Most arguments and environment entries taken from one spec. */
+#define SPEC_STRINGS_MAX 8192
+
+static void on_pool_term(int sig) {
+    (void)sig;
+    _exit(0);
+}
+
+static int read_full(int fd, char *buf, size_t len) {
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, buf + got, len - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static int run_pool(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_pool_term;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    char head[16];
+    size_t used = 0;
+    for (;;) {
+        if (used == sizeof head - 1) _exit(125);
+        if (read_full(SPEC_FD, head + used, 1) != 0) _exit(125); /* the node went away */
+        if (head[used] == '\n') break;
+        used++;
+    }
+    head[used] = '\0';
+    long len = strtol(head, NULL, 10);
+    if (len <= 0 || len > SPEC_MAX) _exit(125);
+    char *buf = malloc((size_t)len + 1);
+    if (buf == NULL || read_full(SPEC_FD, buf, (size_t)len) != 0) _exit(125);
+    close(SPEC_FD);
+    buf[len] = '\0';
+    static char *strings[SPEC_STRINGS_MAX + 1];
+    size_t n = 0;
+    for (char *p = buf; p < buf + len && n < SPEC_STRINGS_MAX; p += strlen(p) + 1) strings[n++] = p;
+    if (n == 0) _exit(125);
+    long argc = strtol(strings[0], NULL, 10);
+    if (argc < 0 || (size_t)argc + 1 > n) _exit(125);
+    static char *argv[SPEC_STRINGS_MAX + 1];
+    for (long i = 0; i < argc; i++) argv[i] = strings[1 + i];
+    argv[argc] = NULL;
+    clearenv();
+    for (size_t i = (size_t)argc + 1; i < n; i++) putenv(strings[i]);
+    sa.sa_handler = SIG_DFL;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    return run_init(argv);
+}
+
 /* ---- exec wrapper ---- */
 
 static pid_t tree[TREE_MAX];
@@ -337,6 +410,7 @@ static int run_exec(char **cmd) {
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "init") == 0) return run_init(argv + 2);
     if (argc >= 2 && strcmp(argv[1], "exec") == 0) return run_exec(argv + 2);
-    dprintf(2, "usage: surge-init init [CMD ARGS...] | surge-init exec CMD ARGS...\n");
+    if (argc == 2 && strcmp(argv[1], "pool") == 0) return run_pool();
+    dprintf(2, "usage: surge-init init [CMD ARGS...] | surge-init pool | surge-init exec CMD ARGS...\n");
     return 125;
 }

@@ -21,6 +21,9 @@ pub enum BenchCmd {
     /// Checkpoint and restore of container sandboxes holding 64 MiB and 1 GiB beside a cold
     /// start that re-runs the set-up, and a fork of 8 (root, the CRIU kit: scripts/setup-criu).
     Snapshot(SnapshotArgs),
+    /// Sandbox start: cold and from the warm pool, side by side with `crun run` of the same
+    /// root filesystem; starts per second at the cap; create -> running through the API.
+    Start(super::bench_start::StartArgs),
 }
 
 #[derive(clap::Args)]
@@ -159,6 +162,7 @@ pub async fn run(cmd: BenchCmd, bin: PathBuf) -> anyhow::Result<()> {
         BenchCmd::Burst(a) => run_burst(a, &bin).await,
         BenchCmd::Exec(a) => run_exec(a, &bin).await,
         BenchCmd::Snapshot(a) => run_snapshot(a).await,
+        BenchCmd::Start(a) => super::bench_start::run(a, &bin).await,
     }
 }
 

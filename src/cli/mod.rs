@@ -1,6 +1,7 @@
 //! The subcommands: flags, and printing what the crates return.
 
 pub mod bench;
+pub mod bench_start;
 pub mod client;
 pub mod cluster;
 pub mod dev;

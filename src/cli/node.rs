@@ -57,6 +57,12 @@ pub struct NodeArgs {
     /// piped stdio. Off: the node reports that it cannot checkpoint and why.
     #[arg(long)]
     checkpoint: bool,
+    /// Container runtime: keep N sandboxes of TEMPLATE created ahead (overlay, cgroup, the
+    /// container running and waiting for a job), so a placement only hands over the job's
+    /// command. Repeatable, one per template; each pool sandbox reserves CPU_MILLIS and
+    /// MEMORY_MIB (default 1000 and 256), which the node does not offer the scheduler.
+    #[arg(long = "warm-pool", value_name = "TEMPLATE=N[:CPU_MILLIS:MEMORY_MIB]")]
+    warm_pool: Vec<String>,
     /// How long a simulated sandbox runs (one whose job has no command runs until stopped).
     #[arg(long, default_value_t = 60_000)]
     sim_duration_ms: u64,
@@ -119,6 +125,12 @@ pub async fn run(args: NodeArgs, tls: Option<surge_security::TlsDir>) -> anyhow:
         tls: tls.as_ref().map(surge_security::TlsDir::client_config),
         server_tls: tls.as_ref().map(surge_security::TlsDir::server_config),
         checkpoint: args.checkpoint,
+        warm_pool: args
+            .warm_pool
+            .iter()
+            .map(|w| surge_node::runtime::container::pool::parse_warm_pool(w))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut daemon = tokio::spawn(run_daemon(cfg, stop_rx));

@@ -4,7 +4,8 @@
 //! - [`raft`]: commit throughput and latency of submissions, side by side with etcd;
 //! - [`failover`]: kill -9 the leader under load, time to the first accepted write, no loss;
 //! - [`burst`]: the 100k-sandbox burst: submit -> all placed -> all running -> cancel -> free;
-//! - [`exec`]: exec and files: API vs `crun exec`, the RL pattern, and execs at scale.
+//! - [`exec`]: exec and files: API vs `crun exec`, the RL pattern, and execs at scale;
+//! - [`start`]: sandbox start, cold and from the warm pool, beside `crun run`.
 
 pub mod burst;
 pub mod cpu;
@@ -14,6 +15,7 @@ pub mod failover_etcd;
 mod profile;
 pub mod raft;
 pub mod snapshot;
+pub mod start;
 
 use std::path::Path;
 use std::time::Duration;

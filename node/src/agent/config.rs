@@ -262,6 +262,8 @@ pub struct DaemonConfig {
     /// CRIU kit's crun with piped stdio, so that it can be dumped. Off: Debian's crun, and the
     /// node says checkpointing is off.
     pub checkpoint: bool,
+    /// `--warm-pool`: container sandboxes kept created ahead per template.
+    pub warm_pool: Vec<crate::runtime::container::pool::WarmPoolSpec>,
 }
 
 impl DaemonConfig {
@@ -272,6 +274,13 @@ impl DaemonConfig {
         if self.node_id.is_empty() || self.node_id.len() > 253 {
             return Err(AgentError::Invalid(
                 "--node-id must be 1 to 253 characters".into(),
+            ));
+        }
+        crate::runtime::container::pool::validate_warm_pools(&self.warm_pool)
+            .map_err(AgentError::Invalid)?;
+        if !self.warm_pool.is_empty() && (self.simulate.is_some() || self.checkpoint) {
+            return Err(AgentError::Invalid(
+                "--warm-pool needs the container runtime without --checkpoint (pool sandboxes run under Debian's crun)".into(),
             ));
         }
         if !(1..=START_CONCURRENCY_MAX).contains(&self.start_concurrency) {

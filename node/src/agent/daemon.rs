@@ -124,7 +124,9 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             run_one(node, sim(profile), replicas, metrics, io).await
         }
         RuntimeChoice::Container => {
-            let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
+            let offered = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
+            let allocatable = without_pool(offered, &cfg.warm_pool)?;
+            let warm_pool = cfg.warm_pool.clone();
             let dir = data_dir.clone();
             let node_id = cfg.node_id.clone();
             let checkpoint = cfg.checkpoint;
@@ -144,6 +146,7 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
                 let runtime = ContainerRuntime::new(ContainerConfig {
                     cgroup_parent: format!("/surge/{}", cgroup_component(&node_id)),
                     criu,
+                    warm_pool,
                     ..ContainerConfig::new(&dir)
                 })?;
                 let t = Templates::new(&dir);
@@ -159,7 +162,13 @@ pub async fn run_daemon(cfg: DaemonConfig, stop: watch::Receiver<bool>) -> Resul
             let mut node = node_config(&cfg, cfg.node_id.clone(), allocatable, &address);
             node.templates = templates;
             node.template_data_dir = Some(data_dir.clone());
-            run_one(node, runtime, replicas, metrics, io).await
+            let runtime = Arc::new(runtime);
+            let stop = io.stop.clone();
+            let refill = AbortOnDrop(tokio::spawn(keep_pools_full(runtime.clone(), stop)));
+            let ran = run_arc(node, runtime.clone(), replicas, metrics, io).await;
+            drop(refill);
+            runtime.pool_drain().await;
+            ran
         }
         RuntimeChoice::Krun => {
             let allocatable = allocatable(&host, cfg.cpu_millis, cfg.memory_mib, false)?;
@@ -238,6 +247,58 @@ async fn run_one<R: Runtime + SandboxIo>(
     metrics: Arc<NodeMetrics>,
     io: IoPlan,
 ) -> Result<(), AgentError> {
+    run_arc(node, Arc::new(runtime), replicas, metrics, io).await
+}
+
+/// What the node offers the scheduler: its allocatable capacity minus what its warm pools
+/// hold when full (their sandboxes are not free capacity, whether or not they are up yet).
+pub fn without_pool(
+    offered: crate::reconcile::Resources,
+    pools: &[crate::runtime::container::pool::WarmPoolSpec],
+) -> Result<crate::reconcile::Resources, AgentError> {
+    let held = crate::runtime::container::pool::reservation(pools);
+    match (
+        offered.cpu_millis.checked_sub(held.cpu_millis),
+        offered.memory_mib.checked_sub(held.memory_mib),
+    ) {
+        (Some(cpu_millis), Some(memory_mib)) => Ok(crate::reconcile::Resources {
+            cpu_millis,
+            memory_mib,
+        }),
+        _ => Err(AgentError::Invalid(format!(
+            "--warm-pool reserves {} CPU millis and {} MiB; the node offers only {} and {}",
+            held.cpu_millis, held.memory_mib, offered.cpu_millis, offered.memory_mib
+        ))),
+    }
+}
+
+/// Refill the warm pools whenever a placement took a sandbox (and once a second regardless),
+/// one pool sandbox at a time, until stop. Pool sandboxes a dead daemon left go first.
+async fn keep_pools_full(runtime: Arc<ContainerRuntime>, mut stop: watch::Receiver<bool>) {
+    if runtime.warm_pools().is_empty() {
+        return;
+    }
+    runtime.pool_clear_leftovers().await;
+    loop {
+        if let Err(e) = runtime.pool_refill().await {
+            tracing::warn!(error = %e, "could not fill the warm pool; retrying in a second");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tokio::select! {
+            () = runtime.pool_wanted() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn run_arc<R: Runtime + SandboxIo>(
+    node: NodeConfig,
+    runtime: Arc<R>,
+    replicas: Arc<Replicas>,
+    metrics: Arc<NodeMetrics>,
+    io: IoPlan,
+) -> Result<(), AgentError> {
     let mut node = node;
     // `checkpoint=true|false`: `surge nodes` shows it and `--constraint checkpoint=true` selects
     // nodes that can checkpoint (an operator's own label wins).
@@ -250,7 +311,6 @@ async fn run_one<R: Runtime + SandboxIo>(
         .or_insert_with(|| support.is_ok().to_string());
     tracing::info!(node = %node.node_id, runtime = runtime.name(), address = %node.address,
         cpu_millis = node.allocatable.cpu_millis, memory_mib = node.allocatable.memory_mib, "node starting");
-    let runtime = Arc::new(runtime);
     let stop = io.stop.clone();
     let hosted = HashMap::from([(
         node.node_id.clone(),
@@ -317,6 +377,26 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_warm_pool_is_not_offered_to_the_scheduler() {
+        use crate::runtime::container::pool::parse_warm_pool;
+        let offered = crate::reconcile::Resources {
+            cpu_millis: 4000,
+            memory_mib: 8192,
+        };
+        let pools = [parse_warm_pool("busybox=2").expect("flag")];
+        assert_eq!(
+            without_pool(offered, &pools).expect("fits"),
+            crate::reconcile::Resources {
+                cpu_millis: 2000,
+                memory_mib: 8192 - 512
+            }
+        );
+        assert_eq!(without_pool(offered, &[]).expect("none"), offered);
+        let too_big = [parse_warm_pool("busybox=5").expect("flag")];
+        assert!(without_pool(offered, &too_big).is_err());
+    }
 
     #[test]
     fn node_ids_become_safe_cgroup_components() {

@@ -65,7 +65,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::cgroup::{cpu_quota_us, cpu_shares, Cgroup, CPU_PERIOD_US};
-use super::sandbox_dir::{mount_overlay, release_mounts, template_dir, write_json_atomic, Final};
+use super::sandbox_dir::{release_mounts, Final};
 use super::supervise::{
     pidfd_open, process_start_ticks, Record, RecordExtra, Sandboxes, Supervised, Supervisor,
 };
@@ -75,6 +75,7 @@ use super::{
 };
 use crate::template::{Templates, SANDBOX_GID, SANDBOX_UID};
 
+mod bundle;
 pub mod checkpoint;
 pub mod crun;
 mod exec;
@@ -85,6 +86,7 @@ mod io;
 pub mod netns;
 pub mod oci;
 mod oom;
+pub mod pool;
 mod resolve;
 mod shim;
 mod snapshot;
@@ -123,6 +125,8 @@ pub struct ContainerConfig {
     /// The crun + CRIU that checkpoints sandboxes, or why this node cannot (see `checkpoint`).
     /// With a kit, every container runs under its crun with piped stdio.
     pub criu: Result<CriuKit, String>,
+    /// Sandboxes kept created ahead per template (`surge node --warm-pool`; see `pool`).
+    pub warm_pool: Vec<pool::WarmPoolSpec>,
 }
 
 impl ContainerConfig {
@@ -135,6 +139,7 @@ impl ContainerConfig {
             sandbox_gid: SANDBOX_GID,
             tmp_size_mib: 256,
             criu: Err("checkpointing is not enabled on this node".to_owned()),
+            warm_pool: Vec::new(),
         }
     }
 }
@@ -191,6 +196,8 @@ pub struct ContainerRuntime {
     fork_lock: tokio::sync::Mutex<()>,
     /// CRIU's options for this host (`checkpoint::criu_config`), named in every bundle.
     criu_conf: Option<PathBuf>,
+    /// The warm pools (see `pool`).
+    pools: pool::Pools,
 }
 
 impl Supervisor for ContainerRuntime {
@@ -311,6 +318,7 @@ impl ContainerRuntime {
             fork_lock: tokio::sync::Mutex::new(()),
             criu_conf,
             io: io::IoState::default(),
+            pools: pool::Pools::new(&config.data_dir, config.warm_pool.clone(), &layout),
             templates: Templates::new(&config.data_dir),
             sandboxes: Sandboxes::new(config.data_dir.join("sandboxes"))?,
             config,
@@ -337,85 +345,18 @@ impl ContainerRuntime {
         &self.templates
     }
 
-    fn get(&self, id: SandboxId) -> Result<Arc<Sandbox>, RuntimeError> {
-        self.sandboxes.get(self, id)
+    /// The crun this runtime drives (benchmarks run `crun run` beside it the same way).
+    pub fn crun(&self) -> &Crun {
+        &self.crun
     }
 
-    /// Bundle directory, overlay root, config.json, meta.json.
-    fn prepare_bundle(
-        &self,
-        req: &StartRequest,
-        bundle: &Path,
-    ) -> Result<Record<ShimRecord>, RuntimeError> {
-        let ctx = |what: &str| format!("sandbox {}: {what}", req.id);
-        let template = template_dir(&self.templates, &req.spec.template)?;
-        for dir in ["", "upper", "ovl-work", "rootfs"] {
-            std::fs::create_dir_all(bundle.join(dir))
-                .map_err(|e| RuntimeError::io(ctx("create bundle"), e))?;
-        }
-        // /work is the sandbox user's: writable, and visible from the host in upper/work.
-        let work = bundle.join("upper/work");
-        std::fs::create_dir_all(&work).map_err(|e| RuntimeError::io(ctx("create /work"), e))?;
-        let (uid, gid) = self.user_of(&req.spec);
-        std::os::unix::fs::chown(&work, Some(uid), Some(gid))
-            .map_err(|e| RuntimeError::io(ctx("chown /work"), e))?;
-        mount_overlay(&template, &bundle.join("upper"), &bundle.join("ovl-work"), &bundle.join("rootfs"))
-            .map_err(|e| RuntimeError::io(ctx("mount the overlay root (is the data dir on a filesystem overlayfs accepts as upper, e.g. ext4 or xfs?)"), e))?;
-        let cgroup = SandboxCgroup::new(
-            &self.layout,
-            &self.config.cgroup_parent,
-            &container_id(req.id),
-        );
-        if let Some(owned) = &cgroup.owned {
-            std::fs::create_dir_all(owned)
-                .map_err(|e| RuntimeError::io(ctx("create cgroup"), e))?;
-        }
-        let mut config = oci_config(&OciParams {
-            id: req.id,
-            spec: &req.spec,
-            resources: req.resources,
-            cgroups_path: &cgroup.crun_path,
-            uid,
-            gid,
-            tmp_size_mib: self.config.tmp_size_mib,
-            init: &self.init,
-        })
-        .map_err(|reason| RuntimeError::StartFailed {
-            id: req.id,
-            reason,
-            stderr_tail: String::new(),
-        })?;
-        if let Some(conf) = &self.criu_conf {
-            config["annotations"]["org.criu.config"] = conf.display().to_string().into();
-        }
-        if self.criu.is_ok() {
-            // A namespace CRIU treats as external: no `ip`/`iptables` runs in a restore.
-            netns::create(bundle)?;
-            netns::name_in_config(&mut config, bundle).map_err(|reason| {
-                RuntimeError::StartFailed {
-                    id: req.id,
-                    reason,
-                    stderr_tail: String::new(),
-                }
-            })?;
-        }
-        write_json_atomic(&bundle.join("config.json"), &config)?;
-        let record = Record {
-            id: req.id,
-            generation: req.generation,
-            revision: req.revision,
-            resources: req.resources,
-            spec: req.spec.clone(),
-            paused: false,
-            extra: ShimRecord {
-                shim_pid: 0,
-                shim_start_ticks: 0,
-                cgroup_parent: Some(self.config.cgroup_parent.clone()),
-                checkpoint: None,
-            },
-        };
-        write_json_atomic(&bundle.join("meta.json"), &record)?;
-        Ok(record)
+    /// surge-init on the host (what `config.json` bind-mounts as PID 1).
+    pub fn init_path(&self) -> &Path {
+        &self.init
+    }
+
+    fn get(&self, id: SandboxId) -> Result<Arc<Sandbox>, RuntimeError> {
+        self.sandboxes.get(self, id)
     }
 
     fn spawn_shim(&self, sb: &Sandbox) -> Result<(), RuntimeError> {
@@ -463,6 +404,9 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn start(&self, req: StartRequest) -> Result<SandboxHandle, RuntimeError> {
+        if let Some(started) = self.start_from_pool(&req).await {
+            return started;
+        }
         let bundle = self.sandboxes.begin_start(self, req.id)?;
         let record = match self.prepare_bundle(&req, &bundle) {
             Ok(r) => r,
@@ -711,3 +655,5 @@ mod tests_checkpoint;
 mod tests_fork;
 #[cfg(test)]
 mod tests_io;
+#[cfg(test)]
+mod tests_pool;

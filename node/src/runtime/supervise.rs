@@ -225,6 +225,12 @@ impl<S: Supervisor> Sandboxes<S> {
         Ok(dir)
     }
 
+    /// Stop holding a sandbox in memory (its directory was removed: a warm-pool sandbox that
+    /// could not be taken).
+    pub fn forget_loaded(&self, id: SandboxId) {
+        lock(&self.loaded).remove(&id);
+    }
+
     /// Hold a sandbox whose record was just written; from here on it is reported (a failed
     /// start is a terminal `Failed`).
     pub fn insert(&self, sup: &S, record: Record<S::Extra>) -> Arc<Supervised<S>> {

@@ -22,6 +22,12 @@ pub const CRUN_COMMAND_TIMEOUT_MS: u64 = 10_000;
 /// runs, or why it could not be executed: a start failure, told apart from an exit.
 const SHIM_SCRIPT: &str = r#""$1" --root "$2" run --preserve-fds 1 --bundle "$3" --pid-file "$3/container.pid" "$4" 3>>"$3/init.status"; echo $? > "$3/exit.code""#;
 
+/// The shim of a warm-pool sandbox (`pool`): the same as [`SHIM_SCRIPT`], plus fd 4, the pipe
+/// the job's process arrives on (`spec.fifo`, opened read-write so neither side blocks), and
+/// with the files it writes after the start named relative to its working directory, the
+/// bundle: a placement renames the bundle to the sandbox's own directory while the shim runs.
+const SHIM_SCRIPT_POOL: &str = r#""$1" --root "$2" run --preserve-fds 2 --bundle "$3" --pid-file "$3/container.pid" "$4" 3>>init.status 4<>spec.fifo; echo $? > exit.code"#;
+
 /// The shim of a checkpointable sandbox: the same, with stdin, stdout and stderr as pipes (CRIU
 /// cannot dump a host file's descriptor; see `checkpoint`). `$5` is `run` or `restore`; a
 /// foreground `crun restore` waits for the restored container like `crun run` does.
@@ -42,6 +48,8 @@ pub enum ShimMode {
     RunPiped,
     /// `crun restore` from the sandbox's image, stdio through pipes.
     Restore,
+    /// `crun run` of a warm-pool sandbox, stdio on the log files (see `pool`).
+    Pool,
 }
 
 /// The crun binary, its state directory, and the cgroup view its processes get.
@@ -213,6 +221,7 @@ impl Crun {
         let mut cmd = self.command(OsStr::new("/bin/sh"), true);
         let script = match mode {
             ShimMode::Run => SHIM_SCRIPT,
+            ShimMode::Pool => SHIM_SCRIPT_POOL,
             ShimMode::RunPiped | ShimMode::Restore => SHIM_SCRIPT_PIPED,
         };
         cmd.arg("-c")

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::runtime::cgroup::parse_limit;
+use crate::runtime::sandbox_dir::write_json_atomic;
 use crate::runtime::supervise::parse_start_ticks;
 use crate::runtime::SandboxSpec;
 use crate::runtime::{guard_memory, MemoryGrowthPolicy, MemoryHeadroom};
