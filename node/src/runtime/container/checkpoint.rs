@@ -272,6 +272,30 @@ pub fn remove_images(bundle: &Path) -> Result<(), RuntimeError> {
     }
 }
 
+/// Remove a restored sandbox's image without waiting for it: its completion mark goes now, the
+/// image directory is renamed aside at once and deleted on a blocking thread (unlinking a
+/// 64 MiB image held in the page cache takes 20-30 ms here, longer than the rest of a restore
+/// after CRIU). A retired image left by a daemon that died goes with the sandbox's directory.
+pub fn retire_images(bundle: &Path) -> Result<(), RuntimeError> {
+    remove_file(&stats_dump(bundle))?;
+    let image = image_dir(bundle);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let retired = bundle.join("checkpoint").join(format!("retired-{nanos}"));
+    match std::fs::rename(&image, &retired) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(RuntimeError::io(format!("retire {}", image.display()), e)),
+    }
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_dir_all(&retired) {
+            tracing::warn!("remove {}: {e}", retired.display());
+        }
+    });
+    Ok(())
+}
+
 /// The end of CRIU's log of the last `what` ("dump" or "restore"), for an error message.
 pub fn criu_log_tail(bundle: &Path, what: &str) -> String {
     log_error_line(&work_dir(bundle).join(format!("{what}.log")))
@@ -463,7 +487,7 @@ impl ContainerRuntime {
         match self.sandboxes.await_started(self, &sb).await {
             Ok(_) => {
                 self.watch_oom(&sb);
-                remove_images(&sb.dir)?;
+                retire_images(&sb.dir)?;
                 Ok(())
             }
             Err(e) => {

@@ -294,7 +294,7 @@ impl ContainerRuntime {
         match self.sandboxes.await_started(self, &sb).await {
             Ok(pid) => {
                 self.watch_oom(&sb);
-                checkpoint::remove_images(&sb.dir)?;
+                checkpoint::retire_images(&sb.dir)?;
                 Ok(SandboxHandle {
                     id: req.id,
                     generation: req.generation,

@@ -109,6 +109,25 @@ async fn a_counter_continues_across_checkpoints_and_exec_works_after() {
             !image_dir(&bundle).exists(),
             "the image goes after a restore"
         );
+        // ... and its bytes too: the retired copy is deleted in the background.
+        let retired = || {
+            std::fs::read_dir(bundle.join("checkpoint"))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("retired-"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while retired() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            retired(),
+            0,
+            "cycle {cycle}: the retired image was never deleted"
+        );
         seen = before.len() + 3;
     }
     until_printed(&data, id, seen).await;
