@@ -43,7 +43,11 @@ def count(sb: Sandbox) -> int:
 def count_past(sb: Sandbox, at_least: int, what: str) -> int:
     """The counter once it is past `at_least` (polled: no timed assertion, a generous bound)."""
     for _ in range(600):
-        n = count(sb)
+        try:
+            n = count(sb)
+        except SandboxNotFound:
+            # Not written yet: the counter has just started.
+            n = 0
         if n > at_least:
             return n
         time.sleep(0.1)
