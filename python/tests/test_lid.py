@@ -77,6 +77,10 @@ def test_fork_three_each_sees_the_prepared_state_and_diverges(
         # The source kept running through the fork.
         assert src.exec(["cat", "/work/prepared.txt"]).stdout == "prepared once\n"
 
+        # 64 forks of 0.02 CPU can never fit on the 1-CPU node: refused whole, nothing made.
+        with pytest.raises(CannotCheckpoint, match="can never fit"):
+            src.fork(64)
+
         # One idempotency key, one fork job (a retried call finds the first).
         key = uuid.uuid4().hex
         once = src.fork(1, idempotency_key=key)
@@ -108,6 +112,27 @@ def test_checkpoint_and_resume_keep_files_and_the_counter_going(
             before = count_past(sb, after, f"after resume {cycle}")
             assert sb.read_file("/work/kept.txt") == b"kept\n"
         assert sb.exec(["sh", "-c", "echo still here"]).stdout == "still here\n"
+
+
+def test_a_dump_the_node_cannot_make_leaves_the_sandbox_running(
+    alpha: Client, cluster: Cluster
+) -> None:
+    """A sandbox of the node's default user (uid 1000): where root lacks CAP_SYS_RESOURCE, as here,
+    CRIU cannot dump it ("Can't get rlimit"); the SDK says why and the sandbox keeps running.
+    Where the dump works, it must then resume like any other."""
+    needs_checkpoint(cluster)
+    with alpha.create_sandbox(ttl="10m", **REAL) as sb:  # type: ignore[arg-type]
+        sb.write_file("/tmp/x", "x")
+        try:
+            saved = sb.checkpoint()
+        except CannotCheckpoint as e:
+            assert e.reason, "the reason is the node's words"
+            info = sb.info()
+            assert info.state == "running" and info.desired_state == "running", info
+        else:
+            assert saved.state == "checkpointed"
+            assert sb.resume().state == "running"
+        assert sb.read_file("/tmp/x") == b"x"
 
 
 def test_lid_errors_are_typed(alpha: Client, cluster: Cluster) -> None:
