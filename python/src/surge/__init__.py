@@ -17,6 +17,7 @@ from ._types import Counts, DirEntry, EndReason, ExecChunk, ExecResult, JobInfo,
 from ._version import __version__
 from .errors import (
     Busy,
+    CannotCheckpoint,
     ExecTimeout,
     InvalidArgument,
     PermissionDenied,
@@ -36,6 +37,7 @@ __all__ = [
     "AsyncJob",
     "AsyncSandbox",
     "Busy",
+    "CannotCheckpoint",
     "Client",
     "Counts",
     "DirEntry",

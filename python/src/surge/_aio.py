@@ -66,6 +66,9 @@ class AsyncClient:
         self._t = Transport(self.config, interceptors)
         # Jobs this client created and still renews.
         self._owned: set[int] = set()
+        # Fork jobs this client made: cancelled by id on close (a fork job carries its source's
+        # labels, which hold this client's owner label only when the source is this client's).
+        self._forks: set[int] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
         REGISTRY.add(self)
@@ -95,7 +98,11 @@ class AsyncClient:
         if self._owned and not self.detach:
             with contextlib.suppress(SurgeError):
                 await self.delete(labels={OWNER_LABEL: self.owner})
+            for job_id in self._forks & self._owned:
+                with contextlib.suppress(SurgeError):
+                    await AsyncJob(self, job_id).cancel()
         self._owned.clear()
+        self._forks.clear()
         await self._t.close()
         REGISTRY.remove(self)
 
@@ -173,9 +180,11 @@ class AsyncClient:
         tenant: str | None = None,
         name: str | None = None,
         start_timeout: Duration = START_TIMEOUT_DEFAULT,
+        user: str | None = None,
     ) -> AsyncSandbox:
         """A long-lived sandbox, running when this returns. Use it as `async with` to delete it
-        on leaving the block."""
+        on leaving the block. `user="root"` runs it as uid 0 in the sandbox (still with no
+        capabilities): checkpoint and fork need that on hosts where root lacks CAP_SYS_RESOURCE."""
         (sb,) = await self.create_sandboxes(
             1,
             template=template,
@@ -190,6 +199,7 @@ class AsyncClient:
             tenant=tenant,
             name=name,
             start_timeout=start_timeout,
+            user=user,
         )
         return sb
 
@@ -211,6 +221,7 @@ class AsyncClient:
         gang: bool = False,
         start_timeout: Duration = START_TIMEOUT_DEFAULT,
         idempotency_key: str | None = None,
+        user: str | None = None,
     ) -> list[AsyncSandbox]:
         """`count` long-lived sandboxes in one call (one job), all running when this returns.
 
@@ -233,6 +244,7 @@ class AsyncClient:
             tenant=tenant,
             name=name,
             gang=gang,
+            user=user,
         )
         job = await self._submit(spec, idempotency_key)
         limit = seconds(start_timeout, "start_timeout") or START_TIMEOUT_DEFAULT

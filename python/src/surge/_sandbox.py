@@ -157,6 +157,41 @@ class AsyncSandbox:
         except SandboxNotFound:
             return
 
+    # ----- close the lid (checkpoint, resume, fork)
+
+    async def checkpoint(self, timeout: Duration = None) -> SandboxInfo:
+        """Save the sandbox (processes, memory, files) to its node's disk and stop it: it holds
+        no CPU or memory until `resume()`, which restores it on that node. Returns its state
+        ("checkpointed", `image_bytes`, `node`). `CannotCheckpoint` says why when it cannot be
+        (not running, a node that cannot checkpoint, a failed dump: it then keeps running)."""
+        from . import _lid
+
+        return await _lid.checkpoint(self, timeout)
+
+    async def resume(self, timeout: Duration = None) -> SandboxInfo:
+        """Restore a checkpointed sandbox on its node (or thaw a paused one); running when this
+        returns. Its processes continue where they were."""
+        from . import _lid
+
+        return await _lid.resume(self, timeout)
+
+    async def fork(
+        self,
+        count: int = 8,
+        *,
+        start_timeout: Duration = None,
+        idempotency_key: str | None = None,
+    ) -> list[AsyncSandbox]:
+        """`count` new sandboxes (one new job, label `surge-fork-of=JOB.INDEX`) restored from one
+        checkpoint of this running sandbox, on its node; this one keeps running. Each has its own
+        copy of the filesystem. All are running when this returns; else the fork job is deleted
+        and the error raised (`CannotCheckpoint`, `StartTimeout`, `SandboxEnded`). The client
+        deletes the forks on close, like what it creates."""
+        from . import _lid
+
+        job_id, n = await _lid.fork(self, count, start_timeout, idempotency_key)
+        return [AsyncSandbox(self.client, job_id, i) for i in range(n)]
+
     # ----- errors of exec and file calls
 
     async def _io_error(self, e: grpc.aio.AioRpcError, what: str) -> SurgeError:

@@ -67,6 +67,7 @@ def job_spec(
     tenant: str | None,
     name: str | None,
     gang: bool,
+    user: str | None = None,
 ) -> jobs_pb2.JobSpec:
     if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= COUNT_MAX:
         raise InvalidArgument(f"count {count!r}: 1 to {COUNT_MAX:,}")
@@ -75,6 +76,11 @@ def job_spec(
     if isinstance(command, str):
         raise InvalidArgument(
             f"command {command!r}: a list of arguments, e.g. ['sh', '-c', {command!r}]"
+        )
+    if user not in (None, "", "root"):
+        raise InvalidArgument(
+            f"user {user!r}: None (the node's sandbox user) or 'root' (uid 0 in the sandbox, "
+            "still without capabilities; checkpointing needs it on most hosts)"
         )
     all_labels = dict(labels or {})
     if owner is not None:
@@ -99,4 +105,5 @@ def job_spec(
         ttl_ms=millis(ttl, "ttl"),
         idle_timeout_ms=millis(idle_timeout, "idle_timeout"),
         lease_ms=millis(lease, "lease"),
+        user=user or "",
     )

@@ -108,6 +108,7 @@ class Client:
         tenant: str | None = None,
         name: str | None = None,
         start_timeout: Duration = START_TIMEOUT_DEFAULT,
+        user: str | None = None,
     ) -> Sandbox:
         sb = self._run(
             self.aio.create_sandbox(
@@ -123,6 +124,7 @@ class Client:
                 tenant=tenant,
                 name=name,
                 start_timeout=start_timeout,
+                user=user,
             )
         )
         return Sandbox(self, sb)
@@ -145,6 +147,7 @@ class Client:
         gang: bool = False,
         start_timeout: Duration = START_TIMEOUT_DEFAULT,
         idempotency_key: str | None = None,
+        user: str | None = None,
     ) -> list[Sandbox]:
         sbs = self._run(
             self.aio.create_sandboxes(
@@ -163,6 +166,7 @@ class Client:
                 gang=gang,
                 start_timeout=start_timeout,
                 idempotency_key=idempotency_key,
+                user=user,
             )
         )
         return [Sandbox(self, s) for s in sbs]
@@ -317,6 +321,27 @@ class Sandbox:
 
     def keepalive(self, ttl: Duration = None) -> None:
         self.client._run(self.aio.keepalive(ttl))
+
+    def checkpoint(self, timeout: Duration = None) -> SandboxInfo:
+        """See `AsyncSandbox.checkpoint`."""
+        return self.client._run(self.aio.checkpoint(timeout))
+
+    def resume(self, timeout: Duration = None) -> SandboxInfo:
+        """See `AsyncSandbox.resume`."""
+        return self.client._run(self.aio.resume(timeout))
+
+    def fork(
+        self,
+        count: int = 8,
+        *,
+        start_timeout: Duration = None,
+        idempotency_key: str | None = None,
+    ) -> list[Sandbox]:
+        """See `AsyncSandbox.fork`."""
+        sbs = self.client._run(
+            self.aio.fork(count, start_timeout=start_timeout, idempotency_key=idempotency_key)
+        )
+        return [Sandbox(self.client, s) for s in sbs]
 
     def delete(self) -> None:
         self.client._run(self.aio.delete())

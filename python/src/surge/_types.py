@@ -250,6 +250,8 @@ class SandboxInfo:
     expires_at_ms: int
     # With state "checkpointed": the size of its image on `node`, where it is pinned.
     image_bytes: int = 0
+    # What the scheduler asks its node for ("running", "paused", "stopped", "checkpointed").
+    desired_state: str = ""
 
     @property
     def ended(self) -> bool:
@@ -269,4 +271,5 @@ class SandboxInfo:
             log_tail=s.log_tail,
             expires_at_ms=s.expires_at_ms,
             image_bytes=s.image_bytes,
+            desired_state=sandbox_state_name(s.desired_state),
         )

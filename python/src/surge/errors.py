@@ -53,6 +53,17 @@ class ExecTimeout(SurgeError, TimeoutError):
         self.result = result
 
 
+class CannotCheckpoint(SurgeError):
+    """A checkpoint, resume or fork was refused or failed: the sandbox is not running (or not
+    checkpointed, for resume), its node cannot checkpoint (krun, simulated, no usable CRIU), the
+    forks can never fit there, or the node's dump failed (the sandbox keeps running). `reason` is
+    the server's one line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class SandboxEnded(SurgeError):
     """The sandbox is no longer running. `reason` says why (`EndReason`); `infrastructure` is true
     when that was surge's doing (node lost, runtime error), which a trainer masks out of its

@@ -28,6 +28,30 @@ from typing import Any
 from ._sync import Client
 
 START_TIMEOUT = 240.0
+# Where scripts/setup-criu installs the CRIU kit (`$SURGE_CRIU_PREFIX` overrides, as for the node).
+CRIU_PREFIX_DEFAULT = "/opt/surge-crun-criu"
+
+
+def criu_kit_problem() -> str | None:
+    """Why this host's CRIU kit cannot checkpoint (None: it can). The same probe as the node's
+    (`CriuKit::probe`): its crun says +CRIU and its `criu check` passes (as root)."""
+    prefix = Path(os.environ.get("SURGE_CRIU_PREFIX") or CRIU_PREFIX_DEFAULT)
+    crun, criu = prefix / "bin/crun", prefix / "sbin/criu"
+    if not crun.is_file() or not criu.is_file():
+        return f"no usable CRIU: {prefix} has no crun + criu (run scripts/setup-criu)"
+    if os.geteuid() != 0:
+        return "no usable CRIU: checkpointing needs root"
+    try:
+        version = subprocess.run([crun, "--version"], capture_output=True, text=True, timeout=30)
+        if "+CRIU" not in version.stdout:
+            return f"no usable CRIU: {crun} is built without CRIU"
+        check = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"no usable CRIU: {e}"
+    if check.returncode != 0:
+        last = (check.stderr or check.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return f"no usable CRIU: `criu check` fails: {last[0]}"
+    return None
 
 
 def surge_bin() -> Path:
@@ -72,6 +96,8 @@ class DevCluster:
     tokens: dict[str, str]
     root: Path
     real_nodes: int
+    # The container nodes can checkpoint (None), else why not.
+    no_checkpoint: str | None = "started without checkpoint=True"
 
     def client(self, who: str | None = None, **kw: Any) -> Client:
         """A client as `who` (with --secure: "admin", "alpha" or "beta")."""
@@ -103,7 +129,10 @@ def dev_cluster(
     real_nodes: int = 1,
     replicas: int = 3,
     bin: Path | None = None,
+    checkpoint: bool = False,
 ) -> Iterator[DevCluster]:
+    """`checkpoint=True`: the container nodes can checkpoint (`surge dev --checkpoint`; needs the
+    CRIU kit, see `criu_kit_problem()`)."""
     root = Path(tempfile.mkdtemp(prefix="surge-dev-py-"))
     info_file = root / "info.json"
     args = [
@@ -118,6 +147,8 @@ def dev_cluster(
     ]  # fmt: skip
     if secure:
         args.append("--secure")
+    if checkpoint:
+        args.append("--checkpoint")
     with open(root / "dev.log", "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -141,6 +172,7 @@ def dev_cluster(
                 tokens=info["tokens"],
                 root=root,
                 real_nodes=info["real_nodes"],
+                no_checkpoint=None if checkpoint else "started without checkpoint=True",
             )
         finally:
             proc.send_signal(signal.SIGINT)
