@@ -267,6 +267,7 @@ async fn checkpoint_resume_then_fork_of_three_through_the_daemon() {
             index: 0,
             count: 65,
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("65 forks");

@@ -210,6 +210,8 @@ async fn hostile_requests_get_a_clear_refusal_and_the_replica_survives() {
             index: u32_of(&mut r),
             count: [0, 1, 64, 65, u32::MAX][r.index(5)],
             idempotency_key: string(&mut r),
+            labels: [(string(&mut r), string(&mut r))].into_iter().collect(),
+            lease_ms: [0, 1, u64::MAX][r.index(3)],
         };
         let shown = format!("ForkSandbox {req:?}");
         judge(&shown, jobs.fork_sandbox(req).await, &mut findings);

@@ -605,6 +605,7 @@ async fn mtls_and_tokens_guard_every_link() {
             index: 0,
             count: 1,
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("beta must not fork alpha's sandbox");

@@ -184,6 +184,7 @@ async fn fork(
             index: 0,
             count,
             idempotency_key: key.to_string(),
+            ..Default::default()
         };
         let reply = match client::jobs(&addr) {
             Ok(mut c) => tokio::time::timeout(ATTEMPT_TIMEOUT, c.fork_sandbox(req))

@@ -6,6 +6,8 @@ root")."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 
@@ -16,6 +18,7 @@ from surge import (
     AsyncClient,
     CannotCheckpoint,
     Client,
+    EndReason,
     InvalidArgument,
     Sandbox,
     SandboxNotFound,
@@ -186,3 +189,44 @@ def test_async_fork_checkpoint_resume(cluster: Cluster) -> None:
             assert c.job(fork_job).refresh().state == "cancelled"
 
     asyncio.run(main())
+
+
+# A trainer that forks under a short owner lease, says the fork job, then works until killed.
+FORKING_TRAINER = """
+import time
+from surge import Client
+c = Client(lease="3s")
+sb = c.create_sandbox(user="root", ttl="10m", cpu=0.02, memory_mib=32, constraints={"kind": "real"})
+forks = sb.fork(1)
+print(forks[0].job_id, flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_killed_clients_forks_end_lease_lost(alpha: Client, cluster: Cluster) -> None:
+    needs_checkpoint(cluster)
+    p = subprocess.Popen(
+        [sys.executable, "-c", FORKING_TRAINER],
+        env=cluster.env("alpha"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line, f"the trainer failed (exit {p.wait()})"
+        fork_job = int(line)
+        # The fork job is the trainer's: its owner label and lease, not its source's TTL.
+        assert alpha.job(fork_job).refresh().labels[OWNER_LABEL] != alpha.owner
+        p.kill()
+        p.wait()
+        info = alpha.job(fork_job).sandbox_info(0)
+        for _ in range(300):
+            if info.ended:
+                break
+            time.sleep(0.2)
+            info = alpha.job(fork_job).sandbox_info(0)
+        assert info.end_reason == EndReason.LEASE_LOST, info
+    finally:
+        p.kill()

@@ -164,6 +164,19 @@ pub enum Command {
         idempotency_key: String,
         at_ms: u64,
     },
+    /// A [`Command::Fork`] whose job also gets the caller's `labels` and owner lease (the SDK's
+    /// owner label and lease: a crashed client's forks end `lease-lost`). Its own variant, last,
+    /// so that `Fork` entries already in a log still decode.
+    ForkOwned {
+        job_id: JobId,
+        index: u32,
+        count: u32,
+        tenant: Option<String>,
+        idempotency_key: String,
+        labels: std::collections::BTreeMap<String, String>,
+        lease_ms: u64,
+        at_ms: u64,
+    },
 }
 
 /// Commands in one [`Command::Batch`], at most.

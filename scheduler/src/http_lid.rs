@@ -5,7 +5,8 @@
 //!   its CPU and memory (`surge pause --checkpoint`); the job afterwards;
 //! * `POST /v1/jobs/{id}/sandboxes/{index}/resume`: thaw a paused sandbox, or restore a
 //!   checkpointed one on its node (`surge resume`); the job afterwards;
-//! * `POST /v1/jobs/{id}/sandboxes/{index}/fork` `{"count": 8, "idempotency_key": "k"}`: COUNT
+//! * `POST /v1/jobs/{id}/sandboxes/{index}/fork` `{"count": 8, "idempotency_key": "k"}` (and
+//!   optionally `"labels": {..}`, `"lease_ms": N` for the fork job): COUNT
 //!   new sandboxes (a new job) restored side by side from one checkpoint of a running sandbox,
 //!   on its node (`surge fork`); `{"job_id", "created"}`.
 //!
@@ -89,6 +90,10 @@ struct ForkBody {
     count: u32,
     #[serde(default)]
     idempotency_key: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    lease_ms: u64,
 }
 
 async fn fork(
@@ -124,6 +129,8 @@ async fn fork(
         index,
         count: b.count,
         idempotency_key: b.idempotency_key,
+        labels: b.labels,
+        lease_ms: b.lease_ms,
     };
     match state.jobs.fork(&caller, req).await {
         Ok(r) => {

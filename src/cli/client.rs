@@ -528,6 +528,7 @@ pub async fn fork(c: &Client, output: Output, sandbox: &str, count: u32) -> anyh
             index,
             count,
             idempotency_key: String::new(),
+            ..Default::default()
         })
         .await?;
     match output {

@@ -66,9 +66,6 @@ class AsyncClient:
         self._t = Transport(self.config, interceptors)
         # Jobs this client created and still renews.
         self._owned: set[int] = set()
-        # Fork jobs this client made: cancelled by id on close (a fork job carries its source's
-        # labels, which hold this client's owner label only when the source is this client's).
-        self._forks: set[int] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
         REGISTRY.add(self)
@@ -98,11 +95,7 @@ class AsyncClient:
         if self._owned and not self.detach:
             with contextlib.suppress(SurgeError):
                 await self.delete(labels={OWNER_LABEL: self.owner})
-            for job_id in self._forks & self._owned:
-                with contextlib.suppress(SurgeError):
-                    await AsyncJob(self, job_id).cancel()
         self._owned.clear()
-        self._forks.clear()
         await self._t.close()
         REGISTRY.remove(self)
 

@@ -17,6 +17,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ._config import seconds
+from ._owner import OWNER_LABEL
 from ._proto import jobs_pb2
 from ._transport import Repeat
 from ._types import SandboxInfo
@@ -145,10 +146,15 @@ async def fork(
         count=count,
         idempotency_key=idempotency_key or uuid.uuid4().hex,
     )
+    if not client.detach:
+        # The fork job is this client's like any job it submits: its owner label (close() and
+        # the exit clean-up cancel it by label) and its owner lease (a killed client's forks
+        # end lease-lost).
+        req.labels[OWNER_LABEL] = client.owner
+        req.lease_ms = int(client.lease * 1000)
     reply = await _refusable(sb, what, "ForkSandbox", req)
     job_id = int(reply.job_id)
     client._own(job_id)
-    client._forks.add(job_id)
     job = AsyncJob(client, job_id, created=bool(reply.created))
     try:
         await client._wait_running(job, limit)

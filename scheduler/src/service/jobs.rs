@@ -112,13 +112,32 @@ impl JobsService {
         req: pb::ForkSandboxRequest,
     ) -> Result<pb::SubmitJobReply, JobApiError> {
         let key = self.idempotency_key("auto-fork", req.idempotency_key)?;
-        let command = Command::Fork {
-            job_id: req.job_id,
-            index: req.index,
-            count: req.count,
-            tenant: caller.tenant().map(str::to_owned),
-            idempotency_key: key,
-            at_ms: now_ms(),
+        let labels = req.labels;
+        validate::labels(&labels).map_err(JobApiError::from)?;
+        validate::lifetime_ms("lease_ms", req.lease_ms).map_err(JobApiError::from)?;
+        let (job_id, index, count) = (req.job_id, req.index, req.count);
+        let tenant = caller.tenant().map(str::to_owned);
+        let at_ms = now_ms();
+        let command = if labels.is_empty() && req.lease_ms == 0 {
+            Command::Fork {
+                job_id,
+                index,
+                count,
+                tenant,
+                idempotency_key: key,
+                at_ms,
+            }
+        } else {
+            Command::ForkOwned {
+                job_id,
+                index,
+                count,
+                tenant,
+                idempotency_key: key,
+                labels,
+                lease_ms: req.lease_ms,
+                at_ms,
+            }
         };
         self.propose_job(command).await
     }

@@ -141,6 +141,7 @@ impl ClusterState {
             | Command::Expire { at_ms, .. }
             | Command::Restore { at_ms, .. }
             | Command::Fork { at_ms, .. }
+            | Command::ForkOwned { at_ms, .. }
             | Command::Checkpoint { at_ms, .. } => Some(*at_ms),
             _ => None,
         };
@@ -250,6 +251,30 @@ impl ClusterState {
                     count,
                     tenant,
                     idempotency_key,
+                    labels: Default::default(),
+                    lease_ms: 0,
+                },
+                at_ms,
+            ),
+            Command::ForkOwned {
+                job_id,
+                index: source_index,
+                count,
+                tenant,
+                idempotency_key,
+                labels,
+                lease_ms,
+                at_ms,
+            } => self.fork_sandbox(
+                index,
+                super::fork::ForkRequest {
+                    job_id,
+                    index: source_index,
+                    count,
+                    tenant,
+                    idempotency_key,
+                    labels,
+                    lease_ms,
                 },
                 at_ms,
             ),

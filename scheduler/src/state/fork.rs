@@ -32,6 +32,10 @@ pub struct ForkRequest {
     pub count: u32,
     pub tenant: Option<String>,
     pub idempotency_key: String,
+    /// Added to the source's labels (`surge-fork-of` wins).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The fork job's owner lease (0: none).
+    pub lease_ms: u64,
 }
 
 impl ClusterState {
@@ -96,8 +100,14 @@ impl ClusterState {
         spec.name = format!("fork-of-{}-{}", req.job_id, req.index);
         spec.gang = false;
         spec.restart = crate::model::RestartPolicy::default();
-        spec.lifetime.lease_ms = 0;
-        spec.labels.insert(FORK_LABEL.to_owned(), source);
+        spec.lifetime.lease_ms = req.lease_ms;
+        spec.labels.extend(req.labels);
+        spec.labels.insert(FORK_LABEL.to_owned(), source.clone());
+        if let Err(e) = crate::validate::labels(&spec.labels)
+            .and_then(|()| crate::validate::lifetime(&spec.lifetime))
+        {
+            return refuse(format!("fork of {source}: {e}"));
+        }
         spec.fork_of = Some(ForkOf {
             job_id: req.job_id,
             index: req.index,

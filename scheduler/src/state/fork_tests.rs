@@ -286,3 +286,63 @@ fn a_running_fork_whose_node_goes_ends_node_lost_and_is_never_moved() {
         "the source's sandboxes are moved"
     );
 }
+
+#[test]
+fn a_forks_labels_and_owner_lease_reach_its_job_and_an_unrenewed_lease_ends_it() {
+    let mut s = source(10, true);
+    let labels = [
+        ("surge-owner".to_owned(), "trainer-1".to_owned()),
+        (FORK_LABEL.to_owned(), "forged".to_owned()),
+    ];
+    let Response::JobSubmitted { job_id, .. } = apply(
+        &mut s,
+        6,
+        Command::ForkOwned {
+            job_id: 2,
+            index: 1,
+            count: 2,
+            tenant: Some("t".into()),
+            idempotency_key: "owned".into(),
+            labels: labels.into_iter().collect(),
+            lease_ms: 5_000,
+            at_ms: 100,
+        },
+    ) else {
+        panic!("fork refused");
+    };
+    let job = &s.jobs[&job_id];
+    assert_eq!(job.spec.labels["surge-owner"], "trainer-1");
+    assert_eq!(
+        job.spec.labels[FORK_LABEL], "2.1",
+        "the origin label is surge's"
+    );
+    assert_eq!(job.spec.lifetime.lease_ms, 5_000);
+    assert!(super::lifetime::expiries(&s, 5_099)
+        .iter()
+        .all(|e| e.job != job_id));
+    let due: Vec<_> = super::lifetime::expiries(&s, 5_100)
+        .into_iter()
+        .filter(|e| e.job == job_id)
+        .collect();
+    assert_eq!(due.iter().map(|e| e.count).sum::<u32>(), 2, "{due:?}");
+    assert!(due
+        .iter()
+        .all(|e| e.cause == crate::lifetime::StopCause::Lease));
+    // Too many labels once merged with the source's: refused in one line, nothing made.
+    let many = (0..64).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let r = apply(
+        &mut s,
+        7,
+        Command::ForkOwned {
+            job_id: 2,
+            index: 1,
+            count: 1,
+            tenant: Some("t".into()),
+            idempotency_key: "many".into(),
+            labels: many,
+            lease_ms: 0,
+            at_ms: 200,
+        },
+    );
+    assert!(refusal(r).contains("fork of 2.1"));
+}
