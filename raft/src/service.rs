@@ -38,41 +38,20 @@ pub struct RaftTransportService<S: StateMachine> {
     node: Arc<RaftNode<S>>,
 }
 
-/// Check and decode one Raft RPC from another replica.
-fn decode<S: StateMachine, T: serde::de::DeserializeOwned>(
-    node: &RaftNode<S>,
-    req: RaftRequest,
-) -> Result<T, Status> {
-    node.check_cluster(&req.cluster_id)?;
-    if !node.accepts_raft_traffic() {
-        return Err(Status::unavailable(
-            "this replica is empty and waiting to be added to the cluster",
-        ));
-    }
-    codec::from_bytes(&req.payload)
-        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
-}
-
 impl<S: StateMachine> RaftTransportService<S> {
-    /// Run one RPC on the Raft runtime (`node/runtime.rs`), decoding included: on a busy
-    /// replica the application's workers may not get to it before the leader's deadline. The
-    /// task finishes even when the caller gives up, so an AppendEntries that arrived late
-    /// still tells this follower that its leader is alive.
-    async fn on_raft<F, Fut>(
+    fn decode<T: serde::de::DeserializeOwned>(
         &self,
         req: Request<RaftRequest>,
-        f: F,
-    ) -> Result<Response<RaftReply>, Status>
-    where
-        F: FnOnce(Arc<RaftNode<S>>, RaftRequest) -> Fut,
-        Fut: std::future::Future<Output = Result<Response<RaftReply>, Status>> + Send + 'static,
-    {
-        let task = f(self.node.clone(), req.into_inner());
-        self.node
-            .raft_handle()
-            .spawn(task)
-            .await
-            .map_err(|e| Status::unavailable(format!("the Raft runtime dropped the call: {e}")))?
+    ) -> Result<T, Status> {
+        let req = req.into_inner();
+        self.node.check_cluster(&req.cluster_id)?;
+        if !self.node.accepts_raft_traffic() {
+            return Err(Status::unavailable(
+                "this replica is empty and waiting to be added to the cluster",
+            ));
+        }
+        codec::from_bytes(&req.payload)
+            .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
     }
 }
 
@@ -88,41 +67,29 @@ impl<S: StateMachine> RaftTransport for RaftTransportService<S> {
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        self.on_raft(req, |node, req| async move {
-            let rpc: AppendEntriesRequest<TypeConfig> = decode(&node, req)?;
-            node.heard_leader();
-            let answer = node.raft().append_entries(rpc).await;
-            node.appended();
-            reply(&answer)
-        })
-        .await
+        let rpc: AppendEntriesRequest<TypeConfig> = self.decode(req)?;
+        self.node.heard_leader();
+        let answer = self.node.raft().append_entries(rpc).await;
+        self.node.appended();
+        reply(&answer)
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.on_raft(req, |node, req| async move {
-            let rpc: VoteRequest<u64> = decode(&node, req)?;
-            reply(&node.raft().vote(rpc).await)
-        })
-        .await
+        let rpc: VoteRequest<u64> = self.decode(req)?;
+        reply(&self.node.raft().vote(rpc).await)
     }
 
     async fn install_snapshot(
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        self.on_raft(req, |node, req| async move {
-            let rpc: InstallSnapshotRequest<TypeConfig> = decode(&node, req)?;
-            reply(&node.raft().install_snapshot(rpc).await)
-        })
-        .await
+        let rpc: InstallSnapshotRequest<TypeConfig> = self.decode(req)?;
+        reply(&self.node.raft().install_snapshot(rpc).await)
     }
 
     async fn timeout_now(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.on_raft(req, |node, req| async move {
-            let rpc: crate::node::TimeoutNow = decode(&node, req)?;
-            reply(&node.timeout_now(&rpc).await)
-        })
-        .await
+        let rpc: crate::node::TimeoutNow = self.decode(req)?;
+        reply(&self.node.timeout_now(&rpc).await)
     }
 }
 

@@ -377,10 +377,6 @@ async fn run_burst(args: BurstArgs, bin: &Path) -> anyhow::Result<()> {
                     stalls.join(", ")
                 }
             );
-            println!("registration {}", r.registration_cpu.line());
-            for (i, run) in r.runs.iter().enumerate() {
-                println!("run {} {}", i + 1, run.cpu.line());
-            }
         }
     }
     Ok(())

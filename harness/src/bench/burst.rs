@@ -9,7 +9,6 @@ use anyhow::bail;
 use serde_json::json;
 use surge_proto::jobs as pb;
 
-use super::cpu::{self, CpuSplit};
 use super::profile::Profiler;
 use super::{median, node_totals, now_ms, peak_rss_mib, start_cluster, Goal};
 use crate::tracker::BurstTracker;
@@ -47,8 +46,6 @@ pub struct BurstRun {
     pub terms_moved: u64,
     /// Stretches without progress longer than [`STALL_AFTER`].
     pub stalls: Vec<Stall>,
-    /// CPU used from the submission until all were running, by replicas and simulated nodes.
-    pub cpu: CpuSplit,
 }
 
 /// No change in the job's placed and running counts for longer than this is a stall.
@@ -91,8 +88,6 @@ pub struct BurstReport {
     pub registered_s: f64,
     /// Elections while the nodes registered.
     pub registration_terms_moved: u64,
-    /// CPU used while the nodes registered.
-    pub registration_cpu: CpuSplit,
 }
 
 /// `(p50, max)` of a figure over the runs.
@@ -139,10 +134,6 @@ impl BurstReport {
             })).collect::<Vec<_>>(),
             "scheduler_rss_mib": self.scheduler_rss_mib,
             "registered_s": self.registered_s,
-            "cpu": {
-                "registration": self.registration_cpu.json(),
-                "runs": self.runs.iter().map(|r| r.cpu.json()).collect::<Vec<_>>(),
-            },
             "elections": {
                 "registration": self.registration_terms_moved,
                 "runs": self.runs.iter().map(|r| r.terms_moved).collect::<Vec<_>>(),
@@ -188,14 +179,6 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
             ],
         )?;
     }
-    let replica_pids: Vec<u32> = cluster
-        .ids()
-        .into_iter()
-        .filter_map(|id| cluster.replica(id).ok().and_then(|r| r.pid()))
-        .collect();
-    let node_pids = cluster.node_pids();
-    let pids = (replica_pids.as_slice(), node_pids.as_slice());
-    let cpu_before = cpu::sample(pids.0, pids.1);
     let waiting = Instant::now();
     loop {
         let ready = node_totals(&addr).await.map(|t| t.0).unwrap_or(0);
@@ -208,7 +191,6 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let registered_s = waiting.elapsed().as_secs_f64();
-    let registration_cpu = cpu_before.until(&cpu::sample(pids.0, pids.1), registered_s);
     let registration_terms_moved = max_term(&addrs).await.saturating_sub(term_at_start);
     if cfg.progress {
         eprintln!(
@@ -217,7 +199,6 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
             cfg.sandboxes,
             cfg.cpu_millis
         );
-        eprintln!("  {}", registration_cpu.line());
     }
     let mut runs = Vec::new();
     let leader_pid = cluster.replica(leader)?.pid();
@@ -232,7 +213,7 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
             )?),
             _ => None,
         };
-        let r = burst_run(&cfg, &addr, &addrs, run, profiler, pids).await?;
+        let r = burst_run(&cfg, &addr, &addrs, run, profiler).await?;
         if cfg.progress {
             let [half, most, nearly_all] = r.running_share_s;
             eprintln!(
@@ -244,7 +225,6 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
                 r.terms_moved,
                 r.stalls.len()
             );
-            eprintln!("  {}", r.cpu.line());
             for s in &r.stalls {
                 eprintln!(
                     "  stall at {:.1} s for {:.1} s ({} placed, {} running): {}",
@@ -271,7 +251,6 @@ pub async fn run(cfg: BurstConfig, bin: &Path) -> anyhow::Result<BurstReport> {
         scheduler_rss_mib,
         registered_s,
         registration_terms_moved,
-        registration_cpu,
     })
 }
 
@@ -298,11 +277,9 @@ async fn burst_run(
     addrs: &[String],
     run: u32,
     mut profiler: Option<Profiler>,
-    pids: (&[u32], &[u32]),
 ) -> anyhow::Result<BurstRun> {
     let mut jobs = surge_client::open::jobs(addr)?;
     let term_before = max_term(addrs).await;
-    let cpu_before = cpu::sample(pids.0, pids.1);
     let started = Instant::now();
     let job_id = jobs
         .submit_job(pb::SubmitJobRequest {
@@ -369,10 +346,6 @@ async fn burst_run(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let cpu = cpu_before.until(
-        &cpu::sample(pids.0, pids.1),
-        started.elapsed().as_secs_f64(),
-    );
     let cancelled = Instant::now();
     jobs.cancel_job(pb::CancelJobRequest { job_id }).await?;
     loop {
@@ -402,7 +375,6 @@ async fn burst_run(
         s.election = terms_moved > 0 && s.unanswered_polls > 0;
     }
     Ok(BurstRun {
-        cpu,
         terms_moved,
         stalls,
         placed_s: tracker.placed_s.unwrap_or(running_s),

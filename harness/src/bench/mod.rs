@@ -8,7 +8,6 @@
 //! - [`start`]: sandbox start, cold and from the warm pool, beside `crun run`.
 
 pub mod burst;
-pub mod cpu;
 pub mod exec;
 pub mod failover;
 pub mod failover_etcd;

@@ -21,7 +21,6 @@ use crate::types::{NodeId, Raft, StateMachine};
 mod gone;
 mod membership;
 mod propose;
-pub mod runtime;
 mod start;
 mod stop;
 
@@ -252,9 +251,6 @@ pub struct RaftNode<S: StateMachine> {
     born: Instant,
     /// Microseconds after `born` when the last AppendEntries was handled (0: none yet).
     last_append_us: AtomicU64,
-    /// Where openraft's tasks, the leader watch and the transport's handlers run
-    /// ([`runtime`]); declared last so it stops after everything above is dropped.
-    runtime: runtime::RaftRuntime,
 }
 
 /// The id of the cluster a `--bootstrap` list forms: a digest of its sorted `id=address` pairs,
@@ -309,12 +305,6 @@ impl<S: StateMachine> RaftNode<S> {
 
     pub fn peers(&self) -> &Peers {
         &self.peers
-    }
-
-    /// The Raft runtime: the transport runs openraft's RPCs there, off the application's
-    /// workers.
-    pub fn raft_handle(&self) -> tokio::runtime::Handle {
-        self.runtime.handle()
     }
 
     /// Check that a request from another replica is for this cluster.

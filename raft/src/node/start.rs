@@ -12,7 +12,6 @@ use surge_proto::cluster::cluster_client::ClusterClient;
 use surge_proto::cluster::{AddMemberRequest, PingRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
 
-use super::runtime::RaftRuntime;
 use super::{
     cluster_client, cluster_id_of, PeerError, RaftConfig, RaftNode, Start, StartError,
     ADD_MEMBER_TIMEOUT, PING_TIMEOUT,
@@ -118,26 +117,19 @@ impl<S: StateMachine> RaftNode<S> {
         let committed = log_store.committed_index();
         let (sm_store, state, applied_rx) =
             StateMachineStore::open(storage.clone(), app, metrics.clone())?;
-        // The Raft connections get a pool of their own, created from the Raft runtime: a
-        // channel first opened by the application (a forwarded call) would carry Raft's
-        // traffic on the application's workers.
         let network = Network {
             cluster_id: Arc::new(Mutex::new(cluster_id.clone())),
-            peers: Peers::new(config.tls.clone()),
+            peers: peers.clone(),
         };
-        let runtime = RaftRuntime::start()
-            .map_err(|e| StartError::Storage(format!("starting the Raft runtime: {e}")))?;
-        // openraft spawns its core, replication streams and state machine worker on the
-        // runtime it is created in.
-        let id = config.id;
-        let raft = runtime
-            .handle()
-            .spawn(async move {
-                Raft::new(id, Arc::new(raft_config), network, log_store, sm_store).await
-            })
-            .await
-            .map_err(|e| StartError::Storage(format!("starting Raft: {e}")))?
-            .map_err(|e| StartError::Storage(e.to_string()))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            sm_store,
+        )
+        .await
+        .map_err(|e| StartError::Storage(e.to_string()))?;
 
         let node = Arc::new(RaftNode {
             id: config.id,
@@ -159,14 +151,12 @@ impl<S: StateMachine> RaftNode<S> {
             lease: Duration::from_millis(config.election_timeout_max_ms),
             born: Instant::now(),
             last_append_us: std::sync::atomic::AtomicU64::new(0),
-            runtime,
         });
-        let on_raft = node.raft_handle();
-        on_raft.spawn(super::gone::watch_leader(Arc::downgrade(&node)));
+        tokio::spawn(super::gone::watch_leader(Arc::downgrade(&node)));
         tokio::spawn(publish_metrics(Arc::downgrade(&node)));
         if !pristine {
             node.raft.runtime_config().elect(false);
-            on_raft.spawn(release_elections(Arc::downgrade(&node)));
+            tokio::spawn(release_elections(Arc::downgrade(&node)));
         }
         Ok(node)
     }

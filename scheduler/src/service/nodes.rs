@@ -15,7 +15,6 @@ use surge_proto::node::node_api_client::NodeApiClient;
 use surge_proto::node::node_api_server::{NodeApi, NodeApiServer};
 use tonic::{Request, Response, Status};
 
-use super::batch::Batcher;
 use super::hub::AssignmentHub;
 use super::{invalid, now_ms, propose, Replica};
 use crate::command::Command;
@@ -40,21 +39,16 @@ pub struct NodesService {
     replica: Replica,
     leader: Arc<Leader>,
     hub: Arc<AssignmentHub>,
-    /// Registrations share Raft entries: thousands of nodes registering at once (a cluster
-    /// start, a leader change) cost a few entries instead of one each.
-    registrations: Batcher,
 }
 
 impl NodesService {
     /// Must be called inside the runtime: it starts the replica's assignment fan-out.
     pub fn new(replica: Replica, leader: Arc<Leader>) -> Self {
         let hub = AssignmentHub::start(replica.clone());
-        let registrations = Batcher::start(replica.clone());
         NodesService {
             replica,
             leader,
             hub,
-            registrations,
         }
     }
 
@@ -135,13 +129,14 @@ impl NodeApi for NodesService {
     ) -> Result<Response<pn::RegisterNodeReply>, Status> {
         let node = convert::node_spec_from_pb(req.into_inner()).map_err(invalid)?;
         let id = node.id.clone();
-        let (index, _) = self
-            .registrations
-            .propose(Command::RegisterNode {
+        let (index, _) = propose(
+            &self.replica,
+            Command::RegisterNode {
                 node,
                 at_ms: now_ms(),
-            })
-            .await?;
+            },
+        )
+        .await?;
         self.leader.heartbeat(&id, Resources::default(), 0);
         Ok(Response::new(pn::RegisterNodeReply {
             index,
