@@ -60,16 +60,23 @@ struct Node {
     data_dir: PathBuf,
     log: PathBuf,
     servers: String,
+    /// `--checkpoint`: the shim pipes the sandbox's stdio (CRIU cannot dump host files).
+    checkpoint: bool,
     child: Option<Child>,
 }
 
 impl Node {
     fn start(root: &Path, servers: &str, id: &str) -> Node {
+        Self::start_with(root, servers, id, false)
+    }
+
+    fn start_with(root: &Path, servers: &str, id: &str, checkpoint: bool) -> Node {
         let mut n = Node {
             id: id.to_string(),
             data_dir: root.join(format!("node-{id}")),
             log: root.join(format!("node-{id}.log")),
             servers: servers.to_string(),
+            checkpoint,
             child: None,
         };
         n.spawn();
@@ -82,11 +89,15 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("node log");
-        let child = Command::new(bin())
-            .arg("node")
+        let mut cmd = Command::new(bin());
+        cmd.arg("node")
             .args(["--server", &self.servers])
             .args(["--node-id", &self.id])
-            .args(["--runtime", "container"])
+            .args(["--runtime", "container"]);
+        if self.checkpoint {
+            cmd.arg("--checkpoint");
+        }
+        let child = cmd
             .args(["--cpus", "2", "--memory-mib", "2048"])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -125,12 +136,20 @@ impl Node {
             .join(format!("{job}.{index}"))
     }
 
-    /// The counter a `COUNTER_SCRIPT` sandbox writes, read from its overlay upper dir.
+    /// The counter a `COUNTER_SCRIPT` sandbox writes, read from its overlay upper dir (0: none
+    /// yet). `echo > file` truncates before it writes: an empty read is retried a few times.
     fn counter(&self, job: u64, index: u32) -> u64 {
-        std::fs::read_to_string(self.sandbox_dir(job, index).join("upper/work/counter"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
+        let file = self.sandbox_dir(job, index).join("upper/work/counter");
+        for _ in 0..20 {
+            let n = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok());
+            if let Some(n) = n {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        0
     }
 }
 
@@ -230,6 +249,14 @@ fn dump(c: &LocalCluster, nodes: &[&Node]) {
             n.id,
             lines[lines.len().saturating_sub(40)..].join("\n")
         );
+    }
+}
+
+/// `assert!` that dumps the logs first.
+fn check(c: &LocalCluster, nodes: &[&Node], ok: bool, what: &str) {
+    if !ok {
+        dump(c, nodes);
+        panic!("{what}");
     }
 }
 
@@ -525,12 +552,43 @@ async fn an_imported_template_reaches_placement_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_readopts_its_running_sandboxes() {
-    let Some((c, dir, addr)) = cluster_for("restart_readopts", "10000").await else {
+    restart_readopts("restart_readopts", false).await;
+}
+
+/// The same with a `--checkpoint` daemon (piped stdio: the shim is a pipeline): its sandboxes
+/// survive the kill, are adopted, and exec and a checkpoint and resume still work on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_checkpoint_daemon_readopts_its_running_sandboxes() {
+    restart_readopts("restart_readopts_checkpoint", true).await;
+}
+
+/// The CRIU kit this host's `--checkpoint` daemons use is usable (else SKIPPED; fails under
+/// `CI=true`).
+fn can_checkpoint(test: &str) -> bool {
+    use surge_node::runtime::container::checkpoint::{CriuKit, KIT_PREFIX_DEFAULT};
+    if let Err(why) = CriuKit::probe(Path::new(KIT_PREFIX_DEFAULT)) {
+        surge_node::testing::unavailable(&format!("{test}: {why}"));
+        return false;
+    }
+    true
+}
+
+async fn restart_readopts(test: &str, checkpoint: bool) {
+    if checkpoint && !(can_run_containers(test) && can_checkpoint(test)) {
+        return;
+    }
+    let Some((c, dir, addr)) = cluster_for(test, "10000").await else {
         return;
     };
-    let mut node = Node::start(dir.path(), &addr, "real-r");
+    let node_id = if checkpoint { "real-rc" } else { "real-r" };
+    let mut node = Node::start_with(dir.path(), &addr, node_id, checkpoint);
     wait_nodes_ready(&c, &[&node], &addr).await;
-    let id = submit(&addr, spec(2, COUNTER_SCRIPT), "adopt").await;
+    let mut job_spec = spec(2, COUNTER_SCRIPT);
+    if checkpoint {
+        // Root lacks CAP_SYS_RESOURCE on these hosts: CRIU dumps only sandboxes of uid 0.
+        job_spec.user = "root".into();
+    }
+    let id = submit(&addr, job_spec, "adopt").await;
     wait_for(&c, &[&node], "both sandboxes counting", || async {
         (node.counter(id, 0) > 5 && node.counter(id, 1) > 5).then_some(())
     })
@@ -540,9 +598,15 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
     node.kill();
     let before = [node.counter(id, 0), node.counter(id, 1)];
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        node.counter(id, 0) > before[0],
-        "sandboxes keep running without their daemon"
+    let without = node.counter(id, 0);
+    check(
+        &c,
+        &[&node],
+        without > before[0],
+        &format!(
+            "sandboxes keep running without their daemon: {} -> {without}",
+            before[0]
+        ),
     );
     node.spawn();
     wait_for(&c, &[&node], "the new daemon adopts both", || async {
@@ -555,16 +619,19 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for i in 0..2u32 {
         let now = node.counter(id, i);
-        assert!(
+        check(
+            &c,
+            &[&node],
             now > after[i as usize] && after[i as usize] >= before[i as usize],
-            "sandbox {i}: counter {} -> {} -> {now}",
-            before[i as usize],
-            after[i as usize]
+            &format!(
+                "sandbox {i}: counter {} -> {} -> {now}",
+                before[i as usize], after[i as usize]
+            ),
         );
         let s = sandbox(&addr, id, i).await;
         assert_eq!(
             (s.state().name(), s.generation, s.node.as_str()),
-            ("running", 0, "real-r")
+            ("running", 0, node_id)
         );
     }
     let j = job(&addr, id).await;
@@ -585,7 +652,71 @@ async fn a_restarted_daemon_readopts_its_running_sandboxes() {
         .await;
         assert_eq!(r.exit.exit_code, 0, "{r:?}");
         let uid = String::from_utf8_lossy(&r.stdout).trim().to_string();
-        assert!(!uid.is_empty() && uid != "0", "exec ran as uid {uid:?}");
+        assert!(
+            !uid.is_empty() && (uid == "0") == checkpoint,
+            "exec ran as uid {uid:?}"
+        );
+    }
+
+    if checkpoint {
+        // An adopted sandbox still checkpoints (it stops counting) and resumes (it counts on).
+        let sandbox0 = format!("{id}.0");
+        cli(&addr, &["pause", "--checkpoint", &sandbox0]);
+        wait_for(&c, &[&node], "the adopted sandbox checkpointed", || async {
+            (sandbox(&addr, id, 0).await.state().name() == "checkpointed").then_some(())
+        })
+        .await;
+        let saved = node.counter(id, 0);
+        cli(&addr, &["resume", &sandbox0]);
+        wait_for(&c, &[&node], "resumed, counting on", || async {
+            let running = sandbox(&addr, id, 0).await.state().name() == "running";
+            (running && node.counter(id, 0) > saved + 3).then_some(())
+        })
+        .await;
+
+        // The restored sandbox's shim (`crun restore` piped) outlives a second kill too, and
+        // the third daemon adopts it and execs into it.
+        node.kill();
+        let before = node.counter(id, 0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let without = node.counter(id, 0);
+        check(
+            &c,
+            &[&node],
+            without > before,
+            &format!("a restored sandbox keeps running without its daemon: {before} -> {without}"),
+        );
+        node.spawn();
+        wait_for(&c, &[&node], "the third daemon adopts both", || async {
+            (node.log_text().matches("adopted a sandbox").count() >= 4).then_some(())
+        })
+        .await;
+        let r = wait_for(
+            &c,
+            &[&node],
+            "exec into the adopted restored sandbox",
+            || {
+                let cl = cl.clone();
+                async move {
+                    cl.exec_output(id, 0, &surge_client::io::Exec::new(["id", "-u"]), None, 64)
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            (r.exit.exit_code, r.stdout.as_slice()),
+            (0, &b"0\n"[..]),
+            "{r:?}"
+        );
+        let adopted = node.counter(id, 0);
+        check(
+            &c,
+            &[&node],
+            adopted >= without,
+            &format!("the restored sandbox counted on: {without} -> {adopted}"),
+        );
     }
 
     // The adopted sandboxes are still under control: stop them through the scheduler.

@@ -80,6 +80,9 @@ impl ClusterState {
                 "no sandbox of job {job_id} in {first}..{end} is running or paused; only those can be checkpointed"
             )));
         }
+        if let Some(why) = self.forks_to_make(job_id, first, end) {
+            return Response::Rejected(Rejection::Invalid(why));
+        }
         for n in &nodes {
             let why = match self.nodes.get(n) {
                 Some(node) => cannot_checkpoint(node),
@@ -106,6 +109,43 @@ impl ClusterState {
             }
         }
         Response::Done
+    }
+
+    /// Why sandboxes `first..end` of `job_id` cannot be checkpointed yet: forks of one of them
+    /// are not made (waiting for room, or booked and not running yet). The node makes a fork
+    /// from a checkpoint of its *running* source when it starts it; a source dumped and stopped
+    /// before that leaves the fork nothing to fork. Scans the live fork jobs (rare: forks and
+    /// checkpoints are operator commands).
+    fn forks_to_make(&self, job_id: JobId, first: u32, end: u64) -> Option<String> {
+        for fork in self.jobs.values() {
+            let Some(of) = fork
+                .spec
+                .fork_of
+                .filter(|o| o.job_id == job_id && o.index >= first && u64::from(o.index) < end)
+            else {
+                continue;
+            };
+            if fork.state.is_terminal() {
+                continue;
+            }
+            let unmade: u32 = fork
+                .runs
+                .iter()
+                .filter(|(_, r)| {
+                    !r.stop
+                        && (r.state == SandboxState::Placed
+                            || (r.state == SandboxState::Checkpointed && r.forking))
+                })
+                .map(|(_, r)| r.count)
+                .sum();
+            if unmade > 0 {
+                return Some(format!(
+                    "checkpoint of {job_id}.{}: {unmade} of its forks (job {}) are not made yet, and each is made from the running sandbox; checkpoint it once they run, or stop them",
+                    of.index, fork.id
+                ));
+            }
+        }
+        None
     }
 
     /// `surge resume` of checkpointed sandboxes: restore them where their images are, now or

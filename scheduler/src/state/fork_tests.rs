@@ -346,3 +346,78 @@ fn a_forks_labels_and_owner_lease_reach_its_job_and_an_unrenewed_lease_ends_it()
     );
     assert!(refusal(r).contains("fork of 2.1"));
 }
+
+/// A checkpoint of a sandbox whose forks are not made yet (booked, or waiting for room) is
+/// refused in one line: the node makes each fork from the running source, and a source dumped
+/// first leaves its forks nothing to fork (found by chaos: "... is Checkpointed; cannot fork it").
+#[test]
+fn a_checkpoint_waits_until_the_forks_of_its_sandbox_are_made() {
+    // 3 CPUs: the source job holds 2; of 2 forks of 1 CPU, one is booked, one waits for room.
+    let mut s = source(3, true);
+    let Response::JobSubmitted { job_id, .. } = fork(&mut s, 6, 2, Some("t")) else {
+        panic!("fork refused");
+    };
+    let checkpoint = |s: &mut ClusterState, index: u64, first: u32| {
+        apply(
+            s,
+            index,
+            Command::Checkpoint {
+                job_id: 2,
+                first,
+                count: 1,
+                at_ms: 120,
+            },
+        )
+    };
+    let refused = |r: Response| {
+        let why = refusal(r);
+        assert!(why.contains("not made yet"), "{why}");
+        assert!(!why.contains('\n'));
+    };
+    refused(checkpoint(&mut s, 7, 1));
+    assert!(!s.jobs[&2].runs.get(1).expect("run").1.checkpoint);
+    // The other sandbox of the source job has no forks: it checkpoints.
+    assert_eq!(checkpoint(&mut s, 8, 0), Response::Done);
+
+    // The booked fork runs; the other still waits for room: still refused.
+    let fork_range = |first: u32, state: SandboxState| crate::command::StatusRange {
+        job: job_id,
+        ..range(first, 1, state, 0)
+    };
+    apply(
+        &mut s,
+        9,
+        Command::ReportStatus {
+            reports: vec![fork_range(0, SandboxState::Running)],
+            at_ms: 130,
+        },
+    );
+    let (_, waiting) = s.jobs[&job_id].runs.get(1).expect("run");
+    assert!(waiting.forking, "{waiting:?}");
+    refused(checkpoint(&mut s, 10, 1));
+
+    // It is placed (room freed when sandbox 2.0's dump is reported) and runs: accepted.
+    apply(
+        &mut s,
+        11,
+        Command::ReportStatus {
+            reports: vec![range(0, 1, SandboxState::Checkpointed, 0)],
+            at_ms: 140,
+        },
+    );
+    assert_eq!(
+        s.jobs[&job_id].runs.get(1).expect("run").1.state,
+        SandboxState::Placed
+    );
+    refused(checkpoint(&mut s, 12, 1));
+    apply(
+        &mut s,
+        13,
+        Command::ReportStatus {
+            reports: vec![fork_range(1, SandboxState::Running)],
+            at_ms: 150,
+        },
+    );
+    assert_eq!(checkpoint(&mut s, 14, 1), Response::Done);
+    assert!(s.jobs[&2].runs.get(1).expect("run").1.checkpoint);
+}
