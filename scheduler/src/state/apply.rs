@@ -236,6 +236,8 @@ impl ClusterState {
                 self.request_restores(index, job_id, first, count, paused);
                 Response::Done
             }
+            // A fork without labels or a lease of its own (the CLI's, and entries from before
+            // `ForkOwned`).
             Command::Fork {
                 job_id,
                 index: source_index,
@@ -243,9 +245,9 @@ impl ClusterState {
                 tenant,
                 idempotency_key,
                 at_ms,
-            } => self.fork_sandbox(
+            } => self.apply_one(
                 index,
-                super::fork::ForkRequest {
+                Command::ForkOwned {
                     job_id,
                     index: source_index,
                     count,
@@ -253,8 +255,8 @@ impl ClusterState {
                     idempotency_key,
                     labels: Default::default(),
                     lease_ms: 0,
+                    at_ms,
                 },
-                at_ms,
             ),
             Command::ForkOwned {
                 job_id,
