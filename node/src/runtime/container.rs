@@ -622,14 +622,7 @@ impl Runtime for ContainerRuntime {
         }
         let sb = self.sandboxes.ended(self, id).await?;
         // crun deletes the container when `crun run` returns; this covers a crun that was killed.
-        let _ = self
-            .crun
-            .run(&[
-                OsStr::new("delete"),
-                OsStr::new("--force"),
-                OsStr::new(&container_id(id)),
-            ])
-            .await;
+        self.crun.delete_force(&container_id(id)).await;
         release_mounts(&sb.dir);
         self.io.forget(id);
         if let Some(owned) = &sb.cgroup.owned {

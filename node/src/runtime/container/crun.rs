@@ -201,6 +201,13 @@ impl Crun {
         })
     }
 
+    /// `crun delete --force CID`, for clean-up: its failure (no such container) is not an error.
+    pub async fn delete_force(&self, cid: &str) {
+        let _ = self
+            .run(&[OsStr::new("delete"), OsStr::new("--force"), OsStr::new(cid)])
+            .await;
+    }
+
     /// Start the shim of a sandbox whose bundle is ready, in its own session (it outlives a
     /// daemon restart). Returns its pid; the child is not awaited: tokio reaps it when it exits,
     /// and the daemon follows it by pidfd.

@@ -562,10 +562,7 @@ impl ContainerRuntime {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for cid in &cids {
-            let _ = self
-                .crun
-                .run(&[OsStr::new("delete"), OsStr::new("--force"), OsStr::new(cid)])
-                .await;
+            self.crun.delete_force(cid).await;
             let cg = SandboxCgroup::new(&self.layout, &self.config.cgroup_parent, cid);
             if let Some(owned) = &cg.owned {
                 let _ = std::fs::remove_dir(owned.join("ctr"));
