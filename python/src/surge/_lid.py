@@ -60,20 +60,18 @@ async def _refusable(sb: AsyncSandbox, what: str, method: str, request: Any) -> 
         raise CannotCheckpoint(str(e), reason) from None
 
 
+async def _act(sb: AsyncSandbox, what: str, action: jobs_pb2.SandboxAction.ValueType) -> None:
+    """Ask for `action` on this one sandbox (refusals: CannotCheckpoint)."""
+    req = jobs_pb2.UpdateSandboxesRequest(
+        job_id=sb.job_id, first_index=sb.index, count=1, action=action
+    )
+    await _refusable(sb, what, "UpdateSandboxes", req)
+
+
 async def checkpoint(sb: AsyncSandbox, timeout: Duration) -> SandboxInfo:
     what = f"checkpoint of sandbox {sb.id}"
     limit = _limit(timeout)
-    await _refusable(
-        sb,
-        what,
-        "UpdateSandboxes",
-        jobs_pb2.UpdateSandboxesRequest(
-            job_id=sb.job_id,
-            first_index=sb.index,
-            count=1,
-            action=jobs_pb2.SANDBOX_ACTION_CHECKPOINT,
-        ),
-    )
+    await _act(sb, what, jobs_pb2.SANDBOX_ACTION_CHECKPOINT)
     deadline = time.monotonic() + limit
     step = POLL_FIRST
     while True:
@@ -103,17 +101,7 @@ async def resume(sb: AsyncSandbox, timeout: Duration) -> SandboxInfo:
 
     what = f"resume of sandbox {sb.id}"
     limit = _limit(timeout)
-    await _refusable(
-        sb,
-        what,
-        "UpdateSandboxes",
-        jobs_pb2.UpdateSandboxesRequest(
-            job_id=sb.job_id,
-            first_index=sb.index,
-            count=1,
-            action=jobs_pb2.SANDBOX_ACTION_RESUME,
-        ),
-    )
+    await _act(sb, what, jobs_pb2.SANDBOX_ACTION_RESUME)
     reply = await AsyncJob(sb.client, sb.job_id)._wait(jobs_pb2.WAIT_FOR_RUNNING, sb.index, limit)
     info = SandboxInfo.from_pb(reply.sandbox)
     if info.state == "running":
